@@ -1,0 +1,33 @@
+"""Load balancers: pick the endpoint for each call from the resolver's latest snapshot.
+
+Built-ins are found by name; third parties register through the `kubrpc.balancers` entry-point
+group. Every balancer honours the `kubrpc.interfaces.Balancer` contract.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubrpc._plugins import Registry
+from kubrpc.interfaces import Balancer
+
+__all__ = ("Balancer", "create", "names", "registry")
+
+registry: Registry[Any] = Registry(
+    "kubrpc.balancers",
+    {
+        "round_robin": "kubrpc.balancers.round_robin:RoundRobin",
+        "weighted_random": "kubrpc.balancers.weighted_random:WeightedRandom",
+    },
+)
+
+
+def create(name: str, /, **options: Any) -> Balancer:
+    """A new balancer of the registered kind `name`, configured by keyword options."""
+    balancer: Balancer = registry.get(name)(**options)
+    return balancer
+
+
+def names() -> list[str]:
+    """The names create() accepts."""
+    return registry.names()

@@ -1,0 +1,49 @@
+"""A registry of plugins by name: lazy built-ins, then entry points, then register()."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Generic, TypeVar
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class Registry(Generic[F]):
+    """Factories by name for one plugin family (an entry-point group)."""
+
+    def __init__(self, group: str, builtins: dict[str, str]) -> None:
+        self.group = group
+        self._builtins = dict(builtins)
+        self._registered: dict[str, F] = {}
+        self._loaded: dict[str, F] = {}
+
+    def register(self, name: str, factory: F) -> None:
+        """Make `factory` available as `name`; a later registration wins."""
+        self._registered[name] = factory
+        self._loaded.pop(name, None)
+
+    def names(self) -> list[str]:
+        """Every name that get() accepts."""
+        found = set(self._builtins) | set(self._registered)
+        found.update(ep.name for ep in entry_points(group=self.group))
+        return sorted(found)
+
+    def get(self, name: str) -> F:
+        """The factory registered as `name`; ValueError listing the choices if there is none."""
+        if name in self._registered:
+            return self._registered[name]
+        if name in self._loaded:
+            return self._loaded[name]
+        factory: F
+        if name in self._builtins:
+            module, _, attr = self._builtins[name].partition(":")
+            factory = getattr(importlib.import_module(module), attr)
+        else:
+            found = [ep for ep in entry_points(group=self.group) if ep.name == name]
+            if not found:
+                raise ValueError(f"unknown {self.group} plugin {name!r}; available: {', '.join(self.names())}")
+            factory = found[0].load()
+        self._loaded[name] = factory
+        return factory

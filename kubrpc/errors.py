@@ -1,0 +1,49 @@
+"""Errors raised by kubrpc.
+
+    RpcError(code: Status, message)   the one error users see, on both sides of a call
+    ProtocolError                      a peer broke the wire format (internal; closes that connection)
+"""
+
+from __future__ import annotations
+
+from .status import Status
+
+__all__ = ("ProtocolError", "RpcError")
+
+
+class RpcError(Exception):
+    """A call failed with a status code and a message that is safe to show the caller."""
+
+    def __init__(self, code: Status, message: str = "") -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}" if self.message else self.code.name
+
+    def __repr__(self) -> str:
+        return f"RpcError({self.code.name}, {self.message!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RpcError) and (self.code, self.message) == (other.code, other.message)
+
+    def __hash__(self) -> int:
+        return hash((self.code, self.message))
+
+    def to_json(self) -> dict[str, str]:
+        """The error body of the HTTP/JSON wire and of TCP error frames."""
+        return {"code": self.code.wire_name, "message": self.message}
+
+    @classmethod
+    def from_json(cls, body: object, *, fallback: Status = Status.UNKNOWN) -> RpcError:
+        """Rebuild an error from a wire body, trusting nothing in it."""
+        if isinstance(body, dict):
+            code, message = body.get("code"), body.get("message")
+            if isinstance(code, str):
+                return cls(Status.from_wire_name(code), message if isinstance(message, str) else "")
+        return cls(fallback, "malformed error body")
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that break the wire protocol; the connection is closed."""

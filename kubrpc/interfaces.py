@@ -1,0 +1,113 @@
+"""The plugin contracts: resolver -> balancer -> transport, each a small Protocol.
+
+Each box knows only the box after it. A resolver yields complete endpoint snapshots; a balancer
+turns the latest snapshot into a pick for each call; a transport carries encoded calls to the
+picked endpoint over a connection that the Channel owns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol, runtime_checkable
+
+from .endpoint import Endpoint
+from .status import Status
+
+__all__ = (
+    "Balancer",
+    "CallFeedback",
+    "Connection",
+    "Dispatcher",
+    "KeyedBalancer",
+    "Listener",
+    "Resolver",
+    "Transport",
+)
+
+
+class Balancer(Protocol):
+    """Chooses the endpoint for each call from the latest snapshot.
+
+    `update()` replaces the whole set; it is called from the event loop whenever the resolver
+    yields, and must not await. `pick()` is synchronous, never blocks or does I/O, never returns
+    an endpoint with `ready=False` or one absent from the last update, and raises
+    `RpcError(Status.UNAVAILABLE)` when nothing is eligible.
+    """
+
+    def update(self, endpoints: Sequence[Endpoint], /) -> None: ...
+
+    def pick(self) -> Endpoint: ...
+
+
+@runtime_checkable
+class KeyedBalancer(Protocol):
+    """Optional: a balancer that can pick by a per-call key (consistent hashing)."""
+
+    def pick_for(self, key: str, /) -> Endpoint: ...
+
+
+@runtime_checkable
+class CallFeedback(Protocol):
+    """Optional: a balancer that learns from calls. The channel calls these around every call."""
+
+    def on_start(self, endpoint: Endpoint, /) -> None: ...
+
+    def on_finish(self, endpoint: Endpoint, /, *, status: Status, latency: float) -> None: ...
+
+
+class Resolver(Protocol):
+    """Where are the instances? `watch()` yields the full current endpoint list on every change.
+
+    The first snapshot comes as soon as it is known (possibly empty); later ones only on change.
+    A resolver retries its source internally and keeps yielding nothing new while the source is
+    unreachable, so the last snapshot stays in force. `aclose()` ends every `watch()`.
+    """
+
+    def watch(self) -> AsyncIterator[list[Endpoint]]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Connection(Protocol):
+    """One client connection to one endpoint; many calls may run on it at once.
+
+    `call()` sends an encoded request (a JSON object of named arguments) to `path`
+    (`Service/method`) and returns the encoded result. Failures raise `RpcError`: UNAVAILABLE when
+    the call was not delivered, DEADLINE_EXCEEDED after `timeout` seconds, or the server's status.
+    Cancelling the awaiting task cancels the call on the server.
+    """
+
+    async def call(
+        self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]
+    ) -> bytes: ...
+
+    @property
+    def usable(self) -> bool:
+        """False once the connection is closed or draining (go-away): new calls go elsewhere."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Dispatcher(Protocol):
+    """What a server transport calls: run one call and return the encoded result, or raise RpcError."""
+
+    async def dispatch(
+        self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]
+    ) -> bytes: ...
+
+
+class Listener(Protocol):
+    """A bound server socket; `url` is the real address (port 0 resolved)."""
+
+    @property
+    def url(self) -> str: ...
+
+
+class Transport(Protocol):
+    """A wire protocol: the client side (`connect`) and the server side (`listen`)."""
+
+    async def connect(self, endpoint: Endpoint, /) -> Connection: ...
+
+    def listen(self, server: object, host: str, port: int, /) -> AbstractAsyncContextManager[Listener]: ...
