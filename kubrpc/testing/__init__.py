@@ -1,0 +1,7 @@
+"""Helpers for testing kubrpc services: real servers on loopback, hand-set resolvers, a fake Kubernetes API."""
+
+from __future__ import annotations
+
+from ..resolvers.static import ManualResolver
+
+__all__ = ("ManualResolver",)
