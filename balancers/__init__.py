@@ -16,8 +16,13 @@ __all__ = ("Balancer", "create", "names", "registry")
 registry: Registry[Any] = Registry(
     "kubrpc.balancers",
     {
+        "outlier": "kubrpc.balancers.outlier:OutlierEjection",
+        "p2c": "kubrpc.balancers.p2c:PowerOfTwoChoices",
+        "ring_hash": "kubrpc.balancers.ring_hash:RingHash",
         "round_robin": "kubrpc.balancers.round_robin:RoundRobin",
+        "smooth_weighted": "kubrpc.balancers.smooth_weighted:SmoothWeighted",
         "weighted_random": "kubrpc.balancers.weighted_random:WeightedRandom",
+        "zone_aware": "kubrpc.balancers.zone_aware:ZoneAware",
     },
 )
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from kubrpc.endpoint import Endpoint
 
-from ._eligible import eligible, unavailable
+from ._eligible import unavailable, weighted
 
 __all__ = ("WeightedRandom",)
 
@@ -25,23 +25,19 @@ class WeightedRandom:
 
     def update(self, endpoints: Sequence[Endpoint], /) -> None:
         """Replace the endpoint set and rebuild the cumulative weights (O(n))."""
-        ready = eligible(endpoints)
-        total = sum(ep.weight for ep in ready)
-        if total > 0:
-            ready = tuple(ep for ep in ready if ep.weight > 0)
-            cumulative = list(itertools.accumulate(ep.weight for ep in ready))
-        else:
-            cumulative = [float(i + 1) for i in range(len(ready))]
-        self._endpoints, self._cumulative = ready, cumulative
-        self._total = cumulative[-1] if cumulative else 0.0
+        ready, weights = weighted(endpoints)
+        self._endpoints = ready
+        self._cumulative = list(itertools.accumulate(weights))
+        self._total = self._cumulative[-1] if ready else 0.0
 
     def pick(self) -> Endpoint:
         """A weighted random endpoint, in O(log n)."""
         endpoints = self._endpoints
         if not endpoints:
             raise unavailable()
-        i = bisect.bisect_right(self._cumulative, self._random() * self._total)
-        return endpoints[min(i, len(endpoints) - 1)]
+        # random() < 1 and the total is a normal float (the largest weight is scaled into
+        # [0.5, 1)), so the rounded product stays below the total and the index is in range.
+        return endpoints[bisect.bisect_right(self._cumulative, self._random() * self._total)]
 
     def __repr__(self) -> str:
-        return f"<WeightedRandom [{len(self._endpoints)} ready, total weight {self._total:g}]>"
+        return f"<WeightedRandom [{len(self._endpoints)} ready]>"

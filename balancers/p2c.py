@@ -1,0 +1,124 @@
+"""p2c: power of two choices over in-flight calls and a peak latency EWMA, as Finagle and Linkerd do."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+
+from kubrpc.endpoint import Endpoint
+from kubrpc.status import Status
+
+from ._eligible import unavailable, weighted
+
+__all__ = ("PowerOfTwoChoices",)
+
+
+class _Load:
+    """What p2c knows about one endpoint (kept across updates while its address stays)."""
+
+    __slots__ = ("cost", "in_flight", "inverse_weight", "stamp")
+
+    def __init__(self, cost: float, stamp: float) -> None:
+        self.cost = cost
+        self.stamp = stamp
+        self.in_flight = 0
+        self.inverse_weight = 1.0
+
+
+class PowerOfTwoChoices:
+    """Picks two distinct endpoints at random and takes the one with the lower load.
+
+    load = latency × (in_flight + 1) / weight, where latency is a peak EWMA (Finagle's PeakEwma,
+    Linkerd's tower): a sample above the estimate replaces it at once, a lower one is blended in
+    with weight 1 - exp(-Δt / decay), and without samples the estimate decays toward 0 so that an
+    idle endpoint is tried again. A new endpoint starts at `default_latency`. A call that ends in
+    UNAVAILABLE counts as taking at least `failure_penalty` seconds, so an endpoint that fails fast
+    does not attract traffic; a CANCELLED call says nothing about the endpoint and only ends its
+    in-flight count. Weight 0 is never picked unless every eligible weight is 0.
+
+    The channel reports calls through `on_start` and `on_finish` (CallFeedback); reports for an
+    endpoint that is no longer in the set are ignored.
+    """
+
+    def __init__(
+        self,
+        *,
+        rng: random.Random | None = None,
+        decay: float = 10.0,
+        default_latency: float = 0.1,
+        failure_penalty: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not decay > 0 or not default_latency > 0 or not failure_penalty >= 0:
+            raise ValueError("decay and default_latency must be > 0, failure_penalty >= 0")
+        self._random = (rng or random.Random()).random
+        self._decay = float(decay)
+        self._default_latency = float(default_latency)
+        self._failure_penalty = float(failure_penalty)
+        self._clock = clock
+        self._endpoints: tuple[Endpoint, ...] = ()
+        self._loads: list[_Load] = []
+        self._by_address: dict[tuple[str, int], _Load] = {}
+
+    def update(self, endpoints: Sequence[Endpoint], /) -> None:
+        """Replace the endpoint set; what is known about endpoints that stay is kept."""
+        ready, weights = weighted(endpoints)
+        now = self._clock()
+        old = self._by_address
+        by_address: dict[tuple[str, int], _Load] = {}
+        loads: list[_Load] = []
+        for ep, w in zip(ready, weights, strict=True):
+            key = (ep.host, ep.port)
+            load = old.get(key) or _Load(self._default_latency, now)
+            load.inverse_weight = 1.0 / w
+            by_address[key] = load
+            loads.append(load)
+        self._endpoints, self._loads, self._by_address = ready, loads, by_address
+
+    def pick(self) -> Endpoint:
+        """The less loaded of two distinct random endpoints, in O(1)."""
+        endpoints = self._endpoints
+        n = len(endpoints)
+        if n < 2:
+            if n:
+                return endpoints[0]
+            raise unavailable()
+        i = int(self._random() * n)
+        j = int(self._random() * (n - 1))
+        if j >= i:
+            j += 1
+        a, b = self._loads[i], self._loads[j]
+        now = self._clock()
+        decay = self._decay
+        cost_a = a.cost * math.exp((a.stamp - now) / decay) * (a.in_flight + 1) * a.inverse_weight
+        cost_b = b.cost * math.exp((b.stamp - now) / decay) * (b.in_flight + 1) * b.inverse_weight
+        return endpoints[i] if cost_a <= cost_b else endpoints[j]
+
+    def on_start(self, endpoint: Endpoint, /) -> None:
+        """A call to `endpoint` started."""
+        load = self._by_address.get((endpoint.host, endpoint.port))
+        if load is not None:
+            load.in_flight += 1
+
+    def on_finish(self, endpoint: Endpoint, /, *, status: Status, latency: float) -> None:
+        """A call to `endpoint` ended with `status` after `latency` seconds; update its estimate."""
+        load = self._by_address.get((endpoint.host, endpoint.port))
+        if load is None:
+            return
+        if load.in_flight > 0:
+            load.in_flight -= 1
+        if status is Status.CANCELLED or not 0.0 <= latency < math.inf:
+            return
+        if status is Status.UNAVAILABLE:
+            latency = max(latency, self._failure_penalty)
+        now = self._clock()
+        weight = math.exp(min(load.stamp - now, 0.0) / self._decay)
+        estimate = load.cost * weight
+        load.cost = latency if latency > estimate else estimate + latency * (1.0 - weight)
+        load.stamp = now
+
+    def __repr__(self) -> str:
+        in_flight = sum(load.in_flight for load in self._loads)
+        return f"<PowerOfTwoChoices [{len(self._endpoints)} ready, {in_flight} in flight]>"
