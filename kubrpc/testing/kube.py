@@ -21,9 +21,12 @@ are `v1 Status` objects. Test hooks: `upsert()`/`delete()`, `compact()`, `send_b
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import re
+import shutil
 import ssl
+import subprocess
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +49,8 @@ __all__ = (
     "JsonObject",
     "LoggedRequest",
     "endpoint_slice",
+    "self_signed_certificate",
+    "server_ssl_context",
     "slice_endpoint",
     "status_object",
 )
@@ -551,6 +556,10 @@ class FakeKubeAPI:
             self._watchers.discard(watcher)
         return response
 
+    def __repr__(self) -> str:
+        state = self.url if self.running else "stopped"
+        return f"<FakeKubeAPI {state} rv={self._rv} objects={len(self._objects)} watches={len(self._watchers)}>"
+
 
 def slice_endpoint(
     address: str,
@@ -627,3 +636,37 @@ def endpoint_slice(
         "endpoints": built,
         "ports": [{"name": n, "port": p, "protocol": protocol} for n, p in port_list],
     }
+
+
+def self_signed_certificate(
+    directory: str | PathLike[str], *, hosts: Sequence[str] = ("127.0.0.1", "localhost")
+) -> tuple[Path, Path]:
+    """Make a self-signed certificate (its own CA) and key for `hosts` with the openssl CLI: (cert, key)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError("self_signed_certificate() needs the openssl command")
+    cert, key = Path(directory) / "tls.crt", Path(directory) / "tls.key"
+    names = []
+    for host in hosts:
+        try:
+            names.append(f"IP:{ipaddress.ip_address(host)}")
+        except ValueError:
+            names.append(f"DNS:{host}")
+    # fmt: off
+    command = [
+        openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-days", "2", "-subj", "/CN=fake-kube-apiserver", "-keyout", str(key), "-out", str(cert),
+        "-addext", f"subjectAltName={','.join(names)}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
+    ]
+    # fmt: on
+    subprocess.run(command, check=True, capture_output=True)
+    return cert, key
+
+
+def server_ssl_context(cert: str | PathLike[str], key: str | PathLike[str]) -> ssl.SSLContext:
+    """A server-side TLS context for `FakeKubeAPI(ssl_context=...)`."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context

@@ -1,0 +1,313 @@
+"""One list+watch of a Service's EndpointSlices, shared by every resolver in the process.
+
+The loop, as client-go's reflector does it:
+
+    list (paged) ──► watch from the list's resourceVersion ──► events update the slices
+        ▲                 │ clean end, dropped connection, read timeout: watch again from the
+        │                 │   last resourceVersion (bookmarks move it too), without a new list
+        └── 410 Gone ◄────┤ 410 (HTTP status or ERROR event): list again
+                          └ connection refused, 5xx, 429, other errors: jittered backoff, then retry;
+                            the last known slices stay in force meanwhile
+
+kubernetes-asyncio is imported only here and only when a watch starts. Responses are read raw
+(`_preload_content=False`) and parsed with orjson: model objects for thousands of endpoints per
+event would cost more CPU than everything else together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import orjson
+
+from .._backoff import Backoff
+from ._k8s_slices import EndpointView, PortSelector, compact_slice
+
+if TYPE_CHECKING:
+    from aiohttp import ClientResponse
+    from kubernetes_asyncio.client import ApiClient
+
+__all__ = ("SliceWatch", "WatchOptions", "WatchStats", "acquire", "active_watches", "release")
+
+log = logging.getLogger("kubrpc.resolvers.k8s")
+
+JsonObject = dict[str, Any]
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+@dataclass(frozen=True, slots=True)
+class WatchOptions:
+    """Timeouts (seconds) and retry pacing of a watch."""
+
+    watch_timeout: float = 300.0
+    read_timeout: float = 120.0
+    connect_timeout: float = 10.0
+    list_timeout: float = 60.0
+    page_size: int = 500
+    min_backoff: float = 0.5
+    max_backoff: float = 30.0
+
+
+@dataclass(slots=True)
+class WatchStats:
+    """Counters of what a watch has done, for reprs, logs and tests."""
+
+    lists: int = 0
+    watches: int = 0
+    events: int = 0
+    bookmarks: int = 0
+    expired: int = 0
+    dropped: int = 0
+    errors: int = 0
+    last_error: str | None = None
+
+
+class SliceWatch:
+    """Lists then watches the EndpointSlices of one Service and feeds them to one view per port."""
+
+    def __init__(
+        self, client: ApiClient, *, owns_client: bool, namespace: str, service: str, options: WatchOptions
+    ) -> None:
+        self.namespace = namespace
+        self.service = service
+        self.options = options
+        self.stats = WatchStats()
+        self.resource_version: str | None = None
+        self.users = 0
+        self._client = client
+        self._owns_client = owns_client
+        self._slices: dict[str, JsonObject] = {}
+        self._synced = False
+        self._views: dict[PortSelector, EndpointView] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._rng = random.Random()
+
+    def view(self, selector: PortSelector) -> EndpointView:
+        """The (shared) view of one port, created and filled from the known slices if new."""
+        view = self._views.get(selector)
+        if view is None:
+            view = self._views[selector] = EndpointView(selector)
+            if self._synced:
+                view.replace_all(self._slices)
+        return view
+
+    def drop_view(self, view: EndpointView) -> None:
+        """Forget a view that has no listeners left."""
+        if not view.listeners and self._views.get(view.selector) is view:
+            del self._views[view.selector]
+
+    def start(self) -> None:
+        """Start the background list+watch loop."""
+        # The loop outlives any one resolver (it is shared and reference-counted), so no task group of
+        # theirs can own it; `aclose()` cancels and awaits it when the last user releases it.
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kubrpc k8s watch {self}")
+
+    async def aclose(self) -> None:
+        """Stop the loop and close the API client if this watch made it."""
+        task, self._task = self._task, None
+        with anyio.CancelScope(shield=True):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
+            if self._owns_client:
+                await self._client.close()
+
+    async def _run(self) -> None:
+        from aiohttp import ClientError
+        from kubernetes_asyncio.client import ApiException, DiscoveryV1Api
+
+        api = DiscoveryV1Api(self._client)
+        backoff = Backoff(initial=self.options.min_backoff, maximum=self.options.max_backoff, rng=self._rng)
+        expired_in_a_row = 0
+        while True:
+            try:
+                if self.resource_version is None:
+                    await self._list(api)
+                    backoff.reset()
+                if await self._watch(api):
+                    expired_in_a_row = 0
+                    backoff.reset()
+                else:
+                    await backoff.sleep()
+            except ApiException as exc:
+                if exc.status == 410:
+                    self.stats.expired += 1
+                    self.resource_version = None
+                    expired_in_a_row += 1
+                    log.info("%s: resourceVersion expired (410), listing again", self)
+                    if expired_in_a_row > 1:
+                        await backoff.sleep()
+                    continue
+                await self._failed(backoff, f"HTTP {exc.status} {exc.reason}".strip())
+            except (ClientError, OSError, TimeoutError) as exc:
+                await self._failed(backoff, f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # the loop must survive anything the server sends
+                log.exception("%s: unexpected error", self)
+                await self._failed(backoff, f"{type(exc).__name__}: {exc}")
+
+    async def _failed(self, backoff: Backoff, error: str) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = error
+        delay = backoff.next_delay()
+        log.warning("%s: %s; keeping %d known slices, retrying in %.2fs", self, error, len(self._slices), delay)
+        await anyio.sleep(delay)
+
+    async def _list(self, api: Any) -> None:
+        from aiohttp import ClientTimeout
+
+        timeout = ClientTimeout(total=self.options.list_timeout, sock_connect=self.options.connect_timeout)
+        slices: dict[str, JsonObject] = {}
+        resource_version: str | None = None
+        token: str | None = None
+        while True:
+            response = await api.list_namespaced_endpoint_slice(
+                self.namespace,
+                label_selector=f"{SERVICE_NAME_LABEL}={self.service}",
+                limit=self.options.page_size,
+                _continue=token,
+                timeout_seconds=max(1, int(self.options.list_timeout)),
+                _preload_content=False,
+                _request_timeout=timeout,
+            )
+            page = await _read_json(response)
+            meta = page.get("metadata") or {}
+            resource_version = resource_version or meta.get("resourceVersion")
+            for item in page.get("items") or ():
+                slices[item["metadata"]["name"]] = compact_slice(item)
+            token = meta.get("continue")
+            if not token:
+                break
+        self.stats.lists += 1
+        self._slices = slices
+        self._synced = True
+        self.resource_version = resource_version or ""
+        for view in list(self._views.values()):
+            view.replace_all(slices)
+
+    async def _watch(self, api: Any) -> bool:
+        """One watch request; returns whether it made progress (so that retrying at once is fine)."""
+        from aiohttp import ClientError, ClientTimeout
+
+        timeout = ClientTimeout(sock_connect=self.options.connect_timeout, sock_read=self.options.read_timeout)
+        # Spread the server-side timeouts, as client-go does, so that many clients do not re-watch together.
+        timeout_seconds = max(1, int(self.options.watch_timeout * self._rng.uniform(1.0, 2.0)))
+        started = time.monotonic()
+        response = await api.list_namespaced_endpoint_slice(
+            self.namespace,
+            label_selector=f"{SERVICE_NAME_LABEL}={self.service}",
+            watch=True,
+            allow_watch_bookmarks=True,
+            resource_version=self.resource_version or None,
+            timeout_seconds=timeout_seconds,
+            _preload_content=False,
+            _request_timeout=timeout,
+        )
+        self.stats.watches += 1
+        progressed = False
+        try:
+            if response.status != 200:
+                await _read_json(response)
+            while True:
+                try:
+                    line = await response.content.readline()
+                except (ClientError, OSError, TimeoutError) as exc:
+                    # Dropped mid-stream (no final chunk) or silent past read_timeout: resume from the last RV.
+                    self.stats.dropped += 1
+                    log.debug("%s: watch dropped (%s: %s)", self, type(exc).__name__, exc)
+                    break
+                if not line:
+                    break  # a clean end (timeoutSeconds): resume from the last RV
+                if line.strip():
+                    self._on_event(orjson.loads(line))
+                    progressed = True
+        finally:
+            response.close()
+        return progressed or time.monotonic() - started >= 1.0
+
+    def _on_event(self, event: JsonObject) -> None:
+        from kubernetes_asyncio.client import ApiException
+
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        if kind == "ERROR":
+            raise ApiException(status=obj.get("code") or 500, reason=f"{obj.get('reason')}: {obj.get('message')}")
+        meta = obj.get("metadata") or {}
+        if kind == "BOOKMARK":
+            self.stats.bookmarks += 1
+        elif kind in ("ADDED", "MODIFIED", "DELETED"):
+            self.stats.events += 1
+            name = meta["name"]
+            if kind == "DELETED":
+                self._slices.pop(name, None)
+                raw = None
+            else:
+                raw = self._slices[name] = compact_slice(obj)
+            for view in list(self._views.values()):
+                view.apply(name, raw)
+        else:
+            log.debug("%s: ignoring watch event of type %r", self, kind)
+        if rv := meta.get("resourceVersion"):
+            self.resource_version = rv
+
+    def __repr__(self) -> str:
+        return f"<SliceWatch {self.namespace}/{self.service} rv={self.resource_version} users={self.users}>"
+
+
+async def _read_json(response: ClientResponse) -> JsonObject:
+    """The JSON body of a response; ApiException (with the Status message) unless it is a 2xx."""
+    from kubernetes_asyncio.client import ApiException
+
+    try:
+        body = await response.read()
+    finally:
+        response.release()
+    if not 200 <= response.status < 300:
+        reason = response.reason or ""
+        try:
+            status = orjson.loads(body)
+            reason = f"{status.get('reason') or reason}: {status.get('message', '')}"
+        except (orjson.JSONDecodeError, AttributeError):
+            pass
+        raise ApiException(status=response.status, reason=reason)
+    page: JsonObject = orjson.loads(body)
+    return page
+
+
+_registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, SliceWatch]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def acquire(key: Hashable, create: Callable[[], SliceWatch]) -> SliceWatch:
+    """The running watch for `key` in this event loop, or a new one made by `create()` and started."""
+    watches = _registry.setdefault(asyncio.get_running_loop(), {})
+    watch = watches.get(key)
+    if watch is None:
+        watch = watches[key] = create()
+        watch.start()
+    watch.users += 1
+    return watch
+
+
+async def release(key: Hashable, watch: SliceWatch) -> None:
+    """Drop one use of a watch; the last one stops it."""
+    watch.users -= 1
+    if watch.users > 0:
+        return
+    watches = _registry.get(asyncio.get_running_loop(), {})
+    if watches.get(key) is watch:
+        del watches[key]
+    await watch.aclose()
+
+
+def active_watches() -> list[SliceWatch]:
+    """The watches running in this event loop (for tests and debugging)."""
+    return list(_registry.get(asyncio.get_running_loop(), {}).values())
