@@ -9,15 +9,24 @@ _root = _Path(__file__).resolve().parent.parent
 if not (_Path(__file__).parent / "transports").is_dir() and (_root / "transports" / "__init__.py").is_file():
     __path__.append(str(_root))
 
-from .endpoint import Endpoint  # noqa: E402
-from .errors import RpcError  # noqa: E402
-from .status import Status  # noqa: E402
-
 __version__ = "0.1.0"
 
+from .client import Channel, connect  # noqa: E402
+from .endpoint import Endpoint  # noqa: E402
+from .errors import NotDeliveredError, RpcError  # noqa: E402
+from .interface import interface, method  # noqa: E402
+from .server import Server  # noqa: E402
+from .status import Status  # noqa: E402
+
 __all__ = [
+    "Channel",
     "Endpoint",
+    "NotDeliveredError",
     "RpcError",
+    "Server",
     "Status",
     "__version__",
+    "connect",
+    "interface",
+    "method",
 ]

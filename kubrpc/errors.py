@@ -1,14 +1,15 @@
 """Errors raised by kubrpc.
 
-    RpcError(code: Status, message)   the one error users see, on both sides of a call
-    ProtocolError                      a peer broke the wire format (internal; closes that connection)
+RpcError(code: Status, message)   the one error users see, on both sides of a call
+ └── NotDeliveredError             UNAVAILABLE, and the server never ran the call: always safe to retry
+ProtocolError                      a peer broke the wire format (internal; closes that connection)
 """
 
 from __future__ import annotations
 
 from .status import Status
 
-__all__ = ("ProtocolError", "RpcError")
+__all__ = ("NotDeliveredError", "ProtocolError", "RpcError")
 
 
 class RpcError(Exception):
@@ -43,6 +44,13 @@ class RpcError(Exception):
             if isinstance(code, str):
                 return cls(Status.from_wire_name(code), message if isinstance(message, str) else "")
         return cls(fallback, "malformed error body")
+
+
+class NotDeliveredError(RpcError):
+    """UNAVAILABLE before the server saw the call (connect failed, connection draining): safe to retry."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Status.UNAVAILABLE, message)
 
 
 class ProtocolError(Exception):

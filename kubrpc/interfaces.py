@@ -78,9 +78,7 @@ class Connection(Protocol):
     Cancelling the awaiting task cancels the call on the server.
     """
 
-    async def call(
-        self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]
-    ) -> bytes: ...
+    async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes: ...
 
     @property
     def usable(self) -> bool:

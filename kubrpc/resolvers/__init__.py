@@ -1,8 +1,8 @@
 """Resolvers: where are the instances? `create(target)` picks one by the target's scheme.
 
-    static://HOST:PORT,HOST:PORT;weight=3      a fixed list (weights optional)
-    tcp://HOST:PORT, http://HOST:PORT          one fixed endpoint (the scheme names the transport)
-    k8s://SERVICE[.NAMESPACE]:PORT             live EndpointSlices of a Kubernetes Service
+static://HOST:PORT,HOST:PORT;weight=3      a fixed list (weights optional)
+tcp://HOST:PORT, http://HOST:PORT          one fixed endpoint (the scheme names the transport)
+k8s://SERVICE[.NAMESPACE]:PORT             live EndpointSlices of a Kubernetes Service
 """
 
 from __future__ import annotations

@@ -1,0 +1,274 @@
+"""Client side: connect() -> Channel (resolver -> balancer -> transport) -> typed stubs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .endpoint import Endpoint
+from .errors import NotDeliveredError, RpcError
+from .interface import MethodSpec, service_spec
+from .interfaces import Balancer, CallFeedback, Connection, KeyedBalancer, Resolver, Transport
+from .status import Status
+
+__all__ = ("Channel", "connect")
+
+T = TypeVar("T")
+
+log = logging.getLogger("kubrpc.client")
+
+_EMPTY: Mapping[str, str] = {}
+
+
+def connect(
+    target: str | Sequence[Endpoint] | Resolver,
+    *,
+    transport: str | Transport | None = None,
+    balancer: str | Balancer = "round_robin",
+    timeout: float | None = None,
+    max_attempts: int = 3,
+    wait_for_endpoints: float = 10.0,
+) -> Channel:
+    """A Channel to `target` (`k8s://SVC.NS:PORT`, `static://H:P,...`, `tcp://H:P`, `http://H:P`, or endpoints)."""
+    return Channel(
+        target,
+        transport=transport,
+        balancer=balancer,
+        timeout=timeout,
+        max_attempts=max_attempts,
+        wait_for_endpoints=wait_for_endpoints,
+    )
+
+
+class Channel:
+    """Calls to a set of server instances: resolves them, balances over them, and pools their connections.
+
+    Use it as an async context manager; `stub(Iface)` gives a typed client of a service.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[Endpoint] | Resolver,
+        *,
+        transport: str | Transport | None = None,
+        balancer: str | Balancer = "round_robin",
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        wait_for_endpoints: float = 10.0,
+    ) -> None:
+        from . import resolvers
+        from .balancers import create as create_balancer
+        from .transports import create as create_transport
+
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.target = target if isinstance(target, str) else "<endpoints>"
+        if isinstance(target, str | Sequence):
+            self._resolver: Resolver = resolvers.create(target)
+        else:
+            self._resolver = target
+        if transport is None:
+            scheme = target.partition("://")[0] if isinstance(target, str) else ""
+            transport = "http" if scheme in ("http", "https") else "tcp"
+        self.transport_name = transport if isinstance(transport, str) else type(transport).__name__
+        self._transport = create_transport(transport) if isinstance(transport, str) else transport
+        self.balancer_name = balancer if isinstance(balancer, str) else type(balancer).__name__
+        self.balancer = create_balancer(balancer) if isinstance(balancer, str) else balancer
+        self._feedback = self.balancer if isinstance(self.balancer, CallFeedback) else None
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.wait_for_endpoints = wait_for_endpoints
+        self.endpoints: list[Endpoint] = []
+        self._connections: dict[tuple[str, int], Connection] = {}
+        self._connecting: dict[tuple[str, int], anyio.Lock] = {}
+        self._resolved: anyio.Event | None = None
+        self._task_group: TaskGroup | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        self._resolved = anyio.Event()
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._follow_resolver)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop resolving and close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._task_group is not None:
+                self._task_group.cancel_scope.cancel()
+                await self._task_group.__aexit__(None, None, None)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._resolver.aclose()
+                connections, self._connections = list(self._connections.values()), {}
+                for conn in connections:
+                    await conn.aclose()
+
+    async def _follow_resolver(self) -> None:
+        try:
+            await self._consume_snapshots()
+        except Exception:
+            log.exception("resolver of %s failed; keeping the last %d endpoints", self.target, len(self.endpoints))
+
+    async def _consume_snapshots(self) -> None:
+        async for endpoints in self._resolver.watch():
+            self.endpoints = list(endpoints)
+            self.balancer.update(self.endpoints)
+            if self._resolved is not None:
+                self._resolved.set()
+            keep = {(ep.host, ep.port) for ep in self.endpoints}
+            for key in [k for k in self._connections if k not in keep]:
+                conn = self._connections.pop(key)
+                if self._task_group is not None:
+                    self._task_group.start_soon(conn.aclose)
+
+    def stub(
+        self,
+        iface: Callable[..., T],
+        *,
+        timeout: float | None = None,
+        key: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> T:
+        """A client of the service Protocol `iface`, typed as `iface`; each call goes through this channel."""
+        spec = service_spec(iface)  # type: ignore[arg-type]
+        stub = _Stub(f"<{spec.name} stub {self.target}>")
+        for attr, m in spec.methods.items():
+            setattr(
+                stub,
+                attr,
+                self._bind(m, timeout if timeout is not None else self.timeout, key, dict(metadata or _EMPTY)),
+            )
+        return stub  # type: ignore[return-value]
+
+    def _bind(
+        self, m: MethodSpec, timeout: float | None, key: str | None, metadata: Mapping[str, str]
+    ) -> Callable[..., Any]:
+        if m.options.timeout is not None and (timeout is None or m.options.timeout < timeout):
+            timeout = m.options.timeout
+        path, idempotent, encode, decode = m.path, m.options.idempotent, m.encode_call, m.decode_result
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            payload = encode(args, kwargs)
+            return decode(
+                await self.call(path, payload, timeout=timeout, idempotent=idempotent, key=key, metadata=metadata)
+            )
+
+        call.__name__ = m.attr
+        call.__qualname__ = f"{m.service}.{m.attr}"
+        return call
+
+    async def call(
+        self,
+        path: str,
+        payload: bytes,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        key: str | None = None,
+        metadata: Mapping[str, str] = _EMPTY,
+    ) -> bytes:
+        """Send an encoded call to one endpoint and return the encoded result (the untyped API under stubs)."""
+        if self._task_group is None or self._closed:
+            raise RuntimeError("use the Channel as `async with kubrpc.connect(...) as channel:`")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        tried: set[Endpoint] = set()
+        while True:
+            attempt += 1
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
+            endpoint = await self._pick(key, remaining, tried)
+            try:
+                return await self._call_endpoint(endpoint, path, payload, remaining, metadata)
+            except NotDeliveredError:
+                if attempt >= self.max_attempts:
+                    raise
+            except RpcError as exc:
+                if not (idempotent and exc.code is Status.UNAVAILABLE) or attempt >= self.max_attempts:
+                    raise
+            tried.add(endpoint)
+
+    async def _pick(self, key: str | None, remaining: float | None, tried: set[Endpoint]) -> Endpoint:
+        if not self.endpoints and self._resolved is not None and not self._resolved.is_set():
+            wait = self.wait_for_endpoints if remaining is None else min(remaining, self.wait_for_endpoints)
+            with anyio.move_on_after(wait):
+                await self._resolved.wait()
+        balancer = self.balancer
+        pick = balancer.pick_for if key is not None and isinstance(balancer, KeyedBalancer) else None
+        endpoint = pick(key) if pick is not None and key is not None else balancer.pick()
+        if endpoint in tried and len(tried) < len(self.endpoints):
+            for _ in range(4):  # prefer an endpoint this call has not failed on yet
+                endpoint = balancer.pick()
+                if endpoint not in tried:
+                    break
+        return endpoint
+
+    async def _call_endpoint(
+        self, endpoint: Endpoint, path: str, payload: bytes, timeout: float | None, metadata: Mapping[str, str]
+    ) -> bytes:
+        conn = self._connections.get((endpoint.host, endpoint.port))
+        if conn is None or not conn.usable:
+            conn = await self._connect(endpoint)
+        feedback = self._feedback
+        if feedback is None:
+            return await conn.call(path, payload, timeout=timeout, metadata=metadata)
+        feedback.on_start(endpoint)
+        start = time.monotonic()
+        status = Status.CANCELLED
+        try:
+            result = await conn.call(path, payload, timeout=timeout, metadata=metadata)
+            status = Status.OK
+            return result
+        except RpcError as exc:
+            status = exc.code
+            raise
+        finally:
+            feedback.on_finish(endpoint, status=status, latency=time.monotonic() - start)
+
+    async def _connect(self, endpoint: Endpoint) -> Connection:
+        key = (endpoint.host, endpoint.port)
+        lock = self._connecting.setdefault(key, anyio.Lock())
+        async with lock:
+            conn = self._connections.get(key)
+            if conn is not None and conn.usable:
+                return conn
+            if conn is not None:
+                assert self._task_group is not None
+                self._task_group.start_soon(conn.aclose)
+            conn = await self._transport.connect(endpoint)
+            if self._closed:
+                await conn.aclose()
+                raise RpcError(Status.CANCELLED, "channel closed")
+            self._connections[key] = conn
+            return conn
+
+    def __repr__(self) -> str:
+        ready = sum(1 for ep in self.endpoints if ep.ready)
+        return f"<Channel {self.target} [{ready} ready | {self.balancer_name} | {self.transport_name}]>"
+
+
+class _Stub:
+    """A typed client of one service; methods are attached per Protocol method."""
+
+    def __init__(self, description: str) -> None:
+        self._description = description
+
+    def __repr__(self) -> str:
+        return self._description

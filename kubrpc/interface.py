@@ -1,0 +1,270 @@
+"""Services are typing.Protocols: turn one into a ServiceSpec, and check an implementation against it."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+
+from . import codec
+from .errors import RpcError
+from .status import Status
+
+__all__ = ("MethodOptions", "MethodSpec", "ServiceSpec", "interface", "method", "service_spec")
+
+C = TypeVar("C", bound=type)
+F = TypeVar("F", bound=Callable[..., Any])
+
+_NAME_ATTR = "__kubrpc_name__"
+_OPTIONS_ATTR = "__kubrpc_method__"
+
+
+@dataclass(frozen=True, slots=True)
+class MethodOptions:
+    """Per-method options set with @kubrpc.method."""
+
+    name: str | None = None
+    idempotent: bool = False
+    timeout: float | None = None
+
+
+def interface(*, name: str | None = None) -> Callable[[C], C]:
+    """Class decorator: set the wire name of a service (default: the Protocol's class name)."""
+    if name is not None and (not name or "/" in name):
+        raise ValueError(f"bad service name {name!r}")
+
+    def apply(cls: C) -> C:
+        setattr(cls, _NAME_ATTR, name or cls.__name__)
+        return cls
+
+    return apply
+
+
+def method(*, name: str | None = None, idempotent: bool = False, timeout: float | None = None) -> Callable[[F], F]:
+    """Method decorator: wire name, whether retries are safe, and a default timeout in seconds."""
+    if name is not None and (not name or "/" in name):
+        raise ValueError(f"bad method name {name!r}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"method timeout must be > 0, not {timeout!r}")
+    options = MethodOptions(name=name, idempotent=idempotent, timeout=timeout)
+
+    def apply(fn: F) -> F:
+        setattr(fn, _OPTIONS_ATTR, options)
+        return fn
+
+    return apply
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Param:
+    """One parameter of a service method."""
+
+    name: str
+    annotation: object
+    required: bool
+    default: object
+    decode: codec.Decoder
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class MethodSpec:
+    """One RPC: its names, parameters, result type and options, with the codec plans built once."""
+
+    service: str
+    name: str
+    attr: str
+    params: tuple[Param, ...]
+    returns: object
+    options: MethodOptions
+    decode_result_value: codec.Decoder
+    positional: tuple[str, ...] = field(default=())
+
+    @property
+    def path(self) -> str:
+        """`Service/method`, the address of this method on every transport."""
+        return f"{self.service}/{self.name}"
+
+    def decode_args(self, payload: bytes) -> dict[str, Any]:
+        """Server side: parse and validate a request body into keyword arguments (RpcError on bad input)."""
+        try:
+            obj = orjson.loads(payload) if payload else {}
+        except orjson.JSONDecodeError:
+            raise RpcError(Status.INVALID_ARGUMENT, "request body is not valid JSON") from None
+        if type(obj) is not dict:
+            raise RpcError(Status.INVALID_ARGUMENT, "request body must be a JSON object of named arguments")
+        kwargs = {}
+        try:
+            for p in self.params:
+                if p.name in obj:
+                    kwargs[p.name] = p.decode(obj[p.name], p.name)
+                elif p.required:
+                    raise RpcError(Status.INVALID_ARGUMENT, f"missing argument {p.name!r}")
+        except codec.DecodeError as exc:
+            raise RpcError(Status.INVALID_ARGUMENT, f"invalid argument {exc.path!r}: {exc.reason}") from None
+        if len(kwargs) != len(obj):
+            unknown = sorted(set(obj) - {p.name for p in self.params})
+            raise RpcError(Status.INVALID_ARGUMENT, f"unexpected argument {unknown[0]!r}")
+        return kwargs
+
+    def encode_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
+        """Client side: bind a Python call to named arguments and encode them (TypeError like Python's)."""
+        if args:
+            if len(args) > len(self.positional):
+                raise TypeError(f"{self.attr}() takes {len(self.positional)} positional arguments, got {len(args)}")
+            named = dict(zip(self.positional, args, strict=False))
+            for key, value in kwargs.items():
+                if key in named:
+                    raise TypeError(f"{self.attr}() got multiple values for argument {key!r}")
+                named[key] = value
+        else:
+            named = dict(kwargs)
+        if len(named) < len(self.params) or len(named) > len(self.params):
+            for p in self.params:
+                if p.required and p.name not in named:
+                    raise TypeError(f"{self.attr}() missing required argument {p.name!r}")
+            for key in named:
+                if not any(p.name == key for p in self.params):
+                    raise TypeError(f"{self.attr}() got an unexpected keyword argument {key!r}")
+        try:
+            return codec.dumps(named)
+        except TypeError as exc:
+            raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {exc}") from None
+
+    def decode_result(self, data: bytes) -> Any:
+        """Client side: parse a result body back into the annotated return type."""
+        try:
+            return self.decode_result_value(orjson.loads(data), "result")
+        except (orjson.JSONDecodeError, codec.DecodeError) as exc:
+            raise RpcError(Status.INTERNAL, f"malformed result from {self.path}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ServiceSpec:
+    """A service: its wire name and methods (keyed by Python attribute name)."""
+
+    name: str
+    protocol: type
+    methods: Mapping[str, MethodSpec]
+
+
+_specs: dict[type, ServiceSpec] = {}
+
+
+def service_spec(protocol: type) -> ServiceSpec:
+    """Introspect a Protocol class into a ServiceSpec (cached); TypeError if it cannot be served."""
+    try:
+        return _specs[protocol]
+    except KeyError:
+        pass
+    if not isinstance(protocol, type):
+        raise TypeError(f"a service must be a class (a typing.Protocol), not {protocol!r}")
+    name = protocol.__dict__.get(_NAME_ATTR, protocol.__name__)
+    methods = {}
+    for attr in _rpc_names(protocol):
+        fn = inspect.getattr_static(protocol, attr)
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"{protocol.__name__}.{attr} must be declared `async def`")
+        methods[attr] = _method_spec(name, protocol, attr, fn)
+    if not methods:
+        raise TypeError(f"{protocol.__name__} declares no methods")
+    wire = [m.name for m in methods.values()]
+    if len(set(wire)) != len(wire):
+        raise TypeError(f"{protocol.__name__} has two methods with the same wire name")
+    spec = ServiceSpec(name, protocol, methods)
+    _specs[protocol] = spec
+    return spec
+
+
+def _rpc_names(protocol: type) -> list[str]:
+    names: dict[str, None] = {}
+    for klass in reversed(protocol.__mro__):
+        if klass in (object, typing.Generic) or getattr(klass, "__module__", "") == "typing":
+            continue
+        for attr, value in vars(klass).items():
+            if not attr.startswith("_") and callable(value):
+                names[attr] = None
+    return list(names)
+
+
+def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]) -> MethodSpec:
+    where = f"{protocol.__name__}.{attr}"
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:
+        raise TypeError(f"cannot resolve the annotations of {where}: {exc}") from None
+    params = []
+    positional = []
+    for p in list(inspect.signature(fn).parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise TypeError(f"{where}: *args and **kwargs cannot be sent over the wire")
+        if p.name not in hints:
+            raise TypeError(f"{where}: parameter {p.name!r} has no annotation")
+        try:
+            decode = codec.decoder(hints[p.name])
+        except TypeError as exc:
+            raise TypeError(f"{where}: parameter {p.name!r}: {exc}") from None
+        required = p.default is p.empty
+        params.append(Param(p.name, hints[p.name], required, None if required else p.default, decode))
+        if p.kind is not p.KEYWORD_ONLY:
+            positional.append(p.name)
+    if "return" not in hints:
+        raise TypeError(f"{where} has no return annotation")
+    try:
+        decode_result = codec.decoder(hints["return"])
+    except TypeError as exc:
+        raise TypeError(f"{where}: return type: {exc}") from None
+    options = getattr(fn, _OPTIONS_ATTR, None) or MethodOptions()
+    return MethodSpec(
+        service=service,
+        name=options.name or attr,
+        attr=attr,
+        params=tuple(params),
+        returns=hints["return"],
+        options=options,
+        decode_result_value=decode_result,
+        positional=tuple(positional),
+    )
+
+
+def check_implementation(spec: ServiceSpec, impl: object) -> dict[str, Callable[..., Any]]:
+    """The bound handlers of `impl` for each method; TypeError if one is missing, sync or mismatched."""
+    handlers = {}
+    proto = spec.protocol.__name__
+    for attr, m in spec.methods.items():
+        fn = getattr(impl, attr, None)
+        if fn is None or not callable(fn):
+            raise TypeError(f"{type(impl).__name__} does not implement {proto}.{attr}")
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"{type(impl).__name__}.{attr} must be `async def` to implement {proto}.{attr}")
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            raise TypeError(f"cannot inspect the signature of {type(impl).__name__}.{attr}") from None
+        got = [(p.name, p.kind is p.KEYWORD_ONLY) for p in sig.parameters.values()]
+        want = [(p.name, p.name not in m.positional) for p in m.params]
+        if got != want:
+            raise TypeError(
+                f"{type(impl).__name__}.{attr}{sig} does not match {proto}.{attr}: "
+                f"expected parameters ({', '.join(p.name for p in m.params)})"
+            )
+        try:
+            impl_hints = typing.get_type_hints(fn)
+        except Exception:
+            impl_hints = {}
+        for p in m.params:
+            if p.name in impl_hints and impl_hints[p.name] != p.annotation:
+                raise TypeError(
+                    f"{type(impl).__name__}.{attr}: parameter {p.name!r} is {impl_hints[p.name]!r}, "
+                    f"but {proto}.{attr} declares {p.annotation!r}"
+                )
+        if "return" in impl_hints and impl_hints["return"] != m.returns:
+            raise TypeError(
+                f"{type(impl).__name__}.{attr} returns {impl_hints['return']!r}, "
+                f"but {proto}.{attr} declares {m.returns!r}"
+            )
+        handlers[attr] = fn
+    return handlers

@@ -1,0 +1,151 @@
+"""Server: maps service Protocols to implementations and serves them over any transport."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+import anyio
+
+from . import codec
+from .errors import RpcError
+from .interface import MethodSpec, ServiceSpec, check_implementation, service_spec
+from .interfaces import Listener
+from .status import Status
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
+__all__ = ("Server",)
+
+log = logging.getLogger("kubrpc.server")
+
+T = TypeVar("T")
+
+DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Route:
+    spec: MethodSpec
+    handler: Callable[..., Any]
+
+
+class Server:
+    """Serves registered services; one Server can listen on many URLs and transports at once."""
+
+    def __init__(
+        self,
+        *,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_concurrent_calls: int = 10_000,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        if max_message_size < 1:
+            raise ValueError("max_message_size must be positive")
+        self.max_message_size = max_message_size
+        self.max_concurrent_calls = max_concurrent_calls
+        self.drain_timeout = drain_timeout
+        self.services: dict[str, ServiceSpec] = {}
+        self._routes: dict[str, _Route] = {}
+        self._app: ASGIApp | None = None
+        self.draining = False
+
+    def register(self, iface: Callable[..., T], impl: T) -> None:
+        """Serve `impl` as the service Protocol `iface`; TypeError now if impl does not match it."""
+        spec = service_spec(iface)  # type: ignore[arg-type]
+        if spec.name in self.services:
+            raise ValueError(f"service {spec.name!r} is already registered")
+        handlers = check_implementation(spec, impl)
+        self.services[spec.name] = spec
+        for attr, m in spec.methods.items():
+            self._routes[m.path] = _Route(m, handlers[attr])
+        self._app = None
+
+    def method(self, path: str) -> MethodSpec | None:
+        """The registered method at `Service/method`, if any."""
+        route = self._routes.get(path)
+        return route.spec if route else None
+
+    async def dispatch(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
+        """Run one call: validate, call the handler under its deadline, encode the result or raise RpcError."""
+        route = self._routes.get(path)
+        if route is None:
+            raise _unimplemented(path, self.services)
+        kwargs = route.spec.decode_args(payload)
+        limit = route.spec.options.timeout
+        if limit is not None and (timeout is None or limit < timeout):
+            timeout = limit
+        try:
+            if timeout is None:
+                result = await route.handler(**kwargs)
+            else:
+                with anyio.move_on_after(timeout) as scope:
+                    result = await route.handler(**kwargs)
+                if scope.cancelled_caught:
+                    raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
+        except RpcError:
+            raise
+        except Exception:
+            log.exception("handler of %s failed", path)
+            raise RpcError(Status.INTERNAL, "internal error") from None
+        try:
+            return codec.dumps(result)
+        except TypeError:
+            log.exception("result of %s cannot be encoded", path)
+            raise RpcError(Status.INTERNAL, "internal error") from None
+
+    def asgi(self) -> ASGIApp:
+        """The HTTP/JSON transport as an ASGI app: `uvicorn mymodule:app` serves it."""
+        if self._app is None:
+            from .transports.http import build_app
+
+            self._app = build_app(self)
+        return self._app
+
+    @asynccontextmanager
+    async def serve(self, url: str, /, **options: Any) -> AsyncIterator[Listener]:
+        """Listen on `url` (`tcp://HOST:PORT` or `http://HOST:PORT`, port 0 for any) until the block exits."""
+        from .transports import create
+
+        parts = urlsplit(url)
+        if not parts.scheme or parts.hostname is None:
+            raise ValueError(f"bad listen URL {url!r}: expected SCHEME://HOST:PORT")
+        transport = create(parts.scheme, **options)
+        async with transport.listen(self, parts.hostname, parts.port or 0) as listener:
+            yield listener
+
+    async def serve_forever(self, *urls: str, ready: Callable[[list[str]], None] | None = None) -> None:
+        """Serve on every URL until SIGTERM or SIGINT, then drain and return."""
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with AsyncExitStack() as stack:
+                listeners = [await stack.enter_async_context(self.serve(url)) for url in urls]
+                bound = [listener.url for listener in listeners]
+                log.info("serving on %s", ", ".join(bound))
+                if ready is not None:
+                    ready(bound)
+                async for signum in signals:
+                    log.info("received %s, draining", signal.Signals(signum).name)
+                    self.draining = True
+                    break
+
+    def run(self, *urls: str) -> None:
+        """Serve on every URL until SIGTERM/SIGINT, then drain: the blocking entry point of a service."""
+        if not urls:
+            raise ValueError("give at least one URL to listen on, e.g. tcp://0.0.0.0:9000")
+        anyio.run(self.serve_forever, *urls)
+
+    def __repr__(self) -> str:
+        return f"<Server [{', '.join(self.services)}]>"
+
+
+def _unimplemented(path: str, services: Mapping[str, ServiceSpec]) -> RpcError:
+    service, _, name = path.partition("/")
+    if service not in services:
+        return RpcError(Status.UNIMPLEMENTED, f"unknown service {service!r}")
+    return RpcError(Status.UNIMPLEMENTED, f"unknown method {name!r} of service {service!r}")

@@ -1,0 +1,145 @@
+"""Services shared by the tests: Protocols and implementations that record what happened."""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import anyio
+
+import kubrpc
+from kubrpc import RpcError, Status
+
+
+class Color(enum.Enum):
+    RED = "red"
+    GREEN = "green"
+
+
+@dataclass
+class Tag:
+    name: str
+    weight: float = 1.0
+
+
+@dataclass
+class Item:
+    id: uuid.UUID
+    name: str
+    color: Color
+    created: datetime.datetime
+    tags: list[Tag] = field(default_factory=list)
+    blob: bytes = b""
+    parent: Item | None = None
+
+
+class Arith(Protocol):
+    async def add(self, a: int, b: int) -> int: ...
+
+    async def div(self, a: float, b: float) -> float: ...
+
+
+@kubrpc.interface(name="test.Store")
+class Store(Protocol):
+    async def put(self, item: Item) -> Item: ...
+
+    async def find(self, names: list[str], *, limit: int = 10) -> dict[str, Item | None]: ...
+
+    async def echo(
+        self, value: tuple[int, str], mode: Literal["a", "b"], when: datetime.date | None = None
+    ) -> tuple[int, str]: ...
+
+    async def blob(self, size: int) -> bytes: ...
+
+
+class Control(Protocol):
+    async def sleep(self, seconds: float) -> str: ...
+
+    async def fail(self, code: str, message: str) -> None: ...
+
+    async def crash(self) -> None: ...
+
+    @kubrpc.method(idempotent=True)
+    async def whoami(self) -> str: ...
+
+
+class ArithImpl:
+    async def add(self, a: int, b: int) -> int:
+        return a + b
+
+    async def div(self, a: float, b: float) -> float:
+        if b == 0:
+            raise RpcError(Status.INVALID_ARGUMENT, "division by zero")
+        return a / b
+
+
+class StoreImpl:
+    def __init__(self) -> None:
+        self.items: dict[str, Item] = {}
+
+    async def put(self, item: Item) -> Item:
+        self.items[item.name] = item
+        return item
+
+    async def find(self, names: list[str], *, limit: int = 10) -> dict[str, Item | None]:
+        return {n: self.items.get(n) for n in names[:limit]}
+
+    async def echo(
+        self, value: tuple[int, str], mode: Literal["a", "b"], when: datetime.date | None = None
+    ) -> tuple[int, str]:
+        return value
+
+    async def blob(self, size: int) -> bytes:
+        return b"x" * size
+
+
+class ControlImpl:
+    """Records handler starts and cancellations so tests can see the server side of a call."""
+
+    def __init__(self, name: str = "server") -> None:
+        self.name = name
+        self.started = 0
+        self.cancelled = 0
+        self.finished = 0
+        self.calls = 0
+
+    async def sleep(self, seconds: float) -> str:
+        self.started += 1
+        try:
+            await anyio.sleep(seconds)
+        except anyio.get_cancelled_exc_class():
+            self.cancelled += 1
+            raise
+        self.finished += 1
+        return "slept"
+
+    async def fail(self, code: str, message: str) -> None:
+        raise RpcError(Status[code], message)
+
+    async def crash(self) -> None:
+        raise KeyError("secret internal detail /etc/passwd")
+
+    async def whoami(self) -> str:
+        self.calls += 1
+        return self.name
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll until `predicate()` holds; TimeoutError after `timeout` seconds."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+def make_server(name: str = "server", **options: object) -> tuple[kubrpc.Server, ControlImpl]:
+    """A server with every test service registered; returns it and its Control implementation."""
+    server = kubrpc.Server(**options)  # type: ignore[arg-type]
+    control = ControlImpl(name)
+    server.register(Arith, ArithImpl())
+    server.register(Store, StoreImpl())
+    server.register(Control, control)
+    return server, control

@@ -1,0 +1,167 @@
+"""The TCP wire format, sans I/O: frame encoding and an incremental decoder (see docs/protocol.md).
+
+connection := PREFACE frame*            (the client sends the preface once, first)
+frame      := length:u32 type:u8 flags:u8 stream:u32 payload[length]     (big-endian)
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import orjson
+
+from kubrpc.errors import ProtocolError
+
+__all__ = (
+    "HEADER",
+    "PREFACE",
+    "Frame",
+    "FrameDecoder",
+    "FrameType",
+    "Request",
+    "encode_frame",
+    "encode_goaway",
+    "encode_request",
+    "parse_goaway",
+    "parse_request",
+)
+
+PREFACE = b"KUBRPC1\n"
+HEADER = struct.Struct(">IBBI")
+_REQUEST_HEAD = struct.Struct(">IH")
+_GOAWAY_HEAD = struct.Struct(">I")
+FLAG_ACK = 0x01
+MAX_STREAM_ID = 2**32 - 1
+
+
+class FrameType(enum.IntEnum):
+    """What a frame carries."""
+
+    REQUEST = 1
+    RESPONSE = 2
+    ERROR = 3
+    CANCEL = 4
+    PING = 5
+    GOAWAY = 6
+
+
+class Frame(NamedTuple):
+    """One decoded frame; `payload` is raw bytes whose meaning depends on `type`."""
+
+    type: int
+    flags: int
+    stream: int
+    payload: bytes
+
+
+class Request(NamedTuple):
+    """The payload of a REQUEST frame."""
+
+    timeout_ms: int
+    path: str
+    metadata: dict[str, str]
+    body: bytes
+
+
+def encode_frame(type: int, stream: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    """One frame, header and payload."""
+    return HEADER.pack(len(payload), type, flags, stream) + payload
+
+
+def encode_request(stream: int, path: str, body: bytes, timeout_ms: int = 0, metadata: bytes = b"") -> bytes:
+    """A REQUEST frame; `metadata` is a JSON object of strings (already encoded) or empty."""
+    path_bytes = path.encode()
+    payload = b"".join(
+        (_REQUEST_HEAD.pack(timeout_ms, len(path_bytes)), path_bytes, len(metadata).to_bytes(4, "big"), metadata, body)
+    )
+    return HEADER.pack(len(payload), FrameType.REQUEST, 0, stream) + payload
+
+
+def parse_request(payload: bytes) -> Request:
+    """Split a REQUEST payload; ProtocolError if it is truncated or malformed."""
+    size = len(payload)
+    if size < _REQUEST_HEAD.size + 4:
+        raise ProtocolError("truncated REQUEST frame")
+    timeout_ms, path_len = _REQUEST_HEAD.unpack_from(payload)
+    at = _REQUEST_HEAD.size + path_len
+    if at + 4 > size:
+        raise ProtocolError("truncated REQUEST frame")
+    try:
+        path = payload[_REQUEST_HEAD.size : at].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("REQUEST path is not UTF-8") from None
+    meta_len = int.from_bytes(payload[at : at + 4], "big")
+    at += 4
+    if at + meta_len > size:
+        raise ProtocolError("truncated REQUEST frame")
+    metadata: dict[str, str] = {}
+    if meta_len:
+        try:
+            meta = orjson.loads(payload[at : at + meta_len])
+        except orjson.JSONDecodeError:
+            raise ProtocolError("REQUEST metadata is not JSON") from None
+        if type(meta) is not dict or not all(type(v) is str for v in meta.values()):
+            raise ProtocolError("REQUEST metadata must be a JSON object of strings")
+        metadata = meta
+    return Request(timeout_ms, path, metadata, payload[at + meta_len :])
+
+
+def encode_metadata(metadata: Mapping[str, str]) -> bytes:
+    """Metadata as the REQUEST frame carries it: empty, or a JSON object of strings."""
+    return orjson.dumps(dict(metadata)) if metadata else b""
+
+
+def encode_goaway(last_stream: int, reason: str = "") -> bytes:
+    """A GOAWAY frame: calls with stream id <= last_stream will still be answered."""
+    return encode_frame(FrameType.GOAWAY, 0, _GOAWAY_HEAD.pack(last_stream) + reason.encode())
+
+
+def parse_goaway(payload: bytes) -> tuple[int, str]:
+    """(last_stream, reason) from a GOAWAY payload; ProtocolError if truncated."""
+    if len(payload) < _GOAWAY_HEAD.size:
+        raise ProtocolError("truncated GOAWAY frame")
+    (last,) = _GOAWAY_HEAD.unpack_from(payload)
+    return last, payload[_GOAWAY_HEAD.size :].decode(errors="replace")
+
+
+class FrameDecoder:
+    """Incremental decoder: feed() bytes as they arrive, get back every complete frame.
+
+    A declared payload length over `max_payload` raises ProtocolError before any of it is buffered.
+    """
+
+    __slots__ = ("_buffer", "max_payload")
+
+    def __init__(self, max_payload: int) -> None:
+        self.max_payload = max_payload
+        self._buffer = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add received bytes; return the frames they complete, in order."""
+        buf = self._buffer
+        buf += data
+        frames: list[Frame] = []
+        at = 0
+        end = len(buf)
+        header = HEADER.size
+        while end - at >= header:
+            length, type_, flags, stream = HEADER.unpack_from(buf, at)
+            if length > self.max_payload:
+                del buf[:]
+                raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_payload}")
+            stop = at + header + length
+            if stop > end:
+                break
+            frames.append(Frame(type_, flags, stream, bytes(buf[at + header : stop])))
+            at = stop
+        if at:
+            del buf[:at]
+        return frames

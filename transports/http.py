@@ -1,0 +1,290 @@
+"""http: JSON over HTTP/1.1, served by Starlette and uvicorn, callable with curl.
+
+POST /{service}/{method}   Content-Type: application/json   body: {"arg": value, ...}
+200 -> the JSON result;  error -> {"code": "<snake_case status>", "message": "..."} with Connect's HTTP status
+GET /healthz, /readyz, /openapi.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import socket
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from kubrpc.endpoint import Endpoint
+from kubrpc.errors import NotDeliveredError, RpcError
+from kubrpc.status import Status
+
+if TYPE_CHECKING:
+    from kubrpc.server import Server
+
+__all__ = ("HttpConnection", "HttpListener", "HttpTransport", "build_app")
+
+TIMEOUT_HEADER = "connect-timeout-ms"
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def build_app(server: Server) -> Starlette:
+    """The ASGI app of `server`: the RPC routes, health checks and the OpenAPI document."""
+    from kubrpc.openapi import openapi_document
+
+    schema: list[bytes] = []
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if server.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def openapi(request: Request) -> Response:
+        if not schema:
+            schema.append(orjson.dumps(openapi_document(server)))
+        return Response(schema[0], media_type="application/json")
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+            Route("/{service}/{method}", _RpcEndpoint(server)),
+        ]
+    )
+
+
+class _RpcEndpoint:
+    """The ASGI endpoint behind POST /{service}/{method}."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body, timeout, metadata = await self._read(scope, receive)
+            path = f"{scope['path_params']['service']}/{scope['path_params']['method']}"
+            result = await self._dispatch(path, body, timeout, metadata, receive)
+        except RpcError as exc:
+            await _send(send, exc.code.http_status, orjson.dumps(exc.to_json()))
+            return
+        if result is not None:
+            await _send(send, 200, result)
+
+    async def _read(self, scope: Scope, receive: Receive) -> tuple[bytes, float | None, dict[str, str]]:
+        if scope["method"] != "POST":
+            raise RpcError(Status.UNIMPLEMENTED, "RPC methods are called with POST")
+        limit = self.server.max_message_size
+        metadata: dict[str, str] = {}
+        timeout: float | None = None
+        for raw_name, raw_value in scope["headers"]:
+            name = raw_name.decode("latin-1")
+            value = raw_value.decode("latin-1")
+            if name == "content-type":
+                media = value.split(";", 1)[0].strip().lower()
+                if media != "application/json" and not media.endswith("+json"):
+                    raise RpcError(Status.INVALID_ARGUMENT, f"Content-Type must be application/json, not {media!r}")
+            elif name == "content-length":
+                if not value.isdigit():
+                    raise RpcError(Status.INVALID_ARGUMENT, "bad Content-Length")
+                if int(value) > limit:
+                    raise RpcError(Status.RESOURCE_EXHAUSTED, f"request body exceeds the limit of {limit} bytes")
+            elif name == TIMEOUT_HEADER:
+                if not value.isdigit() or len(value) > 10:
+                    raise RpcError(Status.INVALID_ARGUMENT, f"bad {TIMEOUT_HEADER} header: {value!r}")
+                timeout = int(value) / 1000
+            else:
+                metadata[name] = value
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RpcError(Status.CANCELLED, "client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RpcError(Status.RESOURCE_EXHAUSTED, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks), timeout, metadata
+
+    async def _dispatch(
+        self, path: str, body: bytes, timeout: float | None, metadata: dict[str, str], receive: Receive
+    ) -> bytes | None:
+        """Run the call, cancelling it if the client disconnects first; None if it did."""
+        outcome: list[bytes | RpcError] = []
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        async def run() -> None:
+            try:
+                outcome.append(await self.server.dispatch(path, body, timeout=timeout, metadata=metadata))
+            except RpcError as exc:
+                outcome.append(exc)
+            tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_disconnect)
+            tg.start_soon(run)
+        if not outcome:
+            return None
+        result = outcome[0]
+        if isinstance(result, RpcError):
+            raise result
+        if len(result) > self.server.max_message_size:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
+        return result
+
+
+async def _send(send: Send, status: int, body: bytes) -> None:
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class HttpListener:
+    """A uvicorn server bound to one socket."""
+
+    def __init__(self, url: str, server: uvicorn.Server) -> None:
+        self.url = url
+        self.uvicorn = server
+
+    def __repr__(self) -> str:
+        return f"<HttpListener {self.url}>"
+
+
+class _QuietServer(uvicorn.Server):
+    # The owner of the event loop (Server.run, a test) handles signals, not uvicorn.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+class HttpTransport:
+    """The `http` transport: `http://HOST:PORT`."""
+
+    def __init__(
+        self, *, max_connections: int = 100, connect_timeout: float = 5.0, max_message_size: int | None = None
+    ) -> None:
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self.max_message_size = max_message_size
+
+    async def connect(self, endpoint: Endpoint, /) -> HttpConnection:
+        """A connection pool to `endpoint` (connections open lazily, on the first call)."""
+        return HttpConnection(endpoint, self)
+
+    @asynccontextmanager
+    async def listen(self, server: Server, host: str, port: int, /) -> AsyncIterator[HttpListener]:
+        """Serve `server.asgi()` with uvicorn on host:port until the block exits, then drain."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        bound = sock.getsockname()
+        config = uvicorn.Config(
+            server.asgi(),
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=math.ceil(server.drain_timeout) or 1,
+        )
+        userver = _QuietServer(config)
+        with sock:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(userver.serve, [sock])
+                with anyio.fail_after(10):
+                    while not userver.started:
+                        if userver.should_exit:
+                            raise OSError(f"uvicorn failed to start on {host}:{port}")
+                        await anyio.sleep(0.002)
+                host_text = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
+                try:
+                    yield HttpListener(f"http://{host_text}:{bound[1]}", userver)
+                finally:
+                    userver.should_exit = True
+
+
+class HttpConnection:
+    """Calls to one endpoint over a pool of keep-alive HTTP/1.1 connections (aiohttp).
+
+    aiohttp rather than httpx on this path: httpx's pool costs O(pool size) per request and
+    falls over at high concurrency (see benchmarks/); aiohttp already ships with kubernetes-asyncio.
+    """
+
+    def __init__(self, endpoint: Endpoint, transport: HttpTransport) -> None:
+        import aiohttp
+
+        self.endpoint = endpoint
+        self.max_message_size = transport.max_message_size
+        self._base = f"http://{endpoint.address}/"
+        self._closed = False
+        self._errors = (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError)
+        self._transport_errors = (aiohttp.ClientError, OSError)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=transport.max_connections, limit_per_host=0, force_close=False),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=transport.connect_timeout),
+            headers={"content-type": "application/json"},
+            skip_auto_headers=("User-Agent",),
+        )
+
+    @property
+    def usable(self) -> bool:
+        """False once closed."""
+        return not self._closed
+
+    async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
+        """POST one call and return the JSON result; errors become RpcError with the server's status."""
+        if self.max_message_size is not None and len(payload) > self.max_message_size:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
+        headers = dict(metadata) if metadata else {}
+        if timeout is not None:
+            headers[TIMEOUT_HEADER] = str(max(1, math.ceil(timeout * 1000)))
+        try:
+            with anyio.fail_after(timeout):
+                async with self._session.post(self._base + path, data=payload, headers=headers) as response:
+                    status = response.status
+                    content = await response.read()
+        except TimeoutError:
+            raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
+        except self._errors as exc:
+            raise NotDeliveredError(f"cannot connect to {self.endpoint.address}: {exc}") from None
+        except self._transport_errors as exc:
+            raise RpcError(Status.UNAVAILABLE, f"connection to {self.endpoint.address} failed: {exc!r}") from None
+        if status == 200:
+            return content
+        try:
+            body = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            body = None
+        raise RpcError.from_json(body, fallback=Status.from_http_status(status))
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        self._closed = True
+        await self._session.close()
+
+    def __repr__(self) -> str:
+        return f"<HttpConnection {self.endpoint.address}>"

@@ -1,0 +1,411 @@
+"""tcp: length-prefixed binary frames, many calls multiplexed on one connection (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+import orjson
+from anyio.abc import TaskGroup
+
+from kubrpc.endpoint import Endpoint
+from kubrpc.errors import NotDeliveredError, ProtocolError, RpcError
+from kubrpc.status import Status
+
+from ._frames import (
+    FLAG_ACK,
+    MAX_STREAM_ID,
+    PREFACE,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    encode_frame,
+    encode_goaway,
+    encode_metadata,
+    encode_request,
+    parse_goaway,
+    parse_request,
+)
+
+if TYPE_CHECKING:
+    from kubrpc.server import Server
+
+__all__ = ("TcpConnection", "TcpListener", "TcpTransport")
+
+log = logging.getLogger("kubrpc.tcp")
+
+_REQUEST = FrameType.REQUEST
+_RESPONSE = FrameType.RESPONSE
+_ERROR = FrameType.ERROR
+_CANCEL = FrameType.CANCEL
+_PING = FrameType.PING
+_GOAWAY = FrameType.GOAWAY
+
+
+class TcpTransport:
+    """The `tcp` transport: `tcp://HOST:PORT`."""
+
+    def __init__(self, *, max_message_size: int | None = None, connect_timeout: float = 5.0) -> None:
+        self.max_message_size = max_message_size
+        self.connect_timeout = connect_timeout
+
+    async def connect(self, endpoint: Endpoint, /) -> TcpConnection:
+        """Open a connection to `endpoint`; NotDeliveredError if it cannot be reached."""
+        loop = asyncio.get_running_loop()
+        limit = self.max_message_size or _default_limit()
+        try:
+            with anyio.fail_after(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: TcpConnection(endpoint, limit), endpoint.host, endpoint.port
+                )
+        except TimeoutError:
+            raise NotDeliveredError(f"timed out connecting to {endpoint.address}") from None
+        except OSError as exc:
+            raise NotDeliveredError(f"cannot connect to {endpoint.address}: {exc.strerror or exc}") from None
+        return conn
+
+    @asynccontextmanager
+    async def listen(self, server: Server, host: str, port: int, /) -> AsyncIterator[TcpListener]:
+        """Serve `server` on host:port until the block exits, then go away and drain."""
+        loop = asyncio.get_running_loop()
+        async with anyio.create_task_group() as tg:
+            listener = TcpListener(server, tg, self.max_message_size or server.max_message_size)
+            aserver = await loop.create_server(lambda: _ServerConnection(listener), host, port)
+            sockname = aserver.sockets[0].getsockname()
+            listener.url = f"tcp://{_format_host(sockname[0])}:{sockname[1]}"
+            try:
+                yield listener
+            finally:
+                aserver.close()
+                with anyio.CancelScope(shield=True):
+                    await listener.drain(server.drain_timeout)
+                    await aserver.wait_closed()
+                tg.cancel_scope.cancel()
+
+
+def _default_limit() -> int:
+    from kubrpc.server import DEFAULT_MAX_MESSAGE_SIZE
+
+    return DEFAULT_MAX_MESSAGE_SIZE
+
+
+def _format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _error_frame(stream: int, error: RpcError) -> bytes:
+    return encode_frame(_ERROR, stream, orjson.dumps(error.to_json()))
+
+
+class TcpListener:
+    """A listening TCP socket and its connections."""
+
+    def __init__(self, server: Server, task_group: TaskGroup, max_message_size: int) -> None:
+        self.server = server
+        self.url = ""
+        self.max_message_size = max_message_size
+        self.connections: set[_ServerConnection] = set()
+        self.task_group = task_group
+        self.draining = False
+        self._idle: anyio.Event | None = None
+
+    @property
+    def active_calls(self) -> int:
+        """Calls running now, over all connections."""
+        return sum(len(c.calls) for c in self.connections)
+
+    async def drain(self, timeout: float) -> None:
+        """Send GOAWAY everywhere, let running calls finish (at most `timeout` s), then close."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.go_away("server shutting down")
+        with anyio.move_on_after(timeout):
+            while self.active_calls:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+        for conn in list(self.connections):
+            conn.close()
+
+    def call_finished(self) -> None:
+        """A call ended: wake drain() if it waits for the last one."""
+        if self._idle is not None and not self.active_calls:
+            self._idle.set()
+
+    def __repr__(self) -> str:
+        return f"<TcpListener {self.url} [{len(self.connections)} connections, {self.active_calls} calls]>"
+
+
+class _ServerConnection(asyncio.Protocol):
+    """One accepted connection: decodes frames and runs each request as a task."""
+
+    def __init__(self, listener: TcpListener) -> None:
+        self.listener = listener
+        self.calls: dict[int, anyio.CancelScope] = {}
+        self.transport: asyncio.Transport | None = None
+        self._decoder = FrameDecoder(listener.max_message_size + 4096)
+        self._preface = b""
+        self._last_stream = 0
+        self._going_away = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.listener.connections.add(self)
+        if self.listener.draining:
+            self.go_away("server shutting down")
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.connections.discard(self)
+        for scope in self.calls.values():
+            scope.cancel()
+
+    def pause_writing(self) -> None:
+        # The peer is not reading its responses: stop reading its requests until it catches up.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self._preface is not None:
+            self._preface += data
+            if len(self._preface) < len(PREFACE):
+                if not PREFACE.startswith(self._preface):
+                    self._fail("bad preface: not a kubrpc client")
+                return
+            if not self._preface.startswith(PREFACE):
+                self._fail("bad preface: not a kubrpc client")
+                return
+            data = self._preface[len(PREFACE) :]
+            self._preface = None  # type: ignore[assignment]
+        try:
+            frames = self._decoder.feed(data)
+            for frame in frames:
+                self._handle(frame)
+        except ProtocolError as exc:
+            self._fail(str(exc))
+
+    def _handle(self, frame: Frame) -> None:
+        kind, stream = frame.type, frame.stream
+        if kind == _REQUEST:
+            if stream == 0 or stream in self.calls:
+                raise ProtocolError(f"stream id {stream} is zero or already in use")
+            request = parse_request(frame.payload)
+            if self._going_away:
+                self.write(_error_frame(stream, NotDeliveredError("server shutting down")))
+                return
+            if len(self.calls) >= self.listener.server.max_concurrent_calls:
+                error = RpcError(Status.RESOURCE_EXHAUSTED, "too many concurrent calls on this connection")
+                self.write(_error_frame(stream, error))
+                return
+            if len(request.body) > self.listener.max_message_size:
+                error = RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
+                self.write(_error_frame(stream, error))
+                return
+            self._last_stream = max(self._last_stream, stream)
+            scope = anyio.CancelScope()
+            self.calls[stream] = scope
+            timeout = request.timeout_ms / 1000 if request.timeout_ms else None
+            self.listener.task_group.start_soon(
+                self._run, stream, scope, request.path, request.body, timeout, request.metadata
+            )
+        elif kind == _CANCEL:
+            scope = self.calls.get(stream)
+            if scope is not None:
+                scope.cancel()
+        elif kind == _PING:
+            if not frame.flags & FLAG_ACK:
+                self.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
+        # Unknown frame types, and frames only servers send, are ignored (forward compatibility).
+
+    async def _run(
+        self,
+        stream: int,
+        scope: anyio.CancelScope,
+        path: str,
+        body: bytes,
+        timeout: float | None,
+        metadata: Mapping[str, str],
+    ) -> None:
+        try:
+            with scope:
+                try:
+                    result = await self.listener.server.dispatch(path, body, timeout=timeout, metadata=metadata)
+                    if len(result) > self.listener.max_message_size:
+                        raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
+                    frame = encode_frame(_RESPONSE, stream, result)
+                except RpcError as exc:
+                    frame = _error_frame(stream, exc)
+                self.write(frame)
+        finally:
+            del self.calls[stream]
+            if self._going_away and not self.calls:
+                self.close()
+            self.listener.call_finished()
+
+    def write(self, data: bytes) -> None:
+        """Send bytes unless the connection is already closing."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def go_away(self, reason: str) -> None:
+        """Tell the client to send no new calls here; running calls still get their answers."""
+        if not self._going_away:
+            self._going_away = True
+            self.write(encode_goaway(self._last_stream, reason))
+            if not self.calls:
+                self.close()
+
+    def close(self) -> None:
+        """Close after flushing what was written."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, reason: str) -> None:
+        log.info("closing connection from %s: %s", self._peer(), reason)
+        self._going_away = True
+        self.write(encode_goaway(self._last_stream, reason))
+        self.close()
+        for scope in self.calls.values():
+            scope.cancel()
+
+    def _peer(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
+class TcpConnection(asyncio.Protocol):
+    """A client connection: calls multiplexed by stream id, answered in any order."""
+
+    def __init__(self, endpoint: Endpoint, max_message_size: int) -> None:
+        self.endpoint = endpoint
+        self.max_message_size = max_message_size
+        self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._next_stream = 1
+        self._transport: asyncio.Transport | None = None
+        self._decoder = FrameDecoder(max_message_size + 4096)
+        self._goaway: int | None = None
+        self._closed = False
+        self._lost: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._lost = asyncio.get_running_loop().create_future()
+        transport.write(PREFACE)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(RpcError(Status.UNAVAILABLE, f"connection to {self.endpoint.address} lost"))
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
+    @property
+    def usable(self) -> bool:
+        """False once closed or told to go away: new calls must use another connection."""
+        return not self._closed and self._goaway is None and self._next_stream < MAX_STREAM_ID
+
+    @property
+    def in_flight(self) -> int:
+        """Calls sent and not yet answered."""
+        return len(self._pending)
+
+    async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
+        """Send one call and wait for its answer; cancelling the wait cancels the call on the server."""
+        transport = self._transport
+        if not self.usable or transport is None:
+            raise NotDeliveredError(f"connection to {self.endpoint.address} is closed or draining")
+        if len(payload) > self.max_message_size:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
+        stream = self._next_stream
+        self._next_stream = stream + 1
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._pending[stream] = fut
+        timeout_ms = 0 if timeout is None else max(1, math.ceil(timeout * 1000))
+        transport.write(encode_request(stream, path, payload, timeout_ms, encode_metadata(metadata)))
+        try:
+            if timeout is None:
+                frame = await fut
+            else:
+                with anyio.fail_after(timeout):
+                    frame = await fut
+        except TimeoutError:
+            self._cancel(stream)
+            raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
+        except BaseException:
+            self._cancel(stream)
+            raise
+        finally:
+            del self._pending[stream]
+            if self._goaway is not None and not self._pending:
+                transport.close()
+        if frame.type == _RESPONSE:
+            return frame.payload
+        try:
+            body = orjson.loads(frame.payload)
+        except orjson.JSONDecodeError:
+            body = None
+        error = RpcError.from_json(body)
+        if error.code is Status.UNAVAILABLE and self._goaway is not None and stream > self._goaway:
+            raise NotDeliveredError(error.message)
+        raise error
+
+    def _cancel(self, stream: int) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(encode_frame(_CANCEL, stream))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            log.warning("closing connection to %s: %s", self.endpoint.address, exc)
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        for frame in frames:
+            kind = frame.type
+            if kind == _RESPONSE or kind == _ERROR:
+                fut = self._pending.get(frame.stream)
+                if fut is not None and not fut.done():
+                    fut.set_result(frame)
+            elif kind == _GOAWAY:
+                self._on_goaway(frame.payload)
+            elif kind == _PING and not frame.flags & FLAG_ACK and self._transport is not None:
+                self._transport.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
+
+    def _on_goaway(self, payload: bytes) -> None:
+        try:
+            last, reason = parse_goaway(payload)
+        except ProtocolError:
+            last, reason = 0, "malformed GOAWAY"
+        self._goaway = last
+        for stream, fut in self._pending.items():
+            if stream > last and not fut.done():
+                fut.set_exception(NotDeliveredError(f"{self.endpoint.address} is going away: {reason}"))
+        if not self._pending and self._transport is not None:
+            self._transport.close()
+
+    async def aclose(self) -> None:
+        """Close the connection and wait until the socket is released."""
+        self._closed = True
+        if self._transport is not None:
+            self._transport.close()
+        if self._lost is not None:
+            with anyio.CancelScope(shield=True):
+                await self._lost
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "going away" if self._goaway is not None else "open"
+        return f"<TcpConnection {self.endpoint.address} [{state}, {len(self._pending)} in flight]>"
