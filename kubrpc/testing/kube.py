@@ -281,7 +281,9 @@ class FakeKubeAPI:
             raise RuntimeError("FakeKubeAPI is already running")
         app = web.Application()
         app.router.add_route("GET", "/{path:.*}", self._handle)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1, access_log=None)
+        runner = web.AppRunner(
+            app, handle_signals=False, shutdown_timeout=0.1, access_log=None, handler_cancellation=True
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context, reuse_address=True)
