@@ -102,5 +102,5 @@ def _vnode_hashes(address: str, start: int, stop: int) -> list[int]:
     seed = address.encode() + b"#"
     first = start // _POINTS_PER_DIGEST
     for block in range(first, (stop + _POINTS_PER_DIGEST - 1) // _POINTS_PER_DIGEST):
-        out.extend(_UNPACK(hashlib.blake2b(seed + str(block + len(address)).encode(), digest_size=64).digest()))
+        out.extend(_UNPACK(hashlib.blake2b(seed + str(block).encode(), digest_size=64).digest()))
     return out[start - first * _POINTS_PER_DIGEST : stop - first * _POINTS_PER_DIGEST]

@@ -628,6 +628,13 @@ def test_ring_hash_key_hash_is_stable_across_processes() -> None:
     assert key_hash("user-42") == 12029086546977095680
 
 
+def test_ring_hash_placement_is_stable_across_versions() -> None:
+    # Clients of different versions must agree on owners: the ring layout is part of the contract.
+    balancer = RingHash()
+    balancer.update([ep(i) for i in range(1, 6)])
+    assert [index(balancer.pick_for(f"user-{k}")) for k in range(8)] == [5, 3, 2, 5, 4, 5, 3, 2]
+
+
 @FAST
 @given(addresses=addresses_st, seed=st.integers(0, 2**32))
 def test_ring_hash_is_independent_of_update_order(addresses: set[int], seed: int) -> None:
