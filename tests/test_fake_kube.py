@@ -28,11 +28,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def kube() -> AsyncIterator[FakeKubeAPI]:
     async with FakeKubeAPI() as api:
         yield api
@@ -146,7 +141,8 @@ class TestList:
         ] == ["b"]
         listed = await core.list_pod_for_all_namespaces(field_selector="metadata.name!=b")
         assert [p.metadata.name for p in listed.items] == ["a"]
-        for kwargs in ({"label_selector": "a in (b"}, {"field_selector": "spec.nodeName=x"}):
+        bad: list[dict[str, Any]] = [{"label_selector": "a in (b"}, {"field_selector": "spec.nodeName=x"}]
+        for kwargs in bad:
             with pytest.raises(ApiException) as caught:
                 await core.list_namespaced_pod("default", **kwargs)
             assert caught.value.status == 400
@@ -155,13 +151,14 @@ class TestList:
         for i in range(5):
             kube.upsert("v1/pods", pod(f"p{i}"))
         core = CoreV1Api(client)
-        names, token = [], None
+        names: list[str] = []
+        token: dict[str, Any] = {}
         while True:
-            page = await core.list_namespaced_pod("default", limit=2, _continue=token)
+            page = await core.list_namespaced_pod("default", limit=2, **token)
             names += [p.metadata.name for p in page.items]
-            token = page.metadata._continue
-            if not token:
+            if not page.metadata._continue:
                 break
+            token = {"_continue": page.metadata._continue}
         assert names == ["p0", "p1", "p2", "p3", "p4"]
 
     async def test_unavailable_and_token(self, kube: FakeKubeAPI, client: ApiClient) -> None:
@@ -320,7 +317,7 @@ class TestWatch:
             kube.end_watches()
             with anyio.fail_after(5), pytest.raises(StopAsyncIteration):
                 await stream.__anext__()
-        response = await core.list_namespaced_pod("default", watch=True, _preload_content=False)
+        response: Any = await core.list_namespaced_pod("default", watch=True, _preload_content=False)
         try:
             with anyio.fail_after(5):
                 await kube.wait_for_watches()

@@ -19,7 +19,7 @@ from kubrpc.balancers import create as create_balancer
 from kubrpc.resolvers import create as create_resolver
 from kubrpc.resolvers._k8s_slices import EndpointView, compact_slice
 from kubrpc.resolvers._k8s_watch import active_watches
-from kubrpc.resolvers.k8s import KubernetesResolver, parse_target
+from kubrpc.resolvers.k8s import KubernetesResolver, ResolverOptions, parse_target
 from kubrpc.testing.kube import (
     FakeKubeAPI,
     LoggedRequest,
@@ -31,12 +31,7 @@ from kubrpc.testing.kube import (
 
 pytestmark = pytest.mark.anyio
 
-FAST = {"min_backoff": 0.02, "max_backoff": 0.2, "read_timeout": 10.0, "watch_timeout": 30.0}
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+FAST: ResolverOptions = {"min_backoff": 0.02, "max_backoff": 0.2, "read_timeout": 10.0, "watch_timeout": 30.0}
 
 
 @pytest.fixture
@@ -116,7 +111,7 @@ async def following(resolver: KubernetesResolver) -> AsyncIterator[Follower]:
 async def until(condition: Callable[[], bool]) -> None:
     """Wait (at most 5 s) for a condition on counters that have no event to wait on."""
     with anyio.fail_after(5):
-        while not condition():  # noqa: ASYNC110
+        while not condition():
             await anyio.sleep(0.01)
 
 
@@ -423,7 +418,8 @@ class TestConfiguration:
             monkeypatch.setenv("KUBERNETES_SERVICE_HOST", kube.host)
             monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(kube.port))
             monkeypatch.setenv("KUBECONFIG", str(tmp_path / "not-used"))
-            resolver = KubernetesResolver.from_target("k8s://arith:rpc", service_account_dir=account, **FAST)
+            options: ResolverOptions = {**FAST, "service_account_dir": account}
+            resolver = KubernetesResolver.from_target("k8s://arith:rpc", **options)
             assert resolver.target == "k8s://arith.team-a:rpc"
             async with following(resolver) as follower:
                 await follower.wait_for_hosts("10.0.0.1")
@@ -550,7 +546,7 @@ class TestBackoff:
     @pytest.mark.parametrize(
         "options", [{"initial": 0}, {"initial": 2.0, "maximum": 1.0}, {"multiplier": 0.5}, {"jitter": 1.0}]
     )
-    def test_rejects_bad_options(self, options: dict[str, float]) -> None:
+    def test_rejects_bad_options(self, options: dict[str, Any]) -> None:
         with pytest.raises(ValueError, match="backoff"):
             Backoff(**options)
 
