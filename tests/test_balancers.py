@@ -18,11 +18,13 @@ from hypothesis import given, settings, strategies as st
 
 from kubrpc import Endpoint, RpcError, Status, balancers
 from kubrpc.balancers import smooth_weighted
+from kubrpc.balancers.outlier import OutlierEjection
 from kubrpc.balancers.p2c import PowerOfTwoChoices
 from kubrpc.balancers.ring_hash import RingHash, key_hash
 from kubrpc.balancers.round_robin import RoundRobin
 from kubrpc.balancers.smooth_weighted import SmoothWeighted
 from kubrpc.balancers.weighted_random import WeightedRandom
+from kubrpc.balancers.zone_aware import ZoneAware
 from kubrpc.interfaces import Balancer, CallFeedback, KeyedBalancer
 
 NAMES = balancers.names()
@@ -207,7 +209,7 @@ def churn_factories() -> dict[str, Callable[[int, FakeClock], Balancer]]:
     """Every registered name with options that exercise its machinery, plus nested wrappers."""
 
     def options(name: str, rng: random.Random, clock: FakeClock) -> dict[str, Any]:
-        return {
+        table: dict[str, dict[str, Any]] = {
             "round_robin": {"rng": rng},
             "weighted_random": {"rng": rng},
             "smooth_weighted": {"rng": rng},
@@ -223,12 +225,13 @@ def churn_factories() -> dict[str, Callable[[int, FakeClock], Balancer]]:
                 "max_ejection": 40.0,
                 "max_ejected_fraction": 0.5,
             },
-        }.get(name, {})
+        }
+        return table.get(name, {})
 
-    out: dict[str, Callable[[int, FakeClock], Balancer]] = {
-        name: (lambda seed, clock, name=name: balancers.create(name, **options(name, random.Random(seed), clock)))
-        for name in NAMES
-    }
+    def factory(name: str) -> Callable[[int, FakeClock], Balancer]:
+        return lambda seed, clock: balancers.create(name, **options(name, random.Random(seed), clock))
+
+    out = {name: factory(name) for name in NAMES}
     out["outlier(zone_aware(smooth_weighted))"] = lambda seed, clock: balancers.create(
         "outlier",
         clock=clock,
@@ -305,7 +308,7 @@ def test_round_robin_exact_rotation(n: int, k: int, skip: int, seed: int) -> Non
     balancer.update([ep(i, weight=i) for i in range(1, n + 1)])  # weights are ignored
     for _ in range(skip):
         balancer.pick()
-    assert counts(balancer.pick, n * k) == {i: k for i in range(1, n + 1)}
+    assert counts(balancer.pick, n * k) == dict.fromkeys(range(1, n + 1), k)
 
 
 def test_round_robin_starts_at_a_random_offset_per_client() -> None:
@@ -334,7 +337,7 @@ def test_round_robin_update_continues_the_rotation(before: set[int], after: set[
     following = index(balancer.pick())
     if last in after:
         assert following == new[(new.index(last) + 1) % len(new)]
-    assert counts(balancer.pick, len(new) * 2) == {i: 2 for i in new}
+    assert counts(balancer.pick, len(new) * 2) == dict.fromkeys(new, 2)
 
 
 def test_round_robin_repr() -> None:
@@ -609,7 +612,7 @@ def test_p2c_keeps_state_across_updates_and_ignores_bad_latencies() -> None:
 
 
 @pytest.mark.parametrize("options", [{"decay": 0}, {"default_latency": -1}, {"failure_penalty": math.nan}])
-def test_p2c_rejects_bad_options(options: dict[str, float]) -> None:
+def test_p2c_rejects_bad_options(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         PowerOfTwoChoices(**options)
 
@@ -783,15 +786,15 @@ def test_zone_aware_without_a_zone_uses_everything() -> None:
 
 def test_zone_aware_forwards_feedback_and_keys() -> None:
     inner = Recorder()
-    balancer = balancers.create("zone_aware", zone="a", inner=inner)
-    assert isinstance(balancer, CallFeedback) and isinstance(balancer, KeyedBalancer)
+    balancer = ZoneAware(zone="a", inner=inner)
+    assert all(isinstance(balancer, cap) for cap in (CallFeedback, KeyedBalancer))
     balancer.update(zone_set(2, 0, remote=1))
     assert inner.endpoints == [ep(1, zone="a"), ep(2, zone="a")]
     balancer.on_start(ep(1, zone="a"))
     balancer.on_finish(ep(1, zone="a"), status=Status.INTERNAL, latency=0.5)
     assert inner.feedback == [("start", ep(1, zone="a"), None), ("finish", ep(1, zone="a"), Status.INTERNAL)]
     assert balancer.pick_for("k") == ep(1, zone="a")  # inner has no pick_for: plain pick
-    ring = balancers.create("zone_aware", zone="a", inner="ring_hash")
+    ring = ZoneAware(zone="a", inner="ring_hash")
     plain = RingHash()
     ring.update(zone_set(3, 0, remote=2))
     plain.update(zone_set(3, 0, remote=0)[:-1])
@@ -810,7 +813,7 @@ def test_zone_aware_rejects_bad_options() -> None:
 # --- outlier -------------------------------------------------------------------------------------
 
 
-def outlier(clock: FakeClock, **options: Any) -> Any:
+def outlier(clock: FakeClock, **options: Any) -> OutlierEjection:
     defaults: dict[str, Any] = {
         "clock": clock,
         "consecutive_failures": 3,
@@ -819,10 +822,10 @@ def outlier(clock: FakeClock, **options: Any) -> Any:
         "max_ejected_fraction": 0.5,
         "inner": "round_robin",
     }
-    return balancers.create("outlier", **(defaults | options))
+    return OutlierEjection(**(defaults | options))
 
 
-def fail(balancer: Any, endpoint: Endpoint, times: int, status: Status = Status.UNAVAILABLE) -> None:
+def fail(balancer: OutlierEjection, endpoint: Endpoint, times: int, status: Status = Status.UNAVAILABLE) -> None:
     for _ in range(times):
         balancer.on_start(endpoint)
         balancer.on_finish(endpoint, status=status, latency=0.01)
@@ -849,7 +852,7 @@ def test_outlier_ejects_after_consecutive_failures_and_readmits() -> None:
     assert balancer.ejected == frozenset()
 
 
-def ejection_length(balancer: Any, clock: FakeClock, endpoint: Endpoint) -> float:
+def ejection_length(balancer: OutlierEjection, clock: FakeClock, endpoint: Endpoint) -> float:
     """Eject `endpoint` now and measure, in 0.5 s steps, how long until a pick readmits it."""
     fail(balancer, endpoint, 3)
     assert (endpoint.host, endpoint.port) in balancer.ejected
@@ -884,7 +887,7 @@ def test_outlier_never_ejects_everything(n: int, fraction: float, seed: int) -> 
         fail(balancer, e, 1)
     limit = 0 if n == 1 else min(n - 1, max(1, math.floor(fraction * n)))
     assert len(balancer.ejected) == limit
-    assert {index(balancer.pick()) for _ in range(100)} <= {i for i in range(1, n + 1)} - {
+    assert {index(balancer.pick()) for _ in range(100)} <= set(range(1, n + 1)) - {
         int(host.rsplit(".", 1)[1]) for host, _ in balancer.ejected
     }
 
@@ -908,14 +911,14 @@ def test_outlier_shrinking_set_returns_ejected_endpoints_early() -> None:
 
 def test_outlier_forwards_feedback_and_keys() -> None:
     inner = Recorder()
-    balancer = balancers.create("outlier", inner=inner, consecutive_failures=1, clock=FakeClock())
-    assert isinstance(balancer, CallFeedback) and isinstance(balancer, KeyedBalancer)
+    balancer = OutlierEjection(inner=inner, consecutive_failures=1, clock=FakeClock())
+    assert all(isinstance(balancer, cap) for cap in (CallFeedback, KeyedBalancer))
     balancer.update([ep(1), ep(2)])
     fail(balancer, ep(1), 1)
     assert inner.feedback == [("start", ep(1), None), ("finish", ep(1), Status.UNAVAILABLE)]
     assert inner.endpoints == [ep(2)]
     assert balancer.pick_for("k") == ep(2)
-    keyed = balancers.create("outlier", inner="ring_hash", consecutive_failures=1, clock=FakeClock())
+    keyed = OutlierEjection(inner="ring_hash", consecutive_failures=1, clock=FakeClock())
     keyed.update([ep(1), ep(2), ep(3)])
     owner = keyed.pick_for("user-1")
     fail(keyed, owner, 1)
