@@ -339,13 +339,19 @@ def _dataclass(cls: type) -> Decoder:
     return instance
 
 
+_NAMES: dict[object, str] = {
+    type(None): "null",
+    None: "null",
+    int: "integer",
+    float: "number",
+    str: "string",
+    bool: "boolean",
+    bytes: "base64 string",
+}
+
+
 def _name(tp: object) -> str:
-    if tp is type(None) or tp is None:
-        return "null"
-    return {int: "integer", float: "number", str: "string", bool: "boolean", bytes: "base64 string"}.get(
-        tp,  # type: ignore[call-overload]
-        getattr(tp, "__name__", repr(tp)),
-    )
+    return _NAMES.get(tp) or str(getattr(tp, "__name__", tp))
 
 
 def _short(value: object) -> str:

@@ -218,9 +218,9 @@ class _ServerConnection(asyncio.Protocol):
                 self._run, stream, scope, request.path, request.body, timeout, request.metadata
             )
         elif kind == _CANCEL:
-            scope = self.calls.get(stream)
-            if scope is not None:
-                scope.cancel()
+            running = self.calls.get(stream)
+            if running is not None:
+                running.cancel()
         elif kind == _PING:
             if not frame.flags & FLAG_ACK:
                 self.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
