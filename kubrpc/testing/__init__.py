@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from ..resolvers.static import ManualResolver
+from .kube import FakeKubeAPI
 
-__all__ = ("ManualResolver",)
+__all__ = ("FakeKubeAPI", "ManualResolver")
