@@ -67,13 +67,15 @@ def pick_loop(balancer: Balancer) -> Callable[[int], object]:
     return plain
 
 
-def choices_loop(rng: random.Random, eps: list[Endpoint], **weights: list[float]) -> Callable[[int], object]:
+def choices_loop(
+    rng: random.Random, eps: list[Endpoint], weights: list[float] | None = None, cum_weights: list[float] | None = None
+) -> Callable[[int], object]:
     """A loop of single random.choices() picks, the standard library's weighted pick."""
     choices = rng.choices
 
     def run(ops: int) -> None:
         for _ in range(ops):
-            choices(eps, **weights)
+            choices(eps, weights, cum_weights=cum_weights)
 
     return run
 

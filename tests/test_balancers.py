@@ -380,6 +380,12 @@ def test_weighted_random_extreme_magnitudes(weights: list[float]) -> None:
     assert goodness_of_fit(counts(balancer.pick, 3000), expected) > P_VALUE
 
 
+def test_weighted_random_repr() -> None:
+    balancer = WeightedRandom()
+    balancer.update([ep(1, 2), ep(2, 0), ep(3, ready=False)])
+    assert repr(balancer) == "<WeightedRandom [1 ready]>"
+
+
 def test_weighted_random_is_reproducible_with_a_seeded_rng() -> None:
     picks = []
     for _ in range(2):
