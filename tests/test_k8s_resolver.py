@@ -12,7 +12,9 @@ from typing import Any
 import anyio
 import pytest
 from kubernetes_asyncio.client import ApiClient, Configuration
+from services import Arith, Control
 
+import kubrpc
 from kubrpc import Endpoint
 from kubrpc._backoff import Backoff
 from kubrpc.balancers import create as create_balancer
@@ -402,6 +404,49 @@ class TestSharing:
             async with following(resolver) as follower:
                 await follower.wait_for_hosts("10.0.0.1")
             assert not api_client.rest_client.pool_manager.closed
+
+
+class TestEndToEnd:
+    async def test_calls_follow_the_endpoint_slices(
+        self,
+        kube: FakeKubeAPI,
+        start_server: Callable[..., Any],
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        ports = {}
+        for n, host in enumerate(("127.0.0.2", "127.0.0.3", "127.0.0.4")):
+            url, _, _ = await start_server("tcp", host, name=host)
+            ports[host] = int(url.rsplit(":", 1)[1])
+            kube.upsert_slice(endpoint_slice("arith", "default", f"arith-{n}", host, port=ports[host]))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        monkeypatch.setenv("KUBECONFIG", str(kube.write_kubeconfig(tmp_path / "kubeconfig")))
+
+        async with kubrpc.connect("k8s://arith.default:rpc", transport="tcp", balancer="round_robin") as channel:
+            arith, control = channel.stub(Arith, timeout=2.0), channel.stub(Control, timeout=2.0)
+
+            async def served_by(calls: int = 12) -> set[str]:
+                return {await control.whoami() for _ in range(calls)}
+
+            assert await arith.add(1, 2) == 3
+            assert await served_by() == {"127.0.0.2", "127.0.0.3", "127.0.0.4"}
+
+            kube.upsert_slice(
+                endpoint_slice("arith", "default", "arith-1", "127.0.0.3", port=ports["127.0.0.3"], ready=False)
+            )
+            await until(lambda: any(not e.ready for e in channel.endpoints))
+            assert await served_by() == {"127.0.0.2", "127.0.0.4"}
+
+            kube.abort_watches()  # dropped watch: calls go on
+            assert await served_by() == {"127.0.0.2", "127.0.0.4"}
+            await kube.stop()  # API server down: calls go on to the last known endpoints
+            assert await served_by() == {"127.0.0.2", "127.0.0.4"}
+            kube.delete_slice("default", "arith-0")
+            kube.compact()  # ...and when it is back, the resolver's version is gone: 410, relist
+            await kube.start()
+            await until(lambda: len(channel.endpoints) == 2)
+            assert await served_by() == {"127.0.0.4"}
+            assert len(lists(kube)) == 2
 
 
 class TestConfiguration:
