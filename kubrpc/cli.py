@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import importlib
 import logging
 import os
@@ -67,7 +68,11 @@ def _serve(spec: str, binds: list[str]) -> int:
     if not isinstance(server, Server):
         print(f"kubrpc: {spec} is not a kubrpc.Server", file=sys.stderr)
         return 2
-    server.run(*(binds or ["tcp://0.0.0.0:9000"]))
+
+    def ready(urls: list[str]) -> None:
+        print("serving on " + " ".join(urls), flush=True)
+
+    anyio.run(functools.partial(server.serve_forever, *(binds or ["tcp://0.0.0.0:9000"]), ready=ready))
     return 0
 
 
@@ -126,6 +131,11 @@ class _DemoImpl:
         return self.name
 
 
+async def _demo_worker(stub: Demo, counts: collections.Counter[str], n: int) -> None:
+    for _ in range(n):
+        counts[await stub.whoami()] += 1
+
+
 async def _demo(calls: int, concurrency: int, transport: str) -> int:
     from .balancers import names as balancer_names
     from .endpoint import Endpoint
@@ -150,13 +160,9 @@ async def _demo(calls: int, concurrency: int, transport: str) -> int:
                 started = time.perf_counter()
                 per_worker = calls // concurrency
 
-                async def worker(n: int) -> None:
-                    for _ in range(n):
-                        counts[await stub.whoami()] += 1
-
                 async with anyio.create_task_group() as tg:
                     for i in range(concurrency):
-                        tg.start_soon(worker, per_worker + (1 if i < calls % concurrency else 0))
+                        tg.start_soon(_demo_worker, stub, counts, per_worker + (1 if i < calls % concurrency else 0))
                 elapsed = time.perf_counter() - started
             print(f"\n{balancer}: {calls} calls in {elapsed:.2f} s = {calls / elapsed:,.0f} calls/s")
             print("  endpoint  weight  calls   share   expected")

@@ -224,15 +224,17 @@ class Channel:
         self, endpoint: Endpoint, path: str, payload: bytes, timeout: float | None, metadata: Mapping[str, str]
     ) -> bytes:
         conn = self._connections.get((endpoint.host, endpoint.port))
-        if conn is None or not conn.usable:
-            conn = await self._connect(endpoint)
         feedback = self._feedback
         if feedback is None:
+            if conn is None or not conn.usable:
+                conn = await self._connect(endpoint)
             return await conn.call(path, payload, timeout=timeout, metadata=metadata)
         feedback.on_start(endpoint)
         start = time.monotonic()
         status = Status.CANCELLED
         try:
+            if conn is None or not conn.usable:
+                conn = await self._connect(endpoint)  # a refused connection counts against the endpoint
             result = await conn.call(path, payload, timeout=timeout, metadata=metadata)
             status = Status.OK
             return result

@@ -1,0 +1,190 @@
+"""The TCP wire byte for byte, from raw sockets: framing, multiplexing, cancel, ping, bad peers."""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+from anyio.abc import SocketStream
+from services import Arith, ControlImpl, wait_until
+
+import kubrpc
+from kubrpc.transports._frames import (
+    PREFACE,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    encode_frame,
+    encode_request,
+    parse_goaway,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+class RawClient:
+    """A hand-driven client: send bytes, read frames."""
+
+    def __init__(self, stream: SocketStream) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder(1 << 24)
+        self.frames: list[Frame] = []
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send(data)
+
+    async def frame(self, timeout: float = 5) -> Frame:
+        with anyio.fail_after(timeout):
+            while not self.frames:
+                self.frames += self.decoder.feed(await self.stream.receive())
+        return self.frames.pop(0)
+
+    async def closed(self, timeout: float = 5) -> bool:
+        """True once the server closed the connection (frames before that are kept)."""
+        with anyio.fail_after(timeout):
+            while True:
+                try:
+                    self.frames += self.decoder.feed(await self.stream.receive())
+                except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
+                    return True
+
+
+@pytest.fixture
+async def tcp(start_server: Callable[..., object]) -> AsyncIterator[tuple[Callable[..., object], ControlImpl, str]]:
+    url, _, control = await start_server("tcp", max_message_size=1024)  # type: ignore[operator]
+    host, port = url.removeprefix("tcp://").rsplit(":", 1)
+    async with AsyncExitStack() as stack:
+
+        async def open_raw(preface: bytes = PREFACE) -> RawClient:
+            stream = await stack.enter_async_context(await anyio.connect_tcp(host, int(port)))
+            if preface:
+                await stream.send(preface)
+            return RawClient(stream)
+
+        yield open_raw, control, url
+
+
+async def test_request_response_and_error_frames(tcp: tuple[Callable[..., object], object, str]) -> None:
+    open_raw, _, _ = tcp
+    client: RawClient = await open_raw()  # type: ignore[operator]
+    await client.send(encode_request(1, "Arith/add", b'{"a": 1, "b": 2}'))
+    assert await client.frame() == Frame(FrameType.RESPONSE, 0, 1, b"3")
+    await client.send(encode_request(2, "Arith/add", b'{"a": true, "b": 2}'))
+    frame = await client.frame()
+    assert (frame.type, frame.stream) == (FrameType.ERROR, 2)
+    assert orjson.loads(frame.payload) == {
+        "code": "invalid_argument",
+        "message": "invalid argument 'a': expected integer, got boolean",
+    }
+    await client.send(encode_request(3, "No/such", b"{}"))
+    assert orjson.loads((await client.frame()).payload)["code"] == "unimplemented"
+
+
+async def test_calls_are_multiplexed_and_answered_out_of_order(tcp: tuple[Callable[..., object], object, str]) -> None:
+    open_raw, _, _ = tcp
+    client: RawClient = await open_raw()  # type: ignore[operator]
+    await client.send(
+        encode_request(5, "Control/sleep", b'{"seconds": 0.3}') + encode_request(7, "Arith/add", b'{"a": 2, "b": 2}')
+    )
+    first, second = await client.frame(), await client.frame()
+    assert (first.stream, first.payload) == (7, b"4")
+    assert (second.stream, second.payload) == (5, b'"slept"')
+
+
+async def test_cancel_frame_cancels_the_handler(tcp: tuple[Callable[..., object], ControlImpl, str]) -> None:
+    open_raw, control, _ = tcp
+    client: RawClient = await open_raw()  # type: ignore[operator]
+    await client.send(encode_request(1, "Control/sleep", b'{"seconds": 30}'))
+    await wait_until(lambda: control.started == 1)
+    await client.send(encode_frame(FrameType.CANCEL, 1))
+    await wait_until(lambda: control.cancelled == 1)
+    await client.send(encode_request(3, "Arith/add", b'{"a": 1, "b": 1}'))
+    assert await client.frame() == Frame(FrameType.RESPONSE, 0, 3, b"2")  # nothing was sent for stream 1
+
+
+async def test_deadline_in_request_frame(tcp: tuple[Callable[..., object], ControlImpl, str]) -> None:
+    open_raw, control, _ = tcp
+    client: RawClient = await open_raw()  # type: ignore[operator]
+    await client.send(encode_request(1, "Control/sleep", b'{"seconds": 30}', timeout_ms=50))
+    frame = await client.frame()
+    assert orjson.loads(frame.payload) == {"code": "deadline_exceeded", "message": "deadline exceeded"}
+    assert control.cancelled == 1
+
+
+async def test_ping_is_echoed_with_ack(tcp: tuple[Callable[..., object], object, str]) -> None:
+    open_raw, _, _ = tcp
+    client: RawClient = await open_raw()  # type: ignore[operator]
+    await client.send(encode_frame(FrameType.PING, 0, b"12345678"))
+    assert await client.frame() == Frame(FrameType.PING, 1, 0, b"12345678")
+    await client.send(encode_frame(99, 0, b"unknown frame types are ignored"))
+    await client.send(encode_request(1, "Arith/add", b'{"a": 1, "b": 2}'))
+    assert (await client.frame()).payload == b"3"
+
+
+async def test_oversized_request_body_is_resource_exhausted(tcp: tuple[Callable[..., object], object, str]) -> None:
+    open_raw, _, _ = tcp
+    client: RawClient = await open_raw()  # type: ignore[operator]
+    await client.send(encode_request(1, "Arith/add", b'{"a": 1, "b": 2, "x": "' + b"y" * 2000 + b'"}'))
+    frame = await client.frame()
+    assert orjson.loads(frame.payload)["code"] == "resource_exhausted"
+    await client.send(encode_request(3, "Arith/add", b'{"a": 1, "b": 2}'))
+    assert (await client.frame()).payload == b"3"
+
+
+@pytest.mark.parametrize(
+    ("preface", "data", "reason"),
+    [
+        (b"", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad preface"),
+        (PREFACE, struct.pack(">IBBI", 2**31, 1, 0, 1), "exceeds the limit"),
+        (PREFACE, encode_frame(FrameType.REQUEST, 1, b"\x00\x01"), "truncated REQUEST"),
+        (PREFACE, encode_request(0, "Arith/add", b"{}"), "stream id 0"),
+        (PREFACE, encode_request(1, "Control/sleep", b'{"seconds": 5}') * 2, "already in use"),
+    ],
+)
+async def test_protocol_errors_close_only_that_connection(
+    tcp: tuple[Callable[..., object], object, str], preface: bytes, data: bytes, reason: str
+) -> None:
+    open_raw, _, url = tcp
+    bad: RawClient = await open_raw(preface)  # type: ignore[operator]
+    await bad.send(data)
+    assert await bad.closed()
+    goaway = [f for f in bad.frames if f.type == FrameType.GOAWAY]
+    assert goaway and reason in parse_goaway(goaway[0].payload)[1]
+    async with kubrpc.connect(url) as channel:  # everyone else is still served
+        assert await channel.stub(Arith, timeout=5).add(1, 1) == 2
+
+
+async def test_vanished_peer_cancels_its_calls(tcp: tuple[Callable[..., object], ControlImpl, str]) -> None:
+    open_raw, control, url = tcp
+    client: RawClient = await open_raw()  # type: ignore[operator]
+    await client.send(encode_request(1, "Control/sleep", b'{"seconds": 30}'))
+    await wait_until(lambda: control.started == 1)
+    await client.stream.aclose()
+    await wait_until(lambda: control.cancelled == 1)
+    async with kubrpc.connect(url) as channel:
+        assert await channel.stub(Arith, timeout=5).add(2, 3) == 5
+
+
+async def test_slow_reader_does_not_block_others(tcp: tuple[Callable[..., object], object, str]) -> None:
+    open_raw, _, url = tcp
+    slow: RawClient = await open_raw()  # type: ignore[operator]
+    # Many requests whose answers the client never reads.
+    await slow.send(b"".join(encode_request(i, "test.Store/blob", b'{"size": 900}') for i in range(1, 3000)))
+    async with kubrpc.connect(url) as channel:
+        arith = channel.stub(Arith, timeout=5)
+        assert [await arith.add(i, 0) for i in range(20)] == list(range(20))
+
+
+async def test_protocol_doc_example_matches_the_encoder() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    example = doc[doc.index("## Example") :]
+    hex_lines = re.findall(r"^    ([0-9A-F ]+?)\s{2,}", example, flags=re.M)
+    wire = bytes.fromhex("".join(line.replace(" ", "") for line in hex_lines))
+    request = PREFACE + encode_request(1, "Arith/add", b'{"a":1,"b":2}', timeout_ms=2000)
+    assert wire == request + encode_frame(FrameType.RESPONSE, 1, b"3")
