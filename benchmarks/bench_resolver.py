@@ -301,8 +301,10 @@ def table(
             [
                 (
                     "peer: kubernetes-asyncio Watch + models, full rebuild",
-                    f"{peer['cpu_percent']:.1f} % of one core ({peer['cpu_ms_per_change']:.2f} ms/change)",
-                )
+                    f"{peer['cpu_percent']:.1f} % of one core ({peer['cpu_ms_per_change']:.2f} ms/change)"
+                    + (", saturated: falls behind" if peer["cpu_percent"] > 90 else ""),
+                ),
+                ("peer: snapshots yielded under churn", f"{peer['snapshots']}"),
             ]
             if peer
             else []
