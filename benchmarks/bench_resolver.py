@@ -69,10 +69,12 @@ async def serve(conn: Connection) -> None:
     rng = random.Random(7)
     sent: dict[str, float] = {}
     scale_state: list[list[tuple[str, bool]]] = []
+
+    def mark_sent(event: dict[str, Any]) -> None:
+        sent.setdefault(event["object"]["metadata"]["resourceVersion"], time.monotonic())
+
     async with FakeKubeAPI() as api:
-        api.on_event_sent = lambda event: sent.setdefault(
-            event["object"]["metadata"]["resourceVersion"], time.monotonic()
-        )
+        api.on_event_sent = mark_sent
         conn.send(api.url)
         while True:
             command, options = await anyio.to_thread.run_sync(conn.recv)

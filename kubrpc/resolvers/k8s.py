@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from kubernetes_asyncio.client import ApiClient, Configuration
     from typing_extensions import Unpack
 
-__all__ = ("SERVICE_ACCOUNT_DIR", "KubernetesResolver", "parse_target")
+__all__ = ("SERVICE_ACCOUNT_DIR", "KubernetesResolver", "ResolverOptions", "parse_target")
 
 #: Where a pod's service account token, CA certificate and namespace are mounted.
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -180,12 +180,13 @@ class KubernetesResolver:
         """End every watch() and release the shared Kubernetes watch."""
         self._closed = True
         self._wake()
-        async with self._lock:
-            watch, view, self._watch, self._view = self._watch, self._view, None, None
-            if watch is not None and view is not None:
-                view.unsubscribe(self._wake)
-                watch.drop_view(view)
-                await release(self._key, watch)
+        with anyio.CancelScope(shield=True):  # a cancelled caller must not leak the shared watch
+            async with self._lock:
+                watch, view, self._watch, self._view = self._watch, self._view, None, None
+                if watch is not None and view is not None:
+                    view.unsubscribe(self._wake)
+                    watch.drop_view(view)
+                    await release(self._key, watch)
 
     async def __aenter__(self) -> Self:
         return self
