@@ -12,7 +12,8 @@ bench_unary.py starts this file as two processes, each pinned to one CPU::
         prints the bound URL on one line, serves until stdin closes (or SIGTERM), then exits
     python _peers.py drive PEER URL --concurrency 1,64 --warmup S --duration S [--cpu N] [--profile FILE]
         [--server-pid PID]   prints one JSON line per concurrency:
-        {"concurrency", "calls", "seconds", "p50_ms", "p99_ms", "client_cpu", "server_cpu"} (CPU: share of one core)
+        {"concurrency", "calls", "seconds", "p50_ms", "p99_ms", "client_cpu", "server_cpu", "other_cpu"}
+        (CPU: in cores; other = every other process on the machine, from /proc/stat; both need --server-pid)
 """
 
 from __future__ import annotations
@@ -235,15 +236,29 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def cpu_usage(start: float, stop: float, server_pid: int | None) -> tuple[float, float]:
-    """The share of one CPU that the client and the server used between perf_counter() times start and stop."""
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent busy (every CPU, steal included), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_usage(start: float, stop: float, server_pid: int | None) -> tuple[float, float, float]:
+    """CPUs used by the client, the server, and everything else, between perf_counter() times start and stop."""
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
-    t0, client0, server0 = time.perf_counter(), cpu_seconds(None), cpu_seconds(server_pid) if server_pid else 0.0
+    if server_pid is None:
+        t0, client0 = time.perf_counter(), cpu_seconds(None)
+        await asyncio.sleep(max(0.0, stop - time.perf_counter()))
+        return (cpu_seconds(None) - client0) / (time.perf_counter() - t0), math.nan, math.nan
+    t0, machine0 = time.perf_counter(), machine_busy_seconds()
+    client0, server0 = cpu_seconds(None), cpu_seconds(server_pid)
     await asyncio.sleep(max(0.0, stop - time.perf_counter()))
     elapsed = time.perf_counter() - t0
     client = (cpu_seconds(None) - client0) / elapsed
-    server = (cpu_seconds(server_pid) - server0) / elapsed if server_pid else math.nan
-    return client, server
+    server = (cpu_seconds(server_pid) - server0) / elapsed
+    machine = (machine_busy_seconds() - machine0) / elapsed
+    return client, server, max(0.0, machine - client - server)
 
 
 async def measure(
@@ -271,7 +286,7 @@ async def measure(
     async with asyncio.timeout(warmup + duration + 2 * CALL_TIMEOUT), asyncio.TaskGroup() as tg:
         for _ in range(concurrency):
             tg.create_task(worker())
-    client_cpu, server_cpu = await usage
+    client_cpu, server_cpu, other_cpu = await usage
     if not latencies:
         raise RuntimeError("no call completed in the timed window")
     latencies.sort()
@@ -283,6 +298,7 @@ async def measure(
         "p99_ms": percentile(latencies, 0.99) * 1e3,
         "client_cpu": client_cpu,
         "server_cpu": server_cpu,
+        "other_cpu": other_cpu,
     }
 
 

@@ -64,6 +64,7 @@ class Sample:
     p99_ms: float
     server_cpu: float
     client_cpu: float
+    other_cpu: float
 
 
 class PeerFailed(Exception):
@@ -142,6 +143,7 @@ async def run_peer(peer: str, settings: Settings, profile_dir: Path | None = Non
                 row["p99_ms"],
                 row["server_cpu"],
                 row["client_cpu"],
+                row["other_cpu"],
             )
         )
     return samples
@@ -163,7 +165,7 @@ async def run_rounds(settings: Settings, peers: tuple[str, ...]) -> dict[tuple[s
                 print(
                     f"round {r + 1}/{settings.rounds}  {peer:<12} c={s.concurrency:<3} {s.calls_per_s:>9,.0f} calls/s"
                     f"  p50 {s.p50_ms:.3f} ms  p99 {s.p99_ms:.3f} ms"
-                    f"  CPU server {s.server_cpu:.0%} client {s.client_cpu:.0%}",
+                    f"  CPU server {s.server_cpu:.0%} client {s.client_cpu:.0%} others {s.other_cpu:.2f}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -179,9 +181,9 @@ def median_round(samples: list[Sample]) -> Sample:
 def table(results: dict[tuple[str, int], list[Sample]], settings: Settings, peers: tuple[str, ...]) -> str:
     """The Markdown table: one row per peer and concurrency, the median round of each."""
     lines = [
-        "| peer | concurrency | calls/s | × grpcio.aio | p50 ms | p99 ms | server CPU | client CPU "
+        "| peer | concurrency | calls/s | × grpcio.aio | p50 ms | p99 ms | server CPU | client CPU | other load "
         "| calls/s range over rounds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for concurrency in settings.concurrencies:
         baseline = results.get((BASELINE, concurrency))
@@ -189,7 +191,7 @@ def table(results: dict[tuple[str, int], list[Sample]], settings: Settings, peer
         for peer in peers:
             samples = results.get((peer, concurrency))
             if not samples:
-                lines.append(f"| {peer} | {concurrency} | failed | — | — | — | — | — | — |")
+                lines.append(f"| {peer} | {concurrency} | failed |" + " — |" * 7)
                 continue
             m = median_round(samples)
             ratio = f"{m.calls_per_s / base:.2f}" if base else "—"
@@ -197,13 +199,15 @@ def table(results: dict[tuple[str, int], list[Sample]], settings: Settings, peer
             high = max(s.calls_per_s for s in samples)
             lines.append(
                 f"| {peer} | {concurrency} | {m.calls_per_s:,.0f} | {ratio} | {m.p50_ms:.3f} | {m.p99_ms:.3f} "
-                f"| {_percent(m.server_cpu)} | {_percent(m.client_cpu)} | {low:,.0f}–{high:,.0f} |"
+                f"| {_cpu(m.server_cpu, m.calls_per_s)} | {_cpu(m.client_cpu, m.calls_per_s)} "
+                f"| {'—' if math.isnan(m.other_cpu) else f'{m.other_cpu:.2f}'} | {low:,.0f}–{high:,.0f} |"
             )
     return "\n".join(lines)
 
 
-def _percent(share: float) -> str:
-    return "—" if math.isnan(share) else f"{share:.0%}"
+def _cpu(share: float, calls_per_s: float) -> str:
+    """A process's CPU use: the share of its core, and CPU µs per call."""
+    return "—" if math.isnan(share) else f"{share:.0%} · {share / calls_per_s * 1e6:.0f} µs"
 
 
 def cpu_model() -> str:
@@ -255,7 +259,9 @@ def report(results: dict[tuple[str, int], list[Sample]], settings: Settings, pee
             "",
             "Concurrency = client tasks, each calling in a loop; × grpcio.aio = calls/s over grpcio.aio's at the same "
             "concurrency; server and client CPU = the share of its one core each process used while timed (100% = "
-            "that side is the bottleneck). Produced by `benchmarks/bench_unary.py` (method: benchmarks/README.md).",
+            "that side is the bottleneck) and its CPU time per call; other load = CPUs busy with anything else on "
+            "the machine meanwhile (near 0 for a clean measurement). Produced by `benchmarks/bench_unary.py` "
+            "(method: benchmarks/README.md).",
             "",
             table(results, settings, peers),
             "",
