@@ -188,3 +188,51 @@ async def test_protocol_doc_example_matches_the_encoder() -> None:
     wire = bytes.fromhex("".join(line.replace(" ", "") for line in hex_lines))
     request = PREFACE + encode_request(1, "Arith/add", b'{"a":1,"b":2}', timeout_ms=2000)
     assert wire == request + encode_frame(FrameType.RESPONSE, 1, b"3")
+
+
+def _fuzz_server(examples: int) -> None:
+    """Throw random byte streams (after a valid preface) at a real server; it must keep serving."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    from services import make_server
+
+    server, _ = make_server(max_message_size=1024)
+    chunks = st.lists(
+        st.one_of(
+            st.binary(max_size=64),
+            st.builds(
+                encode_request, st.integers(0, 5), st.sampled_from(["Arith/add", "x", ""]), st.binary(max_size=40)
+            ),
+            st.builds(encode_frame, st.integers(0, 8), st.integers(0, 5), st.binary(max_size=40)),
+        ),
+        max_size=8,
+    )
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(chunks)
+    def run(parts: list[bytes]) -> None:
+        async def main() -> None:
+            async with server.serve("tcp://127.0.0.1:0") as listener:
+                host, port = listener.url.removeprefix("tcp://").rsplit(":", 1)
+                async with await anyio.connect_tcp(host, int(port)) as stream:
+                    try:
+                        await stream.send(PREFACE + b"".join(parts))
+                        with anyio.move_on_after(0.05):
+                            while await stream.receive():
+                                pass
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
+                        pass
+                async with kubrpc.connect(listener.url) as channel:
+                    assert await channel.stub(Arith, timeout=5).add(1, 2) == 3
+
+        anyio.run(main)
+
+    run()
+
+
+def test_fuzz_server_with_random_frames_bounded() -> None:
+    _fuzz_server(examples=20)
+
+
+@pytest.mark.slow
+def test_fuzz_server_with_random_frames_soak() -> None:
+    _fuzz_server(examples=500)
