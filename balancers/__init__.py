@@ -6,14 +6,12 @@ group. Every balancer honours the `kubrpc.interfaces.Balancer` contract.
 
 from __future__ import annotations
 
-from typing import Any
-
 from kubrpc._plugins import Registry
 from kubrpc.interfaces import Balancer
 
 __all__ = ("Balancer", "create", "names", "registry")
 
-registry: Registry[Any] = Registry(
+registry: Registry[Balancer] = Registry(
     "kubrpc.balancers",
     {
         "outlier": "kubrpc.balancers.outlier:OutlierEjection",
@@ -27,12 +25,5 @@ registry: Registry[Any] = Registry(
 )
 
 
-def create(name: str, /, **options: Any) -> Balancer:
-    """A new balancer of the registered kind `name`, configured by keyword options."""
-    balancer: Balancer = registry.get(name)(**options)
-    return balancer
-
-
-def names() -> list[str]:
-    """The names create() accepts."""
-    return registry.names()
+create = registry.create
+names = registry.names

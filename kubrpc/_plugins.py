@@ -5,13 +5,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-F = TypeVar("F", bound=Callable[..., object])
+P = TypeVar("P")
+F = Callable[..., Any]
 
 
-class Registry(Generic[F]):
-    """Factories by name for one plugin family (an entry-point group)."""
+class Registry(Generic[P]):
+    """Factories by name for one plugin family (an entry-point group); each factory makes a P."""
 
     def __init__(self, group: str, builtins: dict[str, str]) -> None:
         self.group = group
@@ -29,6 +30,11 @@ class Registry(Generic[F]):
         found = set(self._builtins) | set(self._registered)
         found.update(ep.name for ep in entry_points(group=self.group))
         return sorted(found)
+
+    def create(self, name: str, /, **options: Any) -> P:
+        """A new plugin of the registered kind `name`, configured by keyword options."""
+        plugin: P = self.get(name)(**options)
+        return plugin
 
     def get(self, name: str) -> F:
         """The factory registered as `name`; ValueError listing the choices if there is none."""

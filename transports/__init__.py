@@ -7,14 +7,12 @@ Built-ins: `tcp` (length-prefixed binary frames, calls multiplexed per connectio
 
 from __future__ import annotations
 
-from typing import Any
-
 from kubrpc._plugins import Registry
 from kubrpc.interfaces import Connection, Transport
 
 __all__ = ("Connection", "Transport", "create", "names", "registry")
 
-registry: Registry[Any] = Registry(
+registry: Registry[Transport] = Registry(
     "kubrpc.transports",
     {
         "tcp": "kubrpc.transports.tcp:TcpTransport",
@@ -23,12 +21,5 @@ registry: Registry[Any] = Registry(
 )
 
 
-def create(name: str, /, **options: Any) -> Transport:
-    """A new transport of the registered kind `name`, configured by keyword options."""
-    transport: Transport = registry.get(name)(**options)
-    return transport
-
-
-def names() -> list[str]:
-    """The names create() accepts."""
-    return registry.names()
+create = registry.create
+names = registry.names
