@@ -132,6 +132,8 @@ class Channel:
             if self._resolved is not None:
                 self._resolved.set()
             keep = {(ep.host, ep.port) for ep in self.endpoints}
+            for key in [k for k in self._connecting if k not in keep and not self._connecting[k].locked()]:
+                del self._connecting[key]
             for key in [k for k in self._connections if k not in keep]:
                 conn = self._connections.pop(key)
                 if self._task_group is not None:

@@ -218,3 +218,19 @@ async def test_static_target_with_weights_spreads_calls(start_server: object) ->
         assert sorted(set(names)) == ["a", "b", "c"]
         assert [c.calls for c in controls] == [10, 10, 10]
         assert repr(channel) == f"<Channel {target} [3 ready | round_robin | tcp]>"
+
+
+async def test_endpoints_that_leave_the_resolver_lose_their_connections(start_server: object) -> None:
+    from kubrpc.testing import ManualResolver
+
+    endpoints = []
+    for name in ("a", "b"):
+        url, _, _ = await start_server("tcp", name=name)  # type: ignore[operator]
+        endpoints.append(Endpoint("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    resolver = ManualResolver(endpoints)
+    async with kubrpc.connect(resolver) as channel:
+        who = channel.stub(Control, timeout=5)
+        assert {await who.whoami() for _ in range(4)} == {"a", "b"}
+        resolver.set(endpoints[1:])
+        await wait_until(lambda: len(channel.endpoints) == 1)
+        assert {await who.whoami() for _ in range(4)} == {"b"}
