@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -79,16 +80,21 @@ class Server:
         limit = route.spec.options.timeout
         if limit is not None and (timeout is None or limit < timeout):
             timeout = limit
+        deadline: asyncio.Timeout | None = None
         try:
             if timeout is None:
                 result = await route.handler(**kwargs)
             else:
-                with anyio.move_on_after(timeout) as scope:
+                # asyncio.timeout rather than anyio.move_on_after: a third of the cost on the hot path.
+                async with asyncio.timeout(timeout) as deadline:
                     result = await route.handler(**kwargs)
-                if scope.cancelled_caught:
-                    raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
         except RpcError:
             raise
+        except TimeoutError:
+            if deadline is not None and deadline.expired():
+                raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
+            log.exception("handler of %s failed", path)
+            raise RpcError(Status.INTERNAL, "internal error") from None
         except Exception:
             log.exception("handler of %s failed", path)
             raise RpcError(Status.INTERNAL, "internal error") from None
