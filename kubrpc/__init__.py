@@ -11,7 +11,7 @@ if not (_Path(__file__).parent / "transports").is_dir() and (_root / "transports
 
 __version__ = "0.1.0"
 
-from .client import Channel, connect  # noqa: E402
+from .client import Channel, RetryBudget, connect  # noqa: E402
 from .endpoint import Endpoint  # noqa: E402
 from .errors import NotDeliveredError, RpcError  # noqa: E402
 from .interface import interface, method  # noqa: E402
@@ -22,6 +22,7 @@ __all__ = [
     "Channel",
     "Endpoint",
     "NotDeliveredError",
+    "RetryBudget",
     "RpcError",
     "Server",
     "Status",

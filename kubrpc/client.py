@@ -17,7 +17,7 @@ from .interface import MethodSpec, service_spec
 from .interfaces import Balancer, CallFeedback, Connection, KeyedBalancer, Resolver, Transport
 from .status import Status
 
-__all__ = ("Channel", "connect")
+__all__ = ("Channel", "RetryBudget", "connect")
 
 T = TypeVar("T")
 
@@ -34,6 +34,7 @@ def connect(
     timeout: float | None = None,
     max_attempts: int = 3,
     wait_for_endpoints: float = 10.0,
+    retry_budget: RetryBudget | None = None,
 ) -> Channel:
     """A Channel to `target` (`k8s://SVC.NS:PORT`, `static://H:P,...`, `tcp://H:P`, `http://H:P`, or endpoints)."""
     return Channel(
@@ -43,6 +44,7 @@ def connect(
         timeout=timeout,
         max_attempts=max_attempts,
         wait_for_endpoints=wait_for_endpoints,
+        retry_budget=retry_budget,
     )
 
 
@@ -61,6 +63,7 @@ class Channel:
         timeout: float | None = None,
         max_attempts: int = 3,
         wait_for_endpoints: float = 10.0,
+        retry_budget: RetryBudget | None = None,
     ) -> None:
         from . import resolvers
         from .balancers import create as create_balancer
@@ -83,6 +86,7 @@ class Channel:
         self._feedback = self.balancer if isinstance(self.balancer, CallFeedback) else None
         self.timeout = timeout
         self.max_attempts = max_attempts
+        self.retry_budget = retry_budget or RetryBudget()
         self.wait_for_endpoints = wait_for_endpoints
         self.endpoints: list[Endpoint] = []
         self._connections: dict[tuple[str, int], Connection] = {}
@@ -189,6 +193,8 @@ class Channel:
         if self._task_group is None or self._closed:
             raise RuntimeError("use the Channel as `async with kubrpc.connect(...) as channel:`")
         deadline = None if timeout is None else time.monotonic() + timeout
+        budget = self.retry_budget
+        budget.deposit()
         attempt = 0
         tried: set[Endpoint] = set()
         while True:
@@ -200,10 +206,12 @@ class Channel:
             try:
                 return await self._call_endpoint(endpoint, path, payload, remaining, metadata)
             except NotDeliveredError:
+                # Never reached a server, so a retry adds no load there: not charged to the budget.
                 if attempt >= self.max_attempts:
                     raise
             except RpcError as exc:
-                if not (idempotent and exc.code is Status.UNAVAILABLE) or attempt >= self.max_attempts:
+                retryable = idempotent and exc.code is Status.UNAVAILABLE
+                if not retryable or attempt >= self.max_attempts or not budget.withdraw():
                     raise
             tried.add(endpoint)
 
@@ -263,9 +271,52 @@ class Channel:
             self._connections[key] = conn
             return conn
 
+    @property
+    def connections(self) -> dict[str, Connection]:
+        """The open transport connections, by endpoint address (a snapshot)."""
+        return {f"{host}:{port}": conn for (host, port), conn in self._connections.items()}
+
     def __repr__(self) -> str:
         ready = sum(1 for ep in self.endpoints if ep.ready)
         return f"<Channel {self.target} [{ready} ready | {self.balancer_name} | {self.transport_name}]>"
+
+
+class RetryBudget:
+    """Caps retries at a fraction of calls, so that retries cannot multiply the load of an outage.
+
+    Only retries of calls that reached a server are charged; a call that was never delivered
+    (connection refused, server going away) is retried on another endpoint regardless.
+
+    Every call deposits `ratio` tokens (up to `max_tokens`); every retry spends one. The budget
+    starts with `min_tokens`, so a client that has made few calls can still retry a little.
+    """
+
+    def __init__(self, ratio: float = 0.2, *, min_tokens: float = 10.0, max_tokens: float = 100.0) -> None:
+        if not 0 <= ratio <= 1 or min_tokens < 0 or max_tokens < min_tokens:
+            raise ValueError("need 0 <= ratio <= 1 and 0 <= min_tokens <= max_tokens")
+        self.ratio = ratio
+        self.max_tokens = max_tokens
+        self.tokens = float(min_tokens)
+        self.retries = 0
+        self.refused = 0
+
+    def deposit(self) -> None:
+        """A call was made."""
+        self.tokens = min(self.max_tokens, self.tokens + self.ratio)
+
+    def withdraw(self) -> bool:
+        """May this call be retried? Spends a token if so."""
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            self.retries += 1
+            return True
+        self.refused += 1
+        return False
+
+    def __repr__(self) -> str:
+        return (
+            f"<RetryBudget {self.ratio:.0%} [{self.tokens:.1f} tokens, {self.retries} retries, {self.refused} refused]>"
+        )
 
 
 class _Stub:

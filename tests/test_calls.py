@@ -234,3 +234,4 @@ async def test_endpoints_that_leave_the_resolver_lose_their_connections(start_se
         resolver.set(endpoints[1:])
         await wait_until(lambda: len(channel.endpoints) == 1)
         assert {await who.whoami() for _ in range(4)} == {"b"}
+        assert list(channel.connections) == [f"127.0.0.1:{endpoints[1].port}"]

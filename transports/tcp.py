@@ -49,9 +49,19 @@ _GOAWAY = FrameType.GOAWAY
 class TcpTransport:
     """The `tcp` transport: `tcp://HOST:PORT`."""
 
-    def __init__(self, *, max_message_size: int | None = None, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_message_size: int | None = None,
+        connect_timeout: float = 5.0,
+        keepalive_interval: float | None = 30.0,
+        keepalive_timeout: float = 10.0,
+    ) -> None:
+        if keepalive_interval is not None and not keepalive_interval > 0:
+            raise ValueError("keepalive_interval must be > 0 or None")
         self.max_message_size = max_message_size
         self.connect_timeout = connect_timeout
+        self.keepalive = None if keepalive_interval is None else (keepalive_interval, keepalive_timeout)
 
     async def connect(self, endpoint: Endpoint, /) -> TcpConnection:
         """Open a connection to `endpoint`; NotDeliveredError if it cannot be reached."""
@@ -60,7 +70,7 @@ class TcpTransport:
         try:
             with anyio.fail_after(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: TcpConnection(endpoint, limit), endpoint.host, endpoint.port
+                    lambda: TcpConnection(endpoint, limit, self.keepalive), endpoint.host, endpoint.port
                 )
         except TimeoutError:
             raise NotDeliveredError(f"timed out connecting to {endpoint.address}") from None
@@ -329,9 +339,13 @@ class _ServerConnection(asyncio.Protocol):
 class TcpConnection(asyncio.Protocol):
     """A client connection: calls multiplexed by stream id, answered in any order."""
 
-    def __init__(self, endpoint: Endpoint, max_message_size: int) -> None:
+    def __init__(self, endpoint: Endpoint, max_message_size: int, keepalive: tuple[float, float] | None = None) -> None:
         self.endpoint = endpoint
         self.max_message_size = max_message_size
+        self._keepalive = keepalive
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._last_received = 0.0
+        self._ping_sent = False
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._next_stream = 1
         self._transport: asyncio.Transport | None = None
@@ -347,9 +361,33 @@ class TcpConnection(asyncio.Protocol):
         self._transport = transport
         self._lost = asyncio.get_running_loop().create_future()
         transport.write(PREFACE)
+        if self._keepalive is not None:
+            self._last_received = self._loop.time()
+            self._keepalive_timer = self._loop.call_later(self._keepalive[0], self._check_alive)
+
+    def _check_alive(self) -> None:
+        """Keepalive: ping a connection that has been quiet for an interval; close it if no answer comes."""
+        assert self._keepalive is not None
+        interval, timeout = self._keepalive
+        quiet = self._loop.time() - self._last_received
+        if self._ping_sent and quiet >= timeout:
+            log.warning("closing connection to %s: no answer to a keepalive ping", self.endpoint.address)
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        if not self._ping_sent and quiet >= interval:
+            self._ping_sent = True
+            self._write(encode_frame(_PING, 0, b"kubrpcka"))
+            self._keepalive_timer = self._loop.call_later(timeout, self._check_alive)
+            return
+        self._keepalive_timer = self._loop.call_later(
+            interval - quiet if quiet < interval else interval, self._check_alive
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(RpcError(Status.UNAVAILABLE, f"connection to {self.endpoint.address} lost"))
@@ -437,6 +475,9 @@ class TcpConnection(asyncio.Protocol):
         self._write(encode_frame(_CANCEL, stream))
 
     def data_received(self, data: bytes) -> None:
+        if self._keepalive is not None:
+            self._last_received = self._loop.time()
+            self._ping_sent = False
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
