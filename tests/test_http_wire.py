@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import anyio
 import httpx
 import pytest
-from services import ControlImpl, wait_until
+from services import ControlImpl, make_server, wait_until
+
+import kubrpc
 
 pytestmark = pytest.mark.anyio
 
@@ -167,3 +171,127 @@ async def test_asgi_app_works_under_any_asgi_server() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         response = await client.post("/Arith/add", json={"a": 20, "b": 22})
     assert response.json() == 42
+
+
+async def test_handlers_that_wait_answer_and_leave_no_cancellation_behind(
+    http: tuple[httpx.AsyncClient, object, ControlImpl],
+) -> None:
+    client, _, control = http
+
+    async def call(seconds: float) -> None:
+        response = await client.post(
+            "/Control/sleep", json={"seconds": seconds}, headers={"connect-timeout-ms": "5000"}
+        )
+        assert (response.status_code, response.json()) == (200, "slept")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(call, (i % 3) * 0.005)
+    assert (control.finished, control.cancelled) == (20, 0)
+
+
+class Stubborn(Protocol):
+    async def wait(self, seconds: float) -> str: ...
+
+
+class StubbornImpl:
+    """Swallows its cancellation, as a handler should not."""
+
+    def __init__(self) -> None:
+        self.cancelled = 0
+
+    async def wait(self, seconds: float) -> str:
+        try:
+            await anyio.sleep(seconds)
+        except anyio.get_cancelled_exc_class():
+            self.cancelled += 1
+        return "done"
+
+
+async def _call_then_disconnect(app: Any, path: str, started: Callable[[], bool]) -> list[Any]:
+    """Drive `app` as an ASGI server would: POST {"seconds": 30} to `path`, disconnect once started().
+
+    Returns the messages the app sent, then what the app's task saw after the app returned: its pending
+    cancellation requests and whether it could still wait.
+    """
+    disconnected = anyio.Event()
+    messages = [{"type": "http.request", "body": b'{"seconds": 30}', "more_body": False}]
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"connect-timeout-ms", b"10000")],
+    }
+
+    async def run() -> None:
+        await app(scope, receive, send)
+        sent.append(("cancelling", asyncio.current_task().cancelling()))  # type: ignore[union-attr]
+        await asyncio.sleep(0)  # no cancellation left over for the server's next await
+        sent.append("still running")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await wait_until(started)
+            disconnected.set()
+    return sent
+
+
+async def test_disconnect_cancels_the_handler_and_leaves_the_task_uncancelled() -> None:
+    server, control = make_server()
+    sent = await _call_then_disconnect(server.asgi(), "/Control/sleep", lambda: control.started == 1)
+    assert sent == [("cancelling", 0), "still running"]
+    assert (control.cancelled, control.finished) == (1, 0)
+
+
+async def test_a_handler_that_swallows_its_cancellation_gets_no_answer() -> None:
+    server = kubrpc.Server()
+    impl = StubbornImpl()
+    server.register(Stubborn, impl)
+    original = server.dispatch
+    started: list[bool] = []
+
+    async def dispatch(*args: Any, **kwargs: Any) -> bytes:
+        started.append(True)
+        return await original(*args, **kwargs)
+
+    server.dispatch = dispatch  # type: ignore[method-assign]
+    sent = await _call_then_disconnect(server.asgi(), "/Stubborn/wait", lambda: bool(started))
+    assert sent == [("cancelling", 0), "still running"]
+    assert impl.cancelled == 1
+
+
+async def test_the_portable_path_for_event_loops_other_than_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kubrpc.transports.http as http_transport
+
+    app_class: Any = http_transport._App
+    calls: list[str] = []
+
+    async def portable(self: Any, task: object, path: str, *args: Any) -> Any:
+        calls.append(path)
+        return await app_class._dispatch_anyio(self, path, *args)
+
+    monkeypatch.setattr(app_class, "_dispatch_asyncio", portable)
+    server, control = make_server()
+    transport = httpx.ASGITransport(app=server.asgi())
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.post("/Arith/add", json={"a": 20, "b": 22})).json() == 42
+        response = await client.post("/Control/fail", json={"code": "NOT_FOUND", "message": "m"})
+        assert (response.status_code, response.json()) == (404, {"code": "not_found", "message": "m"})
+        assert (await client.post("/Control/sleep", json={"seconds": 0.001})).json() == "slept"
+    assert calls == ["Arith/add", "Control/fail", "Control/sleep"]
+    sent = await _call_then_disconnect(server.asgi(), "/Control/sleep", lambda: control.started == 2)
+    assert sent == [("cancelling", 0), "still running"]
+    assert (control.cancelled, control.finished) == (1, 1)

@@ -11,9 +11,10 @@ import asyncio
 import contextlib
 import math
 import socket
-from collections.abc import AsyncIterator, Mapping
+import types
+from collections.abc import AsyncIterator, Coroutine, Generator, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 import orjson
@@ -151,21 +152,48 @@ class _App:
     ) -> bytes | None:
         """Run the call, cancelling it if the client disconnects first; None if it did."""
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio (trio): the portable way
-            return await self._dispatch_anyio(path, body, timeout, metadata, receive)
-        # The handler runs in this task, under a cancel scope that one plain asyncio task cancels on a disconnect:
-        # an anyio task group with a task for each (as before) cost ~130 µs of CPU per call (benchmarks/).
-        with anyio.CancelScope() as scope:
-            watcher = loop.create_task(_cancel_on_disconnect(receive, scope))
-            try:
-                result = await self.server.dispatch(path, body, timeout=timeout, metadata=metadata)
-            finally:
-                watcher.cancel()
-            if len(result) > self.server.max_message_size:
-                raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
-            return result
-        return None
+            task = asyncio.current_task()
+        except RuntimeError:  # no asyncio loop (trio)
+            task = None
+        if task is None:
+            result = await self._dispatch_anyio(path, body, timeout, metadata, receive)
+        else:
+            result = await self._dispatch_asyncio(task, path, body, timeout, metadata, receive)
+        if result is not None and len(result) > self.server.max_message_size:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
+        return result
+
+    async def _dispatch_asyncio(
+        self,
+        task: asyncio.Task[Any],
+        path: str,
+        body: bytes,
+        timeout: float | None,
+        metadata: dict[str, str],
+        receive: Receive,
+    ) -> bytes | None:
+        # Raw asyncio, because benchmarks/bench_unary.py says so: an anyio task group running the handler beside a
+        # disconnect watcher cost ~130 µs of CPU per call, and even an anyio cancel scope with one watcher task cost
+        # twice this whole layer. So the handler runs in this task, eagerly: one that finishes without waiting needs
+        # no watcher; once it waits, one plain task waits for the disconnect and cancels this one.
+        call = self.server.dispatch(path, body, timeout=timeout, metadata=metadata)
+        try:
+            waiting_on = call.send(None)
+        except StopIteration as done:
+            return cast("bytes", done.value)
+        watcher = task.get_loop().create_task(_cancel_on_disconnect_asyncio(receive, task))
+        try:
+            result = await _resume(call, waiting_on)
+        except asyncio.CancelledError:
+            if _fired(watcher) and task.uncancel() == 0:  # the watcher's cancel(), and no one else's
+                return None
+            raise
+        finally:
+            watcher.cancel()  # it is done, or gone at the loop's next turn
+        if _fired(watcher):  # the handler ignored the cancellation; the client is gone anyway
+            task.uncancel()
+            return None
+        return result
 
     async def _dispatch_anyio(
         self, path: str, body: bytes, timeout: float | None, metadata: dict[str, str], receive: Receive
@@ -180,15 +208,45 @@ class _App:
             tg.cancel_scope.cancel()
         if not outcome:
             return None
-        result = outcome[0]
-        if isinstance(result, RpcError):
-            raise result
-        if len(result) > self.server.max_message_size:
-            raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
-        return result
+        if isinstance(outcome[0], RpcError):
+            raise outcome[0]
+        return outcome[0]
 
 
 _TIMEOUT_NAME = TIMEOUT_HEADER.encode()
+_T = TypeVar("_T")
+
+
+@types.coroutine
+def _resume(call: Coroutine[Any, Any, _T], waiting_on: Any) -> Generator[Any, Any, _T]:
+    """Await `call`, a coroutine that has already run up to its first wait, on `waiting_on`."""
+    try:
+        yield waiting_on
+    except GeneratorExit:
+        call.close()
+        raise
+    except BaseException as exc:  # a cancellation: the coroutine handles it
+        try:
+            waiting_on = call.throw(exc)
+        except StopIteration as done:
+            return cast("_T", done.value)
+        return (yield from _resume(call, waiting_on))
+    return (yield from call.__await__())
+
+
+async def _cancel_on_disconnect_asyncio(receive: Receive, task: asyncio.Task[Any]) -> bool:
+    """Cancel `task` when the client disconnects; True if it did."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # the server's receive() failed: stop watching rather than leave an unretrieved error
+        return False
+    task.cancel()
+    return True
+
+
+def _fired(watcher: asyncio.Task[bool]) -> bool:
+    return watcher.done() and not watcher.cancelled() and watcher.result()
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
