@@ -36,7 +36,8 @@ from typing import Any, Protocol
 import orjson
 import uvicorn
 
-PEERS = ("kubrpc-tcp", "kubrpc-http", "grpcio.aio", "starlette")
+PEERS = ("kubrpc-tcp", "kubrpc-http", "grpcio.aio", "starlette", "kubrpc-tcp+uvloop", "kubrpc-http+uvloop")
+UVLOOP = "+uvloop"  # a peer name ending in this runs both of its processes on uvloop (kubrpc's optional extra)
 BASELINE = "grpcio.aio"
 HOST = "127.0.0.1"
 CALL_TIMEOUT = 10.0
@@ -145,6 +146,7 @@ async def serve_starlette() -> AsyncIterator[str]:
 
 def serve(peer: str) -> contextlib.AbstractAsyncContextManager[str]:
     """The server of `peer`."""
+    peer = peer.removesuffix(UVLOOP)
     if peer == "kubrpc-tcp":
         return serve_kubrpc("tcp")
     if peer == "kubrpc-http":
@@ -210,6 +212,7 @@ async def aiohttp_client(url: str) -> AsyncIterator[Call]:
 
 def client(peer: str, url: str) -> contextlib.AbstractAsyncContextManager[Call]:
     """The client of `peer`, connected to `url`."""
+    peer = peer.removesuffix(UVLOOP)
     if peer in ("kubrpc-tcp", "kubrpc-http"):
         return kubrpc_client(url)
     if peer == "grpcio.aio":
@@ -369,14 +372,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server-pid", type=int, help="also report this process's CPU usage (Linux)")
     args = parser.parse_args(argv)
     pin(args.cpu)
+    run: Callable[[Any], Any] = asyncio.run
+    if args.peer.endswith(UVLOOP):
+        import uvloop
+
+        run = uvloop.run
     if args.role == "serve":
-        profiled(lambda: asyncio.run(run_server(args.peer)), args.profile)
+        profiled(lambda: run(run_server(args.peer)), args.profile)
     else:
         if args.url is None:
             parser.error("drive needs the server's URL")
         concurrencies = [int(c) for c in args.concurrency.split(",")]
         job = run_client(args.peer, args.url, concurrencies, args.warmup, args.duration, args.server_pid)
-        profiled(lambda: asyncio.run(job), args.profile)
+        profiled(lambda: run(job), args.profile)
 
 
 if __name__ == "__main__":

@@ -235,3 +235,19 @@ async def test_endpoints_that_leave_the_resolver_lose_their_connections(start_se
         await wait_until(lambda: len(channel.endpoints) == 1)
         assert {await who.whoami() for _ in range(4)} == {"b"}
         assert list(channel.connections) == [f"127.0.0.1:{endpoints[1].port}"]
+
+
+def test_both_transports_work_on_uvloop() -> None:
+    pytest.importorskip("uvloop")
+    from services import make_server
+
+    async def main() -> list[int]:
+        server, _ = make_server()
+        results = []
+        for scheme in ("tcp", "http"):
+            async with server.serve(f"{scheme}://127.0.0.1:0") as listener:
+                async with kubrpc.connect(listener.url) as channel:
+                    results.append(await channel.stub(Arith, timeout=5).add(20, 22))
+        return results
+
+    assert anyio.run(main, backend_options={"use_uvloop": True}) == [42, 42]

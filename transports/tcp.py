@@ -7,7 +7,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 import orjson
@@ -197,8 +197,7 @@ class _ServerConnection(asyncio.Protocol):
         self._out: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport subclasses
         self.listener.connections.add(self)
         if self.listener.draining:
             self.go_away("server shutting down")
@@ -357,10 +356,9 @@ class TcpConnection(asyncio.Protocol):
         self._out: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)
         self._lost = asyncio.get_running_loop().create_future()
-        transport.write(PREFACE)
+        self._transport.write(PREFACE)
         if self._keepalive is not None:
             self._last_received = self._loop.time()
             self._keepalive_timer = self._loop.call_later(self._keepalive[0], self._check_alive)
