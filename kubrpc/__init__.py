@@ -14,20 +14,26 @@ __version__ = "0.1.0"
 from .client import Channel, RetryBudget, connect  # noqa: E402
 from .endpoint import Endpoint  # noqa: E402
 from .errors import NotDeliveredError, RpcError  # noqa: E402
+from .interceptors import CallInfo, ClientCall, ClientInterceptor, ServerInterceptor, current_call  # noqa: E402
 from .interface import interface, method  # noqa: E402
 from .server import Server  # noqa: E402
 from .status import Status  # noqa: E402
 
 __all__ = [
+    "CallInfo",
     "Channel",
+    "ClientCall",
+    "ClientInterceptor",
     "Endpoint",
     "NotDeliveredError",
     "RetryBudget",
     "RpcError",
     "Server",
+    "ServerInterceptor",
     "Status",
     "__version__",
     "connect",
+    "current_call",
     "interface",
     "method",
 ]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -15,6 +18,7 @@ import anyio
 
 from . import codec
 from .errors import RpcError
+from .interceptors import CallInfo, Proceed, ServerInterceptor, _current
 from .interface import MethodSpec, ServiceSpec, check_implementation, service_spec
 from .interfaces import Listener
 from .status import Status
@@ -22,7 +26,7 @@ from .status import Status
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
-__all__ = ("Server",)
+__all__ = ("Server", "event_loop_options")
 
 log = logging.getLogger("kubrpc.server")
 
@@ -44,12 +48,14 @@ class Server:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_concurrent_calls: int = 10_000,
         drain_timeout: float = 30.0,
+        interceptors: Sequence[ServerInterceptor] = (),
     ) -> None:
         if max_message_size < 1:
             raise ValueError("max_message_size must be positive")
         self.max_message_size = max_message_size
         self.max_concurrent_calls = max_concurrent_calls
         self.drain_timeout = drain_timeout
+        self.interceptors: tuple[ServerInterceptor, ...] = tuple(interceptors)
         self.services: dict[str, ServiceSpec] = {}
         self._routes: dict[str, _Route] = {}
         self._app: ASGIApp | None = None
@@ -71,15 +77,21 @@ class Server:
         route = self._routes.get(path)
         return route.spec if route else None
 
-    async def dispatch(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
+    async def dispatch(
+        self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str], peer: str = ""
+    ) -> bytes:
         """Run one call: validate, call the handler under its deadline, encode the result or raise RpcError."""
         route = self._routes.get(path)
         if route is None:
             raise _unimplemented(path, self.services)
-        kwargs = route.spec.decode_args(payload)
         limit = route.spec.options.timeout
         if limit is not None and (timeout is None or limit < timeout):
             timeout = limit
+        if self.interceptors:
+            return await self._intercepted(route, path, payload, timeout, metadata, peer)
+        kwargs = route.spec.decode_args(payload)
+        at = None if timeout is None else time.monotonic() + timeout
+        context = _current.set((route.spec, path, metadata, peer, at))
         deadline: asyncio.Timeout | None = None
         try:
             if timeout is None:
@@ -98,11 +110,48 @@ class Server:
         except Exception:
             log.exception("handler of %s failed", path)
             raise RpcError(Status.INTERNAL, "internal error") from None
+        finally:
+            _current.reset(context)
         try:
             return codec.dumps(result)
         except TypeError:
             log.exception("result of %s cannot be encoded", path)
             raise RpcError(Status.INTERNAL, "internal error") from None
+
+    async def _intercepted(
+        self, route: _Route, path: str, payload: bytes, timeout: float | None, metadata: Mapping[str, str], peer: str
+    ) -> bytes:
+        """dispatch() through the interceptors, which run under the deadline and before the arguments are decoded."""
+        spec = route.spec
+        at = None if timeout is None else time.monotonic() + timeout
+        call = CallInfo(spec.service, spec.name, path, metadata, peer, at)
+        proceed: Proceed = partial(_run_handler, route, payload)
+        for interceptor in reversed(self.interceptors):
+            proceed = partial(interceptor, call, proceed)
+        context = _current.set(call)
+        deadline: asyncio.Timeout | None = None
+        try:
+            if timeout is None:
+                result = await proceed()
+            else:
+                async with asyncio.timeout(timeout) as deadline:
+                    result = await proceed()
+        except RpcError:
+            raise
+        except TimeoutError:
+            if deadline is not None and deadline.expired():
+                raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
+            log.exception("call of %s failed", path)
+            raise RpcError(Status.INTERNAL, "internal error") from None
+        except Exception:
+            log.exception("call of %s failed", path)
+            raise RpcError(Status.INTERNAL, "internal error") from None
+        finally:
+            _current.reset(context)
+        if type(result) is not bytes:
+            log.error("an interceptor of %s returned %s, not the encoded result", path, type(result).__name__)
+            raise RpcError(Status.INTERNAL, "internal error")
+        return result
 
     def asgi(self) -> ASGIApp:
         """The HTTP/JSON transport as an ASGI app: `uvicorn mymodule:app` serves it."""
@@ -142,10 +191,27 @@ class Server:
         """Serve on every URL until SIGTERM/SIGINT, then drain: the blocking entry point of a service."""
         if not urls:
             raise ValueError("give at least one URL to listen on, e.g. tcp://0.0.0.0:9000")
-        anyio.run(self.serve_forever, *urls)
+        anyio.run(self.serve_forever, *urls, backend_options=event_loop_options())
 
     def __repr__(self) -> str:
         return f"<Server [{', '.join(self.services)}]>"
+
+
+async def _run_handler(route: _Route, payload: bytes) -> bytes:
+    """The innermost step of an interceptor chain: decode the arguments, run the handler, encode its result."""
+    result = await route.handler(**route.spec.decode_args(payload))
+    return codec.dumps(result)
+
+
+def event_loop_options() -> dict[str, Any]:
+    """anyio.run options: uvloop if installed (`pip install kubrpc[uvloop]`), unless KUBRPC_UVLOOP=0."""
+    if os.environ.get("KUBRPC_UVLOOP", "1") == "0":
+        return {}
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
 
 
 def _unimplemented(path: str, services: Mapping[str, ServiceSpec]) -> RpcError:

@@ -20,6 +20,8 @@ def test_all_is_sorted_and_complete() -> None:
         "codec",
         "endpoint",
         "errors",
+        "auth",
+        "interceptors",
         "interface",
         "interfaces",
         "server",
