@@ -19,7 +19,7 @@ import orjson
 
 from .client import connect
 from .errors import RpcError
-from .server import Server
+from .server import Server, event_loop_options
 
 __all__ = ("main",)
 
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if args.command == "demo":
-        return anyio.run(_demo, args.calls, args.concurrency, args.transport)
+        return anyio.run(_demo, args.calls, args.concurrency, args.transport, backend_options=event_loop_options())
     if args.command == "serve":
         return _serve(args.server, args.bind)
     if args.command == "call":
@@ -72,7 +72,8 @@ def _serve(spec: str, binds: list[str]) -> int:
     def ready(urls: list[str]) -> None:
         print("serving on " + " ".join(urls), flush=True)
 
-    anyio.run(functools.partial(server.serve_forever, *(binds or ["tcp://0.0.0.0:9000"]), ready=ready))
+    serve = functools.partial(server.serve_forever, *(binds or ["tcp://0.0.0.0:9000"]), ready=ready)
+    anyio.run(serve, backend_options=event_loop_options())
     return 0
 
 
