@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from ssl import SSLContext, create_default_context
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -13,6 +15,7 @@ from anyio.abc import TaskGroup
 
 from .endpoint import Endpoint
 from .errors import NotDeliveredError, RpcError
+from .interceptors import ClientCall, ClientInterceptor, Proceed
 from .interface import MethodSpec, service_spec
 from .interfaces import Balancer, CallFeedback, Connection, KeyedBalancer, Resolver, Transport
 from .status import Status
@@ -35,6 +38,8 @@ def connect(
     max_attempts: int = 3,
     wait_for_endpoints: float = 10.0,
     retry_budget: RetryBudget | None = None,
+    interceptors: Sequence[ClientInterceptor] = (),
+    ssl: SSLContext | None = None,
 ) -> Channel:
     """A Channel to `target` (`k8s://SVC.NS:PORT`, `static://H:P,...`, `tcp://H:P`, `http://H:P`, or endpoints)."""
     return Channel(
@@ -45,6 +50,8 @@ def connect(
         max_attempts=max_attempts,
         wait_for_endpoints=wait_for_endpoints,
         retry_budget=retry_budget,
+        interceptors=interceptors,
+        ssl=ssl,
     )
 
 
@@ -64,6 +71,8 @@ class Channel:
         max_attempts: int = 3,
         wait_for_endpoints: float = 10.0,
         retry_budget: RetryBudget | None = None,
+        interceptors: Sequence[ClientInterceptor] = (),
+        ssl: SSLContext | None = None,
     ) -> None:
         from . import resolvers
         from .balancers import create as create_balancer
@@ -76,11 +85,19 @@ class Channel:
             self._resolver: Resolver = resolvers.create(target)
         else:
             self._resolver = target
+        scheme = target.partition("://")[0] if isinstance(target, str) else ""
         if transport is None:
-            scheme = target.partition("://")[0] if isinstance(target, str) else ""
             transport = "http" if scheme in ("http", "https") else "tcp"
+        if ssl is None and scheme == "https":
+            ssl = create_default_context()  # verify against the system's CAs
         self.transport_name = transport if isinstance(transport, str) else type(transport).__name__
-        self._transport = create_transport(transport) if isinstance(transport, str) else transport
+        if isinstance(transport, str):
+            self._transport = create_transport(transport) if ssl is None else create_transport(transport, ssl=ssl)
+        elif ssl is not None:
+            raise ValueError("give ssl= to the transport object rather than to the Channel")
+        else:
+            self._transport = transport
+        self._interceptors = tuple(interceptors)
         self.balancer_name = balancer if isinstance(balancer, str) else type(balancer).__name__
         self.balancer = create_balancer(balancer) if isinstance(balancer, str) else balancer
         self._feedback = self.balancer if isinstance(self.balancer, CallFeedback) else None
@@ -192,6 +209,8 @@ class Channel:
         """Send an encoded call to one endpoint and return the encoded result (the untyped API under stubs)."""
         if self._task_group is None or self._closed:
             raise RuntimeError("use the Channel as `async with kubrpc.connect(...) as channel:`")
+        if self._interceptors and type(metadata) is not _Intercepted:
+            return await self._intercept(path, payload, timeout, idempotent, key, metadata)
         deadline = None if timeout is None else time.monotonic() + timeout
         budget = self.retry_budget
         budget.deposit()
@@ -214,6 +233,38 @@ class Channel:
                 if not retryable or attempt >= self.max_attempts or not budget.withdraw():
                     raise
             tried.add(endpoint)
+
+    async def _intercept(
+        self,
+        path: str,
+        payload: bytes,
+        timeout: float | None,
+        idempotent: bool,
+        key: str | None,
+        metadata: Mapping[str, str],
+    ) -> bytes:
+        """call() through the client interceptors, outermost first; the deadline covers them too."""
+        service, _, method = path.partition("/")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        outgoing = {k.lower(): v for k, v in metadata.items()}
+        call = ClientCall(service, method, path, outgoing, deadline, idempotent, self.target)
+
+        async def send() -> bytes:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            return await self.call(
+                path, payload, timeout=remaining, idempotent=idempotent, key=key, metadata=_Intercepted(call.metadata)
+            )
+
+        proceed: Proceed = send
+        for interceptor in reversed(self._interceptors):
+            proceed = partial(interceptor, call, proceed)
+        if timeout is None:
+            return await proceed()
+        try:
+            with anyio.fail_after(timeout):
+                return await proceed()
+        except TimeoutError:
+            raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
 
     async def _pick(self, key: str | None, remaining: float | None, tried: set[Endpoint]) -> Endpoint:
         if not self.endpoints and self._resolved is not None and not self._resolved.is_set():
@@ -317,6 +368,12 @@ class RetryBudget:
         return (
             f"<RetryBudget {self.ratio:.0%} [{self.tokens:.1f} tokens, {self.retries} retries, {self.refused} refused]>"
         )
+
+
+class _Intercepted(dict[str, str]):
+    """The metadata of a call that has been through the client interceptors: Channel.call sends it as is."""
+
+    __slots__ = ()
 
 
 class _Stub:

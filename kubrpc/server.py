@@ -163,13 +163,22 @@ class Server:
 
     @asynccontextmanager
     async def serve(self, url: str, /, **options: Any) -> AsyncIterator[Listener]:
-        """Listen on `url` (`tcp://HOST:PORT` or `http://HOST:PORT`, port 0 for any) until the block exits."""
+        """Listen on `url` (`tcp://HOST:PORT` or `http://HOST:PORT`, port 0 for any) until the block exits.
+
+        Options go to the transport; `ssl=` (a server-side ssl.SSLContext) turns on TLS, and `https://` means
+        `http://` with TLS.
+        """
         from .transports import create
 
         parts = urlsplit(url)
         if not parts.scheme or parts.hostname is None:
             raise ValueError(f"bad listen URL {url!r}: expected SCHEME://HOST:PORT")
-        transport = create(parts.scheme, **options)
+        scheme = parts.scheme
+        if scheme == "https":
+            if options.get("ssl") is None:
+                raise ValueError("an https:// listener needs ssl=SSLContext (with the server's certificate)")
+            scheme = "http"
+        transport = create(scheme, **options)
         async with transport.listen(self, parts.hostname, parts.port or 0) as listener:
             yield listener
 

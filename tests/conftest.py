@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack
 
 import pytest
@@ -25,9 +25,17 @@ async def start_server() -> AsyncIterator[Callable[..., object]]:
     """Factory: start a test server on a loopback address; everything started is closed at the end."""
     async with AsyncExitStack() as stack:
 
-        async def start(scheme: str = "tcp", host: str = "127.0.0.1", name: str = "server", **options: object):
+        async def start(
+            scheme: str = "tcp",
+            host: str = "127.0.0.1",
+            name: str = "server",
+            *,
+            listen: Mapping[str, object] | None = None,
+            **options: object,
+        ):
+            """Server options as keywords; `listen` holds the options of server.serve() (e.g. ssl)."""
             server, control = make_server(name, **options)
-            listener = await stack.enter_async_context(server.serve(f"{scheme}://{host}:0"))
+            listener = await stack.enter_async_context(server.serve(f"{scheme}://{host}:0", **(listen or {})))
             return listener.url, server, control
 
         yield start

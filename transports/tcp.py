@@ -7,6 +7,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from ssl import SSLContext
 from typing import TYPE_CHECKING, cast
 
 import anyio
@@ -47,7 +48,11 @@ _GOAWAY = FrameType.GOAWAY
 
 
 class TcpTransport:
-    """The `tcp` transport: `tcp://HOST:PORT`."""
+    """The `tcp` transport: `tcp://HOST:PORT`; TLS with `ssl=` (a server or a client SSLContext, by side).
+
+    `server_hostname` is the name a client checks the server's certificate against (default: the endpoint's
+    host, which is a pod IP under Kubernetes: set it to the Service's DNS name there).
+    """
 
     def __init__(
         self,
@@ -56,12 +61,16 @@ class TcpTransport:
         connect_timeout: float = 5.0,
         keepalive_interval: float | None = 30.0,
         keepalive_timeout: float = 10.0,
+        ssl: SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         if keepalive_interval is not None and not keepalive_interval > 0:
             raise ValueError("keepalive_interval must be > 0 or None")
         self.max_message_size = max_message_size
         self.connect_timeout = connect_timeout
         self.keepalive = None if keepalive_interval is None else (keepalive_interval, keepalive_timeout)
+        self.ssl = ssl
+        self.server_hostname = server_hostname
 
     async def connect(self, endpoint: Endpoint, /) -> TcpConnection:
         """Open a connection to `endpoint`; NotDeliveredError if it cannot be reached."""
@@ -70,7 +79,11 @@ class TcpTransport:
         try:
             with anyio.fail_after(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: TcpConnection(endpoint, limit, self.keepalive), endpoint.host, endpoint.port
+                    lambda: TcpConnection(endpoint, limit, self.keepalive),
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=self.ssl,
+                    server_hostname=(self.server_hostname or endpoint.host) if self.ssl is not None else None,
                 )
         except TimeoutError:
             raise NotDeliveredError(f"timed out connecting to {endpoint.address}") from None
@@ -83,7 +96,13 @@ class TcpTransport:
         """Serve `server` on host:port until the block exits, then go away and drain."""
         loop = asyncio.get_running_loop()
         listener = TcpListener(server, self.max_message_size or server.max_message_size)
-        aserver = await loop.create_server(lambda: _ServerConnection(listener), host, port)
+        aserver = await loop.create_server(
+            lambda: _ServerConnection(listener),
+            host,
+            port,
+            ssl=self.ssl,
+            ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT if self.ssl is not None else None,
+        )
         sockname = aserver.sockets[0].getsockname()
         listener.url = f"tcp://{_format_host(sockname[0])}:{sockname[1]}"
         try:
@@ -94,6 +113,10 @@ class TcpTransport:
                 await listener.drain(server.drain_timeout)
                 await listener.cancel_remaining()
                 await aserver.wait_closed()
+
+
+# A client that connects and never completes the TLS handshake holds a socket for at most this long.
+_TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 def _default_limit() -> int:
@@ -195,9 +218,13 @@ class _ServerConnection(asyncio.Protocol):
         self._last_stream = 0
         self._going_away = False
         self._out: list[bytes] = []
+        self.peer = ""  # host:port of the client, for CallInfo.peer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport subclasses
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{_format_host(peer[0])}:{peer[1]}"
         self.listener.connections.add(self)
         if self.listener.draining:
             self.go_away("server shutting down")
@@ -257,8 +284,11 @@ class _ServerConnection(asyncio.Protocol):
             if stream > self._last_stream:
                 self._last_stream = stream
             timeout = request.timeout_ms / 1000 if request.timeout_ms else None
+            metadata = request.metadata
+            if metadata:  # keys are case-insensitive, as HTTP header names: handlers see them in lower case
+                metadata = {k.lower(): v for k, v in metadata.items()}
             self.calls[stream] = self._loop.create_task(
-                self._run(stream, request.path, request.body, timeout, request.metadata)
+                self._run(stream, request.path, request.body, timeout, metadata)
             )
         elif kind == _CANCEL:
             running = self.calls.get(stream)
@@ -274,7 +304,7 @@ class _ServerConnection(asyncio.Protocol):
     ) -> None:
         try:
             try:
-                result = await self.dispatch(path, body, timeout=timeout, metadata=metadata)
+                result = await self.dispatch(path, body, timeout=timeout, metadata=metadata, peer=self.peer)
                 if len(result) > self.listener.max_message_size:
                     raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
                 frame = encode_frame(_RESPONSE, stream, result)
@@ -331,8 +361,7 @@ class _ServerConnection(asyncio.Protocol):
             task.cancel()
 
     def _peer(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{peer[0]}:{peer[1]}" if peer else "?"
+        return self.peer or "?"
 
 
 class TcpConnection(asyncio.Protocol):
@@ -386,9 +415,10 @@ class TcpConnection(asyncio.Protocol):
         self._closed = True
         if self._keepalive_timer is not None:
             self._keepalive_timer.cancel()
+        reason = f"connection to {self.endpoint.address} lost" + (f": {exc}" if exc is not None else "")
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(RpcError(Status.UNAVAILABLE, f"connection to {self.endpoint.address} lost"))
+                fut.set_exception(RpcError(Status.UNAVAILABLE, reason))
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
 

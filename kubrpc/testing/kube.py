@@ -49,6 +49,7 @@ __all__ = (
     "JsonObject",
     "LoggedRequest",
     "endpoint_slice",
+    "issue_certificate",
     "self_signed_certificate",
     "server_ssl_context",
     "slice_endpoint",
@@ -641,30 +642,84 @@ def endpoint_slice(
 
 
 def self_signed_certificate(
-    directory: str | PathLike[str], *, hosts: Sequence[str] = ("127.0.0.1", "localhost")
+    directory: str | PathLike[str],
+    *,
+    hosts: Sequence[str] = ("127.0.0.1", "localhost"),
+    name: str = "tls",
+    common_name: str = "fake-kube-apiserver",
 ) -> tuple[Path, Path]:
-    """Make a self-signed certificate (its own CA) and key for `hosts` with the openssl CLI: (cert, key)."""
+    """Make a self-signed certificate (its own CA) and key for `hosts` with the openssl CLI: (cert, key).
+
+    The files are DIRECTORY/NAME.crt and DIRECTORY/NAME.key. The certificate can also sign others: see
+    `issue_certificate()`.
+    """
+    openssl = _openssl()
+    cert, key = Path(directory) / f"{name}.crt", Path(directory) / f"{name}.key"
+    # fmt: off
+    command = [
+        openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-days", "2", "-subj", f"/CN={common_name}", "-keyout", str(key), "-out", str(cert),
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
+    ]
+    # fmt: on
+    if hosts:
+        command += ["-addext", f"subjectAltName={_subject_alt_names(hosts)}"]
+    subprocess.run(command, check=True, capture_output=True)
+    return cert, key
+
+
+def issue_certificate(
+    directory: str | PathLike[str],
+    ca: tuple[str | PathLike[str], str | PathLike[str]],
+    *,
+    name: str,
+    hosts: Sequence[str] = (),
+    common_name: str | None = None,
+) -> tuple[Path, Path]:
+    """Make a key and a certificate signed by `ca` (cert, key), for servers (`hosts`) and clients: (cert, key).
+
+    The files are DIRECTORY/NAME.crt and DIRECTORY/NAME.key; the subject is CN=`common_name` (default `name`).
+    """
+    openssl = _openssl()
+    folder = Path(directory)
+    cert, key, request, extensions = (folder / f"{name}{ext}" for ext in (".crt", ".key", ".csr", ".ext"))
+    lines = [
+        "basicConstraints=critical,CA:FALSE",
+        "keyUsage=critical,digitalSignature",
+        "extendedKeyUsage=serverAuth,clientAuth",
+    ]
+    if hosts:
+        lines.append(f"subjectAltName={_subject_alt_names(hosts)}")
+    extensions.write_text("\n".join(lines) + "\n")
+    # fmt: off
+    subprocess.run([
+        openssl, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-subj", f"/CN={common_name or name}", "-keyout", str(key), "-out", str(request),
+    ], check=True, capture_output=True)
+    subprocess.run([
+        openssl, "x509", "-req", "-in", str(request), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
+        "-days", "2", "-extfile", str(extensions), "-out", str(cert),
+    ], check=True, capture_output=True, cwd=folder)
+    # fmt: on
+    return cert, key
+
+
+def _openssl() -> str:
     openssl = shutil.which("openssl")
     if openssl is None:
-        raise RuntimeError("self_signed_certificate() needs the openssl command")
-    cert, key = Path(directory) / "tls.crt", Path(directory) / "tls.key"
+        raise RuntimeError("making test certificates needs the openssl command")
+    return openssl
+
+
+def _subject_alt_names(hosts: Sequence[str]) -> str:
     names = []
     for host in hosts:
         try:
             names.append(f"IP:{ipaddress.ip_address(host)}")
         except ValueError:
             names.append(f"DNS:{host}")
-    # fmt: off
-    command = [
-        openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-days", "2", "-subj", "/CN=fake-kube-apiserver", "-keyout", str(key), "-out", str(cert),
-        "-addext", f"subjectAltName={','.join(names)}",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
-    ]
-    # fmt: on
-    subprocess.run(command, check=True, capture_output=True)
-    return cert, key
+    return ",".join(names)
 
 
 def server_ssl_context(cert: str | PathLike[str], key: str | PathLike[str]) -> ssl.SSLContext:
