@@ -88,7 +88,7 @@ class Channel:
         scheme = target.partition("://")[0] if isinstance(target, str) else ""
         if transport is None:
             transport = "http" if scheme in ("http", "https") else "tcp"
-        if ssl is None and scheme == "https":
+        if ssl is None and scheme == "https" and isinstance(transport, str):
             ssl = create_default_context()  # verify against the system's CAs
         self.transport_name = transport if isinstance(transport, str) else type(transport).__name__
         if isinstance(transport, str):

@@ -14,6 +14,7 @@ import socket
 import types
 from collections.abc import AsyncIterator, Coroutine, Generator, Mapping
 from contextlib import asynccontextmanager
+from ssl import SSLContext
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
@@ -95,7 +96,9 @@ class _App:
     async def _rpc(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             body, timeout, metadata = await self._read(scope, receive)
-            result = await self._dispatch(path, body, timeout, metadata, receive)
+            client = scope.get("client")
+            peer = f"{_format_host(client[0])}:{client[1]}" if client else ""
+            result = await self._dispatch(path, body, timeout, metadata, peer, receive)
         except RpcError as exc:
             await _send(send, exc.code.http_status, orjson.dumps(exc.to_json()))
             return
@@ -148,7 +151,7 @@ class _App:
                 return b"".join(chunks), timeout, metadata
 
     async def _dispatch(
-        self, path: str, body: bytes, timeout: float | None, metadata: dict[str, str], receive: Receive
+        self, path: str, body: bytes, timeout: float | None, metadata: dict[str, str], peer: str, receive: Receive
     ) -> bytes | None:
         """Run the call, cancelling it if the client disconnects first; None if it did."""
         try:
@@ -156,9 +159,9 @@ class _App:
         except RuntimeError:  # no asyncio loop (trio)
             task = None
         if task is None:
-            result = await self._dispatch_anyio(path, body, timeout, metadata, receive)
+            result = await self._dispatch_anyio(path, body, timeout, metadata, peer, receive)
         else:
-            result = await self._dispatch_asyncio(task, path, body, timeout, metadata, receive)
+            result = await self._dispatch_asyncio(task, path, body, timeout, metadata, peer, receive)
         if result is not None and len(result) > self.server.max_message_size:
             raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
         return result
@@ -170,13 +173,14 @@ class _App:
         body: bytes,
         timeout: float | None,
         metadata: dict[str, str],
+        peer: str,
         receive: Receive,
     ) -> bytes | None:
         # Raw asyncio, because benchmarks/bench_unary.py says so: an anyio task group running the handler beside a
         # disconnect watcher cost ~130 µs of CPU per call, and even an anyio cancel scope with one watcher task cost
         # twice this whole layer. So the handler runs in this task, eagerly: one that finishes without waiting needs
         # no watcher; once it waits, one plain task waits for the disconnect and cancels this one.
-        call = self.server.dispatch(path, body, timeout=timeout, metadata=metadata)
+        call = self.server.dispatch(path, body, timeout=timeout, metadata=metadata, peer=peer)
         try:
             waiting_on = call.send(None)
         except StopIteration as done:
@@ -196,13 +200,13 @@ class _App:
         return result
 
     async def _dispatch_anyio(
-        self, path: str, body: bytes, timeout: float | None, metadata: dict[str, str], receive: Receive
+        self, path: str, body: bytes, timeout: float | None, metadata: dict[str, str], peer: str, receive: Receive
     ) -> bytes | None:
         outcome: list[bytes | RpcError] = []
         async with anyio.create_task_group() as tg:
             tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
             try:
-                outcome.append(await self.server.dispatch(path, body, timeout=timeout, metadata=metadata))
+                outcome.append(await self.server.dispatch(path, body, timeout=timeout, metadata=metadata, peer=peer))
             except RpcError as exc:
                 outcome.append(exc)
             tg.cancel_scope.cancel()
@@ -215,6 +219,10 @@ class _App:
 
 _TIMEOUT_NAME = TIMEOUT_HEADER.encode()
 _T = TypeVar("_T")
+
+
+def _format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 @types.coroutine
@@ -285,14 +293,25 @@ class _QuietServer(uvicorn.Server):
 
 
 class HttpTransport:
-    """The `http` transport: `http://HOST:PORT`."""
+    """The `http` transport: `http://HOST:PORT`, or `https://HOST:PORT` with `ssl=` (a server or client SSLContext).
+
+    `server_hostname` is the name a client checks the server's certificate against (default: the endpoint's host).
+    """
 
     def __init__(
-        self, *, max_connections: int = 100, connect_timeout: float = 5.0, max_message_size: int | None = None
+        self,
+        *,
+        max_connections: int = 100,
+        connect_timeout: float = 5.0,
+        max_message_size: int | None = None,
+        ssl: SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self.max_message_size = max_message_size
+        self.ssl = ssl
+        self.server_hostname = server_hostname
 
     async def connect(self, endpoint: Endpoint, /) -> HttpConnection:
         """A connection pool to `endpoint` (connections open lazily, on the first call)."""
@@ -319,6 +338,9 @@ class HttpTransport:
             access_log=False,
             timeout_graceful_shutdown=math.ceil(server.drain_timeout) or 1,
         )
+        if self.ssl is not None:  # uvicorn builds its context from files; an SSLContext goes in after load()
+            config.load()
+            config.ssl = self.ssl
         userver = _QuietServer(config)
         with sock:
             async with anyio.create_task_group() as tg:
@@ -330,7 +352,8 @@ class HttpTransport:
                         await anyio.sleep(0.002)
                 host_text = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
                 try:
-                    yield HttpListener(f"http://{host_text}:{bound[1]}", userver)
+                    scheme = "http" if self.ssl is None else "https"
+                    yield HttpListener(f"{scheme}://{host_text}:{bound[1]}", userver)
                 finally:
                     userver.should_exit = True
 
@@ -347,12 +370,20 @@ class HttpConnection:
 
         self.endpoint = endpoint
         self.max_message_size = transport.max_message_size
-        self._base = f"http://{endpoint.address}/"
+        self._base = f"{'http' if transport.ssl is None else 'https'}://{endpoint.address}/"
+        self._options: dict[str, Any] = {}
+        if transport.ssl is not None and transport.server_hostname is not None:
+            self._options["server_hostname"] = transport.server_hostname
         self._closed = False
         self._errors = (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError)
         self._transport_errors = (aiohttp.ClientError, OSError)
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=transport.max_connections, limit_per_host=0, force_close=False),
+            connector=aiohttp.TCPConnector(
+                limit=transport.max_connections,
+                limit_per_host=0,
+                force_close=False,
+                ssl=True if transport.ssl is None else transport.ssl,
+            ),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=transport.connect_timeout),
             headers={"content-type": "application/json"},
             skip_auto_headers=("User-Agent",),
@@ -372,7 +403,9 @@ class HttpConnection:
             headers[TIMEOUT_HEADER] = str(max(1, math.ceil(timeout * 1000)))
         try:
             async with asyncio.timeout(timeout):  # not anyio.fail_after: cheaper, and aiohttp is asyncio-only
-                async with self._session.post(self._base + path, data=payload, headers=headers) as response:
+                async with self._session.post(
+                    self._base + path, data=payload, headers=headers, **self._options
+                ) as response:
                     status = response.status
                     content = await response.read()
         except TimeoutError:
