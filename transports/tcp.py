@@ -17,6 +17,7 @@ from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, ProtocolError, RpcError
 from kubrpc.status import Status
 
+from ._deadlines import Deadlines
 from ._frames import (
     FLAG_ACK,
     MAX_STREAM_ID,
@@ -129,14 +130,12 @@ def _format_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+# How long a draining server waits for clients to close their connections after the last answer.
+_LINGER = 1.0
+
 # Frames queued in one event-loop iteration go out in one write, but at most this many at a time,
 # so that the peer starts on the first frames while this side is still producing the rest.
 _FLUSH_FRAMES = 16  # measured: 4 and 64 were slower at concurrency 64 (benchmarks/bench_unary.py)
-
-
-def _expire(fut: asyncio.Future[Frame]) -> None:
-    if not fut.done():
-        fut.set_exception(RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded"))
 
 
 def _error_frame(stream: int, error: RpcError) -> bytes:
@@ -161,16 +160,27 @@ class TcpListener:
         return sum(len(c.calls) for c in self.connections) + len(self._orphans)
 
     async def drain(self, timeout: float) -> None:
-        """Send GOAWAY everywhere, let running calls finish (at most `timeout` s), then close."""
+        """Send GOAWAY everywhere, let running calls finish (at most `timeout` s), then close.
+
+        Connections stay open after their last answer until the client closes them (it does once it
+        has read the GOAWAY), for at most `_LINGER` s: closing first would reset requests the client
+        sent before it read the GOAWAY, and the client could not tell that they never ran.
+        """
         self.draining = True
         for conn in list(self.connections):
             conn.go_away("server shutting down")
         with anyio.move_on_after(timeout):
             while self.active_calls:
-                self._idle = anyio.Event()
-                await self._idle.wait()
+                await self._changed()
+        with anyio.move_on_after(min(timeout, _LINGER)):
+            while self.connections:
+                await self._changed()
         for conn in list(self.connections):
             conn.close()
+
+    async def _changed(self) -> None:
+        self._idle = anyio.Event()
+        await self._idle.wait()
 
     async def cancel_remaining(self) -> None:
         """Cancel the calls still running after drain() and wait until they have ended."""
@@ -190,8 +200,8 @@ class TcpListener:
         self.call_finished()
 
     def call_finished(self) -> None:
-        """A call ended: wake drain() if it waits for the last one."""
-        if self._idle is not None and not self.active_calls:
+        """A call ended or a connection closed: wake drain()."""
+        if self._idle is not None:
             self._idle.set()
 
     def __repr__(self) -> str:
@@ -219,6 +229,8 @@ class _ServerConnection(asyncio.Protocol):
         self._going_away = False
         self._out: list[bytes] = []
         self.peer = ""  # host:port of the client, for CallInfo.peer
+        self._deadlines = Deadlines(self._loop, self._deadline_passed)
+        self._expired: set[int] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport subclasses
@@ -228,14 +240,15 @@ class _ServerConnection(asyncio.Protocol):
         self.listener.connections.add(self)
         if self.listener.draining:
             self.go_away("server shutting down")
-            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connections.discard(self)
         self._out.clear()
+        self._deadlines.close()
         for task in self.calls.values():
             task.cancel()
             self.listener.adopt(task)
+        self.listener.call_finished()
 
     def pause_writing(self) -> None:
         # The peer is not reading its responses: stop reading its requests until it catches up.
@@ -290,6 +303,8 @@ class _ServerConnection(asyncio.Protocol):
             self.calls[stream] = self._loop.create_task(
                 self._run(stream, request.path, request.body, timeout, metadata)
             )
+            if timeout is not None:
+                self._deadlines.add(stream, timeout)
         elif kind == _CANCEL:
             running = self.calls.get(stream)
             if running is not None:
@@ -304,7 +319,9 @@ class _ServerConnection(asyncio.Protocol):
     ) -> None:
         try:
             try:
-                result = await self.dispatch(path, body, timeout=timeout, metadata=metadata, peer=self.peer)
+                result = await self.dispatch(
+                    path, body, timeout=timeout, metadata=metadata, peer=self.peer, deadline_enforced=True
+                )
                 if len(result) > self.listener.max_message_size:
                     raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
                 frame = encode_frame(_RESPONSE, stream, result)
@@ -312,13 +329,21 @@ class _ServerConnection(asyncio.Protocol):
                 frame = _error_frame(stream, exc)
             self.write(frame)
         except asyncio.CancelledError:
-            pass  # cancelled by the client (CANCEL frame) or because the connection is gone: no answer
+            if stream in self._expired:  # our deadline timer cancelled it
+                self.write(_error_frame(stream, RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")))
+            # else: cancelled by the client (CANCEL frame) or because the connection is gone: no answer
         finally:
             if self.calls.get(stream) is asyncio.current_task():
                 del self.calls[stream]
-            if self._going_away and not self.calls:
-                self.close()
+            self._deadlines.discard(stream)
+            self._expired.discard(stream)
             self.listener.call_finished()
+
+    def _deadline_passed(self, stream: int) -> None:
+        task = self.calls.get(stream)
+        if task is not None:
+            self._expired.add(stream)
+            task.cancel()
 
     def write(self, data: bytes) -> None:
         """Queue bytes; everything queued in one event-loop iteration goes out in one write."""
@@ -339,12 +364,14 @@ class _ServerConnection(asyncio.Protocol):
             transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def go_away(self, reason: str) -> None:
-        """Tell the client to send no new calls here; running calls still get their answers."""
+        """Tell the client to send no new calls here; running calls still get their answers.
+
+        The connection stays open: later requests are answered as not delivered, and the client
+        closes it once it has read the GOAWAY and has nothing pending.
+        """
         if not self._going_away:
             self._going_away = True
             self.write(encode_goaway(self._last_stream, reason))
-            if not self.calls:
-                self.close()
 
     def close(self) -> None:
         """Close after flushing what was written."""
@@ -383,6 +410,7 @@ class TcpConnection(asyncio.Protocol):
         self._lost: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._out: list[bytes] = []
+        self._deadlines = Deadlines(self._loop, self._deadline_passed)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -413,6 +441,7 @@ class TcpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._deadlines.close()
         if self._keepalive_timer is not None:
             self._keepalive_timer.cancel()
         reason = f"connection to {self.endpoint.address} lost" + (f": {exc}" if exc is not None else "")
@@ -444,11 +473,9 @@ class TcpConnection(asyncio.Protocol):
         fut: asyncio.Future[Frame] = loop.create_future()
         self._pending[stream] = fut
         if timeout is None:
-            timer = None
             timeout_ms = 0
         else:
-            # A timer that fails the future: cheaper than a cancel scope per call (benchmarks/).
-            timer = loop.call_later(timeout, _expire, fut)
+            self._deadlines.add(stream, timeout)
             timeout_ms = max(1, math.ceil(timeout * 1000))
         self._write(encode_request(stream, path, payload, timeout_ms, encode_metadata(metadata) if metadata else b""))
         try:
@@ -461,8 +488,7 @@ class TcpConnection(asyncio.Protocol):
             self._cancel(stream)
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            self._deadlines.discard(stream)
             del self._pending[stream]
             if self._goaway is not None and not self._pending:
                 self._close_transport()
@@ -501,6 +527,11 @@ class TcpConnection(asyncio.Protocol):
 
     def _cancel(self, stream: int) -> None:
         self._write(encode_frame(_CANCEL, stream))
+
+    def _deadline_passed(self, stream: int) -> None:
+        fut = self._pending.get(stream)
+        if fut is not None and not fut.done():
+            fut.set_exception(RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded"))
 
     def data_received(self, data: bytes) -> None:
         if self._keepalive is not None:
