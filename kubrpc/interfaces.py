@@ -89,10 +89,13 @@ class Connection(Protocol):
 
 
 class Dispatcher(Protocol):
-    """What a server transport calls: run one call and return the encoded result, or raise RpcError."""
+    """What a server transport calls: run one call and return the encoded result, or raise RpcError.
+
+    `metadata` has lower-case keys; `peer` is the client's `host:port` (empty if unknown).
+    """
 
     async def dispatch(
-        self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]
+        self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str], peer: str = ""
     ) -> bytes: ...
 
 
