@@ -13,6 +13,7 @@ from typing import Any, Self, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
+from ._backoff import Backoff
 from .endpoint import Endpoint
 from .errors import NotDeliveredError, RpcError
 from .interceptors import ClientCall, ClientInterceptor, Proceed
@@ -101,6 +102,8 @@ class Channel:
         self.balancer_name = balancer if isinstance(balancer, str) else type(balancer).__name__
         self.balancer = create_balancer(balancer) if isinstance(balancer, str) else balancer
         self._feedback = self.balancer if isinstance(self.balancer, CallFeedback) else None
+        self._pick_for = self.balancer.pick_for if isinstance(self.balancer, KeyedBalancer) else None
+        self._down: dict[tuple[str, int], tuple[float, Backoff]] = {}
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.retry_budget = retry_budget or RetryBudget()
@@ -155,6 +158,8 @@ class Channel:
             keep = {(ep.host, ep.port) for ep in self.endpoints}
             for key in [k for k in self._connecting if k not in keep and not self._connecting[k].locked()]:
                 del self._connecting[key]
+            for key in [k for k in self._down if k not in keep]:
+                del self._down[key]
             for key in [k for k in self._connections if k not in keep]:
                 conn = self._connections.pop(key)
                 if self._task_group is not None:
@@ -215,15 +220,25 @@ class Channel:
         budget = self.retry_budget
         budget.deposit()
         attempt = 0
-        tried: set[Endpoint] = set()
+        tried: set[Endpoint] | None = None
         while True:
             attempt += 1
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
-            endpoint = await self._pick(key, remaining, tried)
+            remaining = None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
+            if self.endpoints:
+                endpoint = self._pick(key, tried)
+            else:
+                endpoint = await self._first_pick(key, remaining)
             try:
-                return await self._call_endpoint(endpoint, path, payload, remaining, metadata)
+                if self._feedback is None:  # the hot path, without a coroutine per layer
+                    conn = self._connections.get((endpoint.host, endpoint.port))
+                    if conn is None or not conn.usable:
+                        conn = await self._connect(endpoint)
+                    return await conn.call(path, payload, timeout=remaining, metadata=metadata)
+                return await self._call_with_feedback(endpoint, path, payload, remaining, metadata)
             except NotDeliveredError:
                 # Never reached a server, so a retry adds no load there: not charged to the budget.
                 if attempt >= self.max_attempts:
@@ -232,6 +247,8 @@ class Channel:
                 retryable = idempotent and exc.code is Status.UNAVAILABLE
                 if not retryable or attempt >= self.max_attempts or not budget.withdraw():
                     raise
+            if tried is None:
+                tried = set()
             tried.add(endpoint)
 
     async def _intercept(
@@ -266,30 +283,36 @@ class Channel:
         except TimeoutError:
             raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
 
-    async def _pick(self, key: str | None, remaining: float | None, tried: set[Endpoint]) -> Endpoint:
-        if not self.endpoints and self._resolved is not None and not self._resolved.is_set():
+    async def _first_pick(self, key: str | None, remaining: float | None) -> Endpoint:
+        """The first calls wait (within their deadline) for the resolver's first snapshot."""
+        if self._resolved is not None and not self._resolved.is_set():
             wait = self.wait_for_endpoints if remaining is None else min(remaining, self.wait_for_endpoints)
             with anyio.move_on_after(wait):
                 await self._resolved.wait()
+        return self._pick(key, None)
+
+    def _pick(self, key: str | None, tried: set[Endpoint] | None) -> Endpoint:
         balancer = self.balancer
-        pick = balancer.pick_for if key is not None and isinstance(balancer, KeyedBalancer) else None
-        endpoint = pick(key) if pick is not None and key is not None else balancer.pick()
-        if endpoint in tried and len(tried) < len(self.endpoints):
-            for _ in range(4):  # prefer an endpoint this call has not failed on yet
-                endpoint = balancer.pick()
-                if endpoint not in tried:
+        pick_for = self._pick_for
+        endpoint = pick_for(key) if key is not None and pick_for is not None else balancer.pick()
+        if tried or self._down:
+            # Prefer an endpoint this call has not failed on, and one not refusing connections lately.
+            for _ in range(4):
+                if not (tried and endpoint in tried) and not self._is_down(endpoint):
                     break
+                endpoint = balancer.pick()
         return endpoint
 
-    async def _call_endpoint(
+    def _is_down(self, endpoint: Endpoint) -> bool:
+        down = self._down.get((endpoint.host, endpoint.port))
+        return down is not None and down[0] > time.monotonic()
+
+    async def _call_with_feedback(
         self, endpoint: Endpoint, path: str, payload: bytes, timeout: float | None, metadata: Mapping[str, str]
     ) -> bytes:
         conn = self._connections.get((endpoint.host, endpoint.port))
         feedback = self._feedback
-        if feedback is None:
-            if conn is None or not conn.usable:
-                conn = await self._connect(endpoint)
-            return await conn.call(path, payload, timeout=timeout, metadata=metadata)
+        assert feedback is not None
         feedback.on_start(endpoint)
         start = time.monotonic()
         status = Status.CANCELLED
@@ -315,12 +338,23 @@ class Channel:
             if conn is not None:
                 assert self._task_group is not None
                 self._task_group.start_soon(conn.aclose)
-            conn = await self._transport.connect(endpoint)
+            try:
+                conn = await self._transport.connect(endpoint)
+            except NotDeliveredError:
+                self._mark_down(key)
+                raise
+            self._down.pop(key, None)
             if self._closed:
                 await conn.aclose()
                 raise RpcError(Status.CANCELLED, "channel closed")
             self._connections[key] = conn
             return conn
+
+    def _mark_down(self, key: tuple[str, int]) -> None:
+        """An endpoint refused a connection: avoid it for a jittered, growing while (gRPC's connect backoff)."""
+        down = self._down.get(key)
+        backoff = down[1] if down is not None else Backoff(initial=0.05, maximum=5.0, multiplier=2.0)
+        self._down[key] = (time.monotonic() + backoff.next_delay(), backoff)
 
     @property
     def connections(self) -> dict[str, Connection]:

@@ -12,7 +12,7 @@ from services import Arith
 
 import kubrpc
 from kubrpc import RetryBudget, RpcError, Status
-from kubrpc.transports.tcp import TcpTransport
+from kubrpc.transports.tcp import TcpConnection, TcpTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -97,3 +97,28 @@ async def test_idempotent_calls_are_retried_when_the_budget_allows() -> None:
             with pytest.raises(RpcError):
                 await channel.stub(Flaky, timeout=5).get()
     assert impl.calls == 3
+
+
+class CountingTcp(TcpTransport):
+    """The tcp transport, counting connection attempts per port."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts: dict[int, int] = {}
+
+    async def connect(self, endpoint: kubrpc.Endpoint, /) -> TcpConnection:
+        self.attempts[endpoint.port] = self.attempts.get(endpoint.port, 0) + 1
+        return await super().connect(endpoint)
+
+
+async def test_an_endpoint_refusing_connections_is_backed_off(start_server: object) -> None:
+    url, _, _ = await start_server("tcp")  # type: ignore[operator]
+    live = int(url.rsplit(":", 1)[1])
+    transport = CountingTcp()
+    endpoints = [kubrpc.Endpoint("127.0.0.1", 1), kubrpc.Endpoint("127.0.0.1", live)]
+    async with kubrpc.connect(endpoints, transport=transport, balancer="round_robin") as channel:
+        arith = channel.stub(Arith, timeout=5)
+        assert [await arith.add(i, 0) for i in range(200)] == list(range(200))
+    # Without backoff every other call would try port 1 again (100 refused connects).
+    assert 1 <= transport.attempts[1] <= 5
+    assert transport.attempts[live] == 1
