@@ -47,13 +47,21 @@ class Server:
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_concurrent_calls: int = 10_000,
+        max_connections: int = 10_000,
+        idle_timeout: float | None = 600.0,
         drain_timeout: float = 30.0,
         interceptors: Sequence[ServerInterceptor] = (),
     ) -> None:
         if max_message_size < 1:
             raise ValueError("max_message_size must be positive")
+        if max_connections < 1 or max_concurrent_calls < 1:
+            raise ValueError("max_connections and max_concurrent_calls must be positive")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ValueError("idle_timeout must be > 0 or None")
         self.max_message_size = max_message_size
         self.max_concurrent_calls = max_concurrent_calls
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
         self.drain_timeout = drain_timeout
         self.interceptors: tuple[ServerInterceptor, ...] = tuple(interceptors)
         self.services: dict[str, ServiceSpec] = {}

@@ -236,3 +236,34 @@ def test_fuzz_server_with_random_frames_bounded() -> None:
 @pytest.mark.slow
 def test_fuzz_server_with_random_frames_soak() -> None:
     _fuzz_server(examples=500)
+
+
+async def test_connections_over_the_limit_are_turned_away(start_server: Callable[..., object]) -> None:
+    url, _, _ = await start_server("tcp", max_connections=2)  # type: ignore[operator]
+    host, port = url.removeprefix("tcp://").rsplit(":", 1)
+    async with AsyncExitStack() as stack:
+        clients = []
+        for _ in range(3):
+            stream = await stack.enter_async_context(await anyio.connect_tcp(host, int(port)))
+            await stream.send(PREFACE)
+            clients.append(RawClient(stream))
+        third = clients[2]
+        goaway = await third.frame()
+        assert goaway.type == FrameType.GOAWAY and parse_goaway(goaway.payload) == (0, "too many connections")
+        await third.send(encode_request(1, "Arith/add", b'{"a": 1, "b": 2}'))
+        late = await third.frame()  # answered, not reset: the client may retry it elsewhere
+        assert orjson.loads(late.payload)["code"] == "unavailable"
+        await clients[0].send(encode_request(1, "Arith/add", b'{"a": 1, "b": 2}'))
+        assert (await clients[0].frame()).payload == b"3"
+
+
+async def test_idle_connections_are_sent_away_and_clients_reconnect(start_server: Callable[..., object]) -> None:
+    url, _, _ = await start_server("tcp", idle_timeout=0.2)  # type: ignore[operator]
+    async with kubrpc.connect(url) as channel:
+        arith = channel.stub(Arith, timeout=5)
+        assert await arith.add(1, 2) == 3
+        (first,) = channel.connections.values()
+        await wait_until(lambda: not first.usable)
+        assert await arith.add(2, 3) == 5  # a new connection, transparently
+        (second,) = channel.connections.values()
+        assert second is not first and second.usable

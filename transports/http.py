@@ -337,6 +337,7 @@ class HttpTransport:
             lifespan="off",
             access_log=False,
             timeout_graceful_shutdown=math.ceil(server.drain_timeout) or 1,
+            limit_concurrency=server.max_connections,  # beyond it uvicorn answers 503 (unavailable: retried)
         )
         if self.ssl is not None:  # uvicorn builds its context from files; an SSLContext goes in after load()
             config.load()

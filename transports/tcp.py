@@ -231,20 +231,44 @@ class _ServerConnection(asyncio.Protocol):
         self.peer = ""  # host:port of the client, for CallInfo.peer
         self._deadlines = Deadlines(self._loop, self._deadline_passed)
         self._expired: set[int] = set()
+        self._last_active = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport subclasses
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{_format_host(peer[0])}:{peer[1]}"
-        self.listener.connections.add(self)
-        if self.listener.draining:
+        listener = self.listener
+        listener.connections.add(self)
+        if listener.draining:
             self.go_away("server shutting down")
+        elif len(listener.connections) > listener.server.max_connections:
+            log.warning("refusing a connection from %s: over max_connections", self.peer)
+            self.go_away("too many connections")
+        elif listener.server.idle_timeout is not None:
+            self._last_active = self._loop.time()
+            self._idle_timer = self._loop.call_later(listener.server.idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Go away from a connection that has had no call for idle_timeout seconds (its client reconnects on demand)."""
+        timeout = self.listener.server.idle_timeout
+        assert timeout is not None
+        idle = self._loop.time() - self._last_active
+        if self.calls or idle < timeout:
+            self._idle_timer = self._loop.call_later(timeout - idle if not self.calls else timeout, self._check_idle)
+            return
+        self._idle_timer = None
+        self.go_away("idle")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connections.discard(self)
         self._out.clear()
         self._deadlines.close()
+        for timer in (self._idle_timer, self._linger_timer):
+            if timer is not None:
+                timer.cancel()
         for task in self.calls.values():
             task.cancel()
             self.listener.adopt(task)
@@ -296,6 +320,8 @@ class _ServerConnection(asyncio.Protocol):
                 return
             if stream > self._last_stream:
                 self._last_stream = stream
+            if self._idle_timer is not None:
+                self._last_active = self._loop.time()
             timeout = request.timeout_ms / 1000 if request.timeout_ms else None
             metadata = request.metadata
             if metadata:  # keys are case-insensitive, as HTTP header names: handlers see them in lower case
@@ -337,6 +363,8 @@ class _ServerConnection(asyncio.Protocol):
                 del self.calls[stream]
             self._deadlines.discard(stream)
             self._expired.discard(stream)
+            if self._idle_timer is not None:
+                self._last_active = self._loop.time()
             self.listener.call_finished()
 
     def _deadline_passed(self, stream: int) -> None:
@@ -372,6 +400,16 @@ class _ServerConnection(asyncio.Protocol):
         if not self._going_away:
             self._going_away = True
             self.write(encode_goaway(self._last_stream, reason))
+            if not self.listener.draining:  # drain() closes what is left when it ends
+                self._linger_timer = self._loop.call_later(_LINGER, self._close_when_quiet)
+
+    def _close_when_quiet(self) -> None:
+        """After a GOAWAY: close once the calls are answered, if the client has not closed first."""
+        if self.calls:
+            self._linger_timer = self._loop.call_later(_LINGER, self._close_when_quiet)
+        else:
+            self._linger_timer = None
+            self.close()
 
     def close(self) -> None:
         """Close after flushing what was written."""
