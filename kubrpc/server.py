@@ -40,7 +40,14 @@ class _Route:
 
 
 class Server:
-    """Serves registered services; one Server can listen on many URLs and transports at once."""
+    """Serves registered services; one Server can listen on many URLs and transports at once.
+
+    Options: `max_message_size` (bytes, both ways; larger is RESOURCE_EXHAUSTED), `max_concurrent_calls`
+    (per TCP connection), `max_connections`, `idle_timeout` (seconds without a call before a TCP connection
+    is sent away; None: never), `drain_timeout` (how long running calls may take to finish on shutdown),
+    `shutdown_delay` (seconds `run()` keeps serving after SIGTERM with /readyz at 503, before draining:
+    time for Kubernetes to take the pod out of its EndpointSlices), `interceptors` (see kubrpc.interceptors).
+    """
 
     def __init__(
         self,
@@ -50,6 +57,7 @@ class Server:
         max_connections: int = 10_000,
         idle_timeout: float | None = 600.0,
         drain_timeout: float = 30.0,
+        shutdown_delay: float = 0.0,
         interceptors: Sequence[ServerInterceptor] = (),
     ) -> None:
         if max_message_size < 1:
@@ -63,6 +71,7 @@ class Server:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.drain_timeout = drain_timeout
+        self.shutdown_delay = shutdown_delay
         self.interceptors: tuple[ServerInterceptor, ...] = tuple(interceptors)
         self.services: dict[str, ServiceSpec] = {}
         self._routes: dict[str, _Route] = {}
@@ -219,8 +228,18 @@ class Server:
                 if ready is not None:
                     ready(bound)
                 async for signum in signals:
-                    log.info("received %s, draining", signal.Signals(signum).name)
-                    self.draining = True
+                    self.draining = True  # /readyz answers 503 from now on
+                    if self.shutdown_delay > 0:
+                        # Keep serving while Kubernetes takes the pod out of the EndpointSlices and clients
+                        # stop picking it; a second signal cuts the wait short.
+                        log.info(
+                            "received %s; serving %g s more, then draining",
+                            signal.Signals(signum).name,
+                            self.shutdown_delay,
+                        )
+                        with anyio.move_on_after(self.shutdown_delay):
+                            await signals.__anext__()
+                    log.info("draining")
                     break
 
     def run(self, *urls: str) -> None:

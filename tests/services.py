@@ -143,3 +143,8 @@ def make_server(name: str = "server", **options: object) -> tuple[kubrpc.Server,
     server.register(Store, StoreImpl())
     server.register(Control, control)
     return server, control
+
+
+# For `kubrpc serve services:server` in a subprocess (tests/test_cli.py).
+server, _control = make_server("subprocess", drain_timeout=10)
+delayed_server, _ = make_server("delayed", drain_timeout=10, shutdown_delay=1.0)

@@ -85,3 +85,47 @@ async def test_serve_until_sigterm_then_exit_cleanly() -> None:
         process.send_signal(signal.SIGTERM)
         with anyio.fail_after(30):
             assert await process.wait() == 0
+
+
+async def test_sigterm_drains_running_calls_before_exiting() -> None:
+    from services import Control
+
+    args = [*KUBRPC, "serve", "services:server", "--bind", "tcp://127.0.0.1:0"]
+    async with await anyio.open_process(args, cwd=str(Path(__file__).parent)) as process:
+        assert process.stdout is not None
+        with anyio.fail_after(30):
+            url = (await process.stdout.receive()).decode().split()[2]
+        async with kubrpc.connect(url) as channel:
+            control = channel.stub(Control, timeout=20)
+            results: list[str] = []
+
+            async def slow() -> None:
+                results.append(await control.sleep(1.0))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(slow)
+                await anyio.sleep(0.3)  # the call is running on the server
+                process.send_signal(signal.SIGTERM)
+            assert results == ["slept"]  # answered during the drain
+        with anyio.fail_after(30):
+            assert await process.wait() == 0
+
+
+async def test_shutdown_delay_keeps_serving_with_readyz_503() -> None:
+    import httpx
+
+    args = [*KUBRPC, "serve", "services:delayed_server", "--bind", "http://127.0.0.1:0"]
+    async with await anyio.open_process(args, cwd=str(Path(__file__).parent)) as process:
+        assert process.stdout is not None
+        with anyio.fail_after(30):
+            url = (await process.stdout.receive()).decode().split()[2]
+        async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(5):
+                while (await client.get("/readyz")).status_code != 503:
+                    await anyio.sleep(0.02)
+            response = await client.post("/Arith/add", json={"a": 1, "b": 2})  # still serving calls
+            assert (response.status_code, response.json()) == (200, 3)
+        with anyio.fail_after(30):
+            assert await process.wait() == 0
