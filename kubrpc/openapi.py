@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ("json_schema", "openapi_document")
 
 _SIMPLE: dict[object, dict[str, Any]] = {
-    int: {"type": "integer"},
+    int: {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},  # JSON numbers kubrpc reads exactly
     float: {"type": "number"},
     str: {"type": "string"},
     bool: {"type": "boolean"},
@@ -118,7 +118,7 @@ def openapi_document(server: Server) -> dict[str, Any]:
                             "name": "Connect-Timeout-Ms",
                             "in": "header",
                             "required": False,
-                            "schema": {"type": "string", "pattern": "^[0-9]{1,10}$"},
+                            "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,9}$"},
                         }
                     ],
                     "responses": {

@@ -94,6 +94,8 @@ class StoreImpl:
         return value
 
     async def blob(self, size: int) -> bytes:
+        if not 0 <= size <= 1 << 20:
+            raise RpcError(Status.OUT_OF_RANGE, "size must be in 0..1048576")
         return b"x" * size
 
 

@@ -2,7 +2,7 @@
 
 POST /{service}/{method}   Content-Type: application/json   body: {"arg": value, ...}
 200 -> the JSON result;  error -> {"code": "<snake_case status>", "message": "..."} with Connect's HTTP status
-GET /healthz, /readyz, /openapi.json
+GET /healthz, /readyz, /openapi.json, and /metrics when the Server has metrics (kubrpc.metrics)
 """
 
 from __future__ import annotations
@@ -62,14 +62,20 @@ def build_app(server: Server) -> ASGIApp:
             schema.append(orjson.dumps(openapi_document(server)))
         return Response(schema[0], media_type="application/json")
 
-    rest = Starlette(
-        routes=[
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/readyz", readyz, methods=["GET"]),
-            Route("/openapi.json", openapi, methods=["GET"]),
-        ]
-    )
-    return _App(server, rest)
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    metrics = server.metrics
+    if metrics is not None:  # Server(metrics=...): Prometheus scrapes GET /metrics
+
+        async def metrics_text(request: Request) -> Response:
+            body, content_type = metrics.exposition(request.headers.get("accept"))
+            return Response(body, headers={"content-type": content_type})
+
+        routes.append(Route("/metrics", metrics_text, methods=["GET"]))
+    return _App(server, Starlette(routes=routes))
 
 
 class _App:
@@ -94,6 +100,10 @@ class _App:
         await self.rest(scope, receive, send)
 
     async def _rpc(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":  # an HTTP-level error, as Connect servers answer it: 405 with Allow
+            body = orjson.dumps({"code": Status.UNIMPLEMENTED.wire_name, "message": "RPC methods are called with POST"})
+            await _send(send, 405, body, ((b"allow", b"POST"),))
+            return
         try:
             body, timeout, metadata = await self._read(scope, receive)
             client = scope.get("client")
@@ -106,8 +116,6 @@ class _App:
             await _send(send, 200, result)
 
     async def _read(self, scope: Scope, receive: Receive) -> tuple[bytes, float | None, dict[str, str]]:
-        if scope["method"] != "POST":
-            raise RpcError(Status.UNIMPLEMENTED, "RPC methods are called with POST")
         limit = self.server.max_message_size
         metadata: dict[str, str] = {}
         timeout: float | None = None
@@ -123,7 +131,7 @@ class _App:
                 if int(value) > limit:
                     raise RpcError(Status.RESOURCE_EXHAUSTED, f"request body exceeds the limit of {limit} bytes")
             elif name == _TIMEOUT_NAME:
-                if not value.isdigit() or len(value) > 10:
+                if not value.isdigit() or len(value) > 10 or value[0] == 48:  # a positive number, no leading 0
                     raise RpcError(Status.INVALID_ARGUMENT, f"bad {TIMEOUT_HEADER} header: {value.decode('latin-1')!r}")
                 timeout = int(value) / 1000
             else:
@@ -263,12 +271,12 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
     scope.cancel()
 
 
-async def _send(send: Send, status: int, body: bytes) -> None:
+async def _send(send: Send, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [_CONTENT_TYPE, (b"content-length", b"%d" % len(body))],
+            "headers": [_CONTENT_TYPE, (b"content-length", b"%d" % len(body)), *extra],
         }
     )
     await send({"type": "http.response.body", "body": body})
