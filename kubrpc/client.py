@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from ssl import SSLContext, create_default_context
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -21,6 +22,9 @@ from .interface import MethodSpec, service_spec
 from .interfaces import Balancer, CallFeedback, Connection, KeyedBalancer, Resolver, Transport
 from .status import Status
 
+if TYPE_CHECKING:
+    from .metrics import ClientMetrics
+
 __all__ = ("Channel", "RetryBudget", "connect")
 
 T = TypeVar("T")
@@ -28,6 +32,10 @@ T = TypeVar("T")
 log = logging.getLogger("kubrpc.client")
 
 _EMPTY: Mapping[str, str] = {}
+
+#: Called with the channel and its endpoints after each resolver snapshot, and once more when the channel closes
+#: (then `channel.closed` is True and the endpoints are empty).
+EndpointsHook = Callable[["Channel", Sequence[Endpoint]], None]
 
 
 def connect(
@@ -41,6 +49,8 @@ def connect(
     retry_budget: RetryBudget | None = None,
     interceptors: Sequence[ClientInterceptor] = (),
     ssl: SSLContext | None = None,
+    metrics: bool | ClientMetrics = False,
+    on_endpoints: Sequence[EndpointsHook] = (),
 ) -> Channel:
     """A Channel to `target` (`k8s://SVC.NS:PORT`, `static://H:P,...`, `tcp://H:P`, `http://H:P`, or endpoints)."""
     return Channel(
@@ -53,6 +63,8 @@ def connect(
         retry_budget=retry_budget,
         interceptors=interceptors,
         ssl=ssl,
+        metrics=metrics,
+        on_endpoints=on_endpoints,
     )
 
 
@@ -60,6 +72,10 @@ class Channel:
     """Calls to a set of server instances: resolves them, balances over them, and pools their connections.
 
     Use it as an async context manager; `stub(Iface)` gives a typed client of a service.
+
+    `metrics` (True or a `kubrpc.metrics.ClientMetrics`) records Prometheus metrics of its calls and endpoints;
+    `on_endpoints` hooks are called with the channel and its endpoints after every resolver snapshot, and once more
+    with `channel.closed` True (and no endpoints) when it closes.
     """
 
     def __init__(
@@ -74,6 +90,8 @@ class Channel:
         retry_budget: RetryBudget | None = None,
         interceptors: Sequence[ClientInterceptor] = (),
         ssl: SSLContext | None = None,
+        metrics: bool | ClientMetrics = False,
+        on_endpoints: Sequence[EndpointsHook] = (),
     ) -> None:
         from . import resolvers
         from .balancers import create as create_balancer
@@ -99,6 +117,20 @@ class Channel:
         else:
             self._transport = transport
         self._interceptors = tuple(interceptors)
+        self._on_endpoints = tuple(on_endpoints)
+        recorder: ClientMetrics | None = None
+        if metrics is True:
+            from .metrics import ClientMetrics
+
+            recorder = ClientMetrics()
+        elif metrics is not False:
+            recorder = metrics
+        elif (module := sys.modules.get("kubrpc.metrics")) is not None:  # loaded if a ClientMetrics exists
+            recorder = next((i for i in self._interceptors if isinstance(i, module.ClientMetrics)), None)
+        if recorder is not None:
+            if metrics is not False:
+                self._interceptors = (recorder, *self._interceptors)
+            self._on_endpoints += (recorder.observe_endpoints,)
         self.balancer_name = balancer if isinstance(balancer, str) else type(balancer).__name__
         self.balancer = create_balancer(balancer) if isinstance(balancer, str) else balancer
         self._feedback = self.balancer if isinstance(self.balancer, CallFeedback) else None
@@ -142,6 +174,20 @@ class Channel:
                 connections, self._connections = list(self._connections.values()), {}
                 for conn in connections:
                     await conn.aclose()
+            self._notify([])
+
+    @property
+    def closed(self) -> bool:
+        """True once the channel has been closed."""
+        return self._closed
+
+    def _notify(self, endpoints: Sequence[Endpoint]) -> None:
+        """Call the on_endpoints hooks; a failing hook is logged, never stops the resolver."""
+        for hook in self._on_endpoints:
+            try:
+                hook(self, endpoints)
+            except Exception:
+                log.exception("on_endpoints hook %r of %s failed", hook, self.target)
 
     async def _follow_resolver(self) -> None:
         try:
@@ -153,6 +199,8 @@ class Channel:
         async for endpoints in self._resolver.watch():
             self.endpoints = list(endpoints)
             self.balancer.update(self.endpoints)
+            if self._on_endpoints:
+                self._notify(self.endpoints)
             if self._resolved is not None:
                 self._resolved.set()
             keep = {(ep.host, ep.port) for ep in self.endpoints}

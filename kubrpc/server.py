@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -25,6 +26,8 @@ from .status import Status
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
+
+    from .metrics import ServerMetrics
 
 __all__ = ("Server", "event_loop_options")
 
@@ -46,7 +49,9 @@ class Server:
     (per TCP connection), `max_connections`, `idle_timeout` (seconds without a call before a TCP connection
     is sent away; None: never), `drain_timeout` (how long running calls may take to finish on shutdown),
     `shutdown_delay` (seconds `run()` keeps serving after SIGTERM with /readyz at 503, before draining:
-    time for Kubernetes to take the pod out of its EndpointSlices), `interceptors` (see kubrpc.interceptors).
+    time for Kubernetes to take the pod out of its EndpointSlices), `interceptors` (see kubrpc.interceptors),
+    `metrics` (True or a `kubrpc.metrics.ServerMetrics`: Prometheus metrics of every call, served at /metrics
+    on the HTTP listeners; needs `pip install 'kubrpc[metrics]'`).
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class Server:
         drain_timeout: float = 30.0,
         shutdown_delay: float = 0.0,
         interceptors: Sequence[ServerInterceptor] = (),
+        metrics: bool | ServerMetrics = False,
     ) -> None:
         if max_message_size < 1:
             raise ValueError("max_message_size must be positive")
@@ -73,6 +79,17 @@ class Server:
         self.drain_timeout = drain_timeout
         self.shutdown_delay = shutdown_delay
         self.interceptors: tuple[ServerInterceptor, ...] = tuple(interceptors)
+        self.metrics: ServerMetrics | None = None
+        """The ServerMetrics recording this server's calls, if any (see kubrpc.metrics)."""
+        if metrics is True:
+            from .metrics import ServerMetrics
+
+            metrics = ServerMetrics()
+        if metrics is not False:
+            self.metrics = metrics
+            self.interceptors = (metrics, *self.interceptors)  # first: rejections by other interceptors count too
+        elif (module := sys.modules.get("kubrpc.metrics")) is not None:  # loaded if a ServerMetrics exists
+            self.metrics = next((i for i in self.interceptors if isinstance(i, module.ServerMetrics)), None)
         self.services: dict[str, ServiceSpec] = {}
         self._routes: dict[str, _Route] = {}
         self._app: ASGIApp | None = None
@@ -111,6 +128,8 @@ class Server:
         """
         route = self._routes.get(path)
         if route is None:
+            if self.metrics is not None:
+                self.metrics.record_unimplemented(path, self.services)
             raise _unimplemented(path, self.services)
         limit = route.spec.options.timeout
         if limit is not None and (timeout is None or limit < timeout):
