@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -298,3 +299,43 @@ async def test_the_portable_path_for_event_loops_other_than_asyncio(monkeypatch:
     sent = await _call_then_disconnect(server.asgi(), "/Control/sleep", lambda: control.started == 2)
     assert sent == [("cancelling", 0), "still running"]
     assert (control.cancelled, control.finished) == (1, 1)
+
+
+def test_random_request_bodies_never_cause_a_server_error() -> None:
+    """Hypothesis throws arbitrary bytes and JSON at every method: only 200 or a 4xx error body come back."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    from services import make_server
+
+    server, _ = make_server()
+    app = server.asgi()
+    paths = ["/Arith/add", "/Arith/div", "/test.Store/put", "/test.Store/find", "/test.Store/echo", "/test.Store/blob"]
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=12,
+    )
+    bodies = st.one_of(
+        st.binary(max_size=200),
+        st.builds(lambda v: json.dumps(v).encode(), json_values),
+        st.builds(
+            lambda d: json.dumps(d).encode(),
+            st.dictionaries(
+                st.sampled_from(["a", "b", "item", "names", "limit", "value", "mode", "size"]), json_values
+            ),
+        ),
+    )
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(paths), bodies)
+    def check(path: str, body: bytes) -> None:
+        async def post() -> httpx.Response:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.post(path, content=body, headers=JSON)
+
+        response = anyio.run(post)
+        assert response.status_code == 200 or 400 <= response.status_code < 500, (path, body, response.text)
+        if response.status_code != 200:
+            assert set(response.json()) == {"code", "message"}
+
+    check()
