@@ -353,7 +353,12 @@ class _ServerConnection(asyncio.Protocol):
                 frame = encode_frame(_RESPONSE, stream, result)
             except RpcError as exc:
                 frame = _error_frame(stream, exc)
-            self.write(frame)
+            if len(self.calls) == 1 and not self._out and self.transport is not None:
+                # The only call on this connection: nothing to batch with, so no extra loop turn.
+                if not self.transport.is_closing():
+                    self.transport.write(frame)
+            else:
+                self.write(frame)
         except asyncio.CancelledError:
             if stream in self._expired:  # our deadline timer cancelled it
                 self.write(_error_frame(stream, RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")))
@@ -515,7 +520,11 @@ class TcpConnection(asyncio.Protocol):
         else:
             self._deadlines.add(stream, timeout)
             timeout_ms = max(1, math.ceil(timeout * 1000))
-        self._write(encode_request(stream, path, payload, timeout_ms, encode_metadata(metadata) if metadata else b""))
+        request = encode_request(stream, path, payload, timeout_ms, encode_metadata(metadata) if metadata else b"")
+        if len(self._pending) == 1 and not self._out:  # nothing in flight to batch with: send now
+            self._transport.write(request)
+        else:
+            self._write(request)
         try:
             frame = await fut
         except RpcError as exc:
