@@ -150,14 +150,8 @@ class Server:
                     result = await route.handler(**kwargs)
         except RpcError:
             raise
-        except TimeoutError:
-            if deadline is not None and deadline.expired():
-                raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
-            log.exception("handler of %s failed", path)
-            raise RpcError(Status.INTERNAL, "internal error") from None
-        except Exception:
-            log.exception("handler of %s failed", path)
-            raise RpcError(Status.INTERNAL, "internal error") from None
+        except Exception as exc:
+            raise _failure(exc, deadline, path) from None
         finally:
             _current.reset(context)
         try:
@@ -193,14 +187,8 @@ class Server:
                     result = await proceed()
         except RpcError:
             raise
-        except TimeoutError:
-            if deadline is not None and deadline.expired():
-                raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
-            log.exception("call of %s failed", path)
-            raise RpcError(Status.INTERNAL, "internal error") from None
-        except Exception:
-            log.exception("call of %s failed", path)
-            raise RpcError(Status.INTERNAL, "internal error") from None
+        except Exception as exc:
+            raise _failure(exc, deadline, path) from None
         finally:
             _current.reset(context)
         if type(result) is not bytes:
@@ -286,6 +274,14 @@ def event_loop_options() -> dict[str, Any]:
     except ImportError:
         return {}
     return {"use_uvloop": True}
+
+
+def _failure(exc: Exception, deadline: asyncio.Timeout | None, path: str) -> RpcError:
+    """What the caller sees of a call that raised something other than RpcError (call inside `except`)."""
+    if isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
+        return RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
+    log.exception("call of %s failed", path)  # the details stay in the server's log
+    return RpcError(Status.INTERNAL, "internal error")
 
 
 def _unimplemented(path: str, services: Mapping[str, ServiceSpec]) -> RpcError:

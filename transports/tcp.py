@@ -142,6 +142,35 @@ def _error_frame(stream: int, error: RpcError) -> bytes:
     return encode_frame(_ERROR, stream, orjson.dumps(error.to_json()))
 
 
+class _FrameWriter(asyncio.Protocol):
+    """Both ends of a connection: writes made in one loop turn go out in one write (at most _FLUSH_FRAMES)."""
+
+    transport: asyncio.Transport | None
+    _loop: asyncio.AbstractEventLoop
+    _out: list[bytes]
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes; everything queued in one event-loop iteration goes out in one write."""
+        out = self._out
+        if not out:
+            self._loop.call_soon(self._flush)
+        out.append(data)
+        if len(out) >= _FLUSH_FRAMES:
+            self._flush()
+
+    def write_now(self, data: bytes) -> None:
+        """Send bytes at once: for a frame with nothing queued to batch with, it saves a loop turn."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _flush(self) -> None:
+        out = self._out
+        if out:
+            self._out = []
+            self.write_now(out[0] if len(out) == 1 else b"".join(out))
+
+
 class TcpListener:
     """A listening TCP socket and its connections."""
 
@@ -208,7 +237,7 @@ class TcpListener:
         return f"<TcpListener {self.url} [{len(self.connections)} connections, {self.active_calls} calls]>"
 
 
-class _ServerConnection(asyncio.Protocol):
+class _ServerConnection(_FrameWriter):
     """One accepted connection: decodes frames and runs each request as a task.
 
     The hot path uses asyncio directly (a task per call, a timer per deadline, one write per loop
@@ -353,10 +382,8 @@ class _ServerConnection(asyncio.Protocol):
                 frame = encode_frame(_RESPONSE, stream, result)
             except RpcError as exc:
                 frame = _error_frame(stream, exc)
-            if len(self.calls) == 1 and not self._out and self.transport is not None:
-                # The only call on this connection: nothing to batch with, so no extra loop turn.
-                if not self.transport.is_closing():
-                    self.transport.write(frame)
+            if len(self.calls) == 1 and not self._out:  # the only call here: nothing to batch with
+                self.write_now(frame)
             else:
                 self.write(frame)
         except asyncio.CancelledError:
@@ -377,24 +404,6 @@ class _ServerConnection(asyncio.Protocol):
         if task is not None:
             self._expired.add(stream)
             task.cancel()
-
-    def write(self, data: bytes) -> None:
-        """Queue bytes; everything queued in one event-loop iteration goes out in one write."""
-        out = self._out
-        if not out:
-            self._loop.call_soon(self._flush)
-        out.append(data)
-        if len(out) >= _FLUSH_FRAMES:
-            self._flush()
-
-    def _flush(self) -> None:
-        out = self._out
-        if not out:
-            return
-        self._out = []
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def go_away(self, reason: str) -> None:
         """Tell the client to send no new calls here; running calls still get their answers.
@@ -434,7 +443,7 @@ class _ServerConnection(asyncio.Protocol):
         return self.peer or "?"
 
 
-class TcpConnection(asyncio.Protocol):
+class TcpConnection(_FrameWriter):
     """A client connection: calls multiplexed by stream id, answered in any order."""
 
     def __init__(self, endpoint: Endpoint, max_message_size: int, keepalive: tuple[float, float] | None = None) -> None:
@@ -446,7 +455,7 @@ class TcpConnection(asyncio.Protocol):
         self._ping_sent = False
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._next_stream = 1
-        self._transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(max_message_size + 4096)
         self._goaway: int | None = None
         self._closed = False
@@ -456,9 +465,9 @@ class TcpConnection(asyncio.Protocol):
         self._deadlines = Deadlines(self._loop, self._deadline_passed)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
+        self.transport = cast(asyncio.Transport, transport)
         self._lost = asyncio.get_running_loop().create_future()
-        self._transport.write(PREFACE)
+        self.transport.write(PREFACE)
         if self._keepalive is not None:
             self._last_received = self._loop.time()
             self._keepalive_timer = self._loop.call_later(self._keepalive[0], self._check_alive)
@@ -470,12 +479,12 @@ class TcpConnection(asyncio.Protocol):
         quiet = self._loop.time() - self._last_received
         if self._ping_sent and quiet >= timeout:
             log.warning("closing connection to %s: no answer to a keepalive ping", self.endpoint.address)
-            if self._transport is not None:
-                self._transport.abort()
+            if self.transport is not None:
+                self.transport.abort()
             return
         if not self._ping_sent and quiet >= interval:
             self._ping_sent = True
-            self._write(encode_frame(_PING, 0, b"kubrpcka"))
+            self.write(encode_frame(_PING, 0, b"kubrpcka"))
             self._keepalive_timer = self._loop.call_later(timeout, self._check_alive)
             return
         self._keepalive_timer = self._loop.call_later(
@@ -506,7 +515,7 @@ class TcpConnection(asyncio.Protocol):
 
     async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
         """Send one call and wait for its answer; cancelling the wait cancels the call on the server."""
-        if not self.usable or self._transport is None:
+        if not self.usable or self.transport is None:
             raise NotDeliveredError(f"connection to {self.endpoint.address} is closed or draining")
         if len(payload) > self.max_message_size:
             raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
@@ -522,9 +531,9 @@ class TcpConnection(asyncio.Protocol):
             timeout_ms = max(1, math.ceil(timeout * 1000))
         request = encode_request(stream, path, payload, timeout_ms, encode_metadata(metadata) if metadata else b"")
         if len(self._pending) == 1 and not self._out:  # nothing in flight to batch with: send now
-            self._transport.write(request)
+            self.write_now(request)
         else:
-            self._write(request)
+            self.write(request)
         try:
             frame = await fut
         except RpcError as exc:
@@ -550,30 +559,13 @@ class TcpConnection(asyncio.Protocol):
             raise NotDeliveredError(error.message)
         raise error
 
-    def _write(self, data: bytes) -> None:
-        out = self._out
-        if not out:
-            self._loop.call_soon(self._flush)
-        out.append(data)
-        if len(out) >= _FLUSH_FRAMES:
-            self._flush()
-
-    def _flush(self) -> None:
-        out = self._out
-        if not out:
-            return
-        self._out = []
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
-
     def _close_transport(self) -> None:
         self._flush()
-        if self._transport is not None:
-            self._transport.close()
+        if self.transport is not None:
+            self.transport.close()
 
     def _cancel(self, stream: int) -> None:
-        self._write(encode_frame(_CANCEL, stream))
+        self.write(encode_frame(_CANCEL, stream))
 
     def _deadline_passed(self, stream: int) -> None:
         fut = self._pending.get(stream)
@@ -588,8 +580,8 @@ class TcpConnection(asyncio.Protocol):
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
             log.warning("closing connection to %s: %s", self.endpoint.address, exc)
-            if self._transport is not None:
-                self._transport.abort()
+            if self.transport is not None:
+                self.transport.abort()
             return
         for frame in frames:
             kind = frame.type
@@ -599,8 +591,8 @@ class TcpConnection(asyncio.Protocol):
                     fut.set_result(frame)
             elif kind == _GOAWAY:
                 self._on_goaway(frame.payload)
-            elif kind == _PING and not frame.flags & FLAG_ACK and self._transport is not None:
-                self._write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
+            elif kind == _PING and not frame.flags & FLAG_ACK and self.transport is not None:
+                self.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
 
     def _on_goaway(self, payload: bytes) -> None:
         try:
