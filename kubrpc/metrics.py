@@ -75,6 +75,7 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 )
 
 _OK = Status.OK.name
+_DEADLINE_SLACK = 0.005  # seconds: a cancellation this close to the deadline is the deadline
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +158,8 @@ def _failure_code(exc: BaseException, deadline: float | None) -> str:
     if isinstance(exc, RpcError):
         return exc.code.name
     if isinstance(exc, asyncio.CancelledError | TimeoutError):
-        if deadline is not None and time.monotonic() >= deadline:
+        # A transport may time a deadline from a moment before dispatch did (TCP does, from the frame's arrival).
+        if deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK:
             return Status.DEADLINE_EXCEEDED.name
         return Status.CANCELLED.name
     if isinstance(exc, Exception):

@@ -32,6 +32,8 @@ def test_all_is_sorted_and_complete() -> None:
         "openapi",
         "testing",
         "cli",
+        "metrics",
+        "tracing",
         "annotations",
     }
     assert public <= set(kubrpc.__all__)
