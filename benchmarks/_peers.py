@@ -5,6 +5,8 @@ Every peer serves and calls the same unary method, add(a, b) -> a + b with JSON-
 - ``kubrpc-tcp`` and ``kubrpc-http``: a ``kubrpc.Server`` and a ``kubrpc.connect()`` channel's typed stub;
 - ``grpcio.aio``: a generic handler with orjson (de)serializers (no protoc step), ``channel.unary_unary``;
 - ``starlette``: a bare ``POST /Arith/add`` route served by uvicorn, driven by aiohttp as kubrpc's HTTP transport is.
+- opt-in (``--peers``): ``kubrpc-tcp+metrics`` with kubrpc.metrics on both sides, ``kubrpc-tcp+tracing`` with
+  kubrpc.tracing's interceptors on both sides: the cost of observability.
 
 bench_unary.py starts this file as two processes, each pinned to one CPU::
 
@@ -38,6 +40,8 @@ import uvicorn
 
 PEERS = ("kubrpc-tcp", "kubrpc-http", "grpcio.aio", "starlette", "kubrpc-tcp+uvloop", "kubrpc-http+uvloop")
 UVLOOP = "+uvloop"  # a peer name ending in this runs both of its processes on uvloop (kubrpc's optional extra)
+EXTRA_PEERS = ("kubrpc-tcp+metrics", "kubrpc-tcp+tracing")  # not run by default
+OBSERVED = ("+metrics", "+tracing")
 BASELINE = "grpcio.aio"
 HOST = "127.0.0.1"
 CALL_TIMEOUT = 10.0
@@ -63,11 +67,20 @@ class ArithImpl:
 
 
 @asynccontextmanager
-async def serve_kubrpc(scheme: str) -> AsyncIterator[str]:
-    """A kubrpc.Server with Arith on `scheme`://127.0.0.1:0."""
+async def serve_kubrpc(scheme: str, observe: str = "") -> AsyncIterator[str]:
+    """A kubrpc.Server with Arith on `scheme`://127.0.0.1:0; `observe` is "", "+metrics" or "+tracing"."""
     import kubrpc
 
-    server = kubrpc.Server()
+    if observe == "+metrics":
+        from kubrpc.metrics import ServerMetrics
+
+        server = kubrpc.Server(metrics=ServerMetrics())
+    elif observe == "+tracing":
+        from kubrpc.tracing import ServerTracing
+
+        server = kubrpc.Server(interceptors=[ServerTracing()])
+    else:
+        server = kubrpc.Server()
     impl: Arith = ArithImpl()  # so that register()'s type variable is Arith
     server.register(Arith, impl)
     async with server.serve(f"{scheme}://{HOST}:0") as listener:
@@ -147,6 +160,9 @@ async def serve_starlette() -> AsyncIterator[str]:
 def serve(peer: str) -> contextlib.AbstractAsyncContextManager[str]:
     """The server of `peer`."""
     peer = peer.removesuffix(UVLOOP)
+    for observe in OBSERVED:
+        if peer == "kubrpc-tcp" + observe:
+            return serve_kubrpc("tcp", observe)
     if peer == "kubrpc-tcp":
         return serve_kubrpc("tcp")
     if peer == "kubrpc-http":
@@ -162,11 +178,20 @@ def serve(peer: str) -> contextlib.AbstractAsyncContextManager[str]:
 
 
 @asynccontextmanager
-async def kubrpc_client(url: str) -> AsyncIterator[Call]:
-    """A typed kubrpc stub over one channel (the transport comes from the URL's scheme)."""
+async def kubrpc_client(url: str, observe: str = "") -> AsyncIterator[Call]:
+    """A typed kubrpc stub over one channel (the transport comes from the URL's scheme), `observe` as for the server."""
     import kubrpc
 
-    async with kubrpc.connect(url) as channel:
+    options: dict[str, Any] = {}
+    if observe == "+metrics":
+        from kubrpc.metrics import ClientMetrics
+
+        options["metrics"] = ClientMetrics()
+    elif observe == "+tracing":
+        from kubrpc.tracing import ClientTracing
+
+        options["interceptors"] = [ClientTracing()]
+    async with kubrpc.connect(url, **options) as channel:
         arith = channel.stub(Arith, timeout=CALL_TIMEOUT)
         yield lambda: arith.add(1, 2)
 
@@ -213,6 +238,9 @@ async def aiohttp_client(url: str) -> AsyncIterator[Call]:
 def client(peer: str, url: str) -> contextlib.AbstractAsyncContextManager[Call]:
     """The client of `peer`, connected to `url`."""
     peer = peer.removesuffix(UVLOOP)
+    for observe in OBSERVED:
+        if peer == "kubrpc-tcp" + observe:
+            return kubrpc_client(url, observe)
     if peer in ("kubrpc-tcp", "kubrpc-http"):
         return kubrpc_client(url)
     if peer == "grpcio.aio":
@@ -362,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the server and client processes."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("role", choices=("serve", "drive"))
-    parser.add_argument("peer", choices=PEERS)
+    parser.add_argument("peer", choices=PEERS + EXTRA_PEERS)
     parser.add_argument("url", nargs="?")
     parser.add_argument("--cpu", type=int)
     parser.add_argument("--profile", metavar="FILE")

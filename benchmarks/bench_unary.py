@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _peers import BASELINE, PEERS
+from _peers import BASELINE, EXTRA_PEERS, PEERS
 
 HERE = Path(__file__).resolve().parent
 PEERS_SCRIPT = HERE / "_peers.py"
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, help="seconds of warm-up per concurrency")
     parser.add_argument("--duration", type=float, help="seconds timed per concurrency")
     parser.add_argument("--concurrency", help="comma-separated client task counts (default 1,64)")
-    parser.add_argument("--peers", help=f"comma-separated subset of {','.join(PEERS)}")
+    parser.add_argument("--peers", help=f"comma-separated subset of {','.join(PEERS + EXTRA_PEERS)}")
     parser.add_argument("--output", type=Path, help=f"results file (default {RESULT.relative_to(HERE.parent)})")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="profile the kubrpc peers into DIR instead")
     parser.add_argument("--top", type=int, default=25, help="functions shown per profile")
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.peers:
         peers = tuple(args.peers.split(","))
-        if unknown := set(peers) - set(PEERS):
+        if unknown := set(peers) - set(PEERS + EXTRA_PEERS):
             parser.error(f"unknown peers: {', '.join(sorted(unknown))}")
     else:
         peers = PEERS if args.profile is None else ("kubrpc-tcp", "kubrpc-http")

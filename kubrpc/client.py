@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -326,7 +327,7 @@ class Channel:
         if timeout is None:
             return await proceed()
         try:
-            with anyio.fail_after(timeout):
+            async with asyncio.timeout(timeout):  # not anyio.fail_after: half the cost, and transports are asyncio's
                 return await proceed()
         except TimeoutError:
             raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None

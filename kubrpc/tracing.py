@@ -16,12 +16,13 @@ made here, the same way.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .interceptors import CallInfo, ClientCall, Proceed
@@ -50,7 +51,9 @@ _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 _MAX_TRACESTATE = 512  # W3C: propagate at least 512 characters; longer ones are dropped rather than cut
 _TRACESTATE_CHARS = re.compile(r"[\x20-\x7e]*")
-_random = random.SystemRandom().getrandbits  # ids from the OS: unguessable, and no seeding by user code
+_ids = random.Random()  # seeded from the OS; its own, so that no user code seeds it
+os.register_at_fork(after_in_child=_ids.seed)  # forked workers must not repeat each other's ids
+_random = _ids.getrandbits
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,22 +78,16 @@ class TraceContext:
 
     def child(self) -> TraceContext:
         """A new span of the same trace, whose parent is this one."""
-        return replace(self, span_id=_new_span_id(), parent_id=self.span_id)
+        return TraceContext(self.trace_id, _new_span_id(), self.span_id, self.sampled, self.tracestate)
 
 
 def _new_span_id() -> str:
-    while True:
-        value = _random(64)
-        if value:
-            return f"{value:016x}"
+    return f"{_random(64) or 1:016x}"  # all zeros is invalid
 
 
 def new_trace(*, sampled: bool = True) -> TraceContext:
     """The first span of a new trace, with random ids."""
-    while True:
-        value = _random(128)
-        if value:
-            return TraceContext(f"{value:032x}", _new_span_id(), None, sampled)
+    return TraceContext(f"{_random(128) or 1:032x}", _new_span_id(), None, sampled)
 
 
 def parse_traceparent(value: str | None, tracestate: str | None = None) -> TraceContext | None:
