@@ -1,0 +1,211 @@
+"""The client side of the tcp transport: one connection, many calls multiplexed by stream id."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, cast
+
+import anyio
+import orjson
+
+from kubrpc.endpoint import Endpoint
+from kubrpc.errors import NotDeliveredError, ProtocolError, RpcError
+from kubrpc.status import Status
+
+from ._deadlines import Deadlines
+from ._frames import (
+    FLAG_ACK,
+    MAX_STREAM_ID,
+    PREFACE,
+    Frame,
+    FrameDecoder,
+    encode_frame,
+    encode_metadata,
+    encode_request,
+    parse_goaway,
+)
+from ._tcp_base import _CANCEL, _ERROR, _GOAWAY, _PING, _RESPONSE, FrameWriter, log
+
+if TYPE_CHECKING:
+    pass
+
+
+__all__ = ("TcpConnection",)
+
+
+class TcpConnection(FrameWriter):
+    """A client connection: calls multiplexed by stream id, answered in any order."""
+
+    def __init__(self, endpoint: Endpoint, max_message_size: int, keepalive: tuple[float, float] | None = None) -> None:
+        self.endpoint = endpoint
+        self.max_message_size = max_message_size
+        self._keepalive = keepalive
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._last_received = 0.0
+        self._ping_sent = False
+        self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._next_stream = 1
+        self.transport: asyncio.Transport | None = None
+        self._decoder = FrameDecoder(max_message_size + 4096)
+        self._goaway: int | None = None
+        self._closed = False
+        self._lost: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._out: list[bytes] = []
+        self._deadlines = Deadlines(self._loop, self._deadline_passed)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._lost = asyncio.get_running_loop().create_future()
+        self.transport.write(PREFACE)
+        if self._keepalive is not None:
+            self._last_received = self._loop.time()
+            self._keepalive_timer = self._loop.call_later(self._keepalive[0], self._check_alive)
+
+    def _check_alive(self) -> None:
+        """Keepalive: ping a connection that has been quiet for an interval; close it if no answer comes."""
+        assert self._keepalive is not None
+        interval, timeout = self._keepalive
+        quiet = self._loop.time() - self._last_received
+        if self._ping_sent and quiet >= timeout:
+            log.warning("closing connection to %s: no answer to a keepalive ping", self.endpoint.address)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if not self._ping_sent and quiet >= interval:
+            self._ping_sent = True
+            self.write(encode_frame(_PING, 0, b"kubrpcka"))
+            self._keepalive_timer = self._loop.call_later(timeout, self._check_alive)
+            return
+        self._keepalive_timer = self._loop.call_later(
+            interval - quiet if quiet < interval else interval, self._check_alive
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._deadlines.close()
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+        reason = f"connection to {self.endpoint.address} lost" + (f": {exc}" if exc is not None else "")
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(RpcError(Status.UNAVAILABLE, reason))
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
+    @property
+    def usable(self) -> bool:
+        """False once closed or told to go away: new calls must use another connection."""
+        return not self._closed and self._goaway is None and self._next_stream < MAX_STREAM_ID
+
+    @property
+    def in_flight(self) -> int:
+        """Calls sent and not yet answered."""
+        return len(self._pending)
+
+    async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
+        """Send one call and wait for its answer; cancelling the wait cancels the call on the server."""
+        if not self.usable or self.transport is None:
+            raise NotDeliveredError(f"connection to {self.endpoint.address} is closed or draining")
+        if len(payload) > self.max_message_size:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
+        stream = self._next_stream
+        self._next_stream = stream + 1
+        loop = self._loop
+        fut: asyncio.Future[Frame] = loop.create_future()
+        self._pending[stream] = fut
+        if timeout is None:
+            timeout_ms = 0
+        else:
+            self._deadlines.add(stream, timeout)
+            timeout_ms = max(1, math.ceil(timeout * 1000))
+        request = encode_request(stream, path, payload, timeout_ms, encode_metadata(metadata) if metadata else b"")
+        if len(self._pending) == 1 and not self._out:  # nothing in flight to batch with: send now
+            self.write_now(request)
+        else:
+            self.write(request)
+        try:
+            frame = await fut
+        except RpcError as exc:
+            if exc.code is Status.DEADLINE_EXCEEDED:
+                self._cancel(stream)
+            raise
+        except BaseException:
+            self._cancel(stream)
+            raise
+        finally:
+            self._deadlines.discard(stream)
+            del self._pending[stream]
+            if self._goaway is not None and not self._pending:
+                self._close_transport()
+        if frame.type == _RESPONSE:
+            return frame.payload
+        try:
+            body = orjson.loads(frame.payload)
+        except orjson.JSONDecodeError:
+            body = None
+        error = RpcError.from_json(body)
+        if error.code is Status.UNAVAILABLE and self._goaway is not None and stream > self._goaway:
+            raise NotDeliveredError(error.message)
+        raise error
+
+    def _close_transport(self) -> None:
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _cancel(self, stream: int) -> None:
+        self.write(encode_frame(_CANCEL, stream))
+
+    def _deadline_passed(self, stream: int) -> None:
+        fut = self._pending.get(stream)
+        if fut is not None and not fut.done():
+            fut.set_exception(RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded"))
+
+    def data_received(self, data: bytes) -> None:
+        if self._keepalive is not None:
+            self._last_received = self._loop.time()
+            self._ping_sent = False
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            log.warning("closing connection to %s: %s", self.endpoint.address, exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        for frame in frames:
+            kind = frame.type
+            if kind == _RESPONSE or kind == _ERROR:
+                fut = self._pending.get(frame.stream)
+                if fut is not None and not fut.done():
+                    fut.set_result(frame)
+            elif kind == _GOAWAY:
+                self._on_goaway(frame.payload)
+            elif kind == _PING and not frame.flags & FLAG_ACK and self.transport is not None:
+                self.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
+
+    def _on_goaway(self, payload: bytes) -> None:
+        try:
+            last, reason = parse_goaway(payload)
+        except ProtocolError:
+            last, reason = 0, "malformed GOAWAY"
+        self._goaway = last
+        for stream, fut in self._pending.items():
+            if stream > last and not fut.done():
+                fut.set_exception(NotDeliveredError(f"{self.endpoint.address} is going away: {reason}"))
+        if not self._pending:
+            self._close_transport()
+
+    async def aclose(self) -> None:
+        """Close the connection and wait until the socket is released."""
+        self._closed = True
+        self._close_transport()
+        if self._lost is not None:
+            with anyio.CancelScope(shield=True):
+                await self._lost
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "going away" if self._goaway is not None else "open"
+        return f"<TcpConnection {self.endpoint.address} [{state}, {len(self._pending)} in flight]>"
