@@ -21,12 +21,9 @@ are `v1 Status` objects. Test hooks: `upsert()`/`delete()`, `compact()`, `send_b
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import re
-import shutil
 import ssl
-import subprocess
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +38,9 @@ import anyio
 import anyio.lowlevel
 import orjson
 from aiohttp import web
+
+from ._kube_selectors import Requirement, parse_field_selector, parse_label_selector
+from .certs import issue_certificate, self_signed_certificate, server_ssl_context
 
 __all__ = (
     "ENDPOINTSLICES",
@@ -75,11 +75,6 @@ _PATH = re.compile(
     r"/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
     r"(?:/namespaces/(?P<namespace>[^/]+))?/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?"
 )
-_KEY = r"[A-Za-z0-9][A-Za-z0-9._/-]*"
-_SET_TERM = re.compile(rf"\s*(?P<key>{_KEY})\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)\s*")
-_NOT_EXISTS_TERM = re.compile(rf"\s*!\s*(?P<key>{_KEY})\s*")
-_EQUALITY_TERM = re.compile(rf"\s*(?P<key>{_KEY})\s*(?:(?P<op>==|=|!=)\s*(?P<value>[A-Za-z0-9._-]*))?\s*")
-_FIELD_TERM = re.compile(r"\s*(?P<field>metadata\.name|metadata\.namespace)\s*(?P<op>==|=|!=)\s*(?P<value>[^,]*?)\s*")
 
 
 def status_object(code: int, reason: str, message: str) -> JsonObject:
@@ -105,53 +100,6 @@ def _parse_bool(value: str | None) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class _Requirement:
-    key: str
-    op: str
-    values: frozenset[str] = frozenset()
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        value = labels.get(self.key)
-        if self.op == "exists":
-            return value is not None
-        if self.op == "!exists":
-            return value is None
-        if self.op in ("=", "==", "in"):
-            return value in self.values
-        return value not in self.values  # "!=" and "notin" also match a missing label
-
-
-def _parse_label_selector(text: str) -> tuple[_Requirement, ...]:
-    requirements = []
-    for term in re.split(r",(?![^()]*\))", text):
-        if not term.strip():
-            continue
-        if m := _SET_TERM.fullmatch(term):
-            values = frozenset(v.strip() for v in m["values"].split(","))
-            requirements.append(_Requirement(m["key"], m["op"], values))
-        elif m := _NOT_EXISTS_TERM.fullmatch(term):
-            requirements.append(_Requirement(m["key"], "!exists"))
-        elif m := _EQUALITY_TERM.fullmatch(term):
-            op = m["op"] or "exists"
-            requirements.append(_Requirement(m["key"], op, frozenset([m["value"] or ""])))
-        else:
-            raise ValueError(f"unable to parse requirement: {term.strip()!r}")
-    return tuple(requirements)
-
-
-def _parse_field_selector(text: str) -> tuple[tuple[str, str, bool], ...]:
-    terms = []
-    for term in text.split(","):
-        if not term.strip():
-            continue
-        m = _FIELD_TERM.fullmatch(term)
-        if m is None:
-            raise ValueError(f'field label not supported: "{term.partition("=")[0].strip()}"')
-        terms.append((m["field"].removeprefix("metadata."), m["value"], m["op"] == "!="))
-    return tuple(terms)
-
-
-@dataclass(frozen=True, slots=True)
 class _Query:
     """What one request selects: a resource, optionally one namespace or name, and selectors."""
 
@@ -160,7 +108,7 @@ class _Query:
     kind: str
     namespace: str | None
     name: str | None
-    labels: tuple[_Requirement, ...]
+    labels: tuple[Requirement, ...]
     fields: tuple[tuple[str, str, bool], ...]
 
     def matches(self, obj: JsonObject | None) -> bool:
@@ -442,8 +390,8 @@ class FakeKubeAPI:
                 kind=_KINDS.get(m["plural"], m["plural"].capitalize()),
                 namespace=m["namespace"],
                 name=m["name"],
-                labels=_parse_label_selector(query.get("labelSelector", "")),
-                fields=_parse_field_selector(query.get("fieldSelector", "")),
+                labels=parse_label_selector(query.get("labelSelector", "")),
+                fields=parse_field_selector(query.get("fieldSelector", "")),
             )
         except ValueError as exc:
             return self._error(400, "BadRequest", str(exc))
@@ -639,91 +587,3 @@ def endpoint_slice(
         "endpoints": built,
         "ports": [{"name": n, "port": p, "protocol": protocol} for n, p in port_list],
     }
-
-
-def self_signed_certificate(
-    directory: str | PathLike[str],
-    *,
-    hosts: Sequence[str] = ("127.0.0.1", "localhost"),
-    name: str = "tls",
-    common_name: str = "fake-kube-apiserver",
-) -> tuple[Path, Path]:
-    """Make a self-signed certificate (its own CA) and key for `hosts` with the openssl CLI: (cert, key).
-
-    The files are DIRECTORY/NAME.crt and DIRECTORY/NAME.key. The certificate can also sign others: see
-    `issue_certificate()`.
-    """
-    openssl = _openssl()
-    cert, key = Path(directory) / f"{name}.crt", Path(directory) / f"{name}.key"
-    # fmt: off
-    command = [
-        openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-days", "2", "-subj", f"/CN={common_name}", "-keyout", str(key), "-out", str(cert),
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
-    ]
-    # fmt: on
-    if hosts:
-        command += ["-addext", f"subjectAltName={_subject_alt_names(hosts)}"]
-    subprocess.run(command, check=True, capture_output=True)
-    return cert, key
-
-
-def issue_certificate(
-    directory: str | PathLike[str],
-    ca: tuple[str | PathLike[str], str | PathLike[str]],
-    *,
-    name: str,
-    hosts: Sequence[str] = (),
-    common_name: str | None = None,
-) -> tuple[Path, Path]:
-    """Make a key and a certificate signed by `ca` (cert, key), for servers (`hosts`) and clients: (cert, key).
-
-    The files are DIRECTORY/NAME.crt and DIRECTORY/NAME.key; the subject is CN=`common_name` (default `name`).
-    """
-    openssl = _openssl()
-    folder = Path(directory)
-    cert, key, request, extensions = (folder / f"{name}{ext}" for ext in (".crt", ".key", ".csr", ".ext"))
-    lines = [
-        "basicConstraints=critical,CA:FALSE",
-        "keyUsage=critical,digitalSignature",
-        "extendedKeyUsage=serverAuth,clientAuth",
-    ]
-    if hosts:
-        lines.append(f"subjectAltName={_subject_alt_names(hosts)}")
-    extensions.write_text("\n".join(lines) + "\n")
-    # fmt: off
-    subprocess.run([
-        openssl, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-subj", f"/CN={common_name or name}", "-keyout", str(key), "-out", str(request),
-    ], check=True, capture_output=True)
-    subprocess.run([
-        openssl, "x509", "-req", "-in", str(request), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
-        "-days", "2", "-extfile", str(extensions), "-out", str(cert),
-    ], check=True, capture_output=True, cwd=folder)
-    # fmt: on
-    return cert, key
-
-
-def _openssl() -> str:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise RuntimeError("making test certificates needs the openssl command")
-    return openssl
-
-
-def _subject_alt_names(hosts: Sequence[str]) -> str:
-    names = []
-    for host in hosts:
-        try:
-            names.append(f"IP:{ipaddress.ip_address(host)}")
-        except ValueError:
-            names.append(f"DNS:{host}")
-    return ",".join(names)
-
-
-def server_ssl_context(cert: str | PathLike[str], key: str | PathLike[str]) -> ssl.SSLContext:
-    """A server-side TLS context for `FakeKubeAPI(ssl_context=...)`."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    return context
