@@ -1,4 +1,4 @@
-"""One list+watch of a Service's EndpointSlices, shared by every resolver in the process.
+"""One list+watch of a Service's EndpointSlices (or a namespace's Pods), shared by all resolvers of a process.
 
 The loop, as client-go's reflector does it:
 
@@ -21,9 +21,9 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import orjson
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from aiohttp import ClientResponse
     from kubernetes_asyncio.client import ApiClient
 
-__all__ = ("SliceWatch", "WatchOptions", "WatchStats", "acquire", "active_watches", "release")
+__all__ = ("ListWatch", "SliceWatch", "WatchOptions", "WatchStats", "acquire", "active_watches", "release")
 
 log = logging.getLogger("kubrpc.resolvers.k8s")
 
@@ -70,39 +70,29 @@ class WatchStats:
     last_error: str | None = None
 
 
-class SliceWatch:
-    """Lists then watches the EndpointSlices of one Service and feeds them to one view per port."""
+class ListWatch:
+    """The list+watch loop over the objects of one namespace; subclasses say which objects and what to keep.
+
+    A subclass provides `_lister()` (the kubernetes-asyncio list function), `_compact()` (what to keep of an
+    object), `_reset()` (the state after a list) and `_update()` (one event); `label_selector` narrows both.
+    """
+
+    #: What the objects are called in logs.
+    noun = "objects"
 
     def __init__(
-        self, client: ApiClient, *, owns_client: bool, namespace: str, service: str, options: WatchOptions
+        self, client: ApiClient, *, owns_client: bool, namespace: str, label_selector: str | None, options: WatchOptions
     ) -> None:
         self.namespace = namespace
-        self.service = service
+        self.label_selector = label_selector
         self.options = options
         self.stats = WatchStats()
         self.resource_version: str | None = None
         self.users = 0
         self._client = client
         self._owns_client = owns_client
-        self._slices: dict[str, JsonObject] = {}
-        self._synced = False
-        self._views: dict[PortSelector, EndpointView] = {}
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random()
-
-    def view(self, selector: PortSelector) -> EndpointView:
-        """The (shared) view of one port, created and filled from the known slices if new."""
-        view = self._views.get(selector)
-        if view is None:
-            view = self._views[selector] = EndpointView(selector)
-            if self._synced:
-                view.replace_all(self._slices)
-        return view
-
-    def drop_view(self, view: EndpointView) -> None:
-        """Forget a view that has no listeners left."""
-        if not view.listeners and self._views.get(view.selector) is view:
-            del self._views[view.selector]
 
     def start(self) -> None:
         """Start the background list+watch loop."""
@@ -120,11 +110,34 @@ class SliceWatch:
             if self._owns_client:
                 await self._client.close()
 
+    def _lister(self) -> Callable[..., Awaitable[ClientResponse]]:
+        """The kubernetes-asyncio function that lists (and, with watch=True, watches) the objects."""
+        raise NotImplementedError
+
+    def _compact(self, obj: JsonObject) -> Any:
+        """What to keep of one object."""
+        raise NotImplementedError
+
+    def _reset(self, objects: dict[str, Any]) -> None:
+        """Replace the known objects (compacted, by name) after a list."""
+        raise NotImplementedError
+
+    def _update(self, name: str, compacted: Any) -> None:
+        """Apply one watch event: the compacted object, or None when it was deleted."""
+        raise NotImplementedError
+
+    def _known(self) -> int:
+        """How many objects are known (for logs)."""
+        raise NotImplementedError
+
+    def _on_error(self, error: str) -> None:
+        """Called after each failed list or watch, before the backoff."""
+
     async def _run(self) -> None:
         from aiohttp import ClientError
-        from kubernetes_asyncio.client import ApiException, DiscoveryV1Api
+        from kubernetes_asyncio.client import ApiException
 
-        api = DiscoveryV1Api(self._client)
+        api = self._lister()
         backoff = Backoff(initial=self.options.min_backoff, maximum=self.options.max_backoff, rng=self._rng)
         expired_in_a_row = 0
         while True:
@@ -156,21 +169,22 @@ class SliceWatch:
     async def _failed(self, backoff: Backoff, error: str) -> None:
         self.stats.errors += 1
         self.stats.last_error = error
+        self._on_error(error)
         delay = backoff.next_delay()
-        log.warning("%s: %s; keeping %d known slices, retrying in %.2fs", self, error, len(self._slices), delay)
+        log.warning("%s: %s; keeping %d known %s, retrying in %.2fs", self, error, self._known(), self.noun, delay)
         await anyio.sleep(delay)
 
-    async def _list(self, api: Any) -> None:
+    async def _list(self, api: Callable[..., Awaitable[ClientResponse]]) -> None:
         from aiohttp import ClientTimeout
 
         timeout = ClientTimeout(total=self.options.list_timeout, sock_connect=self.options.connect_timeout)
-        slices: dict[str, JsonObject] = {}
+        objects: dict[str, Any] = {}
         resource_version: str | None = None
         token: str | None = None
         while True:
-            response = await api.list_namespaced_endpoint_slice(
+            response = await api(
                 self.namespace,
-                label_selector=f"{SERVICE_NAME_LABEL}={self.service}",
+                label_selector=self.label_selector,
                 limit=self.options.page_size,
                 _continue=token,
                 timeout_seconds=max(1, int(self.options.list_timeout)),
@@ -181,18 +195,15 @@ class SliceWatch:
             meta = page.get("metadata") or {}
             resource_version = resource_version or meta.get("resourceVersion")
             for item in page.get("items") or ():
-                slices[item["metadata"]["name"]] = compact_slice(item)
+                objects[item["metadata"]["name"]] = self._compact(item)
             token = meta.get("continue")
             if not token:
                 break
         self.stats.lists += 1
-        self._slices = slices
-        self._synced = True
         self.resource_version = resource_version or ""
-        for view in list(self._views.values()):
-            view.replace_all(slices)
+        self._reset(objects)
 
-    async def _watch(self, api: Any) -> bool:
+    async def _watch(self, api: Callable[..., Awaitable[ClientResponse]]) -> bool:
         """One watch request; returns whether it made progress (so that retrying at once is fine)."""
         from aiohttp import ClientError, ClientTimeout
 
@@ -200,9 +211,9 @@ class SliceWatch:
         # Spread the server-side timeouts, as client-go does, so that many clients do not re-watch together.
         timeout_seconds = max(1, int(self.options.watch_timeout * self._rng.uniform(1.0, 2.0)))
         started = time.monotonic()
-        response = await api.list_namespaced_endpoint_slice(
+        response = await api(
             self.namespace,
-            label_selector=f"{SERVICE_NAME_LABEL}={self.service}",
+            label_selector=self.label_selector,
             watch=True,
             allow_watch_bookmarks=True,
             resource_version=self.resource_version or None,
@@ -244,18 +255,76 @@ class SliceWatch:
             self.stats.bookmarks += 1
         elif kind in ("ADDED", "MODIFIED", "DELETED"):
             self.stats.events += 1
-            name = meta["name"]
-            if kind == "DELETED":
-                self._slices.pop(name, None)
-                raw = None
-            else:
-                raw = self._slices[name] = compact_slice(obj)
-            for view in list(self._views.values()):
-                view.apply(name, raw)
+            self._update(meta["name"], None if kind == "DELETED" else self._compact(obj))
         else:
             log.debug("%s: ignoring watch event of type %r", self, kind)
         if rv := meta.get("resourceVersion"):
             self.resource_version = rv
+
+    def __repr__(self) -> str:
+        where = self.namespace + (f" {self.label_selector}" if self.label_selector else "")
+        return f"<{type(self).__name__} {where} rv={self.resource_version} users={self.users}>"
+
+
+class SliceWatch(ListWatch):
+    """Lists then watches the EndpointSlices of one Service and feeds them to one view per port."""
+
+    noun = "slices"
+
+    def __init__(
+        self, client: ApiClient, *, owns_client: bool, namespace: str, service: str, options: WatchOptions
+    ) -> None:
+        super().__init__(
+            client,
+            owns_client=owns_client,
+            namespace=namespace,
+            label_selector=f"{SERVICE_NAME_LABEL}={service}",
+            options=options,
+        )
+        self.service = service
+        self._slices: dict[str, JsonObject] = {}
+        self._synced = False
+        self._views: dict[PortSelector, EndpointView] = {}
+
+    def view(self, selector: PortSelector) -> EndpointView:
+        """The (shared) view of one port, created and filled from the known slices if new."""
+        view = self._views.get(selector)
+        if view is None:
+            view = self._views[selector] = EndpointView(selector)
+            if self._synced:
+                view.replace_all(self._slices)
+        return view
+
+    def drop_view(self, view: EndpointView) -> None:
+        """Forget a view that has no listeners left."""
+        if not view.listeners and self._views.get(view.selector) is view:
+            del self._views[view.selector]
+
+    def _lister(self) -> Callable[..., Awaitable[ClientResponse]]:
+        from kubernetes_asyncio.client import DiscoveryV1Api
+
+        lister: Callable[..., Awaitable[ClientResponse]] = DiscoveryV1Api(self._client).list_namespaced_endpoint_slice
+        return lister
+
+    def _compact(self, obj: JsonObject) -> JsonObject:
+        return compact_slice(obj)
+
+    def _reset(self, objects: dict[str, Any]) -> None:
+        self._slices = objects
+        self._synced = True
+        for view in list(self._views.values()):
+            view.replace_all(objects)
+
+    def _update(self, name: str, compacted: Any) -> None:
+        if compacted is None:
+            self._slices.pop(name, None)
+        else:
+            self._slices[name] = compacted
+        for view in list(self._views.values()):
+            view.apply(name, compacted)
+
+    def _known(self) -> int:
+        return len(self._slices)
 
     def __repr__(self) -> str:
         return f"<SliceWatch {self.namespace}/{self.service} rv={self.resource_version} users={self.users}>"
@@ -281,23 +350,25 @@ async def _read_json(response: ClientResponse) -> JsonObject:
     return page
 
 
-_registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, SliceWatch]] = (
-    weakref.WeakKeyDictionary()
-)
+_registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, ListWatch]] = weakref.WeakKeyDictionary()
+W = TypeVar("W", bound=ListWatch)
 
 
-def acquire(key: Hashable, create: Callable[[], SliceWatch]) -> SliceWatch:
+def acquire(key: Hashable, create: Callable[[], W]) -> W:
     """The running watch for `key` in this event loop, or a new one made by `create()` and started."""
     watches = _registry.setdefault(asyncio.get_running_loop(), {})
-    watch = watches.get(key)
-    if watch is None:
-        watch = watches[key] = create()
+    found = watches.get(key)
+    if found is None:
+        watch = create()
+        watches[key] = watch
         watch.start()
+    else:
+        watch = found  # type: ignore[assignment]  # a key names one kind of watch
     watch.users += 1
     return watch
 
 
-async def release(key: Hashable, watch: SliceWatch) -> None:
+async def release(key: Hashable, watch: ListWatch) -> None:
     """Drop one use of a watch; the last one stops it."""
     watch.users -= 1
     if watch.users > 0:
@@ -308,6 +379,6 @@ async def release(key: Hashable, watch: SliceWatch) -> None:
     await watch.aclose()
 
 
-def active_watches() -> list[SliceWatch]:
+def active_watches() -> list[ListWatch]:
     """The watches running in this event loop (for tests and debugging)."""
     return list(_registry.get(asyncio.get_running_loop(), {}).values())
