@@ -3,6 +3,7 @@
 static://HOST:PORT,HOST:PORT;weight=3      a fixed list (weights optional)
 tcp://HOST:PORT, http://HOST:PORT          one fixed endpoint (the scheme names the transport)
 k8s://SERVICE[.NAMESPACE]:PORT             live EndpointSlices of a Kubernetes Service
+k8s://SERVICE[.NAMESPACE]:PORT?weights=pods   the same, weighted by the pods' kubrpc.io/weight annotation
 """
 
 from __future__ import annotations

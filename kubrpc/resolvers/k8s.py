@@ -1,12 +1,16 @@
 """The Kubernetes resolver: live EndpointSlices of a Service, from the API server's list+watch.
 
-    k8s://SERVICE[.NAMESPACE][.svc[.DOMAIN]]:PORT
+    k8s://SERVICE[.NAMESPACE][.svc[.DOMAIN]]:PORT[?weights=pods[&pod_selector=LABEL_SELECTOR]]
 
 PORT is the name of a Service port (`rpc`) or the endpoints' own port number (the container port,
 which is what EndpointSlices list). Without NAMESPACE the pod's own namespace is used (read from
 the service account), else `default`. Access is configured as kubectl does it: the in-cluster
 service account when KUBERNETES_SERVICE_HOST is set, else KUBECONFIG or ~/.kube/config. RBAC needs
 get/list/watch on `endpointslices` in group `discovery.k8s.io` (see deploy/).
+
+`weights=pods` (the keyword `weights_from_pods=True`) also lists and watches the namespace's Pods
+(only those matching `pod_selector`, if given) and takes each endpoint's weight from its pod's
+annotation `kubrpc.io/weight`; that needs get/list/watch on `pods` too (deploy/rbac-pod-weights.yaml).
 
 kubernetes-asyncio (about 60 MiB and 250 ms to import) is imported when the first watch starts.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Hashable
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING, Self, TypedDict
 import anyio
 
 from ..endpoint import Endpoint
+from ._k8s_pods import PodWatch, WeightedView
 from ._k8s_slices import EndpointView, PortSelector
 from ._k8s_watch import SliceWatch, WatchOptions, WatchStats, acquire, release
 
@@ -30,7 +36,7 @@ if TYPE_CHECKING:
     from kubernetes_asyncio.client import ApiClient, Configuration
     from typing_extensions import Unpack
 
-__all__ = ("SERVICE_ACCOUNT_DIR", "KubernetesResolver", "ResolverOptions", "parse_target")
+__all__ = ("SERVICE_ACCOUNT_DIR", "KubernetesResolver", "ResolverOptions", "parse_target", "target_options")
 
 #: Where a pod's service account token, CA certificate and namespace are mounted.
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -50,6 +56,8 @@ class ResolverOptions(TypedDict, total=False):
     connect_timeout: float
     min_backoff: float
     max_backoff: float
+    weights_from_pods: bool
+    pod_selector: str | None
 
 
 def _check_service(service: str) -> str:
@@ -77,8 +85,11 @@ def _check_port(port: int | str) -> PortSelector:
 
 
 def parse_target(target: str) -> tuple[str, str | None, PortSelector]:
-    """Split `k8s://SERVICE[.NAMESPACE][.svc[.DOMAIN]]:PORT` into (service, namespace or None, port)."""
-    scheme, sep, rest = target.partition("://")
+    """Split `k8s://SERVICE[.NAMESPACE][.svc[.DOMAIN]]:PORT` into (service, namespace or None, port).
+
+    A `?query` is left to `target_options()`.
+    """
+    scheme, sep, rest = target.partition("?")[0].partition("://")
     if scheme != "k8s" or not sep:
         raise ValueError(f"bad target {target!r}: expected k8s://SERVICE[.NAMESPACE]:PORT")
     host, sep, port = rest.lstrip("/").rpartition(":")
@@ -92,6 +103,42 @@ def parse_target(target: str) -> tuple[str, str | None, PortSelector]:
         return _check_service(service), _check_namespace(namespace) if namespace else None, _check_port(port)
     except ValueError as exc:
         raise ValueError(f"bad target {target!r}: {exc}") from None
+
+
+def target_options(target: str) -> ResolverOptions:
+    """The resolver options in a target's query: `weights=pods` and `pod_selector=LABEL_SELECTOR` (URL-encoded)."""
+    options: ResolverOptions = {}
+    query = target.partition("?")[2]
+    if not query:
+        return options
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise ValueError(f"bad target {target!r}: malformed query {query!r}") from None
+    seen: set[str] = set()
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"bad target {target!r}: {key!r} is given twice")
+        seen.add(key)
+        if key == "weights":
+            if value != "pods":
+                raise ValueError(f"bad target {target!r}: weights={value!r}; the only source is weights=pods")
+            options["weights_from_pods"] = True
+        elif key == "pod_selector":
+            options["pod_selector"] = value
+        else:
+            raise ValueError(f"bad target {target!r}: unknown option {key!r}; expected weights=pods or pod_selector=")
+    return options
+
+
+def _check_pod_selector(selector: str | None, weights_from_pods: bool) -> str | None:
+    if selector is None:
+        return None
+    if not weights_from_pods:
+        raise ValueError("pod_selector needs weights_from_pods=True (or weights=pods in the target)")
+    if not isinstance(selector, str) or not selector.strip():
+        raise ValueError(f"bad pod_selector {selector!r}: expected a label selector such as 'app=arith'")
+    return selector.strip()
 
 
 def _pod_namespace(service_account_dir: Path) -> str:
@@ -108,6 +155,13 @@ class KubernetesResolver:
     list+watch; the last `aclose()` stops it (the options of the resolver that started it apply).
     While the API server is unreachable the last endpoint list stays in force and nothing is yielded.
     Pass `api_client` (kept open; you close it) or `configuration` to skip the kubectl-style lookup.
+
+    `weights_from_pods=True` sets each endpoint's weight from the annotation `kubrpc.io/weight` of its
+    pod (a finite number >= 0; missing, malformed or negative: 1.0, the last two with a warning). It
+    adds one list+watch of the namespace's Pods, shared by all such resolvers of the namespace, or of
+    the pods matching `pod_selector` (a label selector such as `app=arith`; pods outside it weigh 1.0).
+    The first snapshot waits for the pods to be listed, unless that fails (then weights are 1.0 until
+    it succeeds). Without it no pod is ever read.
     """
 
     def __init__(
@@ -124,9 +178,13 @@ class KubernetesResolver:
         connect_timeout: float = 10.0,
         min_backoff: float = 0.5,
         max_backoff: float = 30.0,
+        weights_from_pods: bool = False,
+        pod_selector: str | None = None,
     ) -> None:
         self.service = _check_service(service)
         self.port = _check_port(port)
+        self.weights_from_pods = bool(weights_from_pods)
+        self.pod_selector = _check_pod_selector(pod_selector, self.weights_from_pods)
         self._service_account_dir = Path(service_account_dir)
         self.namespace = _check_namespace(namespace) if namespace else _pod_namespace(self._service_account_dir)
         if api_client is not None and configuration is not None:
@@ -146,22 +204,38 @@ class KubernetesResolver:
         self._key: Hashable = None
         self._watch: SliceWatch | None = None
         self._view: EndpointView | None = None
+        self._pods_key: Hashable = None
+        self._pods: PodWatch | None = None
+        self._weighted: WeightedView | None = None
 
     @classmethod
     def from_target(cls, target: str, **options: Unpack[ResolverOptions]) -> KubernetesResolver:
-        """A resolver for `k8s://SERVICE[.NAMESPACE]:PORT`."""
+        """A resolver for `k8s://SERVICE[.NAMESPACE]:PORT[?weights=pods...]`; keywords override the query."""
         service, namespace, port = parse_target(target)
-        return cls(service, port, namespace, **options)
+        merged = target_options(target)
+        merged.update(options)
+        return cls(service, port, namespace, **merged)
 
     @property
     def target(self) -> str:
-        """The canonical target, `k8s://SERVICE.NAMESPACE:PORT`."""
-        return f"k8s://{self.service}.{self.namespace}:{self.port}"
+        """The canonical target, `k8s://SERVICE.NAMESPACE:PORT` (with its `?weights=pods...` query)."""
+        query: dict[str, str] = {}
+        if self.weights_from_pods:
+            query["weights"] = "pods"
+        if self.pod_selector is not None:
+            query["pod_selector"] = self.pod_selector
+        suffix = f"?{urllib.parse.urlencode(query, safe='=,!()')}" if query else ""
+        return f"k8s://{self.service}.{self.namespace}:{self.port}{suffix}"
 
     @property
     def stats(self) -> WatchStats | None:
         """Counters of the shared watch (lists, watches, events, errors...), once started."""
         return self._watch.stats if self._watch is not None else None
+
+    @property
+    def pod_stats(self) -> WatchStats | None:
+        """Counters of the shared pod watch, once started with `weights_from_pods`."""
+        return self._pods.stats if self._pods is not None else None
 
     async def watch(self) -> AsyncIterator[list[Endpoint]]:
         """Yield the endpoint list as soon as it is known, then again on every change, until aclose()."""
@@ -183,10 +257,17 @@ class KubernetesResolver:
         with anyio.CancelScope(shield=True):  # a cancelled caller must not leak the shared watch
             async with self._lock:
                 watch, view, self._watch, self._view = self._watch, self._view, None, None
-                if watch is not None and view is not None:
+                pods, weighted, self._pods, self._weighted = self._pods, self._weighted, None, None
+                if weighted is not None:
+                    weighted.unsubscribe(self._wake)
+                    weighted.close()
+                elif view is not None:
                     view.unsubscribe(self._wake)
+                if watch is not None and view is not None:
                     watch.drop_view(view)
                     await release(self._key, watch)
+                if pods is not None:
+                    await release(self._pods_key, pods)
 
     async def __aenter__(self) -> Self:
         return self
@@ -201,36 +282,63 @@ class KubernetesResolver:
             self._wakeup.set()
             self._wakeup = None
 
-    async def _open(self) -> EndpointView | None:
+    async def _open(self) -> EndpointView | WeightedView | None:
         async with self._lock:
             if self._view is None and not self._closed:
-                key, create = await self._watch_factory()
-                watch = acquire(key, create)
-                view = watch.view(self.port)
-                view.subscribe(self._wake)
-                self._key, self._watch, self._view = key, watch, view
-            return self._view
+                server, make_client = await self._api_server()
 
-    async def _watch_factory(self) -> tuple[Hashable, Callable[[], SliceWatch]]:
+                def new_slice_watch() -> SliceWatch:
+                    client, owns_client = make_client()
+                    return SliceWatch(
+                        client,
+                        owns_client=owns_client,
+                        namespace=self.namespace,
+                        service=self.service,
+                        options=self._options,
+                    )
+
+                key = (*server, self.namespace, self.service)
+                watch = acquire(key, new_slice_watch)
+                view = watch.view(self.port)
+                self._key, self._watch, self._view = key, watch, view
+                if not self.weights_from_pods:
+                    view.subscribe(self._wake)
+                else:
+
+                    def new_pod_watch() -> PodWatch:
+                        client, owns_client = make_client()
+                        return PodWatch(
+                            client,
+                            owns_client=owns_client,
+                            namespace=self.namespace,
+                            label_selector=self.pod_selector,
+                            options=self._options,
+                        )
+
+                    # The class in the key keeps pod watches apart from the slice watch of a Service named "pods".
+                    pods_key = (PodWatch, *server, self.namespace, self.pod_selector)
+                    pods = acquire(pods_key, new_pod_watch)
+                    weighted = WeightedView(view, pods)
+                    weighted.subscribe(self._wake)
+                    self._pods_key, self._pods, self._weighted = pods_key, pods, weighted
+            return self._weighted or self._view
+
+    async def _api_server(self) -> tuple[tuple[Hashable, ...], Callable[[], tuple[ApiClient, bool]]]:
+        """A key naming the API server (and the client, if given), and a factory of (client, owns_client)."""
         client = self._api_client
         if client is not None:
-            key: Hashable = (client.configuration.host, id(client), self.namespace, self.service)
-            return key, lambda: self._new_watch(client, owns_client=False)
+            given = client
+            return (given.configuration.host, id(given)), lambda: (given, False)
         configuration = self._configuration or await self._load_configuration()
 
-        def create() -> SliceWatch:
+        def create() -> tuple[ApiClient, bool]:
             from kubernetes_asyncio.client import ApiClient
 
             owned = ApiClient(configuration)
             owned.user_agent = "kubrpc"
-            return self._new_watch(owned, owns_client=True)
+            return owned, True
 
-        return (configuration.host, self.namespace, self.service), create
-
-    def _new_watch(self, client: ApiClient, *, owns_client: bool) -> SliceWatch:
-        return SliceWatch(
-            client, owns_client=owns_client, namespace=self.namespace, service=self.service, options=self._options
-        )
+        return (configuration.host,), create
 
     async def _load_configuration(self) -> Configuration:
         from kubernetes_asyncio import config
@@ -262,7 +370,10 @@ class KubernetesResolver:
         elif not self._view.synced:
             state = f"listing | {self._watch.stats.last_error or 'no answer yet'}"
         else:
-            endpoints = self._view.snapshot()
+            endpoints = (self._weighted or self._view).snapshot()
             ready = sum(endpoint.ready for endpoint in endpoints)
             state = f"{len(endpoints)} endpoints, {ready} ready | rv={self._watch.resource_version}"
+            if self._pods is not None:
+                pods = self._pods
+                state += f" | pod weights {'rv=' + str(pods.resource_version) if pods.synced else 'listing'}"
         return f"<{type(self).__name__} {self.target} [{state}]>"
