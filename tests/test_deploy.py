@@ -14,14 +14,17 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 READ_ONLY = {"get", "list", "watch"}
 
 
-def load() -> list[dict[str, Any]]:
+def load(folder: Path) -> list[dict[str, Any]]:
     documents = []
-    for path in sorted(DEPLOY.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         documents += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     return documents
 
 
-DOCUMENTS = load()
+#: What `kubectl apply -f deploy/` applies (not recursive).
+DOCUMENTS = load(DEPLOY)
+#: Opt-in extras in deploy/optional/, applied one by one on top (pod reads for weights_from_pods).
+OPTIONAL = load(DEPLOY / "optional")
 
 
 def only(kind: str, name: str | None = None) -> dict[str, Any]:
@@ -44,10 +47,14 @@ def test_the_expected_objects() -> None:
         ("Service", "arith"),
         ("ServiceAccount", "arith-client"),
     ]
-    assert all("namespace" not in d["metadata"] for d in DOCUMENTS)  # applied into any namespace
+    assert all("namespace" not in d["metadata"] for d in DOCUMENTS + OPTIONAL)  # applied into any namespace
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in OPTIONAL) == [
+        ("Role", "kubrpc-pod-weight-reader"),
+        ("RoleBinding", "arith-client-pod-weight-reader"),
+    ]
 
 
-@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+@pytest.mark.parametrize("document", DOCUMENTS + OPTIONAL, ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
 def test_schema_valid_strict(document: dict[str, Any]) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
@@ -98,6 +105,22 @@ def test_rbac_is_least_privilege() -> None:
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"]}]
     users = [d for d in DOCUMENTS if "template" in d.get("spec", {}) and pod_spec(d).get("serviceAccountName")]
     assert [d["metadata"]["name"] for d in users] == ["arith-client"]
+
+
+def test_optional_pod_weights_rbac_is_least_privilege() -> None:
+    assert not [d for d in OPTIONAL if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    [role] = [d for d in OPTIONAL if d["kind"] == "Role"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    [binding] = [d for d in OPTIONAL if d["kind"] == "RoleBinding"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "kubrpc-pod-weight-reader",
+    }
+    assert binding["subjects"] == only("RoleBinding")["subjects"]  # the same client ServiceAccount
+    for document in OPTIONAL:
+        assert document["metadata"]["labels"]["app.kubernetes.io/component"] == "optional-pod-weights"
+    assert "OPTIONAL" in (DEPLOY / "optional" / "rbac-pod-weights.yaml").read_text().splitlines()[0]
 
 
 def test_the_client_targets_the_service() -> None:

@@ -154,7 +154,7 @@ class PodWatch(ListWatch):
         if error.startswith("HTTP 403") and self.stats.errors == 1:
             log.warning(
                 "%s: forbidden to list pods; weights stay 1 until the client may get, list and watch pods "
-                "(see deploy/rbac-pod-weights.yaml)",
+                "(see deploy/optional/rbac-pod-weights.yaml)",
                 self,
             )
         if not self.synced and not self.failed_before_sync:

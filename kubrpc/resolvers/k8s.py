@@ -10,7 +10,8 @@ get/list/watch on `endpointslices` in group `discovery.k8s.io` (see deploy/).
 
 `weights=pods` (the keyword `weights_from_pods=True`) also lists and watches the namespace's Pods
 (only those matching `pod_selector`, if given) and takes each endpoint's weight from its pod's
-annotation `kubrpc.io/weight`; that needs get/list/watch on `pods` too (deploy/rbac-pod-weights.yaml).
+annotation `kubrpc.io/weight`; that needs get/list/watch on `pods` too
+(deploy/optional/rbac-pod-weights.yaml).
 
 kubernetes-asyncio (about 60 MiB and 250 ms to import) is imported when the first watch starts.
 """
