@@ -35,12 +35,14 @@ if TYPE_CHECKING:
     from aiohttp import ClientResponse
     from kubernetes_asyncio.client import ApiClient
 
-__all__ = ("ListWatch", "SliceWatch", "WatchOptions", "WatchStats", "acquire", "active_watches", "release")
+__all__ = ("Lister", "ListWatch", "SliceWatch", "WatchOptions", "WatchStats", "acquire", "active_watches", "release")
 
 log = logging.getLogger("kubrpc.resolvers.k8s")
 
 JsonObject = dict[str, Any]
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+#: A kubernetes-asyncio list function; with `_preload_content=False` it returns the aiohttp response.
+Lister = Callable[..., Awaitable[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +112,7 @@ class ListWatch:
             if self._owns_client:
                 await self._client.close()
 
-    def _lister(self) -> Callable[..., Awaitable[ClientResponse]]:
+    def _lister(self) -> Lister:
         """The kubernetes-asyncio function that lists (and, with watch=True, watches) the objects."""
         raise NotImplementedError
 
@@ -174,7 +176,7 @@ class ListWatch:
         log.warning("%s: %s; keeping %d known %s, retrying in %.2fs", self, error, self._known(), self.noun, delay)
         await anyio.sleep(delay)
 
-    async def _list(self, api: Callable[..., Awaitable[ClientResponse]]) -> None:
+    async def _list(self, api: Lister) -> None:
         from aiohttp import ClientTimeout
 
         timeout = ClientTimeout(total=self.options.list_timeout, sock_connect=self.options.connect_timeout)
@@ -203,7 +205,7 @@ class ListWatch:
         self.resource_version = resource_version or ""
         self._reset(objects)
 
-    async def _watch(self, api: Callable[..., Awaitable[ClientResponse]]) -> bool:
+    async def _watch(self, api: Lister) -> bool:
         """One watch request; returns whether it made progress (so that retrying at once is fine)."""
         from aiohttp import ClientError, ClientTimeout
 
@@ -300,11 +302,10 @@ class SliceWatch(ListWatch):
         if not view.listeners and self._views.get(view.selector) is view:
             del self._views[view.selector]
 
-    def _lister(self) -> Callable[..., Awaitable[ClientResponse]]:
+    def _lister(self) -> Lister:
         from kubernetes_asyncio.client import DiscoveryV1Api
 
-        lister: Callable[..., Awaitable[ClientResponse]] = DiscoveryV1Api(self._client).list_namespaced_endpoint_slice
-        return lister
+        return DiscoveryV1Api(self._client).list_namespaced_endpoint_slice
 
     def _compact(self, obj: JsonObject) -> JsonObject:
         return compact_slice(obj)
