@@ -343,6 +343,17 @@ class TestPodWatch:
             assert pod_watches[0].users == 1
         assert [r for r in pod_requests(kube) if not r.is_watch] == [pod_requests(kube)[0]]  # listed once
 
+    async def test_a_late_resolver_gets_the_weights_at_once(
+        self, kube: FakeKubeAPI, make: Callable[..., KubernetesResolver]
+    ) -> None:
+        kube.upsert(PODS, pod("arith-a", "3"))
+        kube.upsert_slice(service_slice("arith-a"))
+        async with following(make()) as first:
+            await first.wait_for_weights({"arith-a": 3.0})
+            async with following(make()) as second:  # both watches are shared and synced already
+                await second.wait_for_weights({"arith-a": 3.0})
+                assert len(second.snapshots) == 1
+
     async def test_pod_selector(self, kube: FakeKubeAPI, make: Callable[..., KubernetesResolver]) -> None:
         kube.upsert(PODS, pod("arith-a", "3"))
         kube.upsert(PODS, pod("arith-b", "2", app="canary"))  # outside the selector: 1.0

@@ -172,7 +172,7 @@ class WeightedView:
     def __init__(self, base: EndpointView, pods: PodWatch) -> None:
         self.base = base
         self.pods = pods
-        self.version = 0
+        self.version = 1  # not 0: over watches that are synced already, a new view has a snapshot to yield
         self._listeners: list[Callable[[], None]] = []
         self._snapshot: list[Endpoint] | None = None
         self._last: list[Endpoint] | None = None
