@@ -32,6 +32,9 @@ T = TypeVar("T")
 
 log = logging.getLogger("kubrpc.client")
 
+# How long a connection that no new calls go to may keep answering the calls already on it.
+_RETIRE_GRACE = 30.0
+
 _EMPTY: Mapping[str, str] = {}
 
 #: Called with the channel and its endpoints after each resolver snapshot, and once more when the channel closes
@@ -143,6 +146,7 @@ class Channel:
         self.wait_for_endpoints = wait_for_endpoints
         self.endpoints: list[Endpoint] = []
         self._connections: dict[tuple[str, int], Connection] = {}
+        self._retired: set[Connection] = set()
         self._connecting: dict[tuple[str, int], anyio.Lock] = {}
         self._resolved: anyio.Event | None = None
         self._task_group: TaskGroup | None = None
@@ -172,7 +176,8 @@ class Channel:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._resolver.aclose()
-                connections, self._connections = list(self._connections.values()), {}
+                connections = [*self._connections.values(), *self._retired]
+                self._connections, self._retired = {}, set()
                 for conn in connections:
                     await conn.aclose()
             self._notify([])
@@ -210,9 +215,7 @@ class Channel:
             for key in [k for k in self._down if k not in keep]:
                 del self._down[key]
             for key in [k for k in self._connections if k not in keep]:
-                conn = self._connections.pop(key)
-                if self._task_group is not None:
-                    self._task_group.start_soon(conn.aclose)
+                self._retire(self._connections.pop(key))
 
     def stub(
         self,
@@ -285,7 +288,7 @@ class Channel:
                 if self._feedback is None:  # the hot path, without a coroutine per layer
                     conn = self._connections.get((endpoint.host, endpoint.port))
                     if conn is None or not conn.usable:
-                        conn = await self._connect(endpoint)
+                        conn = await self._connect(endpoint, remaining)
                     return await conn.call(path, payload, timeout=remaining, metadata=metadata)
                 return await self._call_with_feedback(endpoint, path, payload, remaining, metadata)
             except NotDeliveredError:
@@ -367,7 +370,7 @@ class Channel:
         status = Status.CANCELLED
         try:
             if conn is None or not conn.usable:
-                conn = await self._connect(endpoint)  # a refused connection counts against the endpoint
+                conn = await self._connect(endpoint, timeout)  # a refused connection counts against the endpoint
             result = await conn.call(path, payload, timeout=timeout, metadata=metadata)
             status = Status.OK
             return result
@@ -377,27 +380,48 @@ class Channel:
         finally:
             feedback.on_finish(endpoint, status=status, latency=time.monotonic() - start)
 
-    async def _connect(self, endpoint: Endpoint) -> Connection:
+    async def _connect(self, endpoint: Endpoint, timeout: float | None) -> Connection:
+        """The pooled connection to `endpoint`, opened if needed, within the call's remaining `timeout`."""
         key = (endpoint.host, endpoint.port)
         lock = self._connecting.setdefault(key, anyio.Lock())
-        async with lock:
-            conn = self._connections.get(key)
-            if conn is not None and conn.usable:
+        try:
+            async with asyncio.timeout(timeout), lock:
+                conn = self._connections.get(key)
+                if conn is not None and conn.usable:
+                    return conn
+                if conn is not None:
+                    del self._connections[key]
+                    self._retire(conn)
+                try:
+                    conn = await self._transport.connect(endpoint)
+                except NotDeliveredError:
+                    self._mark_down(key)
+                    raise
+                self._down.pop(key, None)
+                if self._closed:
+                    await conn.aclose()
+                    raise RpcError(Status.CANCELLED, "channel closed")
+                self._connections[key] = conn
                 return conn
-            if conn is not None:
-                assert self._task_group is not None
-                self._task_group.start_soon(conn.aclose)
-            try:
-                conn = await self._transport.connect(endpoint)
-            except NotDeliveredError:
-                self._mark_down(key)
-                raise
-            self._down.pop(key, None)
-            if self._closed:
+        except TimeoutError:
+            raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded while connecting") from None
+
+    def _retire(self, conn: Connection) -> None:
+        """Send no new calls on `conn`; close it once the calls on it are answered (a draining server
+        promised to answer them), or after _RETIRE_GRACE seconds."""
+        self._retired.add(conn)
+        if self._task_group is not None:
+            self._task_group.start_soon(self._close_when_idle, conn)
+
+    async def _close_when_idle(self, conn: Connection) -> None:
+        try:
+            with anyio.move_on_after(_RETIRE_GRACE):
+                while getattr(conn, "in_flight", 0):  # noqa: ASYNC110 - Connection has no idle event
+                    await anyio.sleep(0.05)
+        finally:
+            self._retired.discard(conn)
+            with anyio.CancelScope(shield=True):
                 await conn.aclose()
-                raise RpcError(Status.CANCELLED, "channel closed")
-            self._connections[key] = conn
-            return conn
 
     def _mark_down(self, key: tuple[str, int]) -> None:
         """An endpoint refused a connection: avoid it for a jittered, growing while (gRPC's connect backoff)."""

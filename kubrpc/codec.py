@@ -12,6 +12,7 @@ import binascii
 import dataclasses
 import datetime
 import enum
+import math
 import types
 import typing
 import uuid
@@ -20,7 +21,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ("DecodeError", "Decoder", "decoder", "dumps", "loads")
+__all__ = ("DecodeError", "Decoder", "decoder", "dumps", "dumps_floats", "loads", "may_hold_float")
 
 Decoder = Callable[[Any, str], Any]
 """Checks and converts one JSON value; the second argument is the field path for error messages."""
@@ -80,7 +81,58 @@ def _float(value: Any, path: str) -> float:
         return value
     if type(value) is int:
         return float(value)
+    if type(value) is str and value in _NON_FINITE:
+        return float(value)
     _fail(path, "number", value)
+
+
+# JSON has no NaN or infinities: they travel as these strings, as in protobuf's JSON mapping.
+_NON_FINITE = frozenset({"NaN", "Infinity", "-Infinity"})
+
+
+def dumps_floats(value: object) -> bytes:
+    """dumps() for values that may hold floats: NaN and infinities become "NaN", "Infinity", "-Infinity".
+
+    orjson writes them as null; a null in the output is the only sign, so the slower path runs only then.
+    """
+    data = orjson.dumps(value, default=_default)
+    if b"null" in data:
+        data = orjson.dumps(_spell_non_finite(value), default=_default)
+    return data
+
+
+def _spell_non_finite(value: object) -> object:
+    if type(value) is float:
+        if value != value:
+            return "NaN"
+        if value in (math.inf, -math.inf):
+            return "Infinity" if value > 0 else "-Infinity"
+        return value
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_spell_non_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _spell_non_finite(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _spell_non_finite(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+def may_hold_float(tp: object, _seen: set[object] | None = None) -> bool:
+    """Can a value of this annotation contain a float (so NaN or an infinity)?"""
+    if tp is float or tp is typing.Any or tp is object:
+        return True
+    seen = _seen if _seen is not None else set()
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if tp in seen:
+            return False
+        seen.add(tp)
+        hints = typing.get_type_hints(tp)
+        return any(may_hold_float(hints[f.name], seen) for f in dataclasses.fields(tp))
+    if isinstance(tp, typing.NewType):
+        return may_hold_float(tp.__supertype__, seen)
+    if tp in (list, tuple, dict, set, frozenset):
+        return True  # unparametrised: items of any type
+    return any(may_hold_float(arg, seen) for arg in typing.get_args(tp) if arg is not Ellipsis)
 
 
 def _str(value: Any, path: str) -> str:

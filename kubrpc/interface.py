@@ -82,6 +82,9 @@ class MethodSpec:
     options: MethodOptions
     decode_result_value: codec.Decoder
     positional: tuple[str, ...] = field(default=())
+    encode_result: Callable[[object], bytes] = codec.dumps
+    """Server side: the result as JSON bytes (floats-aware when the return type may hold floats)."""
+    encode_arguments: Callable[[object], bytes] = codec.dumps
 
     @property
     def path(self) -> str:
@@ -105,6 +108,8 @@ class MethodSpec:
                     raise RpcError(Status.INVALID_ARGUMENT, f"missing argument {p.name!r}")
         except codec.DecodeError as exc:
             raise RpcError(Status.INVALID_ARGUMENT, f"invalid argument {exc.path!r}: {exc.reason}") from None
+        except RecursionError:
+            raise RpcError(Status.INVALID_ARGUMENT, "arguments are nested too deeply") from None
         if len(kwargs) != len(obj):
             unknown = sorted(set(obj) - {p.name for p in self.params})
             raise RpcError(Status.INVALID_ARGUMENT, f"unexpected argument {unknown[0]!r}")
@@ -130,7 +135,7 @@ class MethodSpec:
                 if not any(p.name == key for p in self.params):
                     raise TypeError(f"{self.attr}() got an unexpected keyword argument {key!r}")
         try:
-            return codec.dumps(named)
+            return self.encode_arguments(named)
         except TypeError as exc:
             raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {exc}") from None
 
@@ -138,7 +143,7 @@ class MethodSpec:
         """Client side: parse a result body back into the annotated return type."""
         try:
             return self.decode_result_value(orjson.loads(data), "result")
-        except (orjson.JSONDecodeError, codec.DecodeError) as exc:
+        except (orjson.JSONDecodeError, codec.DecodeError, RecursionError) as exc:
             raise RpcError(Status.INTERNAL, f"malformed result from {self.path}: {exc}") from None
 
 
@@ -227,6 +232,10 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
         options=options,
         decode_result_value=decode_result,
         positional=tuple(positional),
+        encode_result=codec.dumps_floats if codec.may_hold_float(hints["return"]) else codec.dumps,
+        encode_arguments=(
+            codec.dumps_floats if any(codec.may_hold_float(p.annotation) for p in params) else codec.dumps
+        ),
     )
 
 

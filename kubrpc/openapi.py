@@ -20,7 +20,7 @@ __all__ = ("json_schema", "openapi_document")
 
 _SIMPLE: dict[object, dict[str, Any]] = {
     int: {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},  # JSON numbers kubrpc reads exactly
-    float: {"type": "number"},
+    float: {"anyOf": [{"type": "number"}, {"enum": ["NaN", "Infinity", "-Infinity"]}]},  # as protobuf JSON
     str: {"type": "string"},
     bool: {"type": "boolean"},
     type(None): {"type": "null"},

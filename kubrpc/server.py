@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from . import codec
 from .errors import RpcError
 from .interceptors import CallInfo, Proceed, ServerInterceptor, _current
 from .interface import MethodSpec, ServiceSpec, check_implementation, service_spec
@@ -137,11 +136,11 @@ class Server:
             deadline_enforced = False  # the method's own, shorter limit is enforced here
         if self.interceptors:
             return await self._intercepted(route, path, payload, timeout, metadata, peer, deadline_enforced)
-        kwargs = route.spec.decode_args(payload)
         at = None if timeout is None else time.monotonic() + timeout
         context = _current.set((route.spec, path, metadata, peer, at))
         deadline: asyncio.Timeout | None = None
         try:
+            kwargs = route.spec.decode_args(payload)  # inside: a dataclass's __post_init__ is user code
             if timeout is None or deadline_enforced:
                 result = await route.handler(**kwargs)
             else:
@@ -150,12 +149,16 @@ class Server:
                     result = await route.handler(**kwargs)
         except RpcError:
             raise
+        except asyncio.CancelledError:
+            if _really_cancelled():
+                raise
+            raise _failure(RuntimeError("the handler raised CancelledError"), deadline, path) from None
         except Exception as exc:
             raise _failure(exc, deadline, path) from None
         finally:
             _current.reset(context)
         try:
-            return codec.dumps(result)
+            return route.spec.encode_result(result)
         except TypeError:
             log.exception("result of %s cannot be encoded", path)
             raise RpcError(Status.INTERNAL, "internal error") from None
@@ -187,6 +190,10 @@ class Server:
                     result = await proceed()
         except RpcError:
             raise
+        except asyncio.CancelledError:
+            if _really_cancelled():
+                raise
+            raise _failure(RuntimeError("the handler raised CancelledError"), deadline, path) from None
         except Exception as exc:
             raise _failure(exc, deadline, path) from None
         finally:
@@ -262,7 +269,7 @@ class Server:
 async def _run_handler(route: _Route, payload: bytes) -> bytes:
     """The innermost step of an interceptor chain: decode the arguments, run the handler, encode its result."""
     result = await route.handler(**route.spec.decode_args(payload))
-    return codec.dumps(result)
+    return route.spec.encode_result(result)
 
 
 def event_loop_options() -> dict[str, Any]:
@@ -274,6 +281,12 @@ def event_loop_options() -> dict[str, Any]:
     except ImportError:
         return {}
     return {"use_uvloop": True}
+
+
+def _really_cancelled() -> bool:
+    """Is this task being cancelled (the call was), rather than a handler raising CancelledError itself?"""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _failure(exc: Exception, deadline: asyncio.Timeout | None, path: str) -> RpcError:

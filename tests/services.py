@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import enum
 import uuid
@@ -66,6 +67,8 @@ class Control(Protocol):
     @kubrpc.method(idempotent=True)
     async def whoami(self) -> str: ...
 
+    async def cancelled_inside(self) -> None: ...
+
 
 class ArithImpl:
     async def add(self, a: int, b: int) -> int:
@@ -128,6 +131,10 @@ class ControlImpl:
     async def whoami(self) -> str:
         self.calls += 1
         return self.name
+
+    async def cancelled_inside(self) -> None:
+        """A handler whose own code raises CancelledError (say, from a future someone else cancelled)."""
+        raise asyncio.CancelledError
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

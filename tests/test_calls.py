@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import uuid
 
 import anyio
@@ -251,3 +252,46 @@ def test_both_transports_work_on_uvloop() -> None:
         return results
 
     assert anyio.run(main, backend_options={"use_uvloop": True}) == [42, 42]
+
+
+async def test_handler_raising_cancelled_error_is_internal(served: tuple[str, kubrpc.Server, object]) -> None:
+    url, _, _ = served
+    async with kubrpc.connect(url) as channel:
+        with anyio.fail_after(5), pytest.raises(RpcError) as info:
+            await channel.stub(Control).cancelled_inside()  # no deadline: an unanswered call would hang
+    assert info.value == RpcError(Status.INTERNAL, "internal error")
+
+
+async def test_deeply_nested_arguments_are_invalid_not_a_crash(served: tuple[str, kubrpc.Server, object]) -> None:
+    url, _, _ = served
+    fields = b'"id": "%s", "name": "x", "color": "red", "created": "2026-01-01T00:00:00"' % str(uuid.uuid4()).encode()
+    # 900 levels of Item.parent: JSON parsers allow 1024, Python's recursion does not follow.
+    body = b'{"item": ' + (b"{" + fields + b', "parent": ') * 900 + b"{" + fields + b"}" * 901 + b"}"
+    async with kubrpc.connect(url) as channel:
+        with anyio.fail_after(10), pytest.raises(RpcError) as info:
+            await channel.call("test.Store/put", body, timeout=5)
+        assert info.value == RpcError(Status.INVALID_ARGUMENT, "arguments are nested too deeply")
+        assert await channel.stub(Arith, timeout=5).add(1, 1) == 2
+
+
+async def test_non_finite_floats_travel_as_strings(served: tuple[str, kubrpc.Server, object]) -> None:
+    url, _, _ = served
+    async with kubrpc.connect(url) as channel:
+        arith = channel.stub(Arith, timeout=5)
+        assert await arith.div(1e308, 1e-308) == math.inf
+        assert await arith.div(-math.inf, 1) == -math.inf
+        assert math.isnan(await arith.div(math.nan, 1))
+        assert await channel.call("Arith/div", b'{"a": "Infinity", "b": 2}', timeout=5) == b'"Infinity"'
+
+
+async def test_bad_call_options_fail_before_anything_is_sent(served: tuple[str, kubrpc.Server, object]) -> None:
+    url, _, _ = served
+    async with kubrpc.connect(url) as channel:
+        arith = channel.stub(Arith, timeout=math.inf)  # no deadline
+        assert await arith.add(1, 2) == 3
+        with pytest.raises(RpcError) as info:
+            await channel.call("Arith/add", b"{}", timeout=5, metadata={"x-retry": 1})  # type: ignore[dict-item]
+        assert info.value.code is Status.INVALID_ARGUMENT
+        for conn in channel.connections.values():
+            assert getattr(conn, "in_flight", 0) == 0
+        assert await arith.add(2, 2) == 4

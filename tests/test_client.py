@@ -122,3 +122,18 @@ async def test_an_endpoint_refusing_connections_is_backed_off(start_server: obje
     # Without backoff every other call would try port 1 again (100 refused connects).
     assert 1 <= transport.attempts[1] <= 5
     assert transport.attempts[live] == 1
+
+
+async def test_the_call_deadline_bounds_connecting(silent_peer: str, tmp_path: object) -> None:
+    import ssl
+    from pathlib import Path
+
+    from kubrpc.testing.certs import self_signed_certificate
+
+    cert, _ = self_signed_certificate(Path(str(tmp_path)))
+    context = ssl.create_default_context(cafile=str(cert))
+    transport = TcpTransport(ssl=context, connect_timeout=60)  # the TLS handshake never completes
+    async with kubrpc.connect(silent_peer, transport=transport) as channel:
+        with anyio.fail_after(20), pytest.raises(RpcError) as info:
+            await channel.stub(Arith, timeout=0.3).add(1, 2)
+    assert info.value.code is Status.DEADLINE_EXCEEDED

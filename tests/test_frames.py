@@ -7,9 +7,12 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from kubrpc import Status
 from kubrpc.errors import ProtocolError
 from kubrpc.transports._frames import (
     HEADER,
+    MAX_METADATA,
+    BadRequest,
     Frame,
     FrameDecoder,
     encode_frame,
@@ -81,7 +84,7 @@ def test_request_round_trip(stream: int, path: str, body: bytes, timeout_ms: int
 def test_malformed_request_payloads_raise_protocol_error_only(payload: bytes) -> None:
     try:
         request = parse_request(payload)
-    except ProtocolError:
+    except (ProtocolError, BadRequest):
         return
     assert isinstance(request.path, str) and all(isinstance(v, str) for v in request.metadata.values())
 
@@ -102,8 +105,13 @@ def test_goaway_round_trip(last: int, reason: str) -> None:
     assert parse_goaway(frame.payload) == (last, reason)
 
 
-def test_metadata_must_be_an_object_of_strings() -> None:
+def test_bad_metadata_fails_the_call_not_the_connection() -> None:
     for meta in (b"[1]", b'{"a": 1}', b"nope"):
         payload = encode_request(1, "A/b", b"{}", 0, meta)[HEADER.size :]
-        with pytest.raises(ProtocolError, match="metadata"):
+        with pytest.raises(BadRequest, match="metadata") as info:
             parse_request(payload)
+        assert info.value.error.code is Status.INVALID_ARGUMENT
+    payload = encode_request(1, "A/b", b"{}", 0, b'{"k": "' + b"v" * MAX_METADATA + b'"}')[HEADER.size :]
+    with pytest.raises(BadRequest) as info:
+        parse_request(payload)
+    assert info.value.error.code is Status.RESOURCE_EXHAUSTED

@@ -120,3 +120,29 @@ async def test_draining_server_finishes_running_calls_and_turns_away_new_ones() 
         with pytest.raises(kubrpc.RpcError) as info:
             await channel.stub(Arith, timeout=2).add(1, 1)
         assert info.value.code is kubrpc.Status.UNAVAILABLE
+
+
+async def test_calls_running_on_a_draining_server_are_answered_while_new_ones_go_elsewhere() -> None:
+    instances = [Instance("tcp", name) for name in ("a", "b")]
+    async with anyio.create_task_group() as servers:
+        for instance in instances:
+            await servers.start(instance.run)
+        endpoints = [Endpoint("127.0.0.1", i.port) for i in instances]
+        async with kubrpc.connect(endpoints, transport="tcp", balancer="round_robin") as channel:
+            control, arith = channel.stub(Control, timeout=10), channel.stub(Arith, timeout=10)
+            slow: list[str] = []
+
+            async def sleep() -> None:
+                slow.append(await control.sleep(0.5))
+
+            async with anyio.create_task_group() as calls:
+                for _ in range(4):  # two on each server
+                    calls.start_soon(sleep)
+                await anyio.sleep(0.1)
+                instances[0].restart()  # GOAWAY: its two calls still run
+                await anyio.sleep(0.05)
+                # New calls find a's connection going away: they must not close it under the running calls.
+                assert [await arith.add(i, 1) for i in range(6)] == [i + 1 for i in range(6)]
+            assert slow == ["slept"] * 4
+        for instance in instances:
+            instance.stop()

@@ -267,3 +267,32 @@ async def test_idle_connections_are_sent_away_and_clients_reconnect(start_server
         assert await arith.add(2, 3) == 5  # a new connection, transparently
         (second,) = channel.connections.values()
         assert second is not first and second.usable
+
+
+async def test_calls_cancelled_before_they_start_are_forgotten(start_server: Callable[..., object]) -> None:
+    url, _, _ = await start_server("tcp", max_concurrent_calls=3)  # type: ignore[operator]
+    host, port = url.removeprefix("tcp://").rsplit(":", 1)
+    async with await anyio.connect_tcp(host, int(port)) as stream:
+        client = RawClient(stream)
+        # REQUEST and CANCEL in one read: the call's task is cancelled before its first step.
+        burst = b"".join(
+            encode_request(s, "Control/sleep", b'{"seconds": 5}') + encode_frame(FrameType.CANCEL, s) for s in (1, 3, 5)
+        )
+        await client.send(PREFACE + burst)
+        await anyio.sleep(0.1)  # the cancelled calls end within a loop turn or two; before the fix, never
+        await client.send(encode_request(7, "Arith/add", b'{"a": 1, "b": 2}'))  # not RESOURCE_EXHAUSTED
+        assert await client.frame() == Frame(FrameType.RESPONSE, 0, 7, b"3")
+
+
+async def test_bad_metadata_fails_only_that_call(tcp: tuple[Callable[..., object], object, str]) -> None:
+    open_raw, _, _ = tcp
+    client: RawClient = await open_raw()  # type: ignore[operator]
+    await client.send(encode_request(1, "Control/sleep", b'{"seconds": 0.3}'))
+    await client.send(encode_request(3, "Arith/add", b'{"a": 1, "b": 2}', metadata=b'{"x-retry": 1}'))
+    bad = await client.frame()
+    assert bad.stream == 3
+    assert orjson.loads(bad.payload) == {
+        "code": "invalid_argument",
+        "message": "metadata must be a JSON object of strings",
+    }
+    assert await client.frame() == Frame(FrameType.RESPONSE, 0, 1, b'"slept"')  # the other call was not hurt

@@ -13,11 +13,16 @@ from typing import NamedTuple
 
 import orjson
 
-from kubrpc.errors import ProtocolError
+from kubrpc.errors import ProtocolError, RpcError
+from kubrpc.status import Status
 
 __all__ = (
+    "FRAME_OVERHEAD",
     "HEADER",
+    "MAX_METADATA",
+    "MAX_TIMEOUT_MS",
     "PREFACE",
+    "BadRequest",
     "Frame",
     "FrameDecoder",
     "FrameType",
@@ -35,6 +40,11 @@ _REQUEST_HEAD = struct.Struct(">IH")
 _GOAWAY_HEAD = struct.Struct(">I")
 FLAG_ACK = 0x01
 MAX_STREAM_ID = 2**32 - 1
+MAX_TIMEOUT_MS = 2**32 - 1
+#: Encoded metadata of one request, at most.
+MAX_METADATA = 16 * 1024
+#: What a frame may carry beyond the largest message: its request header, path and metadata.
+FRAME_OVERHEAD = 64 * 1024
 
 
 class FrameType(enum.IntEnum):
@@ -99,19 +109,37 @@ def parse_request(payload: bytes) -> Request:
         raise ProtocolError("truncated REQUEST frame")
     metadata: dict[str, str] = {}
     if meta_len:
+        # The frame itself is sound: bad metadata is that call's error, not the connection's.
+        if meta_len > MAX_METADATA:
+            raise BadRequest(RpcError(Status.RESOURCE_EXHAUSTED, f"metadata exceeds {MAX_METADATA} bytes"))
         try:
             meta = orjson.loads(payload[at : at + meta_len])
         except orjson.JSONDecodeError:
-            raise ProtocolError("REQUEST metadata is not JSON") from None
+            raise BadRequest(RpcError(Status.INVALID_ARGUMENT, "metadata is not JSON")) from None
         if type(meta) is not dict or not all(type(v) is str for v in meta.values()):
-            raise ProtocolError("REQUEST metadata must be a JSON object of strings")
+            raise BadRequest(RpcError(Status.INVALID_ARGUMENT, "metadata must be a JSON object of strings"))
         metadata = meta
     return Request(timeout_ms, path, metadata, payload[at + meta_len :])
 
 
+class BadRequest(Exception):
+    """A well-framed REQUEST that cannot be run: answer its stream with `error`, keep the connection."""
+
+    def __init__(self, error: RpcError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 def encode_metadata(metadata: Mapping[str, str]) -> bytes:
-    """Metadata as the REQUEST frame carries it: empty, or a JSON object of strings."""
-    return orjson.dumps(dict(metadata)) if metadata else b""
+    """Metadata as the REQUEST frame carries it: empty, or a JSON object of strings (RpcError if it is not)."""
+    if not metadata:
+        return b""
+    if not all(type(k) is str and type(v) is str for k, v in metadata.items()):
+        raise RpcError(Status.INVALID_ARGUMENT, "metadata keys and values must be strings")
+    encoded = orjson.dumps(dict(metadata))
+    if len(encoded) > MAX_METADATA:
+        raise RpcError(Status.RESOURCE_EXHAUSTED, f"metadata exceeds {MAX_METADATA} bytes")
+    return encoded
 
 
 def encode_goaway(last_stream: int, reason: str = "") -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, cast
 
@@ -17,7 +18,9 @@ from kubrpc.status import Status
 from ._deadlines import Deadlines
 from ._frames import (
     FLAG_ACK,
+    FRAME_OVERHEAD,
     MAX_STREAM_ID,
+    MAX_TIMEOUT_MS,
     PREFACE,
     Frame,
     FrameDecoder,
@@ -48,7 +51,7 @@ class TcpConnection(FrameWriter):
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._next_stream = 1
         self.transport: asyncio.Transport | None = None
-        self._decoder = FrameDecoder(max_message_size + 4096)
+        self._decoder = FrameDecoder(max_message_size + FRAME_OVERHEAD)
         self._goaway: int | None = None
         self._closed = False
         self._lost: asyncio.Future[None] | None = None
@@ -111,17 +114,21 @@ class TcpConnection(FrameWriter):
             raise NotDeliveredError(f"connection to {self.endpoint.address} is closed or draining")
         if len(payload) > self.max_message_size:
             raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
-        stream = self._next_stream
-        self._next_stream = stream + 1
-        loop = self._loop
-        fut: asyncio.Future[Frame] = loop.create_future()
-        self._pending[stream] = fut
-        if timeout is None:
+        if timeout is None or timeout == math.inf:
+            timeout = None
             timeout_ms = 0
         else:
+            timeout_ms = min(max(1, math.ceil(timeout * 1000)), MAX_TIMEOUT_MS)
+        stream = self._next_stream
+        try:  # everything that can fail before the call is registered
+            request = encode_request(stream, path, payload, timeout_ms, encode_metadata(metadata) if metadata else b"")
+        except struct.error:
+            raise RpcError(Status.INVALID_ARGUMENT, "method path too long") from None
+        self._next_stream = stream + 1
+        fut: asyncio.Future[Frame] = self._loop.create_future()
+        self._pending[stream] = fut
+        if timeout is not None:
             self._deadlines.add(stream, timeout)
-            timeout_ms = max(1, math.ceil(timeout * 1000))
-        request = encode_request(stream, path, payload, timeout_ms, encode_metadata(metadata) if metadata else b"")
         if len(self._pending) == 1 and not self._out:  # nothing in flight to batch with: send now
             self.write_now(request)
         else:

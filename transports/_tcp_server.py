@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from functools import partial
 from typing import TYPE_CHECKING, cast
 
 import anyio
@@ -15,7 +16,9 @@ from kubrpc.status import Status
 from ._deadlines import Deadlines
 from ._frames import (
     FLAG_ACK,
+    FRAME_OVERHEAD,
     PREFACE,
+    BadRequest,
     Frame,
     FrameDecoder,
     encode_frame,
@@ -36,6 +39,10 @@ _LINGER = 1.0
 
 def _error_frame(stream: int, error: RpcError) -> bytes:
     return encode_frame(_ERROR, stream, orjson.dumps(error.to_json()))
+
+
+def _deadline_frame(stream: int) -> bytes:
+    return _error_frame(stream, RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded"))
 
 
 class TcpListener:
@@ -119,7 +126,7 @@ class _ServerConnection(FrameWriter):
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
-        self._decoder = FrameDecoder(listener.max_message_size + 4096)
+        self._decoder = FrameDecoder(listener.max_message_size + FRAME_OVERHEAD)
         self._preface: bytes | None = b""
         self._last_stream = 0
         self._going_away = False
@@ -202,7 +209,11 @@ class _ServerConnection(FrameWriter):
         if kind == _REQUEST:
             if stream == 0 or stream in self.calls:
                 raise ProtocolError(f"stream id {stream} is zero or already in use")
-            request = parse_request(frame.payload)
+            try:
+                request = parse_request(frame.payload)
+            except BadRequest as exc:
+                self.write(_error_frame(stream, exc.error))
+                return
             if self._going_away:
                 self.write(_error_frame(stream, NotDeliveredError("server shutting down")))
                 return
@@ -222,9 +233,10 @@ class _ServerConnection(FrameWriter):
             metadata = request.metadata
             if metadata:  # keys are case-insensitive, as HTTP header names: handlers see them in lower case
                 metadata = {k.lower(): v for k, v in metadata.items()}
-            self.calls[stream] = self._loop.create_task(
-                self._run(stream, request.path, request.body, timeout, metadata)
-            )
+            task = self._loop.create_task(self._run(stream, request.path, request.body, timeout, metadata))
+            self.calls[stream] = task
+            # Bookkeeping in a done callback: a task cancelled before its first step never runs _run at all.
+            task.add_done_callback(partial(self._call_done, stream))
             if timeout is not None:
                 self._deadlines.add(stream, timeout)
         elif kind == _CANCEL:
@@ -255,20 +267,25 @@ class _ServerConnection(FrameWriter):
                 self.write(frame)
         except asyncio.CancelledError:
             if stream in self._expired:  # our deadline timer cancelled it
-                self.write(_error_frame(stream, RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")))
+                self._expired.discard(stream)
+                self.write(_deadline_frame(stream))
             # else: cancelled by the client (CANCEL frame) or because the connection is gone: no answer
-        finally:
-            if self.calls.get(stream) is asyncio.current_task():
-                del self.calls[stream]
-            self._deadlines.discard(stream)
+
+    def _call_done(self, stream: int, task: asyncio.Task[None]) -> None:
+        if self.calls.get(stream) is task:
+            del self.calls[stream]
+        self._deadlines.discard(stream)
+        if stream in self._expired:  # the deadline passed before the call's task could even start
             self._expired.discard(stream)
-            if self._idle_timer is not None:
-                self._last_active = self._loop.time()
-            self.listener.call_finished()
+            if task.cancelled():
+                self.write(_deadline_frame(stream))
+        if self._idle_timer is not None:
+            self._last_active = self._loop.time()
+        self.listener.call_finished()
 
     def _deadline_passed(self, stream: int) -> None:
         task = self.calls.get(stream)
-        if task is not None:
+        if task is not None and not task.done():
             self._expired.add(stream)
             task.cancel()
 

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, RpcError
+from kubrpc.server import DEFAULT_MAX_MESSAGE_SIZE
 from kubrpc.status import Status
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ("HttpConnection", "HttpListener", "HttpTransport", "build_app")
 
 TIMEOUT_HEADER = "connect-timeout-ms"
+_DEFAULT_LIMIT = DEFAULT_MAX_MESSAGE_SIZE
 _CONTENT_TYPE = (b"content-type", b"application/json")
 
 
@@ -345,7 +347,7 @@ class HttpTransport:
             lifespan="off",
             access_log=False,
             timeout_graceful_shutdown=math.ceil(server.drain_timeout) or 1,
-            limit_concurrency=server.max_connections,  # beyond it uvicorn answers 503 (unavailable: retried)
+            limit_concurrency=server.max_connections,  # beyond it uvicorn answers 503: clients retry elsewhere
         )
         if self.ssl is not None:  # uvicorn builds its context from files; an SSLContext goes in after load()
             config.load()
@@ -384,13 +386,20 @@ class HttpConnection:
         if transport.ssl is not None and transport.server_hostname is not None:
             self._options["server_hostname"] = transport.server_hostname
         self._closed = False
-        self._errors = (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError)
+        self.in_flight = 0
+        self._limit = transport.max_message_size or _DEFAULT_LIMIT
+        # Connect failures and connect timeouts: the server never saw the call.
+        self._errors = (
+            aiohttp.ClientConnectorError,
+            getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ServerTimeoutError),
+        )
         self._transport_errors = (aiohttp.ClientError, OSError)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=transport.max_connections,
                 limit_per_host=0,
                 force_close=False,
+                keepalive_timeout=4.0,  # under uvicorn's 5 s: reuse no connection the server is closing
                 ssl=True if transport.ssl is None else transport.ssl,
             ),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=transport.connect_timeout),
@@ -405,31 +414,56 @@ class HttpConnection:
 
     async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
         """POST one call and return the JSON result; errors become RpcError with the server's status."""
-        if self.max_message_size is not None and len(payload) > self.max_message_size:
+        if len(payload) > self._limit:
             raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
         headers = dict(metadata) if metadata else {}
+        if metadata and not all(type(k) is str and type(v) is str for k, v in headers.items()):
+            raise RpcError(Status.INVALID_ARGUMENT, "metadata keys and values must be strings")
+        if timeout == math.inf:
+            timeout = None
         if timeout is not None:
-            headers[TIMEOUT_HEADER] = str(max(1, math.ceil(timeout * 1000)))
+            headers[TIMEOUT_HEADER] = str(min(max(1, math.ceil(timeout * 1000)), 9_999_999_999))
+        self.in_flight += 1
         try:
             async with asyncio.timeout(timeout):  # not anyio.fail_after: cheaper, and aiohttp is asyncio-only
                 async with self._session.post(
                     self._base + path, data=payload, headers=headers, **self._options
                 ) as response:
                     status = response.status
-                    content = await response.read()
+                    content = await self._read(response)
+        except self._errors as exc:  # before TimeoutError: a connect timeout is one too
+            raise NotDeliveredError(f"cannot connect to {self.endpoint.address}: {exc}") from None
         except TimeoutError:
             raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
-        except self._errors as exc:
-            raise NotDeliveredError(f"cannot connect to {self.endpoint.address}: {exc}") from None
         except self._transport_errors as exc:
             raise RpcError(Status.UNAVAILABLE, f"connection to {self.endpoint.address} failed: {exc!r}") from None
+        finally:
+            self.in_flight -= 1
         if status == 200:
             return content
         try:
             body = orjson.loads(content)
         except orjson.JSONDecodeError:
+            if status == 503:  # from uvicorn's connection limit or a proxy, not from kubrpc: it never ran
+                raise NotDeliveredError(f"{self.endpoint.address} is unavailable (HTTP 503)") from None
             body = None
         raise RpcError.from_json(body, fallback=Status.from_http_status(status))
+
+    async def _read(self, response: Any) -> bytes:
+        """The response body, refused past the size limit without reading it all."""
+        limit = self._limit + 1024  # an error body about an oversized answer is a little larger
+        length = response.content_length
+        if length is not None and length <= limit:
+            return cast(bytes, await response.read())
+        if length is not None:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
+        chunks, size = [], 0
+        async for chunk in response.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > limit:
+                raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
