@@ -35,25 +35,35 @@ class Balancer(Protocol):
     `RpcError(Status.UNAVAILABLE)` when nothing is eligible.
     """
 
-    def update(self, endpoints: Sequence[Endpoint], /) -> None: ...
+    def update(self, endpoints: Sequence[Endpoint], /) -> None:
+        """Replace the endpoint set with this snapshot."""
+        ...
 
-    def pick(self) -> Endpoint: ...
+    def pick(self) -> Endpoint:
+        """The endpoint for the next call; RpcError(UNAVAILABLE) if none is eligible."""
+        ...
 
 
 @runtime_checkable
 class KeyedBalancer(Protocol):
     """Optional: a balancer that can pick by a per-call key (consistent hashing)."""
 
-    def pick_for(self, key: str, /) -> Endpoint: ...
+    def pick_for(self, key: str, /) -> Endpoint:
+        """The endpoint for a call with this key (the same key maps to the same endpoint)."""
+        ...
 
 
 @runtime_checkable
 class CallFeedback(Protocol):
     """Optional: a balancer that learns from calls. The channel calls these around every call."""
 
-    def on_start(self, endpoint: Endpoint, /) -> None: ...
+    def on_start(self, endpoint: Endpoint, /) -> None:
+        """A call to `endpoint` is starting."""
+        ...
 
-    def on_finish(self, endpoint: Endpoint, /, *, status: Status, latency: float) -> None: ...
+    def on_finish(self, endpoint: Endpoint, /, *, status: Status, latency: float) -> None:
+        """A call to `endpoint` ended with `status` after `latency` seconds."""
+        ...
 
 
 class Resolver(Protocol):
@@ -64,9 +74,13 @@ class Resolver(Protocol):
     unreachable, so the last snapshot stays in force. `aclose()` ends every `watch()`.
     """
 
-    def watch(self) -> AsyncIterator[list[Endpoint]]: ...
+    def watch(self) -> AsyncIterator[list[Endpoint]]:
+        """Yield the current endpoint list, then each new one, until aclose()."""
+        ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """End every watch() of this resolver."""
+        ...
 
 
 class Connection(Protocol):
@@ -78,14 +92,18 @@ class Connection(Protocol):
     Cancelling the awaiting task cancels the call on the server.
     """
 
-    async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes: ...
+    async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
+        """Send one encoded call and return the encoded result, or raise RpcError."""
+        ...
 
     @property
     def usable(self) -> bool:
         """False once the connection is closed or draining (go-away): new calls go elsewhere."""
         ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Close the connection; calls still on it fail with UNAVAILABLE."""
+        ...
 
 
 class Dispatcher(Protocol):
@@ -96,19 +114,27 @@ class Dispatcher(Protocol):
 
     async def dispatch(
         self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str], peer: str = ""
-    ) -> bytes: ...
+    ) -> bytes:
+        """Run the call at `path` (`Service/method`) and return its encoded result, or raise RpcError."""
+        ...
 
 
 class Listener(Protocol):
     """A bound server socket; `url` is the real address (port 0 resolved)."""
 
     @property
-    def url(self) -> str: ...
+    def url(self) -> str:
+        """The bound address, e.g. tcp://127.0.0.1:40123."""
+        ...
 
 
 class Transport(Protocol):
     """A wire protocol: the client side (`connect`) and the server side (`listen`)."""
 
-    async def connect(self, endpoint: Endpoint, /) -> Connection: ...
+    async def connect(self, endpoint: Endpoint, /) -> Connection:
+        """Open a connection to `endpoint`; NotDeliveredError if it cannot be reached."""
+        ...
 
-    def listen(self, server: object, host: str, port: int, /) -> AbstractAsyncContextManager[Listener]: ...
+    def listen(self, server: object, host: str, port: int, /) -> AbstractAsyncContextManager[Listener]:
+        """Serve `server` on host:port while the context is open; drain when it exits."""
+        ...
