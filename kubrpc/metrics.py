@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import anyio
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -328,38 +325,8 @@ async def serve_metrics(
         body, content_type = _exposition(chosen, request.headers.get("accept"))
         return Response(body, headers={"Content-Type": content_type})
 
+    from .transports.http import serve_uvicorn
+
     app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
-    host, port = parts.hostname, parts.port or 0
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    bound = sock.getsockname()
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)
-    userver = _QuietUvicorn(config)
-    with sock:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(userver.serve, [sock])
-            with anyio.fail_after(10):
-                while not userver.started:
-                    if userver.should_exit:
-                        raise OSError(f"cannot serve metrics on {host}:{port}")
-                    await anyio.sleep(0.002)
-            host_text = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
-            try:
-                yield MetricsListener(f"http://{host_text}:{bound[1]}")
-            finally:
-                userver.should_exit = True
-
-
-class _QuietUvicorn(uvicorn.Server):
-    # The owner of the event loop (Server.run, a test) handles signals, not uvicorn.
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+    async with serve_uvicorn(app, parts.hostname, parts.port or 0, timeout_graceful_shutdown=1) as (bound, _):
+        yield MetricsListener(bound)

@@ -149,11 +149,7 @@ class Server:
                     result = await route.handler(**kwargs)
         except RpcError:
             raise
-        except asyncio.CancelledError:
-            if _really_cancelled():
-                raise
-            raise _failure(RuntimeError("the handler raised CancelledError"), deadline, path) from None
-        except Exception as exc:
+        except BaseException as exc:
             raise _failure(exc, deadline, path) from None
         finally:
             _current.reset(context)
@@ -190,11 +186,7 @@ class Server:
                     result = await proceed()
         except RpcError:
             raise
-        except asyncio.CancelledError:
-            if _really_cancelled():
-                raise
-            raise _failure(RuntimeError("the handler raised CancelledError"), deadline, path) from None
-        except Exception as exc:
+        except BaseException as exc:
             raise _failure(exc, deadline, path) from None
         finally:
             _current.reset(context)
@@ -283,17 +275,22 @@ def event_loop_options() -> dict[str, Any]:
     return {"use_uvloop": True}
 
 
-def _really_cancelled() -> bool:
-    """Is this task being cancelled (the call was), rather than a handler raising CancelledError itself?"""
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
+def _failure(exc: BaseException, deadline: asyncio.Timeout | None, path: str) -> BaseException:
+    """What to raise for a call that raised `exc` (not an RpcError); call it inside the `except` block.
 
-
-def _failure(exc: Exception, deadline: asyncio.Timeout | None, path: str) -> RpcError:
-    """What the caller sees of a call that raised something other than RpcError (call inside `except`)."""
-    if isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
+    A real cancellation of the call, and KeyboardInterrupt and the like, go on as they are; a deadline
+    is DEADLINE_EXCEEDED; anything else is INTERNAL, with the details only in the server's log.
+    """
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is None or task.cancelling() > 0:  # this call is being cancelled
+            return exc
+        # else the handler raised CancelledError itself (say, from a future someone else cancelled)
+    elif not isinstance(exc, Exception):
+        return exc
+    elif isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
         return RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
-    log.exception("call of %s failed", path)  # the details stay in the server's log
+    log.exception("call of %s failed", path)
     return RpcError(Status.INTERNAL, "internal error")
 
 

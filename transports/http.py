@@ -330,43 +330,51 @@ class HttpTransport:
     @asynccontextmanager
     async def listen(self, server: Server, host: str, port: int, /) -> AsyncIterator[HttpListener]:
         """Serve `server.asgi()` with uvicorn on host:port until the block exits, then drain."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(1024)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        bound = sock.getsockname()
-        config = uvicorn.Config(
+        async with serve_uvicorn(
             server.asgi(),
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
+            host,
+            port,
+            ssl=self.ssl,
             timeout_graceful_shutdown=math.ceil(server.drain_timeout) or 1,
             limit_concurrency=server.max_connections,  # beyond it uvicorn answers 503: clients retry elsewhere
-        )
-        if self.ssl is not None:  # uvicorn builds its context from files; an SSLContext goes in after load()
-            config.load()
-            config.ssl = self.ssl
-        userver = _QuietServer(config)
-        with sock:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(userver.serve, [sock])
-                with anyio.fail_after(10):
-                    while not userver.started:
-                        if userver.should_exit:
-                            raise OSError(f"uvicorn failed to start on {host}:{port}")
-                        await anyio.sleep(0.002)
-                host_text = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
-                try:
-                    scheme = "http" if self.ssl is None else "https"
-                    yield HttpListener(f"{scheme}://{host_text}:{bound[1]}", userver)
-                finally:
-                    userver.should_exit = True
+        ) as (url, userver):
+            yield HttpListener(url, userver)
+
+
+@asynccontextmanager
+async def serve_uvicorn(
+    app: ASGIApp, host: str, port: int, *, ssl: SSLContext | None = None, **options: Any
+) -> AsyncIterator[tuple[str, uvicorn.Server]]:
+    """Run `app` with uvicorn on host:port (0: any) inside the block; yields the bound URL and the server."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    bound = sock.getsockname()
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, **options)
+    if ssl is not None:  # uvicorn builds its context from files; an SSLContext goes in after load()
+        config.load()
+        config.ssl = ssl
+    userver = _QuietServer(config)
+    with sock:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(userver.serve, [sock])
+            with anyio.fail_after(10):
+                while not userver.started:
+                    if userver.should_exit:
+                        raise OSError(f"uvicorn failed to start on {host}:{port}")
+                    await anyio.sleep(0.002)
+            host_text = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
+            try:
+                yield f"{'http' if ssl is None else 'https'}://{host_text}:{bound[1]}", userver
+            finally:
+                userver.should_exit = True
 
 
 class HttpConnection:
