@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from follower import Follower
 from kubernetes_asyncio.client import ApiClient, Configuration
 from services import Arith, Control
 
@@ -72,31 +73,6 @@ async def make(kube: FakeKubeAPI, no_service_account: Path) -> AsyncIterator[Cal
     for resolver in made:
         await resolver.aclose()
     assert active_watches() == []
-
-
-class Follower:
-    """Collects every snapshot a resolver yields, in a task of its own."""
-
-    def __init__(self, resolver: KubernetesResolver) -> None:
-        self.resolver = resolver
-        self.snapshots: list[list[Endpoint]] = []
-        self._changed = anyio.Event()
-
-    async def run(self) -> None:
-        async for snapshot in self.resolver.watch():
-            self.snapshots.append(snapshot)
-            self._changed.set()
-            self._changed = anyio.Event()
-
-    async def wait_for(self, predicate: Callable[[list[Endpoint]], bool]) -> list[Endpoint]:
-        """Wait (at most 5 s) until the latest snapshot satisfies `predicate`."""
-        with anyio.fail_after(5):
-            while not (self.snapshots and predicate(self.snapshots[-1])):
-                await self._changed.wait()
-        return self.snapshots[-1]
-
-    async def wait_for_hosts(self, *hosts: str) -> list[Endpoint]:
-        return await self.wait_for(lambda snapshot: sorted(e.host for e in snapshot) == sorted(hosts))
 
 
 @asynccontextmanager

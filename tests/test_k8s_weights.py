@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import follower
 import pytest
 from kubernetes_asyncio.client import Configuration
 from services import Control
@@ -82,26 +83,8 @@ async def make(kube: FakeKubeAPI, tmp_path: Path) -> AsyncIterator[Callable[...,
     assert active_watches() == []
 
 
-class Follower:
-    """Collects every snapshot a resolver yields, in a task of its own."""
-
-    def __init__(self, resolver: KubernetesResolver) -> None:
-        self.resolver = resolver
-        self.snapshots: list[list[Endpoint]] = []
-        self._changed = anyio.Event()
-
-    async def run(self) -> None:
-        async for snapshot in self.resolver.watch():
-            self.snapshots.append(snapshot)
-            self._changed.set()
-            self._changed = anyio.Event()
-
-    async def wait_for(self, predicate: Callable[[list[Endpoint]], bool]) -> list[Endpoint]:
-        """Wait (at most 5 s) until the latest snapshot satisfies `predicate`."""
-        with anyio.fail_after(5):
-            while not (self.snapshots and predicate(self.snapshots[-1])):
-                await self._changed.wait()
-        return self.snapshots[-1]
+class Follower(follower.Follower):
+    """The shared recorder, plus a wait for weights."""
 
     async def wait_for_weights(self, expected: dict[str, float]) -> list[Endpoint]:
         return await self.wait_for(lambda snapshot: weights(snapshot) == expected)
