@@ -45,12 +45,12 @@ class Server:
     """Serves registered services; one Server can listen on many URLs and transports at once.
 
     Options: `max_message_size` (bytes, both ways; larger is RESOURCE_EXHAUSTED), `max_concurrent_calls`
-    (per TCP connection), `max_connections`, `idle_timeout` (seconds without a call before a TCP connection
-    is sent away; None: never), `drain_timeout` (how long running calls may take to finish on shutdown),
-    `shutdown_delay` (seconds `run()` keeps serving after SIGTERM with /readyz at 503, before draining:
-    time for Kubernetes to take the pod out of its EndpointSlices), `interceptors` (see kubrpc.interceptors),
-    `metrics` (True or a `kubrpc.metrics.ServerMetrics`: Prometheus metrics of every call, served at /metrics
-    on the HTTP listeners; needs `pip install 'kubrpc[metrics]'`).
+    (per TCP connection), `max_connections`, `max_pending_bytes` (request bytes held by running calls,
+    all connections together; beyond it new calls are RESOURCE_EXHAUSTED), `idle_timeout` (seconds
+    without a call before a TCP connection is sent away; None: never), `drain_timeout` (how long running
+    calls may take to finish on shutdown), `shutdown_delay` (seconds `run()` keeps serving after SIGTERM
+    with /readyz at 503, before draining: time for Kubernetes to take the pod out of its EndpointSlices),
+    `interceptors` (see kubrpc.interceptors), `metrics` (see kubrpc.metrics).
     """
 
     def __init__(
@@ -59,6 +59,7 @@ class Server:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_concurrent_calls: int = 10_000,
         max_connections: int = 10_000,
+        max_pending_bytes: int = 256 * 1024 * 1024,
         idle_timeout: float | None = 600.0,
         drain_timeout: float = 30.0,
         shutdown_delay: float = 0.0,
@@ -74,6 +75,10 @@ class Server:
         self.max_message_size = max_message_size
         self.max_concurrent_calls = max_concurrent_calls
         self.max_connections = max_connections
+        if max_pending_bytes < max_message_size:
+            raise ValueError("max_pending_bytes must be at least max_message_size")
+        self.max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0
         self.idle_timeout = idle_timeout
         self.drain_timeout = drain_timeout
         self.shutdown_delay = shutdown_delay
@@ -104,6 +109,21 @@ class Server:
         for attr, m in spec.methods.items():
             self._routes[m.path] = _Route(m, handlers[attr])
         self._app = None
+
+    def admit(self, size: int) -> bool:
+        """For transports: may a request of `size` bytes start now? Counts it if so (release() when done).
+
+        Caps the request bytes held by running calls across all connections (`max_pending_bytes`);
+        a refused request is answered RESOURCE_EXHAUSTED without running.
+        """
+        if self._pending_bytes and self._pending_bytes + size > self.max_pending_bytes:
+            return False
+        self._pending_bytes += size
+        return True
+
+    def release(self, size: int) -> None:
+        """For transports: a request admitted with admit(size) has finished."""
+        self._pending_bytes -= size
 
     def method(self, path: str) -> MethodSpec | None:
         """The registered method at `Service/method`, if any."""

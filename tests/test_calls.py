@@ -6,6 +6,7 @@ import datetime
 import logging
 import math
 import uuid
+from typing import Protocol
 
 import anyio
 import pytest
@@ -295,3 +296,28 @@ async def test_bad_call_options_fail_before_anything_is_sent(served: tuple[str, 
         for conn in channel.connections.values():
             assert getattr(conn, "in_flight", 0) == 0
         assert await arith.add(2, 2) == 4
+
+
+class Holder(Protocol):
+    async def hold(self, blob: str, seconds: float) -> int: ...
+
+
+class HolderImpl:
+    async def hold(self, blob: str, seconds: float) -> int:
+        await anyio.sleep(seconds)
+        return len(blob)
+
+
+async def test_request_bytes_held_by_running_calls_are_capped(scheme: str) -> None:
+    server = kubrpc.Server(max_message_size=1000, max_pending_bytes=1000)
+    server.register(Holder, HolderImpl())
+    async with server.serve(f"{scheme}://127.0.0.1:0") as listener, kubrpc.connect(listener.url) as channel:
+        holder = channel.stub(Holder, timeout=10)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder.hold, "x" * 600, 0.5)
+            await anyio.sleep(0.2)  # the first call now holds ~620 bytes
+            with pytest.raises(RpcError) as info:
+                await holder.hold("y" * 600, 0)
+            assert info.value == RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
+            assert await holder.hold("small", 0) == 5  # what fits still runs
+        assert await holder.hold("z" * 600, 0) == 600  # and the budget came back

@@ -134,6 +134,7 @@ class _ServerConnection(FrameWriter):
         self.peer = ""  # host:port of the client, for CallInfo.peer
         self._deadlines = Deadlines(self._loop, self._deadline_passed)
         self._expired: set[int] = set()
+        self._held: dict[int, int] = {}  # request bytes of each running call, for Server.admit/release
         self._last_active = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -225,6 +226,10 @@ class _ServerConnection(FrameWriter):
                 error = RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
                 self.write(_error_frame(stream, error))
                 return
+            if not self.listener.server.admit(len(request.body)):
+                self.write(_error_frame(stream, RpcError(Status.RESOURCE_EXHAUSTED, "server busy")))
+                return
+            self._held[stream] = len(request.body)
             if stream > self._last_stream:
                 self._last_stream = stream
             if self._idle_timer is not None:
@@ -274,6 +279,7 @@ class _ServerConnection(FrameWriter):
     def _call_done(self, stream: int, task: asyncio.Task[None]) -> None:
         if self.calls.get(stream) is task:
             del self.calls[stream]
+            self.listener.server.release(self._held.pop(stream))
         self._deadlines.discard(stream)
         if stream in self._expired:  # the deadline passed before the call's task could even start
             self._expired.discard(stream)

@@ -110,7 +110,12 @@ class _App:
             body, timeout, metadata = await self._read(scope, receive)
             client = scope.get("client")
             peer = f"{_format_host(client[0])}:{client[1]}" if client else ""
-            result = await self._dispatch(path, body, timeout, metadata, peer, receive)
+            if not self.server.admit(len(body)):
+                raise RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
+            try:
+                result = await self._dispatch(path, body, timeout, metadata, peer, receive)
+            finally:
+                self.server.release(len(body))
         except RpcError as exc:
             await _send(send, exc.code.http_status, orjson.dumps(exc.to_json()))
             return
