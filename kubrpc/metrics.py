@@ -184,6 +184,20 @@ class _PerMethod:
             counter = self.codes[code] = self.calls.labels(self.service, self.method, code)
         counter.inc()
 
+    async def record(self, proceed: Proceed, deadline: float | None) -> bytes:
+        """Run the call, counting it under its final status and timing it."""
+        start = time.perf_counter()
+        try:
+            result = await proceed()
+        except BaseException as exc:
+            self.failed(_failure_code(exc, deadline))
+            raise
+        else:
+            self.ok.inc()
+            return result
+        finally:
+            self.seconds.observe(time.perf_counter() - start)
+
 
 class ServerMetrics:
     """Server interceptor recording calls, latency and in-flight calls per method: `Server(metrics=ServerMetrics())`.
@@ -212,17 +226,9 @@ class ServerMetrics:
             )
         per, in_flight = found
         in_flight.inc()
-        start = time.perf_counter()
         try:
-            result = await proceed()
-        except BaseException as exc:
-            per.failed(_failure_code(exc, call.deadline))
-            raise
-        else:
-            per.ok.inc()
-            return result
+            return await per.record(proceed, call.deadline)
         finally:
-            per.seconds.observe(time.perf_counter() - start)
             in_flight.dec()
 
     def record_unimplemented(self, path: str, services: Mapping[str, ServiceSpec]) -> None:
@@ -262,17 +268,7 @@ class ClientMetrics:
         per = self._methods.get(call.path)
         if per is None:
             per = self._methods[call.path] = _PerMethod(self._calls, self._seconds, call.service, call.method)
-        start = time.perf_counter()
-        try:
-            result = await proceed()
-        except BaseException as exc:
-            per.failed(_failure_code(exc, call.deadline))
-            raise
-        else:
-            per.ok.inc()
-            return result
-        finally:
-            per.seconds.observe(time.perf_counter() - start)
+        return await per.record(proceed, call.deadline)
 
     def observe_endpoints(self, channel: Channel, endpoints: Sequence[Endpoint]) -> None:
         """A Channel's `on_endpoints` hook: set the endpoint gauges of its target (remove them once it is closed)."""
