@@ -161,31 +161,23 @@ def _bytes(value: Any, path: str) -> bytes:
         raise DecodeError(path, "expected base64 string, got invalid base64") from None
 
 
-def _datetime(value: Any, path: str) -> datetime.datetime:
-    if type(value) is str:
-        try:
-            return datetime.datetime.fromisoformat(value)
-        except ValueError:
-            pass
-    _fail(path, "ISO 8601 date-time string", value)
+def _parsed(parse: Callable[[str], Any], expected: str) -> Decoder:
+    """A decoder of values that travel as strings in a format `parse` reads (ValueError if not)."""
+
+    def decode(value: Any, path: str) -> Any:
+        if type(value) is str:
+            try:
+                return parse(value)
+            except ValueError:
+                pass
+        _fail(path, expected, value)
+
+    return decode
 
 
-def _date(value: Any, path: str) -> datetime.date:
-    if type(value) is str:
-        try:
-            return datetime.date.fromisoformat(value)
-        except ValueError:
-            pass
-    _fail(path, "ISO 8601 date string", value)
-
-
-def _uuid(value: Any, path: str) -> uuid.UUID:
-    if type(value) is str:
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            pass
-    _fail(path, "UUID string", value)
+_datetime = _parsed(datetime.datetime.fromisoformat, "ISO 8601 date-time string")
+_date = _parsed(datetime.date.fromisoformat, "ISO 8601 date string")
+_uuid = _parsed(uuid.UUID, "UUID string")
 
 
 _SIMPLE: dict[object, Decoder] = {
