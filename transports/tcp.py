@@ -12,6 +12,7 @@ import anyio
 
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError
+from kubrpc.server import DEFAULT_MAX_MESSAGE_SIZE
 
 from ._tcp_base import format_host
 from ._tcp_client import TcpConnection
@@ -51,7 +52,7 @@ class TcpTransport:
     async def connect(self, endpoint: Endpoint, /) -> TcpConnection:
         """Open a connection to `endpoint`; NotDeliveredError if it cannot be reached."""
         loop = asyncio.get_running_loop()
-        limit = self.max_message_size or _default_limit()
+        limit = self.max_message_size or DEFAULT_MAX_MESSAGE_SIZE
         try:
             with anyio.fail_after(self.connect_timeout):
                 _, conn = await loop.create_connection(
