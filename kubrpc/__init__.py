@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path as _Path
-
-# A source checkout keeps the plugin folders beside kubrpc/; installs put them inside it.
-_root = _Path(__file__).resolve().parent.parent
-if not (_Path(__file__).parent / "transports").is_dir() and (_root / "transports" / "__init__.py").is_file():
-    __path__.append(str(_root))
-
-__version__ = "0.1.0"
-
-from .client import Channel, RetryBudget, connect  # noqa: E402
-from .endpoint import Endpoint  # noqa: E402
-from .errors import NotDeliveredError, RpcError  # noqa: E402
-from .interceptors import CallInfo, ClientCall, ClientInterceptor, ServerInterceptor, current_call  # noqa: E402
-from .interface import interface, method  # noqa: E402
-from .server import Server  # noqa: E402
-from .status import Status  # noqa: E402
+from ._version import __version__
+from .client import Channel, RetryBudget, connect
+from .endpoint import Endpoint
+from .errors import NotDeliveredError, RpcError
+from .interceptors import CallInfo, ClientCall, ClientInterceptor, ServerInterceptor, current_call
+from .interface import interface, method
+from .server import Server
+from .status import Status
 
 __all__ = [
     "CallInfo",

@@ -15,7 +15,7 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from . import __version__
+from ._version import __version__
 from .errors import RpcError
 from .interceptors import CallInfo, ClientCall, Proceed
 from .tracing import TraceContext, _current, new_trace

@@ -25,6 +25,11 @@ class Registry(Generic[P]):
         self._registered[name] = factory
         self._loaded.pop(name, None)
 
+    def unregister(self, name: str) -> None:
+        """Forget a factory that register() added (built-ins and entry points stay)."""
+        self._registered.pop(name, None)
+        self._loaded.pop(name, None)
+
     def names(self) -> list[str]:
         """Every name that get() accepts."""
         found = set(self._builtins) | set(self._registered)
@@ -45,7 +50,10 @@ class Registry(Generic[P]):
         factory: F
         if name in self._builtins:
             module, _, attr = self._builtins[name].partition(":")
-            factory = getattr(importlib.import_module(module), attr)
+            found: Any = importlib.import_module(module)
+            for part in attr.split("."):  # "module:Class.from_target", as entry points allow
+                found = getattr(found, part)
+            factory = found
         else:
             found = [ep for ep in entry_points(group=self.group) if ep.name == name]
             if not found:

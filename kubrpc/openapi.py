@@ -10,7 +10,7 @@ import typing
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from ._version import __version__
 from .status import Status
 
 if TYPE_CHECKING:

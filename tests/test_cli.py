@@ -24,7 +24,9 @@ class Arith(Protocol):
     async def add(self, a: int, b: int) -> int: ...
 
 
-KUBRPC = [sys.executable, "-m", "kubrpc"]
+#: The installed console script, as a user runs it (`python -m kubrpc` from the repository root would import the
+#: source folder kubrpc/, which lacks the plugin folders that an install maps into it).
+KUBRPC = [str(Path(sys.executable).parent / "kubrpc")]
 
 
 async def test_demo_balances_by_weight() -> None:

@@ -314,7 +314,7 @@ def test_kubrpc_works_without_prometheus_client() -> None:
     )
     tests = str(Path(__file__).parent)
     done = subprocess.run(
-        [sys.executable, "-W", "error", "-c", script, tests], capture_output=True, text=True, timeout=60
+        [sys.executable, "-W", "error", "-c", script, tests], capture_output=True, text=True, timeout=60, cwd=tests
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"

@@ -338,6 +338,8 @@ def test_pure_implementation_without_opentelemetry() -> None:
         anyio.run(main)
         """
     )
-    done = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, timeout=60, cwd="/"
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"

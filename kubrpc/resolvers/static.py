@@ -84,3 +84,9 @@ class ManualResolver:
 
 class StaticResolver(ManualResolver):
     """A fixed endpoint list: yields it once, then nothing until closed."""
+
+    @classmethod
+    def from_target(cls, target: str) -> StaticResolver:
+        """A resolver for `static://HOST:PORT[;weight=W],...`, or `tcp://` / `http://` / `https://HOST:PORT`."""
+        scheme, sep, rest = target.partition("://")
+        return cls(parse_static(rest if sep else target))
