@@ -33,6 +33,18 @@ class Balancer(Protocol):
     yields, and must not await. `pick()` is synchronous, never blocks or does I/O, never returns
     an endpoint with `ready=False` or one absent from the last update, and raises
     `RpcError(Status.UNAVAILABLE)` when nothing is eligible.
+
+    Readiness: the eligible endpoints are the ready ones of the last update. Nothing eligible
+    (before the first update, after an empty one, or when every endpoint has `ready=False`) means
+    UNAVAILABLE, and only then. An address listed twice is one endpoint, eligible if any of its
+    entries is ready.
+
+    Weights: a balancer that uses weights gives each eligible endpoint a share in proportion to
+    its weight. Weight 0 takes no calls while an eligible endpoint has a weight above 0; when
+    every eligible endpoint has weight 0, they all take calls, evenly (all-zero is not "nothing
+    eligible"). A balancer may ignore weights by design (`round_robin` rotates over every ready
+    endpoint, weight 0 included); wrappers (`zone_aware`, `outlier`) apply the rule to the set
+    they narrow the snapshot to. `kubrpc.testing.balancers.assert_contract()` checks these rules.
     """
 
     def update(self, endpoints: Sequence[Endpoint], /) -> None:
