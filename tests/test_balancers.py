@@ -6,7 +6,6 @@ import importlib
 import itertools
 import math
 import random
-import string
 import tomllib
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,12 +25,12 @@ from kubrpc.balancers.smooth_weighted import SmoothWeighted
 from kubrpc.balancers.weighted_random import WeightedRandom
 from kubrpc.balancers.zone_aware import ZoneAware
 from kubrpc.interfaces import Balancer, CallFeedback, KeyedBalancer
+from kubrpc.testing.balancers import SIGNIFICANCE, assert_contract, assert_distribution, chi2_sf, weighted_shares
 
 NAMES = balancers.names()
 BUILTINS = ["outlier", "p2c", "ring_hash", "round_robin", "smooth_weighted", "weighted_random", "zone_aware"]
 # Options a balancer cannot do without; everything else is left at its default.
 REQUIRED: dict[str, dict[str, Any]] = {"zone_aware": {"zone": "a"}}
-P_VALUE = 1e-6
 FAST = settings(deadline=None, max_examples=50)
 
 
@@ -44,6 +43,9 @@ class FakeClock:
     def __call__(self) -> float:
         return self.now
 
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
 
 def ep(i: int, weight: float = 1.0, *, zone: str | None = None, ready: bool = True) -> Endpoint:
     return Endpoint(f"10.0.0.{i}", 9000, weight=weight, zone=zone, ready=ready)
@@ -55,63 +57,6 @@ def index(endpoint: Endpoint) -> int:
 
 def counts(pick: Callable[[], Endpoint], n: int) -> Counter[int]:
     return Counter(index(pick()) for _ in range(n))
-
-
-def chi2_sf(stat: float, df: int) -> float:
-    """P(X >= stat) for X ~ chi-square(df): the regularized upper incomplete gamma Q(df/2, stat/2)."""
-    a, x = df / 2, stat / 2
-    if x <= 0:
-        return 1.0
-    log_prefix = -x + a * math.log(x) - math.lgamma(a)
-    if x < a + 1:  # series for the lower function
-        term = total = 1.0 / a
-        k = a
-        while term > total * 1e-16:
-            k += 1
-            term *= x / k
-            total += term
-        return max(0.0, 1.0 - total * math.exp(log_prefix))
-    tiny = 1e-300  # modified Lentz continued fraction for the upper function
-    b = x + 1 - a
-    c, d = 1 / tiny, 1 / b
-    h = d
-    for i in range(1, 100_000):
-        an = -i * (i - a)
-        b += 2
-        d = an * d + b
-        d = 1 / (d if abs(d) > tiny else tiny)
-        c = b + an / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        if abs(d * c - 1) < 1e-15:
-            break
-    return math.exp(log_prefix) * h
-
-
-def goodness_of_fit(observed: Counter[int], expected_share: dict[int, float]) -> float:
-    """The chi-square p-value of `observed` against `expected_share`; bins expecting < 5 are pooled."""
-    assert set(observed) <= {k for k, p in expected_share.items() if p > 0}, "picked outside the support"
-    total = sum(observed.values())
-    bins = [(total * p, observed[k]) for k, p in expected_share.items() if p > 0]
-    big = [b for b in bins if b[0] >= 5]
-    small = [b for b in bins if b[0] < 5]
-    pooled = (sum(e for e, _ in small), sum(o for _, o in small))
-    if small and pooled[0] >= 5:
-        big.append(pooled)
-    elif small and big:
-        big.sort()
-        big[0] = (big[0][0] + pooled[0], big[0][1] + pooled[1])
-    if len(big) < 2:
-        return 1.0
-    stat = sum((o - e) ** 2 / e for e, o in big)
-    return chi2_sf(stat, len(big) - 1)
-
-
-def test_chi2_sf_matches_tables() -> None:
-    assert chi2_sf(3.841, 1) == pytest.approx(0.05, rel=1e-3)
-    assert chi2_sf(18.307, 10) == pytest.approx(0.05, rel=1e-3)
-    assert chi2_sf(23.928, 1) == pytest.approx(1e-6, rel=1e-2)
-    assert chi2_sf(2.0, 30) == pytest.approx(1.0)
 
 
 # --- the shared contract -------------------------------------------------------------------------
@@ -149,63 +94,28 @@ def test_endpoint_accepts_finite_nonnegative_weights(weight: float) -> None:
     assert Endpoint("10.0.0.1", 9000, weight=weight).weight == weight
 
 
+# Balancers that ignore weights by design: assert_contract(..., weighted=False).
+UNWEIGHTED = {"round_robin", "zone_aware", "outlier"}  # the wrappers' default inner is round_robin
+# p2c starves an endpoint that joins later: its first latency guess stays above the others' decayed
+# ones, and without calls to it nothing lowers it (issue 12 item 4). assert_contract finds it.
+P2C_STARVES = pytest.mark.xfail(strict=True, reason="p2c starves a new endpoint (issue 12 item 4)")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=P2C_STARVES) if n == "p2c" else n for n in NAMES])
+def test_contract_with_default_options(name: str) -> None:
+    assert_contract(lambda: balancers.create(name, **REQUIRED.get(name, {})), weighted=name not in UNWEIGHTED)
+
+
 @pytest.mark.parametrize("name", NAMES)
-class TestContract:
-    def make(self, name: str) -> Balancer:
-        return balancers.create(name, **REQUIRED.get(name, {}))
-
-    def assert_unavailable(self, balancer: Balancer) -> None:
-        with pytest.raises(RpcError) as info:
-            balancer.pick()
-        assert info.value.code is Status.UNAVAILABLE
-        if isinstance(balancer, KeyedBalancer):
-            with pytest.raises(RpcError) as info:
-                balancer.pick_for("key")
-            assert info.value.code is Status.UNAVAILABLE
-
-    def test_before_any_update(self, name: str) -> None:
-        self.assert_unavailable(self.make(name))
-
-    def test_empty_set(self, name: str) -> None:
-        balancer = self.make(name)
-        balancer.update([ep(1)])
-        balancer.update([])
-        self.assert_unavailable(balancer)
-
-    def test_nothing_ready(self, name: str) -> None:
-        balancer = self.make(name)
-        balancer.update([ep(1, zone="a", ready=False), ep(2, ready=False), ep(3, 0.0, ready=False)])
-        self.assert_unavailable(balancer)
-
-    def test_only_ready_endpoints(self, name: str) -> None:
-        balancer = self.make(name)
-        endpoints = [ep(1, ready=False), ep(2, zone="a"), ep(3, ready=False, zone="a"), ep(4)]
-        balancer.update(endpoints)
-        assert {index(balancer.pick()) for _ in range(200)} <= {2, 4}
-
-    def test_all_weights_zero_is_not_empty(self, name: str) -> None:
-        balancer = self.make(name)
-        balancer.update([ep(1, 0.0, zone="a"), ep(2, 0.0, zone="a")])
-        assert {index(balancer.pick()) for _ in range(200)} == {1, 2}
-
-    def test_feedback_for_unknown_endpoints_is_ignored(self, name: str) -> None:
-        balancer = self.make(name)
-        balancer.update([ep(1)])
-        if isinstance(balancer, CallFeedback):
-            balancer.on_finish(ep(7), status=Status.UNAVAILABLE, latency=0.1)
-            balancer.on_start(ep(7))
-            balancer.on_finish(ep(1), status=Status.OK, latency=0.1)  # never started
-        assert balancer.pick() == ep(1)
-
-    def test_repr_names_the_class_and_counts(self, name: str) -> None:
-        balancer = self.make(name)
-        balancer.update([ep(1), ep(2, zone="a"), ep(3, ready=False)])
-        text = repr(balancer)
-        assert text.startswith(f"<{type(balancer).__name__} ") and text.endswith(">")
-        assert "2 " in text
+def test_repr_names_the_class_and_counts(name: str) -> None:
+    balancer = balancers.create(name, **REQUIRED.get(name, {}))
+    balancer.update([ep(1), ep(2, zone="a"), ep(3, ready=False)])
+    text = repr(balancer)
+    assert text.startswith(f"<{type(balancer).__name__} ") and text.endswith(">")
+    assert "2 " in text
 
 
-def churn_factories() -> dict[str, Callable[[int, FakeClock], Balancer]]:
+def churn_factories() -> dict[str, Callable[[random.Random, FakeClock], Balancer]]:
     """Every registered name with options that exercise its machinery, plus nested wrappers."""
 
     def options(name: str, rng: random.Random, clock: FakeClock) -> dict[str, Any]:
@@ -228,18 +138,18 @@ def churn_factories() -> dict[str, Callable[[int, FakeClock], Balancer]]:
         }
         return table.get(name, {})
 
-    def factory(name: str) -> Callable[[int, FakeClock], Balancer]:
-        return lambda seed, clock: balancers.create(name, **options(name, random.Random(seed), clock))
+    def factory(name: str) -> Callable[[random.Random, FakeClock], Balancer]:
+        return lambda rng, clock: balancers.create(name, **options(name, rng, clock))
 
     out = {name: factory(name) for name in NAMES}
-    out["outlier(zone_aware(smooth_weighted))"] = lambda seed, clock: balancers.create(
+    out["outlier(zone_aware(smooth_weighted))"] = lambda rng, clock: balancers.create(
         "outlier",
         clock=clock,
         consecutive_failures=1,
         max_ejected_fraction=1.0,
         inner=balancers.create("zone_aware", zone="b", inner="smooth_weighted", min_ready=2),
     )
-    out["zone_aware(outlier(weighted_random))"] = lambda seed, clock: balancers.create(
+    out["zone_aware(outlier(weighted_random))"] = lambda rng, clock: balancers.create(
         "zone_aware",
         zone="a",
         min_fraction=0.0,
@@ -250,52 +160,13 @@ def churn_factories() -> dict[str, Callable[[int, FakeClock], Balancer]]:
 
 
 CHURN = churn_factories()
-endpoint_st = st.builds(
-    ep,
-    st.integers(1, 8),
-    st.sampled_from([0.0, 0.5, 1.0, 3.0]),
-    zone=st.sampled_from(["a", "b", None]),
-    ready=st.booleans(),
-)
-op_st = st.one_of(
-    st.tuples(st.just("update"), st.lists(endpoint_st, max_size=10)),
-    st.tuples(st.just("pick"), st.integers(1, 12)),
-    st.tuples(st.just("pick_for"), st.text(string.ascii_letters, max_size=4)),
-    st.tuples(st.just("finish"), st.integers(0, 30), st.sampled_from(list(Status)), st.floats(0, 3)),
-    st.tuples(st.just("tick"), st.floats(0, 30)),
-)
 
 
 @pytest.mark.parametrize("name", list(CHURN))
-@FAST
-@given(seed=st.integers(0, 2**32), ops=st.lists(op_st, max_size=40))
-def test_picks_only_ready_endpoints_of_the_last_update(name: str, seed: int, ops: list[tuple[Any, ...]]) -> None:
+def test_contract_under_churn(name: str) -> None:
+    """Updates, picks and feedback interleaved with a clock that moves: every pick is from the last update."""
     clock = FakeClock()
-    balancer = CHURN[name](seed, clock)
-    feedback = balancer if isinstance(balancer, CallFeedback) else None
-    last: Sequence[Endpoint] = []
-    in_flight: list[Endpoint] = []
-    for op in ops:
-        if op[0] == "update":
-            last = op[1]
-            balancer.update(last)
-        elif op[0] == "tick":
-            clock.now += op[1]
-        elif op[0] == "finish" and feedback is not None and in_flight:
-            feedback.on_finish(in_flight.pop(op[1] % len(in_flight)), status=op[2], latency=op[3])
-        elif op[0] in ("pick", "pick_for"):
-            keyed = balancer if op[0] == "pick_for" and isinstance(balancer, KeyedBalancer) else None
-            for _ in range(op[1] if op[0] == "pick" else 1):
-                expect_one = any(e.ready for e in last)
-                try:
-                    got = keyed.pick_for(op[1]) if keyed is not None else balancer.pick()
-                except RpcError as exc:
-                    assert exc.code is Status.UNAVAILABLE and not expect_one
-                    continue
-                assert any(got is e and e.ready for e in last), (got, last)
-                if feedback is not None:
-                    feedback.on_start(got)
-                    in_flight.append(got)
+    assert_contract(lambda rng: CHURN[name](rng, clock), advance=clock.advance, weighted=name != "round_robin")
 
 
 # --- round_robin ---------------------------------------------------------------------------------
@@ -353,31 +224,21 @@ weights_st = st.lists(
 )
 
 
-def shares(weights: Sequence[float]) -> dict[int, float]:
-    """Expected share of endpoint i+1: proportional to weight, uniform if every weight is 0."""
-    total = sum(weights)
-    if total == 0:
-        return {i + 1: 1 / len(weights) for i in range(len(weights))}
-    return {i + 1: w / total for i, w in enumerate(weights)}
-
-
 @FAST
 @given(weights=weights_st, seed=st.integers(0, 2**32))
 def test_weighted_random_matches_the_weights(weights: list[float], seed: int) -> None:
     balancer = WeightedRandom(rng=random.Random(seed))
-    balancer.update([ep(i + 1, w) for i, w in enumerate(weights)] + [ep(50, 5.0, ready=False)])
-    observed = counts(balancer.pick, 3000)
-    expected = shares(weights)
-    assert all(observed[i] == 0 for i, p in expected.items() if p == 0)
-    assert goodness_of_fit(observed, expected) > P_VALUE
+    snapshot = [ep(i + 1, w) for i, w in enumerate(weights)] + [ep(50, 5.0, ready=False)]
+    balancer.update(snapshot)
+    assert_distribution(balancer, weighted_shares(snapshot), picks=3000)
 
 
 @pytest.mark.parametrize("weights", [[1e308, 1e308, 5e307], [5e-324, 5e-324, 1e-323], [1e300, 1e-300, 0.0]])
 def test_weighted_random_extreme_magnitudes(weights: list[float]) -> None:
     balancer = WeightedRandom(rng=random.Random(1))
-    balancer.update([ep(i + 1, w) for i, w in enumerate(weights)])
-    expected = shares([w / max(weights) for w in weights])
-    assert goodness_of_fit(counts(balancer.pick, 3000), expected) > P_VALUE
+    snapshot = [ep(i + 1, w) for i, w in enumerate(weights)]
+    balancer.update(snapshot)
+    assert_distribution(balancer, weighted_shares(snapshot), picks=3000)
 
 
 def test_weighted_random_repr() -> None:
@@ -511,20 +372,20 @@ def test_smooth_weighted_repr() -> None:
 # --- p2c -----------------------------------------------------------------------------------------
 
 
-def p2c_shares(weights: Sequence[float]) -> dict[int, float]:
+def p2c_shares(snapshot: Sequence[Endpoint]) -> dict[Endpoint, float]:
     """Without feedback the lower cost is the higher weight: P(i) over uniformly drawn distinct pairs."""
-    live = {i + 1: w for i, w in enumerate(weights) if w > 0} or {i + 1: 1.0 for i in range(len(weights))}
+    live = [e for e in snapshot if e.weight > 0] or list(snapshot)
     n = len(live)
     if n == 1:
         return dict.fromkeys(live, 1.0)
     pair = 1 / (n * (n - 1) / 2)
     out = dict.fromkeys(live, 0.0)
-    for (a, wa), (b, wb) in itertools.combinations(live.items(), 2):
-        if wa == wb:
+    for a, b in itertools.combinations(live, 2):
+        if a.weight == b.weight:
             out[a] += pair / 2
             out[b] += pair / 2
         else:
-            out[a if wa > wb else b] += pair
+            out[a if a.weight > b.weight else b] += pair
     return out
 
 
@@ -532,8 +393,9 @@ def p2c_shares(weights: Sequence[float]) -> dict[int, float]:
 @given(weights=st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.5]), min_size=1, max_size=10), seed=st.integers(0, 2**32))
 def test_p2c_without_feedback_picks_the_heavier_of_two(weights: list[float], seed: int) -> None:
     balancer = PowerOfTwoChoices(rng=random.Random(seed), clock=FakeClock())
-    balancer.update([ep(i + 1, w) for i, w in enumerate(weights)])
-    assert goodness_of_fit(counts(balancer.pick, 3000), p2c_shares(weights)) > P_VALUE
+    snapshot = [ep(i + 1, w) for i, w in enumerate(weights)]
+    balancer.update(snapshot)
+    assert_distribution(balancer, p2c_shares(snapshot), picks=3000)
 
 
 @FAST
@@ -695,20 +557,19 @@ def test_ring_hash_removing_an_endpoint_moves_only_its_keys(addresses: set[int],
 def test_ring_hash_shares_follow_weights(weights: list[int], seed: int) -> None:
     rng = random.Random(seed)
     balancer = RingHash(replicas=400, rng=random.Random(seed))
-    balancer.update([ep(i + 1, w) for i, w in enumerate(weights)])
-    keyed = Counter(index(balancer.pick_for(str(rng.getrandbits(64)))) for _ in range(3000))
-    unkeyed = counts(balancer.pick, 3000)
-    expected = shares([float(w) for w in weights])
-    for i, share in expected.items():
-        if share == 0:
-            assert keyed[i] == unkeyed[i] == 0
-        else:  # 100+ points per endpoint put each arc share within ~±30 % of the weight share
-            assert 0.55 * share * 3000 - 40 <= keyed[i] <= 1.5 * share * 3000 + 40
+    snapshot = [ep(i + 1, w) for i, w in enumerate(weights)]
+    balancer.update(snapshot)
+    keyed = Counter(balancer.pick_for(str(rng.getrandbits(64))) for _ in range(3000))
+    unkeyed = Counter(balancer.pick() for _ in range(3000))
+    expected = weighted_shares(snapshot)
+    assert set(keyed) | set(unkeyed) <= set(expected)  # weight 0 is never picked
+    for e, share in expected.items():  # 100+ points per endpoint put each arc share within ~±30 % of the weight share
+        assert 0.55 * share * 3000 - 40 <= keyed[e] <= 1.5 * share * 3000 + 40
     # pick() without a key must follow the ring exactly as keyed picks do: a two-sample test.
-    table = [(keyed[i], unkeyed[i]) for i in expected if keyed[i] + unkeyed[i] >= 10]
+    table = [(keyed[e], unkeyed[e]) for e in expected if keyed[e] + unkeyed[e] >= 10]
     if len(table) >= 2:
         stat = sum((a - b) ** 2 / (a + b) for a, b in table)
-        assert chi2_sf(stat, len(table) - 1) > P_VALUE
+        assert chi2_sf(stat, len(table) - 1) > SIGNIFICANCE
 
 
 def test_ring_hash_caps_the_ring() -> None:
