@@ -541,7 +541,7 @@ def assert_contract(
     a hint. It runs its own hypothesis search: call it from a plain test, not from a @given one.
     """
     try:
-        from hypothesis import given, settings, strategies as st
+        from hypothesis import Phase, given, settings, strategies as st
     except ImportError as exc:
         raise _no_hypothesis() from exc
     _fixed_checks(factory, weighted=weighted, picks=picks)
@@ -558,7 +558,14 @@ def assert_contract(
         kinds.append(st.builds(_Step, st.just("advance"), amount=st.floats(0, 30)))
     step = st.one_of(kinds)
 
-    @settings(max_examples=max_examples, deadline=None, database=None)
+    # One failure, the simplest found, with its steps; no example database left in the user's directory.
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        report_multiple_bugs=False,
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    )
     @given(seed=st.integers(0, 2**32 - 1), steps=st.lists(step, max_size=40))
     def workload(seed: int, steps: list[_Step]) -> None:
         _churn(_Run(factory, seed), steps, advance)
