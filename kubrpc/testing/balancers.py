@@ -37,7 +37,7 @@ __all__ = (
     "weighted_shares",
 )
 
-K = TypeVar("K", bound=Hashable)
+_K = TypeVar("_K", bound=Hashable)
 
 #: assert_distribution fails when the chi-square p-value is below this: a correct balancer fails
 #: about once in a million runs, while a share that is 5 points off at 10,000 picks fails every time.
@@ -170,7 +170,7 @@ def chi2_sf(stat: float, df: int) -> float:
     return math.exp(log_prefix) * h
 
 
-def goodness_of_fit(observed: Mapping[K, int], expected: Mapping[K, float]) -> float:
+def goodness_of_fit(observed: Mapping[_K, int], expected: Mapping[_K, float]) -> float:
     """The chi-square p-value of counts `observed` against shares `expected` (normalised here).
 
     Bins expecting fewer than 5 counts are pooled. A count where the expected share is 0 (or
@@ -195,7 +195,7 @@ def goodness_of_fit(observed: Mapping[K, int], expected: Mapping[K, float]) -> f
     return chi2_sf(stat, len(big) - 1)
 
 
-def _normalised(expected: Mapping[K, float]) -> dict[K, float]:
+def _normalised(expected: Mapping[_K, float]) -> dict[_K, float]:
     values = list(expected.values())
     if any(not isinstance(v, int | float) or not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
         raise ValueError(f"expected shares must be finite numbers >= 0 with a positive sum, got {values!r}")
