@@ -105,7 +105,11 @@ async def sidecar_503(upstream_port: int) -> AsyncIterator[int]:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next(
-                    (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+                    (
+                        int(line.split(b":", 1)[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
                     0,
                 )
                 body = await reader.readexactly(length)
@@ -185,6 +189,20 @@ async def test_a_busy_kubrpc_server_marks_its_503_not_started_and_the_call_goes_
             for _ in range(10):
                 await stub.bump()
         assert (busy.bumps, good.bumps) == (0, 10)
+
+
+async def test_a_busy_tcp_server_sends_calls_elsewhere_explicitly() -> None:
+    async with AsyncExitStack() as stack:
+        busy_port, busy, _ = await stack.enter_async_context(counter_server("tcp", max_connections=1))
+        good_port, good, _ = await stack.enter_async_context(counter_server("tcp"))
+        holder = await stack.enter_async_context(kubrpc.connect(f"tcp://127.0.0.1:{busy_port}"))
+        await holder.stub(Counter, timeout=10).bump()  # holds the one connection
+        endpoints = [Endpoint("127.0.0.1", busy_port), Endpoint("127.0.0.1", good_port)]
+        async with kubrpc.connect(endpoints, transport="tcp") as channel:
+            stub = channel.stub(Counter, timeout=10)
+            for _ in range(10):
+                await stub.bump()
+        assert (busy.bumps, good.bumps) == (1, 10)  # GOAWAY "too many connections": not delivered, retried
 
 
 # 16.7: the HTTP transport backs off from a refused endpoint as TCP does.
@@ -284,7 +302,10 @@ def test_http_transport_options_are_checked() -> None:
 
 @pytest.mark.parametrize("scheme", ["tcp", "http"])
 async def test_a_connection_reset_mid_request_never_runs_the_call_twice(scheme: str) -> None:
-    async with counter_server(scheme) as (port, counter, _), FaultProxy(port, mode="reset_after", reset_after=10) as proxy:
+    async with (
+        counter_server(scheme) as (port, counter, _),
+        FaultProxy(port, mode="reset_after", reset_after=10) as proxy,
+    ):
         async with kubrpc.connect([Endpoint("127.0.0.1", proxy.port)], transport=scheme) as channel:
             stub = channel.stub(Counter, timeout=10)
             for _ in range(5):
@@ -360,6 +381,3 @@ def test_p2c_still_avoids_an_endpoint_that_keeps_failing() -> None:
         balancer.on_finish(ep, status=Status.UNAVAILABLE if ep == b else Status.OK, latency=0.001)
         clock.now += 0.009
     assert picks[b] < 0.05 * picks[a]
-
-
-

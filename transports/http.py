@@ -12,9 +12,9 @@ import contextlib
 import math
 import socket
 import types
-from functools import partial
 from collections.abc import AsyncIterator, Coroutine, Generator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from ssl import SSLContext
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -309,7 +309,7 @@ def _mark_busy_answers() -> None:
         except ImportError:
             continue
         if hasattr(module, "service_unavailable"):
-            module.service_unavailable = _not_started
+            setattr(module, "service_unavailable", _not_started)  # noqa: B010 - a module uvicorn types without it
 
 
 class HttpListener:
