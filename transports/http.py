@@ -467,9 +467,12 @@ class HttpConnection:
         self._transport_errors = (aiohttp.ClientError, OSError)
         # Calls without a deadline wait at most read_timeout for each piece of the response.
         self._read_timeout = transport.read_timeout
-        self._no_deadline = aiohttp.ClientTimeout(
-            total=None, sock_connect=transport.connect_timeout, sock_read=transport.read_timeout
-        )
+        self._options_no_deadline = {
+            **self._options,
+            "timeout": aiohttp.ClientTimeout(
+                total=None, sock_connect=transport.connect_timeout, sock_read=transport.read_timeout
+            ),
+        }
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=transport.max_connections,
@@ -498,11 +501,11 @@ class HttpConnection:
             raise RpcError(Status.INVALID_ARGUMENT, "metadata keys and values must be strings")
         if timeout == math.inf:
             timeout = None
-        options = self._options
         if timeout is not None:
             headers[TIMEOUT_HEADER] = str(min(max(1, math.ceil(timeout * 1000)), 9_999_999_999))
+            options = self._options
         else:
-            options = {**options, "timeout": self._no_deadline}
+            options = self._options_no_deadline
         self.in_flight += 1
         try:
             async with asyncio.timeout(timeout):  # not anyio.fail_after: cheaper, and aiohttp is asyncio-only
