@@ -8,6 +8,7 @@ Modes: "forward" (with `latency` seconds added to every chunk each way), "blackh
 discard everything, never connect upstream, never answer), "reset_after" (forward until `reset_after`
 bytes from the client have passed, then reset both sides), "accept_then_reset" (accept, then reset at
 once, before reading anything). With `upstream_port=None` only the modes that never forward make sense.
+A mode applies to connections accepted after it is set; `drop()` resets the ones open now.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class FaultProxy:
     def url(self) -> str:
         """host:port of the proxy."""
         return f"127.0.0.1:{self.port}"
+
+    def drop(self) -> None:
+        """Reset every connection open now (new ones get the current mode)."""
+        for writer in list(self._writers):
+            _reset(writer)
 
     async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)

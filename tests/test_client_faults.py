@@ -260,6 +260,32 @@ async def test_an_http_endpoint_that_accepts_then_resets_is_backed_off(method: s
         assert failed == 0
 
 
+async def test_an_http_endpoint_that_answered_and_then_resets_everything_is_backed_off() -> None:
+    async with AsyncExitStack() as stack:
+        port, sick, _ = await stack.enter_async_context(counter_server())
+        live, healthy, _ = await stack.enter_async_context(counter_server())
+        proxy = await stack.enter_async_context(FaultProxy(port))
+        endpoints = [Endpoint("127.0.0.1", proxy.port), Endpoint("127.0.0.1", live)]
+        channel = await stack.enter_async_context(kubrpc.connect(endpoints, transport="http"))
+        stub = channel.stub(Counter, timeout=10)
+        for _ in range(20):
+            await stub.bump()
+        assert sick.bumps == healthy.bumps == 10
+        proxy.mode = "accept_then_reset"  # the app behind the sidecar crashed
+        proxy.drop()
+        accepted, failed = proxy.accepted, 0
+        for _ in range(200):
+            try:
+                with anyio.fail_after(10):
+                    await stub.bump()
+            except RpcError as exc:
+                assert exc.code is Status.UNAVAILABLE
+                failed += 1
+        # Old code: about 100 failed calls and 100 connections.
+        assert failed <= 12 and proxy.accepted - accepted <= 12
+        assert sick.bumps + healthy.bumps == 220 - failed  # every call ran at most once
+
+
 # 16.9: no HTTP call hangs without end on a silent connection.
 
 
