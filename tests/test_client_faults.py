@@ -311,6 +311,7 @@ async def test_http_connections_have_tcp_keepalive() -> None:
             assert sockets
             for sock in sockets:
                 assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1  # as asyncio sets it by default
                 if hasattr(socket, "TCP_KEEPIDLE"):
                     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
                     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 3

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 __all__ = ("NOT_STARTED_HEADER", "HttpConnection", "HttpListener", "HttpTransport", "build_app")
 
 TIMEOUT_HEADER = "connect-timeout-ms"
-#: On a 503, this response header (value "1") says the kubrpc server did not start the call (too many connections,
-#: draining): the client retries it elsewhere. A 503 without it (a proxy's, a sidecar's) may come after the call ran.
+#: On a 503, this response header (value "1") says the kubrpc server did not start the call (over its connection
+#: limit): the client retries it elsewhere. A 503 without it (a proxy's, a sidecar's) may come after the call ran.
 NOT_STARTED_HEADER = "kubrpc-not-started"
 _DEFAULT_LIMIT = DEFAULT_MAX_MESSAGE_SIZE
 _CONTENT_TYPE = (b"content-type", b"application/json")
@@ -533,17 +533,20 @@ class HttpConnection:
             self.in_flight -= 1
         if status == 200:
             return content
-        if not_started:  # a kubrpc server's word that the call never started
-            raise NotDeliveredError(f"{self.endpoint.address} did not start the call: {content[:200]!r}")
         try:
             body = orjson.loads(content)
         except orjson.JSONDecodeError:
+            if not_started:
+                raise NotDeliveredError(f"{self.endpoint.address} did not start the call (HTTP 503)") from None
             # Not from kubrpc: a proxy or sidecar, which may answer 503 after forwarding the call.
             text = content[:200].decode("utf-8", "replace")
             raise RpcError(
                 Status.from_http_status(status), f"HTTP {status} from {self.endpoint.address} (not kubrpc): {text!r}"
             ) from None
-        raise RpcError.from_json(body, fallback=Status.from_http_status(status))
+        error = RpcError.from_json(body, fallback=Status.from_http_status(status))
+        if not_started:  # a kubrpc server's word that the call never started
+            raise NotDeliveredError(f"{self.endpoint.address} did not start the call: {error.message}")
+        raise error
 
     async def _read(self, response: Any) -> bytes:
         """The response body, refused past the size limit without reading it all."""
