@@ -408,6 +408,8 @@ class Channel:
                 if conn is not None:
                     del self._connections[key]
                     self._retire(conn)
+                if self._down:  # a connect it waited for failed: share that outcome rather than try again
+                    self._check_down(endpoint)
                 try:
                     conn = await self._transport.connect(endpoint)
                 except NotDeliveredError as exc:
@@ -443,8 +445,11 @@ class Channel:
         """An endpoint could not be reached: avoid it for a jittered, growing while (gRPC's connect backoff),
         on both transports; calls picked to it meanwhile fail fast as not delivered (and go elsewhere)."""
         down = self._down.get(key)
+        now = time.monotonic()
+        if down is not None and down[0] > now:  # already backing off: concurrent failures count once
+            return
         backoff = down[1] if down is not None else Backoff(initial=0.05, maximum=5.0, multiplier=2.0)
-        self._down[key] = (time.monotonic() + backoff.next_delay(), backoff, reason)
+        self._down[key] = (now + backoff.next_delay(), backoff, reason)
 
     @property
     def connections(self) -> dict[str, Connection]:

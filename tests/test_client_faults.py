@@ -23,6 +23,7 @@ import kubrpc
 from kubrpc import Endpoint, RpcError, Status
 from kubrpc.balancers.p2c import PowerOfTwoChoices
 from kubrpc.transports.http import NOT_STARTED_HEADER, HttpConnection, HttpTransport
+from kubrpc.transports.tcp import TcpConnection, TcpTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -233,6 +234,45 @@ async def test_calls_to_a_lone_refused_http_endpoint_fail_fast_without_connectin
         assert "unreachable" in info.value.message  # says why, and when it will be tried again
     # Old code: 3 connects per call (900). Backoff 50 ms doubling: a handful while these calls run.
     assert 1 <= transport.attempts[dead] <= 30
+
+
+class CountingTcp(TcpTransport):
+    """The tcp transport, counting connection attempts per port."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts: dict[int, int] = {}
+
+    async def connect(self, endpoint: Endpoint, /) -> TcpConnection:
+        self.attempts[endpoint.port] = self.attempts.get(endpoint.port, 0) + 1
+        return await super().connect(endpoint)
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "http"])
+async def test_concurrent_calls_to_a_refused_endpoint_back_off_once(scheme: str) -> None:
+    dead = closed_port()
+    transport = CountingTcp() if scheme == "tcp" else CountingHttp()
+    async with kubrpc.connect([Endpoint("127.0.0.1", dead)], transport=transport) as channel:
+        stub = channel.stub(Counter, timeout=10)
+        outcomes: list[Status] = []
+
+        async def call() -> None:
+            try:
+                await stub.peek()
+            except RpcError as exc:
+                outcomes.append(exc.code)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for _ in range(32):
+                    tg.start_soon(call)
+        assert outcomes == [Status.UNAVAILABLE] * 32
+        # 32 refusals at once are one failure: the backoff starts at its first step, not 32 doublings in
+        # (which left an endpoint that had restarted in the meantime avoided for 5 s).
+        ((_, backoff, _),) = channel._down.values()
+        assert backoff.attempts == 1
+    if scheme == "tcp":  # waiters on the one connect attempt share its outcome
+        assert transport.attempts[dead] == 1
 
 
 # 16.6 (HTTP): an endpoint that accepts and resets every connection is backed off, and never runs a call.
