@@ -18,13 +18,15 @@ __all__ = ("PowerOfTwoChoices",)
 class _Load:
     """What p2c knows about one endpoint (kept across updates while its address stays)."""
 
-    __slots__ = ("cost", "in_flight", "inverse_weight", "stamp")
+    __slots__ = ("cost", "in_flight", "inverse_weight", "penalty", "penalty_stamp", "stamp")
 
     def __init__(self, cost: float, stamp: float) -> None:
         self.cost = cost
         self.stamp = stamp
         self.in_flight = 0
         self.inverse_weight = 1.0
+        self.penalty = 0.0
+        self.penalty_stamp = stamp
 
 
 class PowerOfTwoChoices:
@@ -34,9 +36,12 @@ class PowerOfTwoChoices:
     Linkerd's tower): a sample above the estimate replaces it at once, a lower one is blended in
     with weight 1 - exp(-Δt / decay), and without samples the estimate decays toward 0 so that an
     idle endpoint is tried again. A new endpoint starts at `default_latency`. A call that ends in
-    UNAVAILABLE counts as taking at least `failure_penalty` seconds, so an endpoint that fails fast
-    does not attract traffic; a CANCELLED call says nothing about the endpoint and only ends its
-    in-flight count. Weight 0 is never picked unless every eligible weight is 0.
+    UNAVAILABLE adds `failure_penalty` seconds to the endpoint's latency, so an endpoint that fails fast
+    does not attract traffic; the penalty is kept apart from the latency estimate and fades with time
+    constant `penalty_decay` (from 1 s to under 1 ms in about 3.5 s by default), and the next success
+    clears it, so a recovered endpoint gets its share back within seconds, however many calls failed
+    before. A CANCELLED call says nothing about the endpoint and only ends its in-flight count. Weight 0
+    is never picked unless every eligible weight is 0.
 
     The channel reports calls through `on_start` and `on_finish` (CallFeedback); reports for an
     endpoint that is no longer in the set are ignored.
@@ -49,14 +54,16 @@ class PowerOfTwoChoices:
         decay: float = 10.0,
         default_latency: float = 0.1,
         failure_penalty: float = 1.0,
+        penalty_decay: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not decay > 0 or not default_latency > 0 or not failure_penalty >= 0:
-            raise ValueError("decay and default_latency must be > 0, failure_penalty >= 0")
+        if not decay > 0 or not default_latency > 0 or not failure_penalty >= 0 or not penalty_decay > 0:
+            raise ValueError("decay, default_latency and penalty_decay must be > 0, failure_penalty >= 0")
         self._random = (rng or random.Random()).random
         self._decay = float(decay)
         self._default_latency = float(default_latency)
         self._failure_penalty = float(failure_penalty)
+        self._penalty_decay = float(penalty_decay)
         self._clock = clock
         self._endpoints: tuple[Endpoint, ...] = ()
         self._loads: list[_Load] = []
@@ -92,9 +99,22 @@ class PowerOfTwoChoices:
         a, b = self._loads[i], self._loads[j]
         now = self._clock()
         decay = self._decay
-        cost_a = a.cost * math.exp((a.stamp - now) / decay) * (a.in_flight + 1) * a.inverse_weight
-        cost_b = b.cost * math.exp((b.stamp - now) / decay) * (b.in_flight + 1) * b.inverse_weight
+        latency_a = a.cost * math.exp((a.stamp - now) / decay)
+        latency_b = b.cost * math.exp((b.stamp - now) / decay)
+        if a.penalty:
+            latency_a += self._penalty(a, now)
+        if b.penalty:
+            latency_b += self._penalty(b, now)
+        cost_a = latency_a * (a.in_flight + 1) * a.inverse_weight
+        cost_b = latency_b * (b.in_flight + 1) * b.inverse_weight
         return endpoints[i] if cost_a <= cost_b else endpoints[j]
+
+    def _penalty(self, load: _Load, now: float) -> float:
+        """What is left of `load`'s failure penalty at `now` (0 once it has faded below a microsecond)."""
+        penalty = load.penalty * math.exp(min(load.penalty_stamp - now, 0.0) / self._penalty_decay)
+        if penalty < 1e-6:
+            load.penalty = penalty = 0.0
+        return penalty
 
     def on_start(self, endpoint: Endpoint, /) -> None:
         """A call to `endpoint` started."""
@@ -111,9 +131,13 @@ class PowerOfTwoChoices:
             load.in_flight -= 1
         if status is Status.CANCELLED or not 0.0 <= latency < math.inf:
             return
-        if status is Status.UNAVAILABLE:
-            latency = max(latency, self._failure_penalty)
         now = self._clock()
+        if status is Status.UNAVAILABLE:  # a failure's latency says little: penalise, fading fast
+            if self._failure_penalty:
+                load.penalty = self._failure_penalty  # not summed: a burst costs no more than one failure
+                load.penalty_stamp = now
+            return
+        load.penalty = 0.0  # it answered: healthy again
         weight = math.exp(min(load.stamp - now, 0.0) / self._decay)
         estimate = load.cost * weight
         load.cost = latency if latency > estimate else estimate + latency * (1.0 - weight)

@@ -17,7 +17,7 @@ from anyio.abc import TaskGroup
 
 from ._backoff import Backoff
 from .endpoint import Endpoint
-from .errors import NotDeliveredError, RpcError
+from .errors import NotDeliveredError, RpcError, UnreachableError
 from .interceptors import ClientCall, ClientInterceptor, Proceed
 from .interface import MethodSpec, service_spec
 from .interfaces import Balancer, CallFeedback, Connection, KeyedBalancer, Resolver, Transport
@@ -139,7 +139,7 @@ class Channel:
         self.balancer = create_balancer(balancer) if isinstance(balancer, str) else balancer
         self._feedback = self.balancer if isinstance(self.balancer, CallFeedback) else None
         self._pick_for = self.balancer.pick_for if isinstance(self.balancer, KeyedBalancer) else None
-        self._down: dict[tuple[str, int], tuple[float, Backoff]] = {}
+        self._down: dict[tuple[str, int], tuple[float, Backoff, str]] = {}
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.retry_budget = retry_budget or RetryBudget()
@@ -285,17 +285,27 @@ class Channel:
             else:
                 endpoint = await self._first_pick(key, remaining)
             try:
+                if self._down:
+                    self._check_down(endpoint)  # in its connect backoff: fail fast rather than connect
                 if self._feedback is None:  # the hot path, without a coroutine per layer
                     conn = self._connections.get((endpoint.host, endpoint.port))
                     if conn is None or not conn.usable:
                         conn = await self._connect(endpoint, remaining)
-                    return await conn.call(path, payload, timeout=remaining, metadata=metadata)
-                return await self._call_with_feedback(endpoint, path, payload, remaining, metadata)
-            except NotDeliveredError:
+                    result = await conn.call(path, payload, timeout=remaining, metadata=metadata)
+                else:
+                    result = await self._call_with_feedback(endpoint, path, payload, remaining, metadata)
+                if self._down:  # it answered: its connect backoff starts over
+                    self._down.pop((endpoint.host, endpoint.port), None)
+                return result
+            except NotDeliveredError as exc:
                 # Never reached a server, so a retry adds no load there: not charged to the budget.
+                if exc.unreachable:
+                    self._mark_down((endpoint.host, endpoint.port), exc.message)
                 if attempt >= self.max_attempts:
                     raise
             except RpcError as exc:
+                if type(exc) is UnreachableError:  # maybe delivered: back off, but retry only if idempotent
+                    self._mark_down((endpoint.host, endpoint.port), exc.message)
                 retryable = idempotent and exc.code is Status.UNAVAILABLE
                 if not retryable or attempt >= self.max_attempts or not budget.withdraw():
                     raise
@@ -359,6 +369,12 @@ class Channel:
         down = self._down.get((endpoint.host, endpoint.port))
         return down is not None and down[0] > time.monotonic()
 
+    def _check_down(self, endpoint: Endpoint) -> None:
+        """NotDeliveredError if `endpoint` is in its connect backoff: no connection is attempted until it ends."""
+        down = self._down.get((endpoint.host, endpoint.port))
+        if down is not None and (wait := down[0] - time.monotonic()) > 0:
+            raise NotDeliveredError(f"{endpoint.address} is unreachable, next attempt in {wait:.2f} s: {down[2]}")
+
     async def _call_with_feedback(
         self, endpoint: Endpoint, path: str, payload: bytes, timeout: float | None, metadata: Mapping[str, str]
     ) -> bytes:
@@ -392,10 +408,12 @@ class Channel:
                 if conn is not None:
                     del self._connections[key]
                     self._retire(conn)
+                if self._down:  # a connect it waited for failed: share that outcome rather than try again
+                    self._check_down(endpoint)
                 try:
                     conn = await self._transport.connect(endpoint)
-                except NotDeliveredError:
-                    self._mark_down(key)
+                except NotDeliveredError as exc:
+                    exc.unreachable = True  # call() marks the endpoint down
                     raise
                 self._down.pop(key, None)
                 if self._closed:
@@ -423,11 +441,15 @@ class Channel:
             with anyio.CancelScope(shield=True):
                 await conn.aclose()
 
-    def _mark_down(self, key: tuple[str, int]) -> None:
-        """An endpoint refused a connection: avoid it for a jittered, growing while (gRPC's connect backoff)."""
+    def _mark_down(self, key: tuple[str, int], reason: str) -> None:
+        """An endpoint could not be reached: avoid it for a jittered, growing while (gRPC's connect backoff),
+        on both transports; calls picked to it meanwhile fail fast as not delivered (and go elsewhere)."""
         down = self._down.get(key)
+        now = time.monotonic()
+        if down is not None and down[0] > now:  # already backing off: concurrent failures count once
+            return
         backoff = down[1] if down is not None else Backoff(initial=0.05, maximum=5.0, multiplier=2.0)
-        self._down[key] = (time.monotonic() + backoff.next_delay(), backoff)
+        self._down[key] = (now + backoff.next_delay(), backoff, reason)
 
     @property
     def connections(self) -> dict[str, Connection]:

@@ -1,7 +1,8 @@
 """Errors raised by kubrpc.
 
 RpcError(code: Status, message)   the one error users see, on both sides of a call
- └── NotDeliveredError             UNAVAILABLE, and the server never ran the call: always safe to retry
+ ├── NotDeliveredError             UNAVAILABLE, and the server never ran the call: always safe to retry
+ └── UnreachableError              UNAVAILABLE from an endpoint that never answered: backed off, the call maybe ran
 ProtocolError                      a peer broke the wire format (internal; closes that connection)
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from .status import Status
 
-__all__ = ("NotDeliveredError", "ProtocolError", "RpcError")
+__all__ = ("NotDeliveredError", "ProtocolError", "RpcError", "UnreachableError")
 
 
 class RpcError(Exception):
@@ -47,7 +48,23 @@ class RpcError(Exception):
 
 
 class NotDeliveredError(RpcError):
-    """UNAVAILABLE before the server saw the call (connect failed, connection draining): safe to retry."""
+    """UNAVAILABLE before the server saw the call (connect failed, connection draining): safe to retry.
+
+    `unreachable` says the endpoint could not be reached at all (a refused or failed connect): the channel
+    then avoids it for a while (its connect backoff).
+    """
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(Status.UNAVAILABLE, message)
+        self.unreachable = unreachable
+
+
+class UnreachableError(RpcError):
+    """UNAVAILABLE: a connection failed before the endpoint ever answered on it (accepted, then reset).
+
+    The channel backs off from the endpoint as from a refused connect; but the request may have been written
+    (and forwarded by a proxy), so only idempotent calls are retried.
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__(Status.UNAVAILABLE, message)

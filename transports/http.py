@@ -14,6 +14,7 @@ import socket
 import types
 from collections.abc import AsyncIterator, Coroutine, Generator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from ssl import SSLContext
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -27,16 +28,19 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kubrpc.endpoint import Endpoint
-from kubrpc.errors import NotDeliveredError, RpcError
+from kubrpc.errors import NotDeliveredError, RpcError, UnreachableError
 from kubrpc.server import DEFAULT_MAX_MESSAGE_SIZE
 from kubrpc.status import Status
 
 if TYPE_CHECKING:
     from kubrpc.server import Server
 
-__all__ = ("HttpConnection", "HttpListener", "HttpTransport", "build_app")
+__all__ = ("NOT_STARTED_HEADER", "HttpConnection", "HttpListener", "HttpTransport", "build_app")
 
 TIMEOUT_HEADER = "connect-timeout-ms"
+#: On a 503, this response header (value "1") says the kubrpc server did not start the call (over its connection
+#: limit): the client retries it elsewhere. A 503 without it (a proxy's, a sidecar's) may come after the call ran.
+NOT_STARTED_HEADER = "kubrpc-not-started"
 _DEFAULT_LIMIT = DEFAULT_MAX_MESSAGE_SIZE
 _CONTENT_TYPE = (b"content-type", b"application/json")
 
@@ -289,6 +293,25 @@ async def _send(send: Send, status: int, body: bytes, extra: tuple[tuple[bytes, 
     await send({"type": "http.response.body", "body": body})
 
 
+async def _not_started(scope: Scope, receive: Receive, send: Send) -> None:
+    """uvicorn's answer past limit_concurrency, marked so that clients know the call never started."""
+    body = b'{"code":"unavailable","message":"server busy: too many connections; the call did not start"}'
+    await _send(send, 503, body, ((NOT_STARTED_HEADER.encode(), b"1"), (b"connection", b"close")))
+
+
+def _mark_busy_answers() -> None:
+    """Make uvicorn answer past its connection limit with _not_started (its protocols look the app up by name)."""
+    import importlib
+
+    for name in ("h11_impl", "httptools_impl", "zttp_impl", "zttp_h2_impl"):
+        try:
+            module = importlib.import_module(f"uvicorn.protocols.http.{name}")
+        except ImportError:
+            continue
+        if hasattr(module, "service_unavailable"):
+            setattr(module, "service_unavailable", _not_started)  # noqa: B010 - a module uvicorn types without it
+
+
 class HttpListener:
     """A uvicorn server bound to one socket."""
 
@@ -311,6 +334,10 @@ class HttpTransport:
     """The `http` transport: `http://HOST:PORT`, or `https://HOST:PORT` with `ssl=` (a server or client SSLContext).
 
     `server_hostname` is the name a client checks the server's certificate against (default: the endpoint's host).
+
+    HTTP/1.1 has no ping, so a client bounds silence two ways: TCP keepalive probes (`keepalive_interval` seconds
+    idle, then probes for `keepalive_timeout` seconds; None: off) close connections whose peer host is gone, and a
+    call without a deadline fails with UNAVAILABLE once it has waited `read_timeout` seconds for a response byte.
     """
 
     def __init__(
@@ -319,12 +346,21 @@ class HttpTransport:
         max_connections: int = 100,
         connect_timeout: float = 5.0,
         max_message_size: int | None = None,
+        keepalive_interval: float | None = 30.0,
+        keepalive_timeout: float = 10.0,
+        read_timeout: float = 300.0,
         ssl: SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> None:
+        if keepalive_interval is not None and not keepalive_interval > 0:
+            raise ValueError("keepalive_interval must be > 0 or None")
+        if not keepalive_timeout > 0 or not 0 < read_timeout < math.inf:
+            raise ValueError("keepalive_timeout and read_timeout must be > 0 (and finite)")
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self.max_message_size = max_message_size
+        self.keepalive = None if keepalive_interval is None else (keepalive_interval, keepalive_timeout)
+        self.read_timeout = read_timeout
         self.ssl = ssl
         self.server_hostname = server_hostname
 
@@ -335,6 +371,7 @@ class HttpTransport:
     @asynccontextmanager
     async def listen(self, server: Server, host: str, port: int, /) -> AsyncIterator[HttpListener]:
         """Serve `server.asgi()` with uvicorn on host:port until the block exits, then drain."""
+        _mark_busy_answers()
         async with serve_uvicorn(
             server.asgi(),
             host,
@@ -382,6 +419,26 @@ async def serve_uvicorn(
                 userver.should_exit = True
 
 
+def _keepalive_socket(keepalive: tuple[float, float], addr_info: tuple[Any, ...]) -> socket.socket:
+    """A client socket with TCP keepalive: probed after `interval` idle seconds, closed after `timeout` more."""
+    interval, timeout = keepalive
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    probes = 3
+    for name, value in (
+        ("TCP_KEEPIDLE", interval),  # Linux
+        ("TCP_KEEPALIVE", interval),  # macOS
+        ("TCP_KEEPINTVL", timeout / probes),
+        ("TCP_KEEPCNT", probes),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, option, max(1, math.ceil(value)))
+    return sock
+
+
 class HttpConnection:
     """Calls to one endpoint over a pool of keep-alive HTTP/1.1 connections (aiohttp).
 
@@ -400,13 +457,22 @@ class HttpConnection:
             self._options["server_hostname"] = transport.server_hostname
         self._closed = False
         self.in_flight = 0
+        # False until the endpoint answers, and again after a connection to it failed: a failure then is the
+        # endpoint's (accepted, then reset) and the channel backs off from it. (HTTP's stand-in for TCP's ack.)
+        self._answered = False
         self._limit = transport.max_message_size or _DEFAULT_LIMIT
         # Connect failures and connect timeouts: the server never saw the call.
-        self._errors = (
-            aiohttp.ClientConnectorError,
-            getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ServerTimeoutError),
-        )
+        self._errors = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+        self._read_timeout_error = aiohttp.SocketTimeoutError
         self._transport_errors = (aiohttp.ClientError, OSError)
+        # Calls without a deadline wait at most read_timeout for each piece of the response.
+        self._read_timeout = transport.read_timeout
+        self._options_no_deadline = {
+            **self._options,
+            "timeout": aiohttp.ClientTimeout(
+                total=None, sock_connect=transport.connect_timeout, sock_read=transport.read_timeout
+            ),
+        }
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=transport.max_connections,
@@ -414,6 +480,7 @@ class HttpConnection:
                 force_close=False,
                 keepalive_timeout=4.0,  # under uvicorn's 5 s: reuse no connection the server is closing
                 ssl=True if transport.ssl is None else transport.ssl,
+                socket_factory=None if transport.keepalive is None else partial(_keepalive_socket, transport.keepalive),
             ),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=transport.connect_timeout),
             headers={"content-type": "application/json"},
@@ -436,20 +503,32 @@ class HttpConnection:
             timeout = None
         if timeout is not None:
             headers[TIMEOUT_HEADER] = str(min(max(1, math.ceil(timeout * 1000)), 9_999_999_999))
+            options = self._options
+        else:
+            options = self._options_no_deadline
         self.in_flight += 1
         try:
             async with asyncio.timeout(timeout):  # not anyio.fail_after: cheaper, and aiohttp is asyncio-only
-                async with self._session.post(
-                    self._base + path, data=payload, headers=headers, **self._options
-                ) as response:
+                async with self._session.post(self._base + path, data=payload, headers=headers, **options) as response:
                     status = response.status
+                    self._answered = True
+                    not_started = status == 503 and response.headers.get(NOT_STARTED_HEADER) == "1"
                     content = await self._read(response)
         except self._errors as exc:  # before TimeoutError: a connect timeout is one too
-            raise NotDeliveredError(f"cannot connect to {self.endpoint.address}: {exc}") from None
+            raise NotDeliveredError(f"cannot connect to {self.endpoint.address}: {exc}", unreachable=True) from None
+        except self._read_timeout_error:  # before TimeoutError too: only calls without a deadline have one
+            self._answered = False
+            raise RpcError(
+                Status.UNAVAILABLE, f"no answer from {self.endpoint.address} in {self._read_timeout:g} s (read_timeout)"
+            ) from None
         except TimeoutError:
             raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
         except self._transport_errors as exc:
-            raise RpcError(Status.UNAVAILABLE, f"connection to {self.endpoint.address} failed: {exc!r}") from None
+            message = f"connection to {self.endpoint.address} failed: {exc!r}"
+            if not self._answered:  # it has not answered since connecting (or since the last failure)
+                raise UnreachableError(message) from None
+            self._answered = False
+            raise RpcError(Status.UNAVAILABLE, message) from None
         finally:
             self.in_flight -= 1
         if status == 200:
@@ -457,10 +536,17 @@ class HttpConnection:
         try:
             body = orjson.loads(content)
         except orjson.JSONDecodeError:
-            if status == 503:  # from uvicorn's connection limit or a proxy, not from kubrpc: it never ran
-                raise NotDeliveredError(f"{self.endpoint.address} is unavailable (HTTP 503)") from None
-            body = None
-        raise RpcError.from_json(body, fallback=Status.from_http_status(status))
+            if not_started:
+                raise NotDeliveredError(f"{self.endpoint.address} did not start the call (HTTP 503)") from None
+            # Not from kubrpc: a proxy or sidecar, which may answer 503 after forwarding the call.
+            text = content[:200].decode("utf-8", "replace")
+            raise RpcError(
+                Status.from_http_status(status), f"HTTP {status} from {self.endpoint.address} (not kubrpc): {text!r}"
+            ) from None
+        error = RpcError.from_json(body, fallback=Status.from_http_status(status))
+        if not_started:  # a kubrpc server's word that the call never started
+            raise NotDeliveredError(f"{self.endpoint.address} did not start the call: {error.message}")
+        raise error
 
     async def _read(self, response: Any) -> bytes:
         """The response body, refused past the size limit without reading it all."""
