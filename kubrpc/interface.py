@@ -94,11 +94,20 @@ class MethodSpec:
     def decode_args(self, payload: bytes) -> dict[str, Any]:
         """Server side: parse and validate a request body into keyword arguments (RpcError on bad input)."""
         try:
-            obj = orjson.loads(payload) if payload else {}
+            obj = codec.loads(payload) if payload else {}
         except orjson.JSONDecodeError:
             raise RpcError(Status.INVALID_ARGUMENT, "request body is not valid JSON") from None
+        except codec.DecodeError as exc:
+            raise RpcError(Status.INVALID_ARGUMENT, f"invalid arguments: {exc.reason}") from None
         if type(obj) is not dict:
             raise RpcError(Status.INVALID_ARGUMENT, "request body must be a JSON object of named arguments")
+        # Nesting deeper than the encoder can write needs as many brackets: count them before looking.
+        if len(payload) > 2 * codec.MAX_DEPTH and payload.count(b"[") + payload.count(b"{") > codec.MAX_DEPTH:
+            for name, value in obj.items():
+                try:
+                    codec.check_depth(value)
+                except codec.DecodeError as exc:
+                    raise RpcError(Status.INVALID_ARGUMENT, f"invalid argument {name!r}: {exc.reason}") from None
         kwargs = {}
         try:
             for p in self.params:
@@ -142,7 +151,7 @@ class MethodSpec:
     def decode_result(self, data: bytes) -> Any:
         """Client side: parse a result body back into the annotated return type."""
         try:
-            return self.decode_result_value(orjson.loads(data), "result")
+            return self.decode_result_value(codec.loads(data), "result")
         except (orjson.JSONDecodeError, codec.DecodeError, RecursionError) as exc:
             raise RpcError(Status.INTERNAL, f"malformed result from {self.path}: {exc}") from None
 
