@@ -109,7 +109,7 @@ def check_depth(value: object) -> None:
     try:
         orjson.dumps(value)
     except orjson.JSONEncodeError:
-        raise DecodeError("", f"nested deeper than {MAX_DEPTH} levels") from None
+        raise DecodeError("", f"nested deeper than {MAX_DEPTH} levels, the most the encoder can write") from None
 
 
 def _describe(value: object) -> str:

@@ -107,7 +107,7 @@ class MethodSpec:
                 try:
                     codec.check_depth(value)
                 except codec.DecodeError as exc:
-                    raise RpcError(Status.INVALID_ARGUMENT, f"invalid argument {name!r}: {exc.reason}") from None
+                    raise RpcError(Status.INVALID_ARGUMENT, f"argument {name!r} is {exc.reason}") from None
         kwargs = {}
         try:
             for p in self.params:
