@@ -66,6 +66,12 @@ def _default(value: object) -> object:
         return list(value)
     if isinstance(value, datetime.date | datetime.time):
         # Python's own format: orjson rounds a UTC offset of +00:19:32 to +00:20, and the instant moves.
+        offset = value.utcoffset() if isinstance(value, datetime.datetime) else None
+        if offset is not None and offset.microseconds:
+            raise TypeError(
+                f"cannot encode {value.isoformat()}: a UTC offset with a fraction of a second cannot travel "
+                "exactly; convert it to another time zone first"
+            )
         return value.isoformat()
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 

@@ -146,7 +146,8 @@ class MethodSpec:
         try:
             return self.encode_arguments(named)
         except TypeError as exc:
-            raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {exc}") from None
+            reason = exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc  # orjson wraps default()'s
+            raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {reason}") from None
 
     def decode_result(self, data: bytes) -> Any:
         """Client side: parse a result body back into the annotated return type."""
