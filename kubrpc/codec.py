@@ -60,23 +60,36 @@ class DecodeError(ValueError):
 
 
 def _default(value: object) -> object:
+    if type(value) is datetime.datetime:
+        return _datetime_json(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, set | frozenset):
         return list(value)
+    if isinstance(value, datetime.datetime):
+        return _datetime_json(value)
     if isinstance(value, datetime.date | datetime.time):
-        # Python's own format: orjson rounds a UTC offset of +00:19:32 to +00:20, and the instant moves.
-        offset = value.utcoffset() if isinstance(value, datetime.datetime) else None
-        if offset is not None and offset.microseconds:
-            raise TypeError(
-                f"cannot encode {value.isoformat()}: a UTC offset with a fraction of a second cannot travel "
-                "exactly; convert it to another time zone first"
-            )
-        return value.isoformat()
+        return orjson.Fragment(orjson.dumps(value))
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
-# Datetimes pass through to _default: isoformat() keeps sub-minute UTC offsets exactly.
+def _datetime_json(value: datetime.datetime) -> object:
+    """orjson's format, which rounds a UTC offset to minutes (+00:19:32 becomes +00:20): then Python's."""
+    tz = value.tzinfo
+    if tz is None or tz is datetime.UTC:
+        return orjson.Fragment(orjson.dumps(value))
+    offset = value.utcoffset()
+    if offset is None or not (offset.seconds % 60 or offset.microseconds):
+        return orjson.Fragment(orjson.dumps(value))
+    if offset.microseconds:  # Python's own parser reads +00:00:00.000250 as UTC
+        raise TypeError(
+            f"cannot encode {value.isoformat()}: a UTC offset with a fraction of a second cannot travel "
+            "exactly; convert it to another time zone first"
+        )
+    return value.isoformat()  # +HH:MM:SS, which datetime.fromisoformat() reads back exactly
+
+
+# Datetimes pass through to _default, which keeps sub-minute UTC offsets exactly.
 _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME
 
 
@@ -86,16 +99,19 @@ def dumps(value: object) -> bytes:
 
 
 # 19 digits in a row: the shortest integer literal outside INT_MIN..INT_MAX has them.
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_DIGITS = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGITS = b"0" * 19
 
 
 def loads(data: bytes) -> Any:
     """Parse JSON bytes; orjson.JSONDecodeError (a ValueError) on malformed input.
 
-    DecodeError if an integer is outside INT_MIN..INT_MAX: orjson would round it to a float.
+    DecodeError if an integer is outside INT_MIN..INT_MAX, which orjson would round to a float. Only
+    values that may hold a float need this (an integer annotation refuses the float anyway): the
+    annotations that may_hold_float() accepts.
     """
     value = orjson.loads(data)
-    if len(data) >= 19 and _LONG_DIGITS.search(data) is not None:
+    if len(data) >= 19 and _LONG_DIGITS in data.translate(_DIGITS):
         try:  # exact, and only when a long run of digits is present
             json.loads(bytes(data), parse_int=_wire_int)
         except RecursionError:
@@ -137,6 +153,8 @@ def _any(value: Any, path: str) -> Any:
 def _int(value: Any, path: str) -> int:
     if type(value) is int:
         return value
+    if type(value) is float and not -(2.0**63) <= value <= 2.0**64 and value.is_integer():
+        raise DecodeError(path, "integer outside the 64-bit range (-2**63 to 2**64-1)")
     _fail(path, "integer", value)
 
 
@@ -354,7 +372,9 @@ def check_metadata(metadata: Mapping[str, str]) -> None:
     """ValueError unless every key and value can travel as an HTTP header, unchanged, on every transport."""
     for key, value in metadata.items():
         if type(key) is not str or _HEADER_NAME.fullmatch(key) is None:
-            raise ValueError(f"metadata key {_short(key)} is not a valid header name (letters, digits, -_.!#$%&'*+^`|~)")
+            raise ValueError(
+                f"metadata key {_short(key)} is not a valid header name (letters, digits, -_.!#$%&'*+^`|~)"
+            )
         if type(value) is not str or _HEADER_VALUE.fullmatch(value) is None:
             raise ValueError(
                 f"metadata {key!r}: value {_short(value)} must be printable ASCII without leading or trailing "
@@ -401,7 +421,7 @@ def _shapes(tp: object) -> dict[type, object]:
     """What a value of this (unwrapped, non-union) annotation can look like on the wire."""
     origin = typing.get_origin(tp)
     if tp in (typing.Any, object):
-        return {t: _ALL for t in (bool, int, float, str, list, dict)}
+        return dict.fromkeys((bool, int, float, str, list, dict), _ALL)
     if tp is bool or tp is int or tp is str:
         return {typing.cast(type, tp): _ALL}
     if tp is float:
@@ -487,7 +507,7 @@ def _ambiguous(tp: object, a: _Member, b: _Member, why: str) -> TypeError:
     return TypeError(
         f"ambiguous union {_type_name(tp)}: {a.name} and {b.name} {why}, so a value could come back as the "
         "wrong type. Make the members distinguishable on the wire: give each dataclass a tag field with "
-        "a different Literal value (a discriminator, e.g. `kind: Literal[\"cat\"] = \"cat\"`), or wrap one "
+        'a different Literal value (a discriminator, e.g. `kind: Literal["cat"] = "cat"`), or wrap one '
         "member in a dataclass"
     )
 
@@ -587,7 +607,9 @@ def _dataclasses(tp: object, members: list[_Member], expected: str) -> Decoder:
     for m, k in zip(members, keys, strict=True):
         if k is not None:
             by_keys.setdefault(k, []).append(m.decode)
-    candidates = [(m.decode, frozenset(f.name for f in dataclasses.fields(c))) for m, c in zip(members, classes, strict=True)]
+    candidates = [
+        (m.decode, frozenset(f.name for f in dataclasses.fields(c))) for m, c in zip(members, classes, strict=True)
+    ]
     tag_expected = "one of " + ", ".join(repr(v) for v in by_tag)
 
     def pick(value: Any, path: str) -> Any:

@@ -85,6 +85,9 @@ class MethodSpec:
     encode_result: Callable[[object], bytes] = codec.dumps
     """Server side: the result as JSON bytes (floats-aware when the return type may hold floats)."""
     encode_arguments: Callable[[object], bytes] = codec.dumps
+    parse_arguments: Callable[[bytes], Any] = orjson.loads
+    """Server side: codec.loads (exact integers) when an argument may hold a float, else orjson.loads."""
+    parse_result: Callable[[bytes], Any] = orjson.loads
 
     @property
     def path(self) -> str:
@@ -94,7 +97,7 @@ class MethodSpec:
     def decode_args(self, payload: bytes) -> dict[str, Any]:
         """Server side: parse and validate a request body into keyword arguments (RpcError on bad input)."""
         try:
-            obj = codec.loads(payload) if payload else {}
+            obj = self.parse_arguments(payload) if payload else {}
         except orjson.JSONDecodeError:
             raise RpcError(Status.INVALID_ARGUMENT, "request body is not valid JSON") from None
         except codec.DecodeError as exc:
@@ -152,7 +155,7 @@ class MethodSpec:
     def decode_result(self, data: bytes) -> Any:
         """Client side: parse a result body back into the annotated return type."""
         try:
-            return self.decode_result_value(codec.loads(data), "result")
+            return self.decode_result_value(self.parse_result(data), "result")
         except (orjson.JSONDecodeError, codec.DecodeError, RecursionError) as exc:
             raise RpcError(Status.INTERNAL, f"malformed result from {self.path}: {exc}") from None
 
@@ -233,6 +236,8 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
     except TypeError as exc:
         raise TypeError(f"{where}: return type: {exc}") from None
     options = getattr(fn, _OPTIONS_ATTR, None) or MethodOptions()
+    result_floats = codec.may_hold_float(hints["return"])
+    argument_floats = any(codec.may_hold_float(p.annotation) for p in params)
     return MethodSpec(
         service=service,
         name=options.name or attr,
@@ -242,10 +247,10 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
         options=options,
         decode_result_value=decode_result,
         positional=tuple(positional),
-        encode_result=codec.dumps_floats if codec.may_hold_float(hints["return"]) else codec.dumps,
-        encode_arguments=(
-            codec.dumps_floats if any(codec.may_hold_float(p.annotation) for p in params) else codec.dumps
-        ),
+        encode_result=codec.dumps_floats if result_floats else codec.dumps,
+        encode_arguments=codec.dumps_floats if argument_floats else codec.dumps,
+        parse_arguments=codec.loads if argument_floats else orjson.loads,
+        parse_result=codec.loads if result_floats else orjson.loads,
     )
 
 
