@@ -66,6 +66,12 @@ class TaggedDog:
 
 
 @dataclass
+class Reading:  # a float inside a union member: NaN travels as "NaN" in a nested object
+    value: float
+    unit: Literal["C", "F"] = "C"
+
+
+@dataclass
 class Owner:
     pet: TaggedCat | TaggedDog
     friends: list[Cat | Dog]
@@ -418,6 +424,12 @@ MEMBERS: dict[object, st.SearchStrategy[Any]] = {
     Robot: st.builds(Robot, st.text(max_size=3)),
     TaggedCat: st.builds(TaggedCat, st.text(max_size=3)),
     TaggedDog: st.builds(TaggedDog, st.text(max_size=3)),
+    Literal["AAAA", True, 1.5]: st.sampled_from(["AAAA", True, 1.5]),
+    Literal["12345678-1234-5678-1234-567812345678"]: st.just("12345678-1234-5678-1234-567812345678"),
+    list[Cat | Dog]: st.lists(st.builds(Cat, st.text(max_size=3)) | st.builds(Dog, st.text(max_size=3)), max_size=3),
+    frozenset[int]: st.frozensets(st.integers(0, 9), max_size=3),
+    dict[str, float]: st.dictionaries(st.text(max_size=3), st.floats(), max_size=2),
+    Reading: st.builds(Reading, st.floats(), st.sampled_from(["C", "F"])),
     Any: st.recursive(st.none() | st.integers(-5, 5) | st.text(max_size=3), lambda v: st.lists(v, max_size=2)),
     None: st.none(),
 }
