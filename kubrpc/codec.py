@@ -577,7 +577,10 @@ def _tags(cls: type) -> dict[str, frozenset[object]]:
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
-        shapes = _shapes(_unwrap(hints[f.name]))
+        try:
+            shapes = _shapes(_unwrap(hints[f.name]))
+        except TypeError:  # an Enum with values JSON cannot carry: no tag
+            continue
         if shapes and all(isinstance(s, frozenset) for s in shapes.values()):
             out[f.name] = frozenset().union(*typing.cast(list[frozenset[object]], list(shapes.values())))
     return out
