@@ -331,6 +331,35 @@ async def test_an_error_with_code_ok_arrives_as_unknown(scheme: str) -> None:
         assert info.value == RpcError(Status.UNKNOWN, "not really")
 
 
+class _WireCode(RpcError):
+    """An error that a server writes with any code string, as a foreign or newer server might."""
+
+    def __init__(self, wire_code: str) -> None:
+        super().__init__(Status.INTERNAL, "m")
+        self.wire_code = wire_code
+
+    def to_json(self) -> dict[str, str]:
+        return {"code": self.wire_code, "message": self.message}
+
+
+class _Raises:
+    def __init__(self, wire_code: str) -> None:
+        self.wire_code = wire_code
+
+    async def echo(self, value):  # type: ignore[no-untyped-def]
+        raise _WireCode(self.wire_code)
+
+
+@pytest.mark.parametrize("wire_code", ["ok", "teapot", "OK", ""])
+async def test_error_frames_and_bodies_with_code_ok_or_unknown_arrive_as_unknown(scheme: str, wire_code: str) -> None:
+    server = kubrpc.Server()
+    server.register(echo_protocol(int), _Raises(wire_code))
+    async with server.serve(f"{scheme}://127.0.0.1:0") as listener, kubrpc.connect(listener.url) as channel:
+        with anyio.fail_after(10), pytest.raises(RpcError) as info:
+            await channel.call("Echo/echo", b'{"value": 1}', timeout=5)
+    assert info.value == RpcError(Status.UNKNOWN, "m")
+
+
 @pytest.mark.parametrize("body", [{"code": "ok", "message": "m"}, {"code": "teapot", "message": "m"}])
 def test_error_bodies_with_code_ok_or_an_unknown_code_are_unknown(body: dict[str, str]) -> None:
     # Both transports' clients rebuild errors with RpcError.from_json (HTTP bodies, TCP ERROR frames).
