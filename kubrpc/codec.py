@@ -38,6 +38,7 @@ __all__ = (
     "dumps_floats",
     "loads",
     "may_hold_float",
+    "needs_exact_ints",
 )
 
 MAX_DEPTH = 254
@@ -59,8 +60,14 @@ class DecodeError(ValueError):
         self.reason = message
 
 
+_DATETIME, _UTC, _Fragment, _dumps = datetime.datetime, datetime.UTC, orjson.Fragment, orjson.dumps
+
+
 def _default(value: object) -> object:
-    if type(value) is datetime.datetime:
+    if type(value) is _DATETIME:
+        tz = value.tzinfo
+        if tz is None or tz is _UTC:  # the common case, in orjson's format
+            return _Fragment(_dumps(value))
         return _datetime_json(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(value).decode("ascii")
@@ -107,8 +114,7 @@ def loads(data: bytes) -> Any:
     """Parse JSON bytes; orjson.JSONDecodeError (a ValueError) on malformed input.
 
     DecodeError if an integer is outside INT_MIN..INT_MAX, which orjson would round to a float. Only
-    values that may hold a float need this (an integer annotation refuses the float anyway): the
-    annotations that may_hold_float() accepts.
+    the annotations for which needs_exact_ints() holds need this.
     """
     value = orjson.loads(data)
     if len(data) >= 19 and _LONG_DIGITS in data.translate(_DIGITS):
@@ -153,8 +159,8 @@ def _any(value: Any, path: str) -> Any:
 def _int(value: Any, path: str) -> int:
     if type(value) is int:
         return value
-    if type(value) is float and not -(2.0**63) <= value <= 2.0**64 and value.is_integer():
-        raise DecodeError(path, "integer outside the 64-bit range (-2**63 to 2**64-1)")
+    if type(value) is float and abs(value) >= 2.0**63 and value.is_integer():  # a long literal, or 1e19
+        raise DecodeError(path, "expected integer within the 64-bit range (-2**63 to 2**64-1), got number")
     _fail(path, "integer", value)
 
 
@@ -215,6 +221,33 @@ def may_hold_float(tp: object, _seen: set[object] | None = None) -> bool:
     if tp in (list, tuple, dict, set, frozenset):
         return True  # unparametrised: items of any type
     return any(may_hold_float(arg, seen) for arg in typing.get_args(tp) if arg is not Ellipsis)
+
+
+def needs_exact_ints(tp: object, _seen: set[object] | None = None) -> bool:
+    """Could a JSON integer beyond 64 bits pass this annotation as a float? Then loads() must check.
+
+    Any, object and unparametrised containers keep whatever orjson parsed; a union of int and float
+    would take the float. An int refuses a float anyway, and a float is any JSON number.
+    """
+    if tp is typing.Any or tp is object or tp in (list, tuple, dict, set, frozenset):
+        return True
+    seen = _seen if _seen is not None else set()
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if tp in seen:
+            return False
+        seen.add(tp)
+        hints = typing.get_type_hints(tp)
+        return any(needs_exact_ints(hints[f.name], seen) for f in dataclasses.fields(tp))
+    if isinstance(tp, typing.NewType):
+        return needs_exact_ints(tp.__supertype__, seen)
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        members = {_unwrap(a) for a in args}
+        if int in members and float in members:
+            return True
+    if typing.get_origin(tp) is typing.Literal:
+        return False
+    return any(needs_exact_ints(arg, seen) for arg in args if arg is not Ellipsis)
 
 
 def _str(value: Any, path: str) -> str:
@@ -391,7 +424,7 @@ def check_metadata(metadata: Mapping[str, str]) -> None:
 
 _ALL = object()  # every value of a JSON type
 # String formats, in the order they are tried: each one rejects every value the later ones write
-# (base64 has no "-", a UUID is 36 long and has no "T" or ":", a date has no "T").
+# (base64 has no "-"; a UUID is 32 hex digits besides its dashes; a date has no "T").
 _FORMATS = {bytes: "base64 string", uuid.UUID: "UUID string", datetime.date: "date", datetime.datetime: "date-time"}
 _FORMAT_RANK = list(_FORMATS.values())
 

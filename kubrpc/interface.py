@@ -20,6 +20,7 @@ C = TypeVar("C", bound=type)
 F = TypeVar("F", bound=Callable[..., Any])
 
 _NAME_ATTR = "__kubrpc_name__"
+_DEEP_SIZE = 2 * codec.MAX_DEPTH  # the shortest body that can nest deeper than the encoder writes
 _OPTIONS_ATTR = "__kubrpc_method__"
 
 
@@ -86,7 +87,7 @@ class MethodSpec:
     """Server side: the result as JSON bytes (floats-aware when the return type may hold floats)."""
     encode_arguments: Callable[[object], bytes] = codec.dumps
     parse_arguments: Callable[[bytes], Any] = orjson.loads
-    """Server side: codec.loads (exact integers) when an argument may hold a float, else orjson.loads."""
+    """Server side: codec.loads (exact integers) where needs_exact_ints() says so, else orjson.loads."""
     parse_result: Callable[[bytes], Any] = orjson.loads
 
     @property
@@ -105,7 +106,7 @@ class MethodSpec:
         if type(obj) is not dict:
             raise RpcError(Status.INVALID_ARGUMENT, "request body must be a JSON object of named arguments")
         # Nesting deeper than the encoder can write needs as many brackets: count them before looking.
-        if len(payload) > 2 * codec.MAX_DEPTH and payload.count(b"[") + payload.count(b"{") > codec.MAX_DEPTH:
+        if len(payload) > _DEEP_SIZE and payload.count(b"[") + payload.count(b"{") > codec.MAX_DEPTH:
             for name, value in obj.items():
                 try:
                     codec.check_depth(value)
@@ -238,6 +239,8 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
     options = getattr(fn, _OPTIONS_ATTR, None) or MethodOptions()
     result_floats = codec.may_hold_float(hints["return"])
     argument_floats = any(codec.may_hold_float(p.annotation) for p in params)
+    exact_result = codec.needs_exact_ints(hints["return"])
+    exact_arguments = any(codec.needs_exact_ints(p.annotation) for p in params)
     return MethodSpec(
         service=service,
         name=options.name or attr,
@@ -249,8 +252,8 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
         positional=tuple(positional),
         encode_result=codec.dumps_floats if result_floats else codec.dumps,
         encode_arguments=codec.dumps_floats if argument_floats else codec.dumps,
-        parse_arguments=codec.loads if argument_floats else orjson.loads,
-        parse_result=codec.loads if result_floats else orjson.loads,
+        parse_arguments=codec.loads if exact_arguments else orjson.loads,
+        parse_result=codec.loads if exact_result else orjson.loads,
     )
 
 
