@@ -16,6 +16,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._backoff import Backoff
+from .codec import check_metadata
 from .endpoint import Endpoint
 from .errors import NotDeliveredError, RpcError, UnreachableError
 from .interceptors import ClientCall, ClientInterceptor, Proceed
@@ -268,6 +269,11 @@ class Channel:
             raise RuntimeError("use the Channel as `async with kubrpc.connect(...) as channel:`")
         if self._interceptors and type(metadata) is not _Intercepted:
             return await self._intercept(path, payload, timeout, idempotent, key, metadata)
+        if metadata:  # the same rule on every transport, before anything is sent
+            try:
+                check_metadata(metadata)
+            except ValueError as exc:
+                raise RpcError(Status.INVALID_ARGUMENT, str(exc)) from None
         deadline = None if timeout is None else time.monotonic() + timeout
         budget = self.retry_budget
         budget.deposit()

@@ -3,6 +3,10 @@
 A decoder is built once per annotation (a "plan") and then called per value; it checks the JSON
 value against the annotation and converts it into the annotated Python type (a dataclass comes back
 as that dataclass). A mismatch raises `DecodeError` naming the offending field path.
+
+Exactness: a value comes back as the type it was sent. A union whose members JSON cannot tell apart
+(`str | bytes`, two dataclasses with the same fields, ...) is refused when its plan is built, so a
+decoded union never depends on the order of its members.
 """
 
 from __future__ import annotations
@@ -12,16 +16,36 @@ import binascii
 import dataclasses
 import datetime
 import enum
+import json
 import math
+import re
 import types
 import typing
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
 
-__all__ = ("DecodeError", "Decoder", "decoder", "dumps", "dumps_floats", "loads", "may_hold_float")
+__all__ = (
+    "MAX_DEPTH",
+    "DecodeError",
+    "Decoder",
+    "check_depth",
+    "check_metadata",
+    "decoder",
+    "dumps",
+    "dumps_floats",
+    "loads",
+    "may_hold_float",
+    "needs_exact_ints",
+)
+
+MAX_DEPTH = 254
+"""The deepest nesting of arrays, objects and dataclasses the encoder (orjson) can write."""
+
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+"""Integers on the wire: JSON numbers from -2**63 (signed 64-bit) to 2**64 - 1 (unsigned 64-bit)."""
 
 Decoder = Callable[[Any, str], Any]
 """Checks and converts one JSON value; the second argument is the field path for error messages."""
@@ -36,22 +60,84 @@ class DecodeError(ValueError):
         self.reason = message
 
 
+_DATETIME, _UTC, _Fragment, _dumps = datetime.datetime, datetime.UTC, orjson.Fragment, orjson.dumps
+
+
 def _default(value: object) -> object:
+    if type(value) is _DATETIME:
+        tz = value.tzinfo
+        if tz is None or tz is _UTC:  # the common case, in orjson's format
+            return _Fragment(_dumps(value))
+        return _datetime_json(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, set | frozenset):
         return list(value)
+    if isinstance(value, datetime.datetime):
+        return _datetime_json(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return orjson.Fragment(orjson.dumps(value))
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def _datetime_json(value: datetime.datetime) -> object:
+    """orjson's format, which rounds a UTC offset to minutes (+00:19:32 becomes +00:20): then Python's."""
+    tz = value.tzinfo
+    if tz is None or tz is datetime.UTC:
+        return orjson.Fragment(orjson.dumps(value))
+    offset = value.utcoffset()
+    if offset is None or not (offset.seconds % 60 or offset.microseconds):
+        return orjson.Fragment(orjson.dumps(value))
+    if offset.microseconds:  # Python's own parser reads +00:00:00.000250 as UTC
+        raise TypeError(
+            f"cannot encode {value.isoformat()}: a UTC offset with a fraction of a second cannot travel "
+            "exactly; convert it to another time zone first"
+        )
+    return value.isoformat()  # +HH:MM:SS, which datetime.fromisoformat() reads back exactly
+
+
+# Datetimes pass through to _default, which keeps sub-minute UTC offsets exactly.
+_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME
 
 
 def dumps(value: object) -> bytes:
     """Encode a value of any supported annotated type as JSON bytes (bytes become base64)."""
-    return orjson.dumps(value, default=_default)
+    return orjson.dumps(value, default=_default, option=_OPTIONS)
 
 
-def loads(data: bytes | str) -> Any:
-    """Parse JSON bytes; orjson.JSONDecodeError (a ValueError) on malformed input."""
-    return orjson.loads(data)
+# 19 digits in a row: the shortest integer literal outside INT_MIN..INT_MAX has them.
+_DIGITS = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGITS = b"0" * 19
+
+
+def loads(data: bytes) -> Any:
+    """Parse JSON bytes; orjson.JSONDecodeError (a ValueError) on malformed input.
+
+    DecodeError if an integer is outside INT_MIN..INT_MAX, which orjson would round to a float. Only
+    the annotations for which needs_exact_ints() holds need this.
+    """
+    value = orjson.loads(data)
+    if len(data) >= 19 and _LONG_DIGITS in data.translate(_DIGITS):
+        try:  # exact, and only when a long run of digits is present
+            json.loads(bytes(data), parse_int=_wire_int)
+        except RecursionError:
+            raise DecodeError("", f"nested deeper than {MAX_DEPTH} levels") from None
+    return value
+
+
+def _wire_int(text: str) -> int:
+    value = int(text)
+    if not INT_MIN <= value <= INT_MAX:
+        raise DecodeError("", f"integer {text[:30]} is outside the 64-bit range (-2**63 to 2**64-1)")
+    return value
+
+
+def check_depth(value: object) -> None:
+    """DecodeError if a parsed JSON value is nested deeper than MAX_DEPTH (the encoder could not write it)."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise DecodeError("", f"nested deeper than {MAX_DEPTH} levels, the most the encoder can write") from None
 
 
 def _describe(value: object) -> str:
@@ -73,6 +159,8 @@ def _any(value: Any, path: str) -> Any:
 def _int(value: Any, path: str) -> int:
     if type(value) is int:
         return value
+    if type(value) is float and abs(value) >= 2.0**63 and value.is_integer():  # a long literal, or 1e19
+        raise DecodeError(path, "expected integer within the 64-bit range (-2**63 to 2**64-1), got number")
     _fail(path, "integer", value)
 
 
@@ -95,9 +183,9 @@ def dumps_floats(value: object) -> bytes:
 
     orjson writes them as null; a null in the output is the only sign, so the slower path runs only then.
     """
-    data = orjson.dumps(value, default=_default)
+    data = orjson.dumps(value, default=_default, option=_OPTIONS)
     if b"null" in data:
-        data = orjson.dumps(_spell_non_finite(value), default=_default)
+        data = orjson.dumps(_spell_non_finite(value), default=_default, option=_OPTIONS)
     return data
 
 
@@ -133,6 +221,33 @@ def may_hold_float(tp: object, _seen: set[object] | None = None) -> bool:
     if tp in (list, tuple, dict, set, frozenset):
         return True  # unparametrised: items of any type
     return any(may_hold_float(arg, seen) for arg in typing.get_args(tp) if arg is not Ellipsis)
+
+
+def needs_exact_ints(tp: object, _seen: set[object] | None = None) -> bool:
+    """Could a JSON integer beyond 64 bits pass this annotation as a float? Then loads() must check.
+
+    Any, object and unparametrised containers keep whatever orjson parsed; a union of int and float
+    would take the float. An int refuses a float anyway, and a float is any JSON number.
+    """
+    if tp is typing.Any or tp is object or tp in (list, tuple, dict, set, frozenset):
+        return True
+    seen = _seen if _seen is not None else set()
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if tp in seen:
+            return False
+        seen.add(tp)
+        hints = typing.get_type_hints(tp)
+        return any(needs_exact_ints(hints[f.name], seen) for f in dataclasses.fields(tp))
+    if isinstance(tp, typing.NewType):
+        return needs_exact_ints(tp.__supertype__, seen)
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        members = {_unwrap(a) for a in args}
+        if int in members and float in members:
+            return True
+    if typing.get_origin(tp) is typing.Literal:
+        return False
+    return any(needs_exact_ints(arg, seen) for arg in args if arg is not Ellipsis)
 
 
 def _str(value: Any, path: str) -> str:
@@ -198,15 +313,26 @@ _SIMPLE: dict[object, Decoder] = {
 _cache: dict[object, Decoder] = {}
 
 
+def _key(tp: object) -> object:
+    """The cache key of an annotation: `Union[A, B] == Union[B, A]`, so the member order goes in too."""
+    args = getattr(tp, "__args__", None)
+    if not args or not isinstance(args, tuple):
+        return tp
+    return (tp, tuple(_key(a) for a in args))
+
+
 def decoder(annotation: object) -> Decoder:
-    """The decoder plan for an annotation; TypeError if the annotation is not supported."""
+    """The decoder plan for an annotation; TypeError if it is not supported (or is an ambiguous union)."""
     try:
-        return _cache[annotation]
+        key = _key(annotation)
+        return _cache[key]
     except KeyError:
         pass
     except TypeError:  # unhashable annotation (rare): build without caching
         return _build(annotation)
-    return _build(annotation)
+    dec = _build(annotation)
+    _cache[key] = dec
+    return dec
 
 
 def _build(tp: object) -> Decoder:
@@ -215,74 +341,342 @@ def _build(tp: object) -> Decoder:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Annotated:
-        return _remember(tp, decoder(args[0]))
+        return decoder(args[0])
     if isinstance(tp, typing.NewType):
-        return _remember(tp, decoder(tp.__supertype__))
+        return decoder(tp.__supertype__)
     if origin is typing.Union or origin is types.UnionType:
-        return _remember(tp, _union(args))
+        return _union(tp)
     if origin is typing.Literal:
-        return _remember(tp, _literal(args))
+        return _literal(args)
     if tp is list or origin is list:
-        return _remember(tp, _list(decoder(args[0]) if args else _any, list))
+        return _list(decoder(args[0]) if args else _any, list)
     if tp in (set, frozenset) or origin in (set, frozenset):
         container = typing.cast(type, origin or tp)
-        return _remember(tp, _list(decoder(args[0]) if args else _any, container))
+        return _list(decoder(args[0]) if args else _any, container)
     if tp is tuple or origin is tuple:
-        return _remember(tp, _tuple(args))
+        return _tuple(args)
     if tp is dict or origin is dict:
         if args and args[0] is not str:
             raise TypeError(f"unsupported annotation {tp!r}: JSON object keys are strings, use dict[str, ...]")
-        return _remember(tp, _dict(decoder(args[1]) if args else _any))
+        return _dict(decoder(args[1]) if args else _any)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return _remember(tp, _enum(tp))
+        return _enum(tp)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _dataclass(tp)
     raise TypeError(f"unsupported annotation {tp!r}")
 
 
-def _remember(tp: object, dec: Decoder) -> Decoder:
-    _cache[tp] = dec
-    return dec
+def _wire_value(value: object) -> tuple[type, object]:
+    """A Literal or Enum value as the (type, value) of the JSON it travels as; TypeError if it cannot travel."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, bytes):
+        return str, base64.b64encode(value).decode("ascii")
+    if value is None or type(value) in (str, int, float, bool):
+        return type(value), value
+    raise TypeError(f"{value!r} cannot travel as JSON: use str, int, float, bool, bytes, None or an Enum of those")
 
 
-def _union(members: tuple[object, ...]) -> Decoder:
-    decoders = [decoder(m) for m in members if m is not type(None)]
-    nullable = len(decoders) < len(members)
-    expected = " or ".join(_name(m) for m in members)
-    if len(decoders) == 1:
-        (inner,) = decoders
+def _literal(values: tuple[object, ...]) -> Decoder:
+    table: dict[tuple[type, object], object] = {}
+    for v in values:
+        wire = _wire_value(v)
+        if wire in table and table[wire] is not v:
+            raise TypeError(f"Literal values {table[wire]!r} and {v!r} both travel as {wire[1]!r}")
+        table[wire] = v
+    expected = "one of " + ", ".join(repr(w) for _, w in table)
+
+    def literal(value: Any, path: str) -> Any:
+        try:
+            return table[(type(value), value)]
+        except (KeyError, TypeError):  # TypeError: unhashable JSON value, a list or an object
+            raise DecodeError(path, f"expected {expected}, got {_short(value)}") from None
+
+    return literal
+
+
+# An HTTP header name (a token, RFC 9110) and a value of visible ASCII with inner spaces and tabs: HTTP
+# would strip outer whitespace, and CR, LF or other control bytes would split or break the header.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
+
+
+def check_metadata(metadata: Mapping[str, str]) -> None:
+    """ValueError unless every key and value can travel as an HTTP header, unchanged, on every transport."""
+    for key, value in metadata.items():
+        if type(key) is not str or _HEADER_NAME.fullmatch(key) is None:
+            raise ValueError(
+                f"metadata key {_short(key)} is not a valid header name (letters, digits, -_.!#$%&'*+^`|~)"
+            )
+        if type(value) is not str or _HEADER_VALUE.fullmatch(value) is None:
+            raise ValueError(
+                f"metadata {key!r}: value {_short(value)} must be printable ASCII without leading or trailing "
+                "spaces (no CR, LF or other control characters)"
+            )
+
+
+# ---- unions ------------------------------------------------------------------------------------
+#
+# Each member is described by what it can look like on the wire, per JSON type: every value of that
+# type (ALL), a finite set of values (Literal, Enum), or a string format. Two members that can produce
+# the same JSON make the union ambiguous, and it is refused. Otherwise the decoder picks the member by
+# the JSON type of the value, then by its value or format, never by the order of the members.
+
+_ALL = object()  # every value of a JSON type
+# String formats, in the order they are tried: each one rejects every value the later ones write
+# (base64 has no "-"; a UUID is 32 hex digits besides its dashes; a date has no "T").
+_FORMATS = {bytes: "base64 string", uuid.UUID: "UUID string", datetime.date: "date", datetime.datetime: "date-time"}
+_FORMAT_RANK = list(_FORMATS.values())
+
+
+@dataclasses.dataclass(eq=False)
+class _Member:
+    """One member of a union: its annotation, decoder, and the JSON it can produce per JSON type."""
+
+    tp: object
+    decode: Decoder
+    name: str  # as written in Python, for TypeErrors
+    expected: str  # as on the wire, for DecodeErrors
+    shapes: dict[type, object]  # JSON type -> _ALL | frozenset of values | format name | the annotation
+
+
+def _unwrap(tp: object) -> object:
+    while True:
+        if typing.get_origin(tp) is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif isinstance(tp, typing.NewType):
+            tp = tp.__supertype__
+        else:
+            return tp
+
+
+def _shapes(tp: object) -> dict[type, object]:
+    """What a value of this (unwrapped, non-union) annotation can look like on the wire."""
+    origin = typing.get_origin(tp)
+    if tp in (typing.Any, object):
+        return dict.fromkeys((bool, int, float, str, list, dict), _ALL)
+    if tp is bool or tp is int or tp is str:
+        return {typing.cast(type, tp): _ALL}
+    if tp is float:
+        return {float: _ALL, str: _NON_FINITE}
+    if tp in _FORMATS:
+        return {str: _FORMATS[tp]}
+    values: list[object] | None = None
+    if origin is typing.Literal:
+        values = list(typing.get_args(tp))
+    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+        values = list(tp)
+    if values is not None:
+        sets: dict[type, set[object]] = {}
+        for v in values:
+            kind, wire = _wire_value(v)
+            sets.setdefault(kind, set()).add(wire)
+        return {kind: frozenset(s) for kind, s in sets.items()}
+    if tp in (list, tuple, set, frozenset) or origin in (list, tuple, set, frozenset):
+        return {list: tp}
+    if tp is dict or origin is dict or dataclasses.is_dataclass(tp):
+        return {dict: tp}
+    return {}
+
+
+def _union(tp: object) -> Decoder:
+    members: list[_Member] = []
+    nullable = False
+    for m in _flatten(tp):
+        if m is None or m is type(None):
+            nullable = True
+            continue
+        dec = decoder(m)
+        shapes = _shapes(_unwrap(m))
+        if shapes.get(type(None)):
+            nullable = True
+            shapes.pop(type(None))
+        members.append(_Member(m, dec, _type_name(m), _name(m), shapes))
+    expected = " or ".join([m.expected for m in members] + (["null"] if nullable else []))
+    if len(members) == 1:
+        inner = members[0].decode
 
         def optional(value: Any, path: str) -> Any:
             return None if value is None else inner(value, path)
 
         return optional
 
+    by_type: dict[type, Decoder] = {}
+    for kind in (bool, int, float, str, list, dict):
+        claims = [(m, m.shapes[kind]) for m in members if kind in m.shapes]
+        if claims:
+            by_type[kind] = _pick(tp, kind, claims, expected)
+    if int not in by_type and float in by_type:
+        floats = [m for m in members if m.shapes.get(float) is _ALL]
+        if floats:  # a JSON integer is a fine float when no member takes integers
+            by_type[int] = floats[0].decode
+
     def union(value: Any, path: str) -> Any:
-        if value is None and nullable:
-            return None
-        for dec in decoders:
-            try:
-                return dec(value, path)
-            except DecodeError:
-                continue
-        _fail(path, expected, value)
+        if value is None:
+            if nullable:
+                return None
+            _fail(path, expected, value)
+        try:
+            pick = by_type[type(value)]
+        except KeyError:
+            _fail(path, expected, value)
+        return pick(value, path)
 
     return union
 
 
-def _literal(values: tuple[object, ...]) -> Decoder:
-    allowed = {(type(v), v) for v in values}
-    expected = "one of " + ", ".join(repr(v) for v in values)
+def _flatten(tp: object) -> list[object]:
+    out: list[object] = []
+    for m in typing.get_args(tp):
+        inner = _unwrap(m)
+        if typing.get_origin(inner) in (typing.Union, types.UnionType):
+            out.extend(_flatten(inner))
+        else:
+            out.append(m)
+    return out
 
-    def literal(value: Any, path: str) -> Any:
+
+def _ambiguous(tp: object, a: _Member, b: _Member, why: str) -> TypeError:
+    return TypeError(
+        f"ambiguous union {_type_name(tp)}: {a.name} and {b.name} {why}, so a value could come back as the "
+        "wrong type. Make the members distinguishable on the wire: give each dataclass a tag field with "
+        'a different Literal value (a discriminator, e.g. `kind: Literal["cat"] = "cat"`), or wrap one '
+        "member in a dataclass"
+    )
+
+
+def _pick(tp: object, kind: type, claims: list[tuple[_Member, object]], expected: str) -> Decoder:
+    """The decoder for JSON values of one type that several union members may claim."""
+    if len(claims) == 1:
+        return claims[0][0].decode
+    wire = _describe(kind(0) if kind in (int, float, str) else kind())
+    table: dict[object, Decoder] = {}
+    formats: list[tuple[int, _Member]] = []
+    for i, (a, sa) in enumerate(claims):
+        for b, sb in claims[:i]:
+            if sa is _ALL or sb is _ALL:
+                raise _ambiguous(tp, b, a, f"both travel as any JSON {wire}")
+            if kind is list:
+                raise _ambiguous(tp, b, a, "both travel as a JSON array")
+            if kind is dict and not (dataclasses.is_dataclass(sa) and dataclasses.is_dataclass(sb)):
+                raise _ambiguous(tp, b, a, "both travel as a JSON object")
+        if isinstance(sa, frozenset):
+            for v in sa:
+                for b, sb in claims:
+                    if b is not a and _claims(b, sb, v):
+                        raise _ambiguous(tp, b, a, f"both travel as the JSON value {_short(v)}")
+                table[v] = a.decode
+        elif isinstance(sa, str):
+            formats.append((_FORMAT_RANK.index(sa), a))
+    if kind is dict:
+        return _dataclasses(tp, [m for m, _ in claims], expected)
+    tries = [m.decode for _, m in sorted(formats, key=lambda f: f[0])]
+
+    def pick(value: Any, path: str) -> Any:
+        dec = table.get(value)
+        if dec is not None:
+            return dec(value, path)
+        for dec in tries:
+            try:
+                return dec(value, path)
+            except DecodeError:
+                pass
+        _fail(path, expected, value)
+
+    return pick
+
+
+def _claims(m: _Member, shape: object, value: object) -> bool:
+    """Can member `m` (with this shape for the value's JSON type) decode `value`?"""
+    if isinstance(shape, frozenset):
+        return value in shape
+    try:
+        m.decode(value, "")
+    except DecodeError:
+        return False
+    return True
+
+
+def _wire_fields(cls: type) -> frozenset[str] | None:
+    """The keys a dataclass always travels with, or None if the encoder may add or drop some."""
+    fields = dataclasses.fields(cls)
+    if any(not f.init or f.name.startswith("_") for f in fields):
+        return None
+    return frozenset(f.name for f in fields)
+
+
+def _tags(cls: type) -> dict[str, frozenset[object]]:
+    """The fields of a dataclass typed as a Literal (or an Enum), with the JSON values they can hold."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
         try:
-            if (type(value), value) in allowed:
-                return value
-        except TypeError:  # unhashable JSON value: a list or an object
-            pass
-        raise DecodeError(path, f"expected {expected}, got {_short(value)}")
+            shapes = _shapes(_unwrap(hints[f.name]))
+        except TypeError:  # an Enum with values JSON cannot carry: no tag
+            continue
+        if shapes and all(isinstance(s, frozenset) for s in shapes.values()):
+            out[f.name] = frozenset().union(*typing.cast(list[frozenset[object]], list(shapes.values())))
+    return out
 
-    return literal
+
+def _dataclasses(tp: object, members: list[_Member], expected: str) -> Decoder:
+    """Choose among dataclass members by a tag field, else by the exact set of keys, else by elimination."""
+    classes = [typing.cast(type, _unwrap(m.tp)) for m in members]
+    tags = [_tags(c) for c in classes]
+    keys = [_wire_fields(c) for c in classes]
+    for i, a in enumerate(members):
+        for j in range(i):
+            b = members[j]
+            tagged = any(not (tags[i][f] & tags[j][f]) for f in tags[i].keys() & tags[j].keys())
+            if not tagged and (keys[i] is None or keys[j] is None or keys[i] == keys[j]):
+                raise _ambiguous(tp, b, a, "can travel as the same JSON object")
+    # A discriminator: one field that every member tags with values of its own.
+    common = sorted(set.intersection(*(set(t) for t in tags)))
+    tag_field, by_tag = None, {}
+    for name in common:
+        values = [t[name] for t in tags]
+        if sum(len(v) for v in values) == len(frozenset().union(*values)):
+            tag_field = name
+            by_tag = {v: m.decode for m, vs in zip(members, values, strict=True) for v in vs}
+            break
+    by_keys: dict[frozenset[str], list[Decoder]] = {}
+    for m, k in zip(members, keys, strict=True):
+        if k is not None:
+            by_keys.setdefault(k, []).append(m.decode)
+    candidates = [
+        (m.decode, frozenset(f.name for f in dataclasses.fields(c))) for m, c in zip(members, classes, strict=True)
+    ]
+    tag_expected = "one of " + ", ".join(repr(v) for v in by_tag)
+
+    def pick(value: Any, path: str) -> Any:
+        if tag_field is not None and tag_field in value:
+            tag = value[tag_field]
+            try:
+                dec = by_tag[tag]
+            except (KeyError, TypeError):
+                sub = f"{path}.{tag_field}" if path else tag_field
+                raise DecodeError(sub, f"expected {tag_expected}, got {_short(tag)}") from None
+            return dec(value, path)
+        present = frozenset(value)
+        decs = by_keys.get(present) or [dec for dec, allowed in candidates if present <= allowed]
+        if len(decs) == 1:
+            return decs[0](value, path)
+        found, error = [], None
+        for dec in decs:
+            try:
+                found.append(dec(value, path))
+            except DecodeError as exc:
+                error = exc
+        if len(found) == 1:
+            return found[0]
+        if found:
+            names = " and ".join(type(v).__name__ for v in found)
+            raise DecodeError(path, f"ambiguous object: it is a valid {names}; send all of its fields")
+        if error is not None and len(decs) == 1:
+            raise error
+        raise DecodeError(path, f"expected {expected}, got an object with keys {sorted(present)}")
+
+    return pick
 
 
 def _list(item: Decoder, container: type) -> Decoder:
@@ -354,6 +748,8 @@ def _enum(cls: type[enum.Enum]) -> Decoder:
 
 def _dataclass(cls: type) -> Decoder:
     plan: list[tuple[str, Decoder, bool]] = []
+    # Unknown keys are refused, as unknown arguments are: a field the receiver does not know would be lost.
+    known = frozenset(f.name for f in dataclasses.fields(cls))
 
     def instance(value: Any, path: str) -> Any:
         if type(value) is not dict:
@@ -365,6 +761,10 @@ def _dataclass(cls: type) -> Decoder:
                 kwargs[name] = dec(value[name], sub)
             elif required:
                 raise DecodeError(sub, "missing field")
+        if len(kwargs) != len(value):
+            unknown = sorted(k for k in value if k not in known)
+            if unknown:
+                raise DecodeError(path, f"unexpected field {_short(unknown[0])} in {cls.__name__}")
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
@@ -396,6 +796,16 @@ _NAMES: dict[object, str] = {
 
 def _name(tp: object) -> str:
     return _NAMES.get(tp) or str(getattr(tp, "__name__", tp))
+
+
+def _type_name(tp: object) -> str:
+    if tp is None or tp is type(None):
+        return "None"
+    if isinstance(tp, type):
+        return tp.__qualname__
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return repr(tp).replace("typing.", "").replace("datetime.", "").replace("uuid.", "")
 
 
 def _short(value: object) -> str:

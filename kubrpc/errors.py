@@ -14,9 +14,14 @@ __all__ = ("NotDeliveredError", "ProtocolError", "RpcError", "UnreachableError")
 
 
 class RpcError(Exception):
-    """A call failed with a status code and a message that is safe to show the caller."""
+    """A call failed with a status code and a message that is safe to show the caller.
+
+    OK is not a failure: an RpcError made with it has the code UNKNOWN, on both sides of a call.
+    """
 
     def __init__(self, code: Status, message: str = "") -> None:
+        if code is Status.OK:
+            code = Status.UNKNOWN
         super().__init__(code, message)
         self.code = code
         self.message = message
@@ -39,7 +44,10 @@ class RpcError(Exception):
 
     @classmethod
     def from_json(cls, body: object, *, fallback: Status = Status.UNKNOWN) -> RpcError:
-        """Rebuild an error from a wire body, trusting nothing in it."""
+        """Rebuild an error from a wire body, trusting nothing in it (both transports' clients use it).
+
+        A code the client does not know, or "ok" (which is no error), becomes UNKNOWN.
+        """
         if isinstance(body, dict):
             code, message = body.get("code"), body.get("message")
             if isinstance(code, str):

@@ -20,6 +20,7 @@ C = TypeVar("C", bound=type)
 F = TypeVar("F", bound=Callable[..., Any])
 
 _NAME_ATTR = "__kubrpc_name__"
+_DEEP_SIZE = 2 * codec.MAX_DEPTH  # the shortest body that can nest deeper than the encoder writes
 _OPTIONS_ATTR = "__kubrpc_method__"
 
 
@@ -85,6 +86,9 @@ class MethodSpec:
     encode_result: Callable[[object], bytes] = codec.dumps
     """Server side: the result as JSON bytes (floats-aware when the return type may hold floats)."""
     encode_arguments: Callable[[object], bytes] = codec.dumps
+    parse_arguments: Callable[[bytes], Any] = orjson.loads
+    """Server side: codec.loads (exact integers) where needs_exact_ints() says so, else orjson.loads."""
+    parse_result: Callable[[bytes], Any] = orjson.loads
 
     @property
     def path(self) -> str:
@@ -94,11 +98,20 @@ class MethodSpec:
     def decode_args(self, payload: bytes) -> dict[str, Any]:
         """Server side: parse and validate a request body into keyword arguments (RpcError on bad input)."""
         try:
-            obj = orjson.loads(payload) if payload else {}
+            obj = self.parse_arguments(payload) if payload else {}
         except orjson.JSONDecodeError:
             raise RpcError(Status.INVALID_ARGUMENT, "request body is not valid JSON") from None
+        except codec.DecodeError as exc:
+            raise RpcError(Status.INVALID_ARGUMENT, f"invalid arguments: {exc.reason}") from None
         if type(obj) is not dict:
             raise RpcError(Status.INVALID_ARGUMENT, "request body must be a JSON object of named arguments")
+        # Nesting deeper than the encoder can write needs as many brackets: count them before looking.
+        if len(payload) > _DEEP_SIZE and payload.count(b"[") + payload.count(b"{") > codec.MAX_DEPTH:
+            for name, value in obj.items():
+                try:
+                    codec.check_depth(value)
+                except codec.DecodeError as exc:
+                    raise RpcError(Status.INVALID_ARGUMENT, f"argument {name!r} is {exc.reason}") from None
         kwargs = {}
         try:
             for p in self.params:
@@ -137,12 +150,13 @@ class MethodSpec:
         try:
             return self.encode_arguments(named)
         except TypeError as exc:
-            raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {exc}") from None
+            reason = exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc  # orjson wraps default()'s
+            raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {reason}") from None
 
     def decode_result(self, data: bytes) -> Any:
         """Client side: parse a result body back into the annotated return type."""
         try:
-            return self.decode_result_value(orjson.loads(data), "result")
+            return self.decode_result_value(self.parse_result(data), "result")
         except (orjson.JSONDecodeError, codec.DecodeError, RecursionError) as exc:
             raise RpcError(Status.INTERNAL, f"malformed result from {self.path}: {exc}") from None
 
@@ -223,6 +237,10 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
     except TypeError as exc:
         raise TypeError(f"{where}: return type: {exc}") from None
     options = getattr(fn, _OPTIONS_ATTR, None) or MethodOptions()
+    result_floats = codec.may_hold_float(hints["return"])
+    argument_floats = any(codec.may_hold_float(p.annotation) for p in params)
+    exact_result = codec.needs_exact_ints(hints["return"])
+    exact_arguments = any(codec.needs_exact_ints(p.annotation) for p in params)
     return MethodSpec(
         service=service,
         name=options.name or attr,
@@ -232,10 +250,10 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
         options=options,
         decode_result_value=decode_result,
         positional=tuple(positional),
-        encode_result=codec.dumps_floats if codec.may_hold_float(hints["return"]) else codec.dumps,
-        encode_arguments=(
-            codec.dumps_floats if any(codec.may_hold_float(p.annotation) for p in params) else codec.dumps
-        ),
+        encode_result=codec.dumps_floats if result_floats else codec.dumps,
+        encode_arguments=codec.dumps_floats if argument_floats else codec.dumps,
+        parse_arguments=codec.loads if exact_arguments else orjson.loads,
+        parse_result=codec.loads if exact_result else orjson.loads,
     )
 
 

@@ -73,6 +73,7 @@ def json_schema(tp: object, defs: dict[str, Any]) -> dict[str, Any]:
             defs[name] = {
                 "type": "object",
                 "properties": {f.name: json_schema(hints[f.name], defs) for f in fields},
+                "additionalProperties": False,  # unknown keys are refused, as unknown arguments are
                 "required": [
                     f.name
                     for f in fields

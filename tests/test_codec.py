@@ -127,8 +127,10 @@ def test_plans_are_built_once() -> None:
     assert decoder(list[Node]) is decoder(list[Node])
 
 
-def test_unknown_dataclass_fields_are_ignored_for_forward_compatibility() -> None:
-    assert decoder(Node)({"name": "x", "added_in_v2": 1}, "") == Node("x")
+def test_unknown_dataclass_fields_are_refused_like_unknown_arguments() -> None:
+    with pytest.raises(DecodeError) as info:
+        decoder(Node)({"name": "x", "children": [{"name": "y", "added_in_v2": 1}]}, "v")
+    assert (info.value.path, info.value.reason) == ("v.children[0]", "unexpected field 'added_in_v2' in Node")
 
 
 json_values = st.recursive(
