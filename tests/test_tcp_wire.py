@@ -40,9 +40,10 @@ class RawClient:
         await self.stream.send(data)
 
     async def frame(self, timeout: float = 5) -> Frame:
+        """The next frame after the server's SETTINGS acknowledgement (tests/test_tcp_hardening.py checks it)."""
         with anyio.fail_after(timeout):
             while not self.frames:
-                self.frames += self.decoder.feed(await self.stream.receive())
+                self.frames += [f for f in self.decoder.feed(await self.stream.receive()) if f.type != FrameType.SETTINGS]
         return self.frames.pop(0)
 
     async def closed(self, timeout: float = 5) -> bool:
