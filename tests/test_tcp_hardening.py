@@ -227,7 +227,7 @@ async def test_a_peer_flooding_pings_without_reading_gets_a_bounded_write_buffer
         (conn,) = listener.connections
         assert conn.transport is not None
         burst = encode_frame(FrameType.PING, 0, b"p" * 64) * 1000
-        with anyio.move_on_after(3):  # the server stops reading: our sends block once TCP's buffers are full
+        with anyio.move_on_after(2):  # the server stops reading: our sends block once TCP's buffers are full
             for _ in range(2000):  # at most 148 MB of PINGs
                 await raw.stream.send(burst)
         assert conn._write_paused
@@ -242,9 +242,7 @@ async def test_max_pending_bytes_counts_metadata() -> None:
         raw: Raw = await open_raw()  # type: ignore[operator]
         assert (await raw.frame()).type == FrameType.SETTINGS
         metadata = {"x-big": "m" * 15_000}
-        await raw.stream.send(
-            b"".join(request(s, "Control/sleep", {"seconds": 30}, metadata) for s in range(1, 41))
-        )
+        await raw.stream.send(b"".join(request(s, "Control/sleep", {"seconds": 30}, metadata) for s in range(1, 41)))
         busy = 0
         while busy < 30:  # 64 KiB holds four such calls; the old code ran all forty
             frame = await raw.frame()
@@ -299,7 +297,7 @@ async def ping_flooder() -> AsyncIterator[tuple[int, asyncio.Event]]:
             tasks.add(task)
 
         async def flood(self) -> None:
-            with anyio.move_on_after(3):  # the client stops reading: we stop once TCP's buffers are full
+            with anyio.move_on_after(2):  # the client stops reading: we stop once TCP's buffers are full
                 for _ in range(2000):  # at most 148 MB
                     await self.writable.wait()
                     self.transport.write(burst)

@@ -33,6 +33,9 @@ from ._tcp_base import _BATCH_BELOW, _CANCEL, _ERROR, _GOAWAY, _PING, _RESPONSE,
 
 __all__ = ("TcpConnection",)
 
+# How long aclose() lets unsent bytes drain before it drops them.
+_CLOSE_GRACE = 1.0
+
 # Sent with the preface: a server of protocol version 1 before acknowledgements existed answers it, and
 # that answer acknowledges the connection as SETTINGS does (docs/protocol.md).
 _HELLO = PREFACE + encode_frame(_PING, 0, b"kubrpcok")
@@ -254,6 +257,10 @@ class TcpConnection(FrameWriter):
         self._close_transport()
         if self._lost is not None:
             with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(_CLOSE_GRACE):
+                    await asyncio.shield(self._lost)
+                if not self._lost.done() and self.transport is not None:
+                    self.transport.abort()  # unsent bytes the server is not reading: do not wait for it
                 await self._lost
 
     def __repr__(self) -> str:

@@ -385,10 +385,13 @@ class _ServerConnection(FrameWriter):
             self.close()
 
     def close(self) -> None:
-        """Close after flushing what was written."""
+        """Close after flushing what was written (dropping it if the client is not reading)."""
         self._flush()
         if self.transport is not None:
-            self.transport.close()
+            if self._write_paused:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def _fail(self, reason: str) -> None:
         log.info("closing connection from %s: %s", self._peer(), reason)
