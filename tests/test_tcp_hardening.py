@@ -21,6 +21,7 @@ from kubrpc.endpoint import Endpoint
 from kubrpc.errors import RpcError
 from kubrpc.transports._frames import (
     PREFACE,
+    REFUSED,
     Frame,
     FrameDecoder,
     FrameType,
@@ -230,8 +231,8 @@ async def test_a_peer_flooding_pings_without_reading_gets_a_bounded_write_buffer
         with anyio.move_on_after(2):  # the server stops reading: our sends block once TCP's buffers are full
             for _ in range(2000):  # at most 148 MB of PINGs
                 await raw.stream.send(burst)
-        assert conn._write_paused
         assert conn.transport.get_write_buffer_size() <= MAX_WRITE_BUFFER + SLACK
+        assert conn._write_paused
 
 
 # -- 9.8: max_pending_bytes counts metadata and partly received frames -------------------------------------
@@ -272,6 +273,33 @@ async def test_max_pending_bytes_counts_frames_still_arriving() -> None:
         # A refused frame's remaining bytes are discarded as they arrive; the connection then goes on.
         await refused[0].stream.send(whole[-16:] + request(3, "Arith/add", {"a": 2, "b": 3}))
         assert await refused[0].frame() == Frame(FrameType.RESPONSE, 0, 3, b"5")
+
+
+def test_the_decoder_admits_a_partial_frame_before_buffering_it_and_skips_a_refused_one() -> None:
+    budget = [0]
+
+    def admit(size: int) -> bool:
+        if budget[0] + size > 100:
+            return False
+        budget[0] += size
+        return True
+
+    def release(size: int) -> None:
+        budget[0] -= size
+
+    wire = encode_frame(FrameType.REQUEST, 1, b"a" * 60) + encode_frame(FrameType.PING, 0, b"b" * 8)
+    first, second = FrameDecoder(1000, admit, release), FrameDecoder(1000, admit, release)
+    assert first.feed(wire[:30]) == [] and budget[0] == 60  # admitted while partial
+    assert second.feed(wire[:20]) == [Frame(REFUSED, 0, 1, b"")]  # over budget: answered, not buffered
+    assert second.buffered == 0 and budget[0] == 60
+    for at in range(20, len(wire)):  # the rest of the refused frame is discarded, byte by byte
+        got = second.feed(wire[at : at + 1])
+    assert got == [Frame(FrameType.PING, 0, 0, b"b" * 8)]
+    assert first.feed(wire[30:]) == [Frame(FrameType.REQUEST, 0, 1, b"a" * 60), Frame(FrameType.PING, 0, 0, b"b" * 8)]
+    assert budget[0] == 0  # released when complete: the receiver admits the whole frame again
+    first.feed(wire[:30])
+    first.close()  # the connection ended mid-frame
+    assert budget[0] == 0
 
 
 # -- 9.10: the client's own writes -------------------------------------------------------------------------
@@ -328,8 +356,8 @@ async def test_a_server_flooding_pings_cannot_grow_the_clients_write_buffer() ->
             with anyio.fail_after(20):
                 await done.wait()
             assert conn.transport is not None
-            assert conn._write_paused
             assert conn.transport.get_write_buffer_size() <= MAX_WRITE_BUFFER + SLACK
+            assert conn._write_paused
             # A new call waits for the server to read, within its deadline, and then says why it failed.
             with pytest.raises(RpcError, match="not reading") as info:
                 await conn.call("Arith/add", b'{"a":1,"b":2}', timeout=0.2, metadata={})
