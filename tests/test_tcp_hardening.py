@@ -104,6 +104,12 @@ async def test_the_server_acknowledges_a_good_preface_with_settings_first() -> N
         assert await raw.frame() == Frame(FrameType.RESPONSE, 0, 1, b"3")
         # The exact bytes docs/protocol.md gives for it.
         assert encode_frame(FrameType.SETTINGS, 0) == bytes.fromhex("00000000 07 00 00000000")
+        # What the kubrpc client sends first: the preface and a PING, which old servers answer too.
+        hello = PREFACE + encode_frame(FrameType.PING, 0, b"kubrpcok")
+        raw = await open_raw(hello + request(1, "Arith/add", {"a": 1, "b": 2}))  # type: ignore[operator]
+        assert await raw.frame() == Frame(FrameType.SETTINGS, 0, 0, b"")
+        assert await raw.frame() == Frame(FrameType.PING, 1, 0, b"kubrpcok")
+        assert await raw.frame() == Frame(FrameType.RESPONSE, 0, 1, b"3")
 
 
 @asynccontextmanager
