@@ -20,6 +20,7 @@ from kubrpc import Status
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import RpcError
 from kubrpc.transports._frames import (
+    ADMIT_ABOVE,
     PREFACE,
     REFUSED,
     Frame,
@@ -293,19 +294,21 @@ def test_the_decoder_admits_a_partial_frame_before_buffering_it_and_skips_a_refu
     def release(size: int) -> None:
         budget[0] -= size
 
-    wire = encode_frame(FrameType.REQUEST, 1, b"a" * 60) + encode_frame(FrameType.PING, 0, b"b" * 8)
-    first, second = FrameDecoder(1000, admit, release), FrameDecoder(1000, admit, release)
-    assert first.feed(wire[:30]) == [] and budget[0] == 60  # admitted while partial
+    n = ADMIT_ABOVE + 1
+    wire = encode_frame(FrameType.REQUEST, 1, b"a" * n) + encode_frame(FrameType.PING, 0, b"b" * 8)
+    first, second = FrameDecoder(1 << 20, admit, release), FrameDecoder(1 << 20, admit, release)
+    budget[0] = 100 - n  # room for one such frame
+    assert first.feed(wire[:30]) == [] and budget[0] == 100  # admitted while partial
     assert second.feed(wire[:20]) == [Frame(REFUSED, 0, 1, b"")]  # over budget: answered, not buffered
-    assert second.buffered == 0 and budget[0] == 60
+    assert second.buffered == 0 and budget[0] == 100
     for at in range(20, len(wire)):  # the rest of the refused frame is discarded, byte by byte
         got = second.feed(wire[at : at + 1])
-    assert got == [Frame(FrameType.PING, 0, 0, b"b" * 8)]
-    assert first.feed(wire[30:]) == [Frame(FrameType.REQUEST, 0, 1, b"a" * 60), Frame(FrameType.PING, 0, 0, b"b" * 8)]
-    assert budget[0] == 0  # released when complete: the receiver admits the whole frame again
+    assert got == [Frame(FrameType.PING, 0, 0, b"b" * 8)]  # a short frame is never refused while partial
+    assert first.feed(wire[30:]) == [Frame(FrameType.REQUEST, 0, 1, b"a" * n), Frame(FrameType.PING, 0, 0, b"b" * 8)]
+    assert budget[0] == 100 - n  # released when complete: the receiver admits the whole frame again
     first.feed(wire[:30])
     first.close()  # the connection ended mid-frame
-    assert budget[0] == 0
+    assert budget[0] == 100 - n
 
 
 # -- 9.10: the client's own writes -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from kubrpc.errors import ProtocolError, RpcError
 from kubrpc.status import Status
 
 __all__ = (
+    "ADMIT_ABOVE",
     "FRAME_OVERHEAD",
     "HEADER",
     "MAX_METADATA",
@@ -60,6 +61,10 @@ class FrameType(enum.IntEnum):
     GOAWAY = 6
     SETTINGS = 7
 
+
+#: A partly received frame longer than this is admitted against the receiver's budget before it is buffered
+#: (shorter ones, such as a CANCEL or PING split across two reads, are admitted as whole frames).
+ADMIT_ABOVE = 1024
 
 #: Not a wire type (types are one byte): what FrameDecoder yields for a REQUEST frame that admit() refused.
 REFUSED = 256
@@ -167,9 +172,10 @@ class FrameDecoder:
 
     A declared payload length over `max_payload` raises ProtocolError before any of it is buffered.
     With `admit` (a server's memory budget, `Server.admit`/`release`), a frame whose header has arrived
-    but not all of its payload is admitted against the budget before its payload is buffered; if it is
-    refused, its payload is discarded as it arrives and, for a REQUEST, a `Frame(REFUSED, 0, stream, b"")`
-    is returned in its place so that the call can be answered. Call close() when the connection ends.
+    but not all of its payload (longer than ADMIT_ABOVE) is admitted against the budget before its payload
+    is buffered; if it is refused, its payload is discarded as it arrives and, for a REQUEST, a
+    `Frame(REFUSED, 0, stream, b"")` is returned in its place so that the call can be answered. Call
+    close() when the connection ends.
     """
 
     __slots__ = ("_buffer", "_release", "_reserved", "_skip", "admit", "max_payload")
@@ -213,7 +219,7 @@ class FrameDecoder:
                 raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_payload}")
             stop = at + header + length
             if stop > end:
-                if self.admit is not None and not self._reserved and length:
+                if self.admit is not None and not self._reserved and length > ADMIT_ABOVE:
                     # Only the head of the buffer can be partial: admit it before buffering its payload.
                     if self.admit(length):
                         self._reserved = length

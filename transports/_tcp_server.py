@@ -180,8 +180,6 @@ class _ServerConnection(FrameWriter):
         self._preface_timer = None
         if self._preface is not None:
             self._fail(f"no preface within {self.listener.preface_timeout:g} s")
-            if self.transport is not None:
-                self.transport.abort()  # a peer that sends nothing may not read either: do not wait on it
 
     def _check_idle(self) -> None:
         """Go away from a connection that has had no call for idle_timeout seconds (its client reconnects on demand)."""
