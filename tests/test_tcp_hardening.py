@@ -320,10 +320,12 @@ async def ping_flooder() -> AsyncIterator[tuple[int, asyncio.Event]]:
     done = asyncio.Event()
     burst = encode_frame(FrameType.PING, 0, b"p" * 64) * 1000
     tasks: set[asyncio.Task[None]] = set()
+    accepted: list[asyncio.Transport] = []
 
     class Flood(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport = cast(asyncio.Transport, transport)
+            accepted.append(self.transport)
             self.writable = asyncio.Event()
             self.writable.set()
 
@@ -354,6 +356,8 @@ async def ping_flooder() -> AsyncIterator[tuple[int, asyncio.Event]]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for transport in accepted:
+            transport.abort()
         server.close()
         await server.wait_closed()
 
@@ -374,3 +378,20 @@ async def test_a_server_flooding_pings_cannot_grow_the_clients_write_buffer() ->
             assert conn.in_flight == 0
         finally:
             await conn.aclose()
+
+
+async def test_bulk_calls_both_ways_on_one_connection_never_wait_on_each_other() -> None:
+    """Both ends hold writes past the bound; the client keeps reading, so the two can never both stop reading."""
+    from services import Store
+
+    async with serving() as (listener, _, _), kubrpc.connect(listener.url) as channel:
+        store = channel.stub(Store)
+        text = "x" * 900_000
+
+        async def echo(i: int) -> None:
+            assert await store.echo((i, text), "a") == (i, text)
+
+        with anyio.fail_after(60):  # a hang guard: the calls take well under a second when nothing deadlocks
+            async with anyio.create_task_group() as tg:
+                for i in range(48):
+                    tg.start_soon(echo, i)

@@ -21,9 +21,10 @@ _PING = FrameType.PING
 _GOAWAY = FrameType.GOAWAY
 _SETTINGS = FrameType.SETTINGS
 
-#: Unsent bytes a connection may queue (its transport's high-water mark). Past it, either end stops
-#: reading from the peer and holds new writes (calls wait) until the peer has read enough: a peer that
-#: never reads costs at most this plus one frame. Writing resumes below a quarter of it.
+#: Unsent bytes a connection may queue (its transport's high-water mark). Past it, either end holds new
+#: writes (calls wait) until the peer has read enough, and a server also stops reading (a client keeps
+#: reading its answers): a peer that never reads costs at most this plus one frame. Writing resumes
+#: below a quarter of it.
 MAX_WRITE_BUFFER = 1024 * 1024
 # A frame at least this large is written at once rather than batched, so that the MAX_WRITE_BUFFER bound
 # holds the next one back instead of up to _FLUSH_FRAMES large frames piling up in one batch.
@@ -37,9 +38,10 @@ _FLUSH_FRAMES = 16  # measured: 4 and 64 were slower at concurrency 64 (benchmar
 class FrameWriter(asyncio.Protocol):
     """Both ends of a connection: writes made in one loop turn go out in one write (at most _FLUSH_FRAMES).
 
-    Write-side flow control: past MAX_WRITE_BUFFER unsent bytes the transport calls pause_writing(); the
-    connection then stops reading the peer, and code about to write checks `_write_paused` (an attribute
-    read, nothing more on the fast path) and awaits `_wait_writable()` until the peer has caught up.
+    Write-side flow control: past MAX_WRITE_BUFFER unsent bytes the transport calls pause_writing(); code
+    about to write then checks `_write_paused` (an attribute read, nothing more on the fast path) and
+    awaits `_wait_writable()` until the peer has caught up. By default the connection also stops reading
+    the peer meanwhile (the server's choice; the client overrides it).
     """
 
     transport: asyncio.Transport | None

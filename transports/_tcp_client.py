@@ -57,6 +57,7 @@ class TcpConnection(FrameWriter):
         self._decoder = FrameDecoder(max_message_size + FRAME_OVERHEAD)
         self._goaway: int | None = None
         self._goaway_reason = ""
+        self._owed_ack: bytes | None = None  # the last PING received while writes were paused
         # Resolved by the server's first frame (None) or by a failure before it (the error).
         self._ack: asyncio.Future[RpcError | None] | None = None
         self._closed = False
@@ -93,6 +94,17 @@ class TcpConnection(FrameWriter):
         self._keepalive_timer = self._loop.call_later(
             interval - quiet if quiet < interval else interval, self._check_alive
         )
+
+    def pause_writing(self) -> None:
+        # Unlike the server, keep reading: answers must get through, or with both ends over their bound
+        # each would wait for the other to read. Calls wait to be sent; PINGs get one answer on resume.
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._unpause()
+        if self._owed_ack is not None:
+            self.write(encode_frame(_PING, 0, self._owed_ack, FLAG_ACK))
+            self._owed_ack = None
 
     async def acknowledged(self) -> None:
         """Wait for the server's acknowledgement of the connection; NotDeliveredError if it fails first."""
@@ -231,7 +243,10 @@ class TcpConnection(FrameWriter):
             elif kind == _GOAWAY:
                 self._on_goaway(frame.payload)
             elif kind == _PING and not frame.flags & FLAG_ACK and self.transport is not None:
-                self.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
+                if self._write_paused:  # the server is not reading: owe it one answer, not one per PING
+                    self._owed_ack = frame.payload[:64]
+                else:
+                    self.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
         ack = self._ack
         if ack is not None and frames:  # the server's first frame: the connection is acknowledged
             self._ack = None
