@@ -57,6 +57,7 @@ class TcpConnection(FrameWriter):
         self._decoder = FrameDecoder(max_message_size + FRAME_OVERHEAD)
         self._goaway: int | None = None
         self._goaway_reason = ""
+        self._write_paused = False
         self._owed_ack: bytes | None = None  # the last PING received while writes were paused
         # Resolved by the server's first frame (None) or by a failure before it (the error).
         self._ack: asyncio.Future[RpcError | None] | None = None

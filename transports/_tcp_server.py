@@ -147,6 +147,7 @@ class _ServerConnection(FrameWriter):
         self._preface: bytes | None = b""
         self._preface_timer: asyncio.TimerHandle | None = None
         self._backlog: list[Frame] = []  # frames received while writes were paused, handled on resume
+        self._write_paused = False
         self._last_stream = 0
         self._going_away = False
         self._out: list[bytes] = []
