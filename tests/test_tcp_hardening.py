@@ -227,6 +227,18 @@ async def test_a_peer_that_never_reads_gets_a_bounded_write_buffer_and_then_ever
         assert await raw.frame() == Frame(FrameType.RESPONSE, 0, 301, b"4")
 
 
+async def test_a_peer_that_never_reads_is_closed_after_the_idle_timeout_even_with_calls_held() -> None:
+    async with serving(idle_timeout=0.5) as (listener, _, open_raw):
+        raw: Raw = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
+        assert (await raw.frame()).type == FrameType.SETTINGS
+        raw.stop_reading()
+        await raw.stream.send(b"".join(request(s, "test.Store/blob", {"size": 100_000}) for s in range(1, 101)))
+        (conn,) = listener.connections
+        await wait_until(lambda: conn._write_paused, timeout=10)
+        await wait_until(lambda: not listener.connections, timeout=10)  # its calls are cancelled, its socket freed
+        await wait_until(lambda: listener.active_calls == 0, timeout=10)
+
+
 async def test_a_peer_flooding_pings_without_reading_gets_a_bounded_write_buffer() -> None:
     async with serving() as (listener, _, open_raw):
         raw: Raw = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]

@@ -187,6 +187,10 @@ class _ServerConnection(FrameWriter):
         timeout = self.listener.server.idle_timeout
         assert timeout is not None
         idle = self._loop.time() - self._last_active
+        if self._write_paused and idle >= timeout:  # calls held that long for a client that does not read
+            self._idle_timer = None
+            self._fail(f"not reading its answers for {timeout:g} s")
+            return
         if self.calls or idle < timeout:
             self._idle_timer = self._loop.call_later(timeout - idle if not self.calls else timeout, self._check_idle)
             return
