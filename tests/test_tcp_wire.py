@@ -40,9 +40,11 @@ class RawClient:
         await self.stream.send(data)
 
     async def frame(self, timeout: float = 5) -> Frame:
+        """The next frame after the server's SETTINGS acknowledgement (tests/test_tcp_hardening.py checks it)."""
         with anyio.fail_after(timeout):
             while not self.frames:
-                self.frames += self.decoder.feed(await self.stream.receive())
+                received = self.decoder.feed(await self.stream.receive())
+                self.frames += [f for f in received if f.type != FrameType.SETTINGS]
         return self.frames.pop(0)
 
     async def closed(self, timeout: float = 5) -> bool:
@@ -186,8 +188,10 @@ async def test_protocol_doc_example_matches_the_encoder() -> None:
     example = doc[doc.index("## Example") :]
     hex_lines = re.findall(r"^    ([0-9A-F ]+?)\s{2,}", example, flags=re.M)
     wire = bytes.fromhex("".join(line.replace(" ", "") for line in hex_lines))
-    request = PREFACE + encode_request(1, "Arith/add", b'{"a":1,"b":2}', timeout_ms=2000)
-    assert wire == request + encode_frame(FrameType.RESPONSE, 1, b"3")
+    ping = encode_frame(FrameType.PING, 0, b"kubrpcok")
+    request = PREFACE + ping + encode_request(1, "Arith/add", b'{"a":1,"b":2}', timeout_ms=2000)
+    answer = encode_frame(FrameType.SETTINGS, 0) + encode_frame(FrameType.PING, 0, b"kubrpcok", flags=1)
+    assert wire == request + answer + encode_frame(FrameType.RESPONSE, 1, b"3")
 
 
 def _fuzz_server(examples: int) -> None:

@@ -1,6 +1,7 @@
 """The TCP wire format, sans I/O: frame encoding and an incremental decoder (see docs/protocol.md).
 
-connection := PREFACE frame*            (the client sends the preface once, first)
+connection := PREFACE frame*            (the client sends the preface once, first; the server's
+                                         first frame, SETTINGS, acknowledges it)
 frame      := length:u32 type:u8 flags:u8 stream:u32 payload[length]     (big-endian)
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import orjson
@@ -17,11 +18,13 @@ from kubrpc.errors import ProtocolError, RpcError
 from kubrpc.status import Status
 
 __all__ = (
+    "ADMIT_ABOVE",
     "FRAME_OVERHEAD",
     "HEADER",
     "MAX_METADATA",
     "MAX_TIMEOUT_MS",
     "PREFACE",
+    "REFUSED",
     "BadRequest",
     "Frame",
     "FrameDecoder",
@@ -56,6 +59,15 @@ class FrameType(enum.IntEnum):
     CANCEL = 4
     PING = 5
     GOAWAY = 6
+    SETTINGS = 7
+
+
+#: A partly received frame longer than this is admitted against the receiver's budget before it is buffered
+#: (shorter ones, such as a CANCEL or PING split across two reads, are admitted as whole frames).
+ADMIT_ABOVE = 1024
+
+#: Not a wire type (types are one byte): what FrameDecoder yields for a REQUEST frame that admit() refused.
+REFUSED = 256
 
 
 class Frame(NamedTuple):
@@ -159,13 +171,27 @@ class FrameDecoder:
     """Incremental decoder: feed() bytes as they arrive, get back every complete frame.
 
     A declared payload length over `max_payload` raises ProtocolError before any of it is buffered.
+    With `admit` (a server's memory budget, `Server.admit`/`release`), a frame whose header has arrived
+    but not all of its payload (longer than ADMIT_ABOVE) is admitted against the budget before its payload
+    is buffered; if it is refused, its payload is discarded as it arrives and, for a REQUEST, a
+    `Frame(REFUSED, 0, stream, b"")` is returned in its place so that the call can be answered. Call
+    close() when the connection ends.
     """
 
-    __slots__ = ("_buffer", "max_payload")
+    __slots__ = ("_buffer", "_release", "_reserved", "_skip", "admit", "max_payload")
 
-    def __init__(self, max_payload: int) -> None:
+    def __init__(
+        self,
+        max_payload: int,
+        admit: Callable[[int], bool] | None = None,
+        release: Callable[[int], None] | None = None,
+    ) -> None:
         self.max_payload = max_payload
+        self.admit = admit
+        self._release = release
         self._buffer = bytearray()
+        self._reserved = 0  # bytes admitted for the partly received frame at the head of the buffer
+        self._skip = 0  # payload bytes still to discard of a refused frame
 
     @property
     def buffered(self) -> int:
@@ -174,6 +200,12 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[Frame]:
         """Add received bytes; return the frames they complete, in order."""
+        if self._skip:
+            if len(data) <= self._skip:
+                self._skip -= len(data)
+                return []
+            data = data[self._skip :]
+            self._skip = 0
         buf = self._buffer
         buf += data
         frames: list[Frame] = []
@@ -187,9 +219,32 @@ class FrameDecoder:
                 raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_payload}")
             stop = at + header + length
             if stop > end:
+                if self.admit is not None and not self._reserved and length > ADMIT_ABOVE:
+                    # Only the head of the buffer can be partial: admit it before buffering its payload.
+                    if self.admit(length):
+                        self._reserved = length
+                    else:
+                        self._skip = stop - end
+                        if type_ == FrameType.REQUEST:
+                            frames.append(Frame(REFUSED, 0, stream, b""))
+                        at = end
                 break
             frames.append(Frame(type_, flags, stream, bytes(buf[at + header : stop])))
+            if self._reserved:  # that was the frame admitted while partial: its receiver admits it again
+                self._release_reserved()
             at = stop
         if at:
             del buf[:at]
         return frames
+
+    def _release_reserved(self) -> None:
+        reserved, self._reserved = self._reserved, 0
+        if self._release is not None:
+            self._release(reserved)
+
+    def close(self) -> None:
+        """The connection ended: release what the partly received frame held, drop the buffer."""
+        del self._buffer[:]
+        self._skip = 0
+        if self._reserved:
+            self._release_reserved()

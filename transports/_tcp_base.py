@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 from ._frames import (
     FrameType,
 )
 
-if TYPE_CHECKING:
-    pass
-
-
-__all__ = ("FrameWriter", "format_host")
+__all__ = ("MAX_WRITE_BUFFER", "FrameWriter", "format_host")
 
 log = logging.getLogger("kubrpc.tcp")
 
@@ -24,6 +19,16 @@ _ERROR = FrameType.ERROR
 _CANCEL = FrameType.CANCEL
 _PING = FrameType.PING
 _GOAWAY = FrameType.GOAWAY
+_SETTINGS = FrameType.SETTINGS
+
+#: Unsent bytes a connection may queue (its transport's high-water mark). Past it, either end holds new
+#: writes (calls wait) until the peer has read enough, and a server also stops reading (a client keeps
+#: reading its answers): a peer that never reads costs at most this plus one frame. Writing resumes
+#: below a quarter of it.
+MAX_WRITE_BUFFER = 1024 * 1024
+# A frame at least this large is written at once rather than batched, so that the MAX_WRITE_BUFFER bound
+# holds the next one back instead of up to _FLUSH_FRAMES large frames piling up in one batch.
+_BATCH_BELOW = 64 * 1024
 
 # Frames queued in one event-loop iteration go out in one write, but at most this many at a time,
 # so that the peer starts on the first frames while this side is still producing the rest.
@@ -31,11 +36,19 @@ _FLUSH_FRAMES = 16  # measured: 4 and 64 were slower at concurrency 64 (benchmar
 
 
 class FrameWriter(asyncio.Protocol):
-    """Both ends of a connection: writes made in one loop turn go out in one write (at most _FLUSH_FRAMES)."""
+    """Both ends of a connection: writes made in one loop turn go out in one write (at most _FLUSH_FRAMES).
+
+    Write-side flow control: past MAX_WRITE_BUFFER unsent bytes the transport calls pause_writing(); code
+    about to write then checks `_write_paused` (an attribute read, nothing more on the fast path) and
+    awaits `_wait_writable()` until the peer has caught up. By default the connection also stops reading
+    the peer meanwhile (the server's choice; the client overrides it).
+    """
 
     transport: asyncio.Transport | None
     _loop: asyncio.AbstractEventLoop
     _out: list[bytes]
+    _write_paused = False
+    _writable: asyncio.Event | None = None
 
     def write(self, data: bytes) -> None:
         """Queue bytes; everything queued in one event-loop iteration goes out in one write."""
@@ -57,6 +70,35 @@ class FrameWriter(asyncio.Protocol):
         if out:
             self._out = []
             self.write_now(out[0] if len(out) == 1 else b"".join(out))
+
+    def _limit_writes(self, transport: asyncio.Transport) -> None:
+        """From connection_made: pause_writing() past MAX_WRITE_BUFFER unsent bytes."""
+        transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)
+
+    def pause_writing(self) -> None:
+        # The peer is not reading: stop reading from it (its flood backs up into TCP) and hold writes.
+        self._write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._unpause()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _unpause(self) -> None:
+        """Writing may go on (resumed, or the connection is gone): wake whoever waits in _wait_writable()."""
+        self._write_paused = False
+        if self._writable is not None:
+            self._writable.set()
+            self._writable = None
+
+    async def _wait_writable(self) -> None:
+        """Wait until the peer has read enough of what was written (or the connection is gone)."""
+        while self._write_paused:
+            if self._writable is None:
+                self._writable = asyncio.Event()
+            await self._writable.wait()
 
 
 def format_host(host: str) -> str:

@@ -6,7 +6,7 @@ import asyncio
 import math
 import struct
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import anyio
 import orjson
@@ -29,13 +29,16 @@ from ._frames import (
     encode_request,
     parse_goaway,
 )
-from ._tcp_base import _CANCEL, _ERROR, _GOAWAY, _PING, _RESPONSE, FrameWriter, log
-
-if TYPE_CHECKING:
-    pass
-
+from ._tcp_base import _BATCH_BELOW, _CANCEL, _ERROR, _GOAWAY, _PING, _RESPONSE, FrameWriter, log
 
 __all__ = ("TcpConnection",)
+
+# How long aclose() lets unsent bytes drain before it drops them.
+_CLOSE_GRACE = 1.0
+
+# Sent with the preface: a server of protocol version 1 before acknowledgements existed answers it, and
+# that answer acknowledges the connection as SETTINGS does (docs/protocol.md).
+_HELLO = PREFACE + encode_frame(_PING, 0, b"kubrpcok")
 
 
 class TcpConnection(FrameWriter):
@@ -53,6 +56,11 @@ class TcpConnection(FrameWriter):
         self.transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(max_message_size + FRAME_OVERHEAD)
         self._goaway: int | None = None
+        self._goaway_reason = ""
+        self._write_paused = False
+        self._owed_ack: bytes | None = None  # the last PING received while writes were paused
+        # Resolved by the server's first frame (None) or by a failure before it (the error).
+        self._ack: asyncio.Future[RpcError | None] | None = None
         self._closed = False
         self._lost: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -61,8 +69,10 @@ class TcpConnection(FrameWriter):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self._lost = asyncio.get_running_loop().create_future()
-        self.transport.write(PREFACE)
+        self._lost = self._loop.create_future()
+        self._ack = self._loop.create_future()
+        self._limit_writes(self.transport)
+        self.transport.write(_HELLO)
         if self._keepalive is not None:
             self._last_received = self._loop.time()
             self._keepalive_timer = self._loop.call_later(self._keepalive[0], self._check_alive)
@@ -86,8 +96,37 @@ class TcpConnection(FrameWriter):
             interval - quiet if quiet < interval else interval, self._check_alive
         )
 
+    def pause_writing(self) -> None:
+        # Unlike the server, keep reading: answers must get through, or with both ends over their bound
+        # each would wait for the other to read. Calls wait to be sent; PINGs get one answer on resume.
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._unpause()
+        if self._owed_ack is not None:
+            self.write(encode_frame(_PING, 0, self._owed_ack, FLAG_ACK))
+            self._owed_ack = None
+
+    async def acknowledged(self) -> None:
+        """Wait for the server's acknowledgement of the connection; NotDeliveredError if it fails first."""
+        ack = self._ack
+        if ack is not None:
+            error = await ack
+            if error is not None:
+                raise error
+        if self._goaway is not None:  # the first answer was a GOAWAY (too many connections, draining)
+            raise NotDeliveredError(f"{self.endpoint.address} sent the connection away: {self._goaway_reason}")
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._unpause()
+        if self._ack is not None and not self._ack.done():
+            reason = f": {exc}" if exc is not None else ""
+            self._ack.set_result(
+                NotDeliveredError(
+                    f"connection to {self.endpoint.address} lost before the server acknowledged it{reason}"
+                )
+            )
         self._deadlines.close()
         if self._keepalive_timer is not None:
             self._keepalive_timer.cancel()
@@ -110,6 +149,8 @@ class TcpConnection(FrameWriter):
 
     async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
         """Send one call and wait for its answer; cancelling the wait cancels the call on the server."""
+        if self._write_paused:  # the server is not reading what we send: wait (within the deadline) until it does
+            await self._writable_within(timeout)
         if not self.usable or self.transport is None:
             raise NotDeliveredError(f"connection to {self.endpoint.address} is closed or draining")
         if len(payload) > self.max_message_size:
@@ -131,8 +172,11 @@ class TcpConnection(FrameWriter):
             self._deadlines.add(stream, timeout)
         if len(self._pending) == 1 and not self._out:  # nothing in flight to batch with: send now
             self.write_now(request)
-        else:
+        elif len(request) < _BATCH_BELOW:
             self.write(request)
+        else:
+            self._flush()
+            self.write_now(request)
         try:
             frame = await fut
         except RpcError as exc:
@@ -157,6 +201,15 @@ class TcpConnection(FrameWriter):
         if error.code is Status.UNAVAILABLE and self._goaway is not None and stream > self._goaway:
             raise NotDeliveredError(error.message)
         raise error
+
+    async def _writable_within(self, timeout: float | None) -> None:
+        try:
+            async with asyncio.timeout(None if timeout is None or timeout == math.inf else timeout):
+                await self._wait_writable()
+        except TimeoutError:
+            raise RpcError(
+                Status.DEADLINE_EXCEEDED, f"deadline exceeded: {self.endpoint.address} is not reading what is sent"
+            ) from None
 
     def _close_transport(self) -> None:
         self._flush()
@@ -191,7 +244,15 @@ class TcpConnection(FrameWriter):
             elif kind == _GOAWAY:
                 self._on_goaway(frame.payload)
             elif kind == _PING and not frame.flags & FLAG_ACK and self.transport is not None:
-                self.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
+                if self._write_paused:  # the server is not reading: owe it one answer, not one per PING
+                    self._owed_ack = frame.payload[:64]
+                else:
+                    self.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
+        ack = self._ack
+        if ack is not None and frames:  # the server's first frame: the connection is acknowledged
+            self._ack = None
+            if not ack.done():
+                ack.set_result(None)
 
     def _on_goaway(self, payload: bytes) -> None:
         try:
@@ -199,6 +260,7 @@ class TcpConnection(FrameWriter):
         except ProtocolError:
             last, reason = 0, "malformed GOAWAY"
         self._goaway = last
+        self._goaway_reason = reason
         for stream, fut in self._pending.items():
             if stream > last and not fut.done():
                 fut.set_exception(NotDeliveredError(f"{self.endpoint.address} is going away: {reason}"))
@@ -211,6 +273,10 @@ class TcpConnection(FrameWriter):
         self._close_transport()
         if self._lost is not None:
             with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(_CLOSE_GRACE):
+                    await asyncio.shield(self._lost)
+                if not self._lost.done() and self.transport is not None:
+                    self.transport.abort()  # unsent bytes the server is not reading: do not wait for it
                 await self._lost
 
     def __repr__(self) -> str:

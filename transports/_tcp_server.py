@@ -18,6 +18,7 @@ from ._frames import (
     FLAG_ACK,
     FRAME_OVERHEAD,
     PREFACE,
+    REFUSED,
     BadRequest,
     Frame,
     FrameDecoder,
@@ -25,7 +26,18 @@ from ._frames import (
     encode_goaway,
     parse_request,
 )
-from ._tcp_base import _CANCEL, _ERROR, _PING, _REQUEST, _RESPONSE, FrameWriter, format_host, log
+from ._tcp_base import (
+    _BATCH_BELOW,
+    _CANCEL,
+    _ERROR,
+    _PING,
+    _REQUEST,
+    _RESPONSE,
+    _SETTINGS,
+    FrameWriter,
+    format_host,
+    log,
+)
 
 if TYPE_CHECKING:
     from kubrpc.server import Server
@@ -35,6 +47,9 @@ __all__ = ("TcpListener",)
 
 # How long a draining server waits for clients to close their connections after the last answer.
 _LINGER = 1.0
+# The server's acknowledgement of a good preface: its first frame (docs/protocol.md).
+_SETTINGS_FRAME = encode_frame(_SETTINGS, 0)
+_BUSY = RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
 
 
 def _error_frame(stream: int, error: RpcError) -> bytes:
@@ -48,10 +63,11 @@ def _deadline_frame(stream: int) -> bytes:
 class TcpListener:
     """A listening TCP socket and its connections."""
 
-    def __init__(self, server: Server, max_message_size: int) -> None:
+    def __init__(self, server: Server, max_message_size: int, preface_timeout: float = 10.0) -> None:
         self.server = server
         self.url = ""
         self.max_message_size = max_message_size
+        self.preface_timeout = preface_timeout
         self.connections: set[_ServerConnection] = set()
         self.draining = False
         self._orphans: set[asyncio.Task[None]] = set()
@@ -126,8 +142,12 @@ class _ServerConnection(FrameWriter):
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
-        self._decoder = FrameDecoder(listener.max_message_size + FRAME_OVERHEAD)
+        server = listener.server
+        self._decoder = FrameDecoder(listener.max_message_size + FRAME_OVERHEAD, server.admit, server.release)
         self._preface: bytes | None = b""
+        self._preface_timer: asyncio.TimerHandle | None = None
+        self._backlog: list[Frame] = []  # frames received while writes were paused, handled on resume
+        self._write_paused = False
         self._last_stream = 0
         self._going_away = False
         self._out: list[bytes] = []
@@ -141,11 +161,13 @@ class _ServerConnection(FrameWriter):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport subclasses
+        self._limit_writes(self.transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{format_host(peer[0])}:{peer[1]}"
         listener = self.listener
         listener.connections.add(self)
+        self._preface_timer = self._loop.call_later(listener.preface_timeout, self._no_preface)
         if listener.draining:
             self.go_away("server shutting down")
         elif len(listener.connections) > listener.server.max_connections:
@@ -155,11 +177,20 @@ class _ServerConnection(FrameWriter):
             self._last_active = self._loop.time()
             self._idle_timer = self._loop.call_later(listener.server.idle_timeout, self._check_idle)
 
+    def _no_preface(self) -> None:
+        self._preface_timer = None
+        if self._preface is not None:
+            self._fail(f"no preface within {self.listener.preface_timeout:g} s")
+
     def _check_idle(self) -> None:
         """Go away from a connection that has had no call for idle_timeout seconds (its client reconnects on demand)."""
         timeout = self.listener.server.idle_timeout
         assert timeout is not None
         idle = self._loop.time() - self._last_active
+        if self._write_paused and idle >= timeout:  # calls held that long for a client that does not read
+            self._idle_timer = None
+            self._fail(f"not reading its answers for {timeout:g} s")
+            return
         if self.calls or idle < timeout:
             self._idle_timer = self._loop.call_later(timeout - idle if not self.calls else timeout, self._check_idle)
             return
@@ -169,8 +200,11 @@ class _ServerConnection(FrameWriter):
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connections.discard(self)
         self._out.clear()
+        self._backlog.clear()
+        self._decoder.close()
+        self._unpause()
         self._deadlines.close()
-        for timer in (self._idle_timer, self._linger_timer):
+        for timer in (self._idle_timer, self._linger_timer, self._preface_timer):
             if timer is not None:
                 timer.cancel()
         for task in self.calls.values():
@@ -178,13 +212,19 @@ class _ServerConnection(FrameWriter):
             self.listener.adopt(task)
         self.listener.call_finished()
 
-    def pause_writing(self) -> None:
-        # The peer is not reading its responses: stop reading its requests until it catches up.
-        if self.transport is not None:
-            self.transport.pause_reading()
-
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self._backlog:  # requests read before the pause come first; not from inside the transport's write
+            self._unpause()
+            self._loop.call_soon(self._handle_backlog)
+        else:
+            super().resume_writing()
+
+    def _handle_backlog(self) -> None:
+        backlog, self._backlog = self._backlog, []
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._handle_frames(backlog)
+        if not self._write_paused and not self._backlog:
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -199,9 +239,29 @@ class _ServerConnection(FrameWriter):
                 return
             data = self._preface[len(PREFACE) :]
             self._preface = None
+            if self._preface_timer is not None:
+                self._preface_timer.cancel()
+                self._preface_timer = None
+            if not self._going_away:
+                self.write_now(_SETTINGS_FRAME)
         try:
-            for frame in self._decoder.feed(data):
-                self._handle(frame)
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._fail(str(exc))
+            return
+        if self._backlog:  # read just before a pause took effect: after what is waiting already
+            self._backlog += frames
+        else:
+            self._handle_frames(frames)
+
+    def _handle_frames(self, frames: list[Frame]) -> None:
+        handle = self._handle
+        try:
+            for i, frame in enumerate(frames):
+                if self._write_paused:  # the peer is not reading its answers: start nothing more for it
+                    self._backlog = frames[i:]
+                    return
+                handle(frame)
         except ProtocolError as exc:
             self._fail(str(exc))
 
@@ -226,10 +286,11 @@ class _ServerConnection(FrameWriter):
                 error = RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
                 self.write(_error_frame(stream, error))
                 return
-            if not self.listener.server.admit(len(request.body)):
-                self.write(_error_frame(stream, RpcError(Status.RESOURCE_EXHAUSTED, "server busy")))
+            size = len(frame.payload)  # the body, and the path and metadata held with it
+            if not self.listener.server.admit(size):
+                self.write(_error_frame(stream, _BUSY))
                 return
-            self._held[stream] = len(request.body)
+            self._held[stream] = size
             if stream > self._last_stream:
                 self._last_stream = stream
             if self._idle_timer is not None:
@@ -251,12 +312,18 @@ class _ServerConnection(FrameWriter):
         elif kind == _PING:
             if not frame.flags & FLAG_ACK:
                 self.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
+        elif kind == REFUSED:  # a REQUEST over max_pending_bytes, refused before its body was buffered
+            if stream == 0 or stream in self.calls:
+                raise ProtocolError(f"stream id {stream} is zero or already in use")
+            self.write(_error_frame(stream, _BUSY))
         # Unknown frame types, and frames only servers send, are ignored (forward compatibility).
 
     async def _run(
         self, stream: int, path: str, body: bytes, timeout: float | None, metadata: Mapping[str, str]
     ) -> None:
         try:
+            if self._write_paused:  # the client is not reading its answers: wait before running more for it
+                await self._wait_writable()
             try:
                 result = await self.dispatch(
                     path, body, timeout=timeout, metadata=metadata, peer=self.peer, deadline_enforced=True
@@ -266,10 +333,15 @@ class _ServerConnection(FrameWriter):
                 frame = encode_frame(_RESPONSE, stream, result)
             except RpcError as exc:
                 frame = _error_frame(stream, exc)
+            if self._write_paused:  # hold the answer until the client reads: memory stays bounded
+                await self._wait_writable()
             if len(self.calls) == 1 and not self._out:  # the only call here: nothing to batch with
                 self.write_now(frame)
-            else:
+            elif len(frame) < _BATCH_BELOW:
                 self.write(frame)
+            else:
+                self._flush()
+                self.write_now(frame)
         except asyncio.CancelledError:
             if stream in self._expired:  # our deadline timer cancelled it
                 self._expired.discard(stream)
@@ -316,10 +388,13 @@ class _ServerConnection(FrameWriter):
             self.close()
 
     def close(self) -> None:
-        """Close after flushing what was written."""
+        """Close after flushing what was written (dropping it if the client is not reading)."""
         self._flush()
         if self.transport is not None:
-            self.transport.close()
+            if self._write_paused:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def _fail(self, reason: str) -> None:
         log.info("closing connection from %s: %s", self._peer(), reason)

@@ -29,6 +29,10 @@ class TcpTransport:
 
     `server_hostname` is the name a client checks the server's certificate against (default: the endpoint's
     host, which is a pod IP under Kubernetes: set it to the Service's DNS name there).
+
+    A client's connection is ready once the server has acknowledged it (its first frame), within
+    `connect_timeout`; any failure before that is a connect failure (NotDeliveredError). A server closes a
+    connection that has not sent the preface within `preface_timeout` seconds.
     """
 
     def __init__(
@@ -40,9 +44,13 @@ class TcpTransport:
         keepalive_timeout: float = 10.0,
         ssl: SSLContext | None = None,
         server_hostname: str | None = None,
+        preface_timeout: float = 10.0,
     ) -> None:
         if keepalive_interval is not None and not keepalive_interval > 0:
             raise ValueError("keepalive_interval must be > 0 or None")
+        if not preface_timeout > 0:
+            raise ValueError("preface_timeout must be > 0")
+        self.preface_timeout = preface_timeout
         self.max_message_size = max_message_size
         self.connect_timeout = connect_timeout
         self.keepalive = None if keepalive_interval is None else (keepalive_interval, keepalive_timeout)
@@ -53,6 +61,7 @@ class TcpTransport:
         """Open a connection to `endpoint`; NotDeliveredError if it cannot be reached."""
         loop = asyncio.get_running_loop()
         limit = self.max_message_size or DEFAULT_MAX_MESSAGE_SIZE
+        conn: TcpConnection | None = None
         try:
             with anyio.fail_after(self.connect_timeout):
                 _, conn = await loop.create_connection(
@@ -62,17 +71,24 @@ class TcpTransport:
                     ssl=self.ssl,
                     server_hostname=(self.server_hostname or endpoint.host) if self.ssl is not None else None,
                 )
+                # Not ready until the server acknowledges the preface: an endpoint that accepts and then
+                # resets (a sidecar in front of a crashed app) fails here, as a refused connection does.
+                await conn.acknowledged()
         except TimeoutError:
+            await _discard(conn)
             raise NotDeliveredError(f"timed out connecting to {endpoint.address}") from None
         except OSError as exc:
             raise NotDeliveredError(f"cannot connect to {endpoint.address}: {exc.strerror or exc}") from None
+        except BaseException:
+            await _discard(conn)
+            raise
         return conn
 
     @asynccontextmanager
     async def listen(self, server: Server, host: str, port: int, /) -> AsyncIterator[TcpListener]:
         """Serve `server` on host:port until the block exits, then go away and drain."""
         loop = asyncio.get_running_loop()
-        listener = TcpListener(server, self.max_message_size or server.max_message_size)
+        listener = TcpListener(server, self.max_message_size or server.max_message_size, self.preface_timeout)
         aserver = await loop.create_server(
             lambda: _ServerConnection(listener),
             host,
@@ -96,7 +112,9 @@ class TcpTransport:
 _TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
-def _default_limit() -> int:
-    from kubrpc.server import DEFAULT_MAX_MESSAGE_SIZE
-
-    return DEFAULT_MAX_MESSAGE_SIZE
+async def _discard(conn: TcpConnection | None) -> None:
+    """Drop a connection that never became ready."""
+    if conn is not None:
+        if conn.transport is not None:
+            conn.transport.abort()
+        await conn.aclose()
