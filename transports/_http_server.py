@@ -16,9 +16,9 @@ under way on it; then the bytes that still arrive are dropped for a moment (so t
 answer before the close) and it is closed.
 
 uvicorn internals this relies on (tests/test_http_hardening.py fails if they change): the parser callbacks
-`on_message_begin`, `on_headers_complete`, `on_body`, `on_message_complete`; the protocol's `app`,
-`cycle`, `pipeline`, `tasks`, `flow`, `url`, `headers`, `limit_concurrency`; and the cycle's
-`response_started`, `response_complete`, `disconnected` and `message_event`.
+`on_message_begin`, `on_headers_complete`, `on_body`, `on_message_complete`, and `on_response_complete`;
+the protocol's `app`, `cycle`, `pipeline`, `tasks`, `flow`, `url`, `headers`, `limit_concurrency`; and the
+cycle's `body`, `more_body`, `response_started`, `response_complete`, `disconnected` and `message_event`.
 """
 
 from __future__ import annotations
@@ -183,6 +183,12 @@ class _HttpProtocol(HttpToolsProtocol):
         self._chunked = False
         self._deadline = None
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        cycle = self.cycle
+        if cycle.more_body and cycle.response_complete:  # answered (refused) before its body arrived: drop what came
+            cycle.body = bytearray()
+        super().on_response_complete()
 
     def handle_websocket_upgrade(self) -> None:
         self._stop_timer()
