@@ -241,7 +241,6 @@ async def test_endless_header_lines_are_cut_off_not_buffered(start_server: Calla
         peak = tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
-    print(f"peak {peak / MiB:.2f} MiB")
     assert peak < 12 * MiB, f"{peak / MiB:.1f} MiB"
     for answer in answers:
         assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
@@ -270,13 +269,10 @@ async def test_bodies_still_arriving_count_against_max_pending_bytes(start_serve
                 assert (status, json.loads(answer)) == (429, {"code": "resource_exhausted", "message": "server busy"})
                 refused += 1
             held = tracemalloc.get_traced_memory()[0] - before
-            for stat in tracemalloc.take_snapshot().statistics("lineno")[:8]:
-                print(stat)
         finally:
             tracemalloc.stop()
         assert refused == 47
         assert server._pending_bytes == MiB  # the first one, admitted by its Content-Length
-        print(f"held {held / MiB:.2f} MiB")
         assert held < 8 * MiB, f"{held / MiB:.1f} MiB"  # today: 46 MiB
         reader, writer = peers[0]
         writer.write(request[-16:])  # the first one completes, and runs

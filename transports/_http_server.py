@@ -136,13 +136,14 @@ class _HttpProtocol(HttpToolsProtocol):
     def _head_overflow(self, data: bytes, room: int) -> None:
         if self._lingering:  # refused: drop what still arrives
             return
+        view = memoryview(data)  # the parser takes one: no copies of a large first read
         if room:
             self._head_room = 0
             self._head_unmetered = False
-            super().data_received(data[:room])
+            super().data_received(cast(bytes, view[:room]))
         if self._head_room != 0 or self.transport.is_closing():  # the head ended within the limit, or was bad
             if not self.transport.is_closing():
-                self.data_received(data[room:])
+                self.data_received(cast(bytes, view[room:]))
             return
         cycle = self.cycle  # a pipelined head: answer only if no response is under way
         answer = cycle is None or cycle.response_complete
