@@ -130,7 +130,7 @@ class _App:
                 if task is None:
                     with anyio.move_on_after(math.inf if timeout is None else timeout) as deadline_scope:
                         body = await self._body(receive, length)
-                    if deadline_scope.cancelled_caught:
+                    if body is None:  # the deadline passed first
                         raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
                     if length is None:
                         held = len(body)
