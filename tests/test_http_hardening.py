@@ -310,7 +310,7 @@ async def test_max_connections_admits_exactly_n_calls_at_once(start_server: Call
         async with _connect(url) as (reader, writer):
             writer.write(_post("/Arith/add", b'{"a": 1, "b": 2}'))
             status, headers, body = await _response(reader)
-        assert (status, headers["connection"]) == (503, "close")
+        assert (status, headers["connection"], headers["kubrpc-not-started"]) == (503, "close", "1")
         assert json.loads(body) == {
             "code": "unavailable",
             "message": "server busy: 3 requests in progress (max_connections); the call did not start",

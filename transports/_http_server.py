@@ -37,8 +37,10 @@ from uvicorn.server import ServerState
 
 from kubrpc.status import Status
 
-__all__ = ("HttpLimits", "protocol_class")
+__all__ = ("NOT_STARTED", "HttpLimits", "protocol_class")
 
+# On a 503 that the server sends before the call could start, so that a client knows it is safe to retry.
+NOT_STARTED = (b"kubrpc-not-started", b"1")
 _LINGER = 2.0  # seconds a refused connection is still read (the bytes dropped) before it closes
 _CHUNK_FRAMING = 32  # bytes allowed per chunk of a chunked body for its size line and CRLFs
 
@@ -64,11 +66,11 @@ def error_response(status: int, code: Status, message: str) -> bytes:
     return b"%scontent-length: %d\r\nconnection: close\r\n\r\n%s" % (head.encode(), len(body), body)
 
 
-async def send_error(send: Send, status: int, code: Status, message: str) -> None:
+async def send_error(send: Send, status: int, code: Status, message: str, *extra: tuple[bytes, bytes]) -> None:
     """Answer an ASGI request with a kubrpc JSON error and close the connection."""
     body = orjson.dumps({"code": code.wire_name, "message": message})
     length = b"%d" % len(body)
-    headers = [(b"content-type", b"application/json"), (b"content-length", length), (b"connection", b"close")]
+    headers = [(b"content-type", b"application/json"), (b"content-length", length), (b"connection", b"close"), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -200,7 +202,7 @@ class _HttpProtocol(HttpToolsProtocol):
 
     async def _busy(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"server busy: {self._max_requests} requests in progress (max_connections); the call did not start"
-        await send_error(send, 503, Status.UNAVAILABLE, message)
+        await send_error(send, 503, Status.UNAVAILABLE, message, NOT_STARTED)
 
     async def _headers_too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"request headers exceed the limit of {self.limits.max_header_size} bytes"
