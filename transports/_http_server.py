@@ -95,6 +95,10 @@ class _HttpProtocol(HttpToolsProtocol):
         self._max_requests = self.limit_concurrency
         self.limit_concurrency = None  # uvicorn's check counts idle connections; on_headers_complete counts requests
         self._app = self.app
+        limits = self.limits
+        self._header_timeout = limits.header_timeout
+        self._body_timeout = limits.body_timeout
+        self._max_header_size = limits.max_header_size
         # Bytes the head being read may still take before it is refused; None while a body is read or a call runs.
         self._head_room: int | None = self.limits.max_header_size
         self._head_unmetered = False  # the parser is being fed bytes that were not counted against a head
@@ -156,18 +160,21 @@ class _HttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self._measure_head = self._head_unmetered
         if self._deadline is None:  # a kept-alive connection's next request: the head's time starts now
-            self._set_deadline(self.loop.time() + self.limits.header_timeout)
+            self._deadline = at = self.loop.time() + self._header_timeout
+            if at < self._timer_at:  # (_set_deadline, inlined on the hot path)
+                self._set_timer(at)
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
-        limits = self.limits
         self._head_room = None
-        self._chunk_room = limits.max_header_size
-        self._set_deadline(self.loop.time() + limits.body_timeout)
+        self._chunk_room = self._max_header_size
+        self._deadline = at = self.loop.time() + self._body_timeout
+        if at < self._timer_at:
+            self._set_timer(at)
         app = self._app
         if self._max_requests is not None and len(self.tasks) >= self._max_requests:
             app = self._busy
-        if self._measure_head and _head_size(self.url, self.headers) > limits.max_header_size:
+        if self._measure_head and _head_size(self.url, self.headers) > self._max_header_size:
             app = self._headers_too_large
         self.app = app
         super().on_headers_complete()
@@ -181,7 +188,7 @@ class _HttpProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._head_room = self.limits.max_header_size
+        self._head_room = self._max_header_size
         self._head_unmetered = True  # any bytes after this in the same feed belong to an uncounted head
         self._chunked = False
         self._deadline = None
@@ -240,10 +247,13 @@ class _HttpProtocol(HttpToolsProtocol):
     def _set_deadline(self, at: float) -> None:
         self._deadline = at
         if at < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.loop.call_at(at, self._check_deadline)
-            self._timer_at = at
+            self._set_timer(at)
+
+    def _set_timer(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(at, self._check_deadline)
+        self._timer_at = at
 
     def _stop_timer(self) -> None:
         self._deadline = None
