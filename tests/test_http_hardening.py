@@ -157,6 +157,22 @@ async def test_a_body_that_stops_arriving_gets_408_and_the_connection_closes(
     await wait_until(lambda: server._pending_bytes == 0)
 
 
+async def test_a_body_that_trickles_in_gets_408_too(start_server: Callable[..., Any]) -> None:
+    url, _, control = await _http(start_server, body_timeout=0.3)
+    async with _connect(url) as (reader, writer), anyio.create_task_group() as tg:
+        answer = _Collect(reader)
+        tg.start_soon(answer.run)
+        writer.write(_post("/Control/sleep", b"{", length=1000))
+        for _ in range(400):  # a byte every 25 ms: activity, but the body would take 25 s
+            if answer.data:
+                break
+            writer.write(b" ")
+            await writer.drain()
+            await asyncio.sleep(0.025)
+    assert answer.data.startswith(b"HTTP/1.1 408 ")
+    assert control.started == 0
+
+
 async def test_the_call_deadline_covers_reading_the_body(start_server: Callable[..., Any]) -> None:
     url, server, control = await _http(start_server)  # the body timeout is 30 s: the 200 ms deadline ends it
     async with _connect(url) as (reader, writer):
