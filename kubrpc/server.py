@@ -51,6 +51,9 @@ class Server:
     calls may take to finish on shutdown), `shutdown_delay` (seconds `run()` keeps serving after SIGTERM
     with /readyz at 503, before draining: time for Kubernetes to take the pod out of its EndpointSlices),
     `interceptors` (see kubrpc.interceptors), `metrics` (see kubrpc.metrics).
+    HTTP only: `header_timeout` (seconds for a request's head to arrive, from the connection's opening or the
+    head's first byte; then 408 or a close), `body_timeout` (seconds for its body to arrive after the head;
+    then 408), `max_header_size` (bytes of request line and headers; larger is 431).
     """
 
     def __init__(
@@ -65,6 +68,9 @@ class Server:
         shutdown_delay: float = 0.0,
         interceptors: Sequence[ServerInterceptor] = (),
         metrics: bool | ServerMetrics = False,
+        header_timeout: float = 10.0,
+        body_timeout: float = 30.0,
+        max_header_size: int = 16 * 1024,
     ) -> None:
         if max_message_size < 1:
             raise ValueError("max_message_size must be positive")
@@ -72,6 +78,13 @@ class Server:
             raise ValueError("max_connections and max_concurrent_calls must be positive")
         if idle_timeout is not None and not idle_timeout > 0:
             raise ValueError("idle_timeout must be > 0 or None")
+        if not (header_timeout > 0 and body_timeout > 0):  # NaN fails too
+            raise ValueError("header_timeout and body_timeout must be > 0")
+        if max_header_size < 1:
+            raise ValueError("max_header_size must be positive")
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.max_header_size = max_header_size
         self.max_message_size = max_message_size
         self.max_concurrent_calls = max_concurrent_calls
         self.max_connections = max_connections

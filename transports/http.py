@@ -32,6 +32,8 @@ from kubrpc.errors import NotDeliveredError, RpcError, UnreachableError
 from kubrpc.server import DEFAULT_MAX_MESSAGE_SIZE
 from kubrpc.status import Status
 
+from ._http_server import NOT_STARTED, HttpLimits, protocol_class
+
 if TYPE_CHECKING:
     from kubrpc.server import Server
 
@@ -40,7 +42,7 @@ __all__ = ("NOT_STARTED_HEADER", "HttpConnection", "HttpListener", "HttpTranspor
 TIMEOUT_HEADER = "connect-timeout-ms"
 #: On a 503, this response header (value "1") says the kubrpc server did not start the call (over its connection
 #: limit): the client retries it elsewhere. A 503 without it (a proxy's, a sidecar's) may come after the call ran.
-NOT_STARTED_HEADER = "kubrpc-not-started"
+NOT_STARTED_HEADER = NOT_STARTED[0].decode()  # on a 503: the call never started, so it may go elsewhere
 _DEFAULT_LIMIT = DEFAULT_MAX_MESSAGE_SIZE
 _CONTENT_TYPE = (b"content-type", b"application/json")
 
@@ -95,7 +97,9 @@ class _App:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            path: str = scope["path"]
+            # Routed by the raw path, as proxies' path rules see it: /Echo%2Fecho is not Echo/echo.
+            raw: bytes | None = scope.get("raw_path")
+            path: str = scope["path"] if raw is None else raw.decode("latin-1")
             root: str = scope.get("root_path", "")
             if root and path.startswith(root + "/"):  # mounted under a prefix: as Starlette's routing strips it
                 path = path[len(root) :]
@@ -106,30 +110,71 @@ class _App:
         await self.rest(scope, receive, send)
 
     async def _rpc(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        body: bytes | None
         if scope["method"] != "POST":  # an HTTP-level error, as Connect servers answer it: 405 with Allow
             body = orjson.dumps({"code": Status.UNIMPLEMENTED.wire_name, "message": "RPC methods are called with POST"})
             await _send(send, 405, body, ((b"allow", b"POST"),))
             return
+        server = self.server
+        held = 0  # request bytes counted by server.admit()
+        body = None
         try:
-            body, timeout, metadata = await self._read(scope, receive)
-            client = scope.get("client")
-            peer = f"{_format_host(client[0])}:{client[1]}" if client else ""
-            if not self.server.admit(len(body)):
-                raise RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
             try:
-                result = await self._dispatch(path, body, timeout, metadata, peer, receive)
+                timeout, metadata, length = self._head(scope)
+                if length is not None:  # admitted before the body is read: bodies still arriving count too
+                    if not server.admit(length):
+                        raise RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
+                    held = length
+                client = scope.get("client")
+                peer = f"{_format_host(client[0])}:{client[1]}" if client else ""
+                try:
+                    task = asyncio.current_task()
+                except RuntimeError:  # no asyncio loop (trio)
+                    task = None
+                if task is None:
+                    with anyio.move_on_after(math.inf if timeout is None else timeout) as deadline_scope:
+                        body = await self._body(receive, length)
+                    if body is None:  # the deadline passed first
+                        raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
+                    if length is None:
+                        held = len(body)
+                    if timeout is not None:
+                        timeout = deadline_scope.deadline - anyio.current_time()
+                    result = await self._dispatch_anyio(path, body, timeout, metadata, peer, receive)
+                elif timeout is None:
+                    body = await self._body(receive, length)
+                    if length is None:
+                        held = len(body)
+                    result = await self._dispatch_asyncio(task, path, body, None, metadata, peer, receive)
+                else:
+                    # The deadline covers reading the body too; one asyncio.timeout, as dispatch() would make.
+                    try:
+                        async with asyncio.timeout(timeout) as deadline:
+                            body = await self._body(receive, length)
+                            if length is None:
+                                held = len(body)
+                            timeout = cast(float, deadline.when()) - task.get_loop().time()
+                            result = await self._dispatch_asyncio(task, path, body, timeout, metadata, peer, receive)
+                    except TimeoutError:
+                        raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
             finally:
-                self.server.release(len(body))
+                server.release(held)
+            if result is not None and len(result) > server.max_message_size:
+                raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
         except RpcError as exc:
-            await _send(send, exc.code.http_status, orjson.dumps(exc.to_json()))
+            # A deadline that passed while the body was still arriving: the rest of it is not worth waiting for.
+            close = body is None and exc.code is Status.DEADLINE_EXCEEDED
+            await _send(send, exc.code.http_status, orjson.dumps(exc.to_json()), _CLOSE if close else ())
             return
         if result is not None:
             await _send(send, 200, result)
 
-    async def _read(self, scope: Scope, receive: Receive) -> tuple[bytes, float | None, dict[str, str]]:
+    def _head(self, scope: Scope) -> tuple[float | None, dict[str, str], int | None]:
+        """The request's deadline, metadata and Content-Length, from its headers."""
         limit = self.server.max_message_size
         metadata: dict[str, str] = {}
         timeout: float | None = None
+        length: int | None = None
         for name, value in scope["headers"]:  # names are lower case (ASGI)
             if name == b"content-type":
                 if value != b"application/json":
@@ -139,7 +184,8 @@ class _App:
             elif name == b"content-length":
                 if not value.isdigit():
                     raise RpcError(Status.INVALID_ARGUMENT, "bad Content-Length")
-                if int(value) > limit:
+                length = int(value)
+                if length > limit:
                     raise RpcError(Status.RESOURCE_EXHAUSTED, f"request body exceeds the limit of {limit} bytes")
             elif name == _TIMEOUT_NAME:
                 if not value.isdigit() or len(value) > 10 or value[0] == 48:  # a positive number, no leading 0
@@ -147,43 +193,42 @@ class _App:
                 timeout = int(value) / 1000
             else:
                 metadata[name.decode("latin-1")] = value.decode("latin-1")
+        return timeout, metadata, length
+
+    async def _body(self, receive: Receive, length: int | None) -> bytes:
+        """The request body. Without a Content-Length (chunked) its bytes are admitted as they arrive."""
         message = await receive()
         if message["type"] == "http.disconnect":
             raise RpcError(Status.CANCELLED, "client disconnected")
         body: bytes = message.get("body", b"")
-        if len(body) > limit:
-            raise RpcError(Status.RESOURCE_EXHAUSTED, f"request body exceeds the limit of {limit} bytes")
-        if not message.get("more_body", False):
-            return body, timeout, metadata
+        more: bool = message.get("more_body", False)
+        if length is not None and not more:
+            return body
+        server = self.server
+        limit = server.max_message_size
         chunks = [body]
         size = len(body)
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise RpcError(Status.CANCELLED, "client disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise RpcError(Status.RESOURCE_EXHAUSTED, f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks), timeout, metadata
-
-    async def _dispatch(
-        self, path: str, body: bytes, timeout: float | None, metadata: dict[str, str], peer: str, receive: Receive
-    ) -> bytes | None:
-        """Run the call, cancelling it if the client disconnects first; None if it did."""
+        admitted = 0
         try:
-            task = asyncio.current_task()
-        except RuntimeError:  # no asyncio loop (trio)
-            task = None
-        if task is None:
-            result = await self._dispatch_anyio(path, body, timeout, metadata, peer, receive)
-        else:
-            result = await self._dispatch_asyncio(task, path, body, timeout, metadata, peer, receive)
-        if result is not None and len(result) > self.server.max_message_size:
-            raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
-        return result
+            while True:
+                if length is None:
+                    if size > limit:
+                        raise RpcError(Status.RESOURCE_EXHAUSTED, f"request body exceeds the limit of {limit} bytes")
+                    if not server.admit(size - admitted):
+                        raise RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
+                    admitted = size
+                if not more:
+                    return b"".join(chunks)
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise RpcError(Status.CANCELLED, "client disconnected")
+                chunk = message.get("body", b"")
+                chunks.append(chunk)
+                size += len(chunk)
+                more = message.get("more_body", False)
+        except BaseException:
+            server.release(admitted)  # the caller releases only a body it got
+            raise
 
     async def _dispatch_asyncio(
         self,
@@ -199,7 +244,10 @@ class _App:
         # disconnect watcher cost ~130 µs of CPU per call, and even an anyio cancel scope with one watcher task cost
         # twice this whole layer. So the handler runs in this task, eagerly: one that finishes without waiting needs
         # no watcher; once it waits, one plain task waits for the disconnect and cancels this one.
-        call = self.server.dispatch(path, body, timeout=timeout, metadata=metadata, peer=peer)
+        # A timeout here is enforced by the caller's asyncio.timeout, which covers reading the body too.
+        call = self.server.dispatch(
+            path, body, timeout=timeout, metadata=metadata, peer=peer, deadline_enforced=timeout is not None
+        )
         try:
             waiting_on = call.send(None)
         except StopIteration as done:
@@ -237,6 +285,7 @@ class _App:
 
 
 _TIMEOUT_NAME = TIMEOUT_HEADER.encode()
+_CLOSE = ((b"connection", b"close"),)
 _T = TypeVar("_T")
 
 
@@ -291,25 +340,6 @@ async def _send(send: Send, status: int, body: bytes, extra: tuple[tuple[bytes, 
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-async def _not_started(scope: Scope, receive: Receive, send: Send) -> None:
-    """uvicorn's answer past limit_concurrency, marked so that clients know the call never started."""
-    body = b'{"code":"unavailable","message":"server busy: too many connections; the call did not start"}'
-    await _send(send, 503, body, ((NOT_STARTED_HEADER.encode(), b"1"), (b"connection", b"close")))
-
-
-def _mark_busy_answers() -> None:
-    """Make uvicorn answer past its connection limit with _not_started (its protocols look the app up by name)."""
-    import importlib
-
-    for name in ("h11_impl", "httptools_impl", "zttp_impl", "zttp_h2_impl"):
-        try:
-            module = importlib.import_module(f"uvicorn.protocols.http.{name}")
-        except ImportError:
-            continue
-        if hasattr(module, "service_unavailable"):
-            setattr(module, "service_unavailable", _not_started)  # noqa: B010 - a module uvicorn types without it
 
 
 class HttpListener:
@@ -371,23 +401,35 @@ class HttpTransport:
     @asynccontextmanager
     async def listen(self, server: Server, host: str, port: int, /) -> AsyncIterator[HttpListener]:
         """Serve `server.asgi()` with uvicorn on host:port until the block exits, then drain."""
-        _mark_busy_answers()
+        limits = HttpLimits(server.header_timeout, server.body_timeout, server.max_header_size)
         async with serve_uvicorn(
             server.asgi(),
             host,
             port,
             ssl=self.ssl,
+            limits=limits,
             timeout_graceful_shutdown=math.ceil(server.drain_timeout) or 1,
-            limit_concurrency=server.max_connections,  # beyond it uvicorn answers 503: clients retry elsewhere
+            # Requests in progress at once; beyond it a 503 that says the call did not start: clients retry elsewhere.
+            limit_concurrency=server.max_connections,
         ) as (url, userver):
             yield HttpListener(url, userver)
 
 
 @asynccontextmanager
 async def serve_uvicorn(
-    app: ASGIApp, host: str, port: int, *, ssl: SSLContext | None = None, **options: Any
+    app: ASGIApp,
+    host: str,
+    port: int,
+    *,
+    ssl: SSLContext | None = None,
+    limits: HttpLimits | None = None,
+    **options: Any,
 ) -> AsyncIterator[tuple[str, uvicorn.Server]]:
-    """Run `app` with uvicorn on host:port (0: any) inside the block; yields the bound URL and the server."""
+    """Run `app` with uvicorn on host:port (0: any) inside the block; yields the bound URL and the server.
+
+    Connections are held to `limits` (header and body timeouts, header size; the defaults if None), and
+    uvicorn's `limit_concurrency` counts requests in progress, not connections.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
     try:
@@ -399,6 +441,7 @@ async def serve_uvicorn(
         sock.close()
         raise
     bound = sock.getsockname()
+    options.setdefault("http", protocol_class(limits or HttpLimits()))
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, **options)
     if ssl is not None:  # uvicorn builds its context from files; an SSLContext goes in after load()
         config.load()

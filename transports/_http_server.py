@@ -1,0 +1,290 @@
+"""The HTTP server's connections: uvicorn's httptools protocol, with the limits a hostile peer must not get past.
+
+uvicorn keeps a connection open for as long as its peer sends nothing, buffers request heads of any size,
+and counts idle connections against `limit_concurrency`. `_HttpProtocol` adds, per connection:
+
+- a header timeout: a request's head (request line and headers) must arrive within `header_timeout`
+  seconds of the connection opening, or of the head's first byte on a kept-alive connection;
+- a body timeout: the body must arrive within `body_timeout` seconds of the head;
+- a cap on the head's size, metered before the bytes reach the parser, so that an endless header line is
+  cut off, not buffered; the chunk-size lines and trailers of a chunked body share one such allowance;
+- `limit_concurrency` counts requests in progress, not connections: an idle or silent connection holds
+  no slot, and N requests may run at once (uvicorn's own check admits N - 1).
+
+A refused connection gets a JSON error (408, 431 or 503, `connection: close`) unless another response is
+under way on it; then the bytes that still arrive are dropped for a moment (so that the peer can read the
+answer before the close) and it is closed.
+
+uvicorn internals this relies on (tests/test_http_hardening.py fails if they change): the parser callbacks
+`on_message_begin`, `on_headers_complete`, `on_body`, `on_message_complete`, and `on_response_complete`;
+the protocol's `app`, `cycle`, `pipeline`, `tasks`, `flow`, `url`, `headers`, `limit_concurrency`; and the
+cycle's `body`, `more_body`, `response_started`, `response_complete`, `disconnected` and `message_event`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
+
+import orjson
+from starlette.types import Receive, Scope, Send
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from kubrpc.status import Status
+
+__all__ = ("NOT_STARTED", "HttpLimits", "protocol_class")
+
+# On a 503 that the server sends before the call could start, so that a client knows it is safe to retry.
+NOT_STARTED = (b"kubrpc-not-started", b"1")
+_LINGER = 2.0  # seconds a refused connection is still read (the bytes dropped) before it closes
+_CHUNK_FRAMING = 32  # bytes allowed per chunk of a chunked body for its size line and CRLFs
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """The per-connection limits of the HTTP server (the Server options of the same names)."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_header_size: int = 16 * 1024
+
+
+def protocol_class(limits: HttpLimits) -> type[HttpToolsProtocol]:
+    """The uvicorn `http=` protocol class that enforces `limits` (and `limit_concurrency`, counting requests)."""
+    return cast("type[HttpToolsProtocol]", type("HttpProtocol", (_HttpProtocol,), {"limits": limits}))
+
+
+def error_response(status: int, code: Status, message: str) -> bytes:
+    """A whole HTTP/1.1 error response with a kubrpc JSON body, closing the connection."""
+    body = orjson.dumps({"code": code.wire_name, "message": message})
+    head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+    return b"%scontent-length: %d\r\nconnection: close\r\n\r\n%s" % (head.encode(), len(body), body)
+
+
+async def send_error(send: Send, status: int, code: Status, message: str, *extra: tuple[bytes, bytes]) -> None:
+    """Answer an ASGI request with a kubrpc JSON error and close the connection."""
+    body = orjson.dumps({"code": code.wire_name, "message": message})
+    length = b"%d" % len(body)
+    headers = [(b"content-type", b"application/json"), (b"content-length", length), (b"connection", b"close"), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
+
+
+class _HttpProtocol(HttpToolsProtocol):
+    """One HTTP/1.1 connection, under `limits` (see the module docstring)."""
+
+    limits: ClassVar[HttpLimits] = HttpLimits()
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._max_requests = self.limit_concurrency
+        self.limit_concurrency = None  # uvicorn's check counts idle connections; on_headers_complete counts requests
+        self._app = self.app
+        limits = self.limits
+        self._header_timeout = limits.header_timeout
+        self._body_timeout = limits.body_timeout
+        self._max_header_size = limits.max_header_size
+        # Bytes the head being read may still take before it is refused; None while a body is read or a call runs.
+        self._head_room: int | None = self.limits.max_header_size
+        self._head_unmetered = False  # the parser is being fed bytes that were not counted against a head
+        self._measure_head = False  # this head began with uncounted bytes: measure it when it is complete
+        self._chunked = False
+        self._chunk_room = 0  # bytes of chunk-size lines and trailers still allowed (a chunked body)
+        self._lingering = False
+        # The loop time by which the head or body being read must have arrived; one lazily re-armed timer checks.
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._set_deadline(self.loop.time() + self.limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        room = self._head_room
+        if room is not None:  # a request head: count its bytes before the parser buffers them
+            if len(data) > room:
+                self._head_overflow(data, room)
+                return
+            self._head_room = room - len(data)
+            self._head_unmetered = False
+            super().data_received(data)
+            return
+        self._head_unmetered = True  # a body: a pipelined head may start in it
+        if not self._chunked:
+            super().data_received(data)
+            return
+        self._chunk_room -= len(data)  # on_body and on_chunk_header give back what was body or framing
+        super().data_received(data)
+        if self._chunked and self._chunk_room < 0 and not self.transport.is_closing():
+            max_size = self.limits.max_header_size
+            self._refuse(431, f"chunk headers and trailers of the request exceed {max_size} bytes", self._may_answer())
+
+    def _head_overflow(self, data: bytes, room: int) -> None:
+        if self._lingering:  # refused: drop what still arrives
+            return
+        view = memoryview(data)  # the parser takes one: no copies of a large first read
+        if room:
+            self._head_room = 0
+            self._head_unmetered = False
+            super().data_received(cast(bytes, view[:room]))
+        if self._head_room != 0 or self.transport.is_closing():  # the head ended within the limit, or was bad
+            if not self.transport.is_closing():
+                self.data_received(cast(bytes, view[room:]))
+            return
+        cycle = self.cycle  # a pipelined head: answer only if no response is under way
+        answer = cycle is None or cycle.response_complete
+        self._refuse(431, f"request headers exceed the limit of {self.limits.max_header_size} bytes", answer)
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        self._measure_head = self._head_unmetered
+        if self._deadline is None:  # a kept-alive connection's next request: the head's time starts now
+            self._deadline = at = self.loop.time() + self._header_timeout
+            if at < self._timer_at:  # (_set_deadline, inlined on the hot path)
+                self._set_timer(at)
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._head_room = None
+        self._chunk_room = self._max_header_size
+        self._deadline = at = self.loop.time() + self._body_timeout
+        if at < self._timer_at:
+            self._set_timer(at)
+        app = self._app
+        if self._max_requests is not None and len(self.tasks) >= self._max_requests:
+            app = self._busy
+        if self._measure_head and _head_size(self.url, self.headers) > self._max_header_size:
+            app = self._headers_too_large
+        self.app = app
+        super().on_headers_complete()
+
+    def on_chunk_header(self) -> None:
+        self._chunked = True
+        self._chunk_room += _CHUNK_FRAMING
+
+    def on_body(self, body: bytes) -> None:
+        self._chunk_room += len(body)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._head_room = self._max_header_size
+        self._head_unmetered = True  # any bytes after this in the same feed belong to an uncounted head
+        self._chunked = False
+        self._deadline = None
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        cycle = self.cycle
+        if cycle.more_body and cycle.response_complete:  # answered (refused) before its body arrived: drop what came
+            cycle.body = bytearray()
+        super().on_response_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._stop_timer()
+        self._head_room = None
+        super().handle_websocket_upgrade()
+
+    # Refusals
+
+    async def _busy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"server busy: {self._max_requests} requests in progress (max_connections); the call did not start"
+        await send_error(send, 503, Status.UNAVAILABLE, message, NOT_STARTED)
+
+    async def _headers_too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"request headers exceed the limit of {self.limits.max_header_size} bytes"
+        await send_error(send, 431, Status.RESOURCE_EXHAUSTED, message)
+
+    def _may_answer(self) -> bool:
+        """While a body is read: may the connection still be answered (no response under way on it)?"""
+        return not self.pipeline and (self.cycle is None or not self.cycle.response_started)
+
+    def _refuse(self, status: int, message: str, answer: bool) -> None:
+        """End the request being read: answer `status` if `answer`, then close the connection."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:  # the app stops waiting for this request's body
+            cycle.disconnected = True
+            cycle.message_event.set()
+        transport = self.transport
+        if not answer:
+            transport.close()
+            return
+        code = Status.DEADLINE_EXCEEDED if status == 408 else Status.RESOURCE_EXHAUSTED
+        transport.write(error_response(status, code, message))
+        if transport.can_write_eof():
+            transport.write_eof()
+        # Read on for a moment, dropping the bytes: closing with unread bytes would reset the connection, and
+        # the peer, still sending, might lose the answer.
+        self._lingering = True
+        self._head_room = 0
+        self._chunked = False
+        self.flow.resume_reading()
+        self._deadline = None
+        self._set_deadline(self.loop.time() + _LINGER)
+
+    # The timer
+
+    def _set_deadline(self, at: float) -> None:
+        self._deadline = at
+        if at < self._timer_at:
+            self._set_timer(at)
+
+    def _set_timer(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(at, self._check_deadline)
+        self._timer_at = at
+
+    def _stop_timer(self) -> None:
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = math.inf
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        at = self._deadline
+        if at is None or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if now < at:
+            self._set_deadline(at)
+            return
+        self._deadline = None
+        limits = self.limits
+        cycle = self.cycle
+        if self._lingering:
+            self.transport.close()
+        elif self._head_room is not None:  # the head is late
+            if cycle is not None and not cycle.response_complete:  # a pipelined head: the previous call runs on
+                self._set_deadline(now + limits.header_timeout)
+            elif self._head_room == limits.max_header_size:  # not a byte of a request: just close
+                self.transport.close()
+            else:
+                self._refuse(408, f"request headers not received within {limits.header_timeout:g} s", True)
+        elif self.pipeline:  # the body of a request queued behind a running one: uvicorn is not reading it yet
+            self._set_deadline(now + limits.body_timeout)
+        else:
+            self._refuse(408, f"request body not received within {limits.body_timeout:g} s", self._may_answer())
