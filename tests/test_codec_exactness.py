@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Union
 
 import anyio
+import httpx
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -405,6 +406,28 @@ def test_result_plans_ignore_unknown_keys_but_stay_exact_in_unions() -> None:
     assert same(codec.decoder(Owner, ignore_unknown=True)(owner, "v"), Owner(TaggedCat("p"), [Cat("f")]))
     with pytest.raises(codec.DecodeError):
         codec.decoder(Owner)(owner, "v")
+
+
+async def test_openapi_request_schemas_refuse_unknown_keys_and_result_schemas_allow_them() -> None:
+    from services import Store, StoreImpl
+
+    server = kubrpc.Server()
+    server.register(Store, StoreImpl())
+    transport = httpx.ASGITransport(app=server.asgi())
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        doc = (await client.get("/openapi.json")).json()
+    put, schemas = doc["paths"]["/test.Store/put"]["post"], doc["components"]["schemas"]
+    request = put["requestBody"]["content"]["application/json"]["schema"]
+    assert request["properties"]["item"] == {"$ref": "#/components/schemas/Item-Input"}
+    assert request["additionalProperties"] is False
+    assert put["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Item"}
+    strict, open_ = schemas["Item-Input"], schemas["Item"]
+    assert strict["additionalProperties"] is False and "additionalProperties" not in open_
+    assert strict["properties"]["tags"]["items"] == {"$ref": "#/components/schemas/Tag-Input"}  # nested too
+    assert open_["properties"]["tags"]["items"] == {"$ref": "#/components/schemas/Tag"}
+    assert schemas["Tag-Input"]["additionalProperties"] is False and "additionalProperties" not in schemas["Tag"]
+    assert strict["properties"]["parent"] == {"anyOf": [{"$ref": "#/components/schemas/Item-Input"}, {"type": "null"}]}
+    assert strict["properties"]["color"] == open_["properties"]["color"] == {"$ref": "#/components/schemas/Color"}
 
 
 @pytest.mark.parametrize("tp", [Cat | Robot, list[Cat | Robot], dict[str, int] | Cat])
