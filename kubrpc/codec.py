@@ -7,6 +7,11 @@ as that dataclass). A mismatch raises `DecodeError` naming the offending field p
 Exactness: a value comes back as the type it was sent. A union whose members JSON cannot tell apart
 (`str | bytes`, two dataclasses with the same fields, ...) is refused when its plan is built, so a
 decoded union never depends on the order of its members.
+
+Unknown object keys depend on the direction, at every nesting level: arguments (decoded by the server)
+refuse them, since the server would silently lose what a newer client sent; results (decoded by the
+client) ignore them, so a newer server may add fields before every client has rolled, as in protobuf.
+`decoder(tp, ignore_unknown=True)` builds the tolerant plan; both plans are cached side by side.
 """
 
 from __future__ import annotations
@@ -310,7 +315,8 @@ _SIMPLE: dict[object, Decoder] = {
     object: _any,
 }
 
-_cache: dict[object, Decoder] = {}
+_cache: dict[tuple[bool, object], Decoder] = {}
+"""Plans keyed by (ignore_unknown, _key(annotation))."""
 
 
 def _key(tp: object) -> object:
@@ -321,48 +327,52 @@ def _key(tp: object) -> object:
     return (tp, tuple(_key(a) for a in args))
 
 
-def decoder(annotation: object) -> Decoder:
-    """The decoder plan for an annotation; TypeError if it is not supported (or is an ambiguous union)."""
+def decoder(annotation: object, *, ignore_unknown: bool = False) -> Decoder:
+    """The decoder plan for an annotation; TypeError if it is not supported (or is an ambiguous union).
+
+    Unknown keys in dataclass objects, at any depth, are a DecodeError; with ignore_unknown=True (for
+    results) they are skipped. Both plans refuse the same annotations.
+    """
     try:
-        key = _key(annotation)
+        key = (ignore_unknown, _key(annotation))
         return _cache[key]
     except KeyError:
         pass
     except TypeError:  # unhashable annotation (rare): build without caching
-        return _build(annotation)
-    dec = _build(annotation)
+        return _build(annotation, ignore_unknown)
+    dec = _build(annotation, ignore_unknown)
     _cache[key] = dec
     return dec
 
 
-def _build(tp: object) -> Decoder:
+def _build(tp: object, lenient: bool) -> Decoder:
     if tp in _SIMPLE:
         return _SIMPLE[tp]
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Annotated:
-        return decoder(args[0])
+        return decoder(args[0], ignore_unknown=lenient)
     if isinstance(tp, typing.NewType):
-        return decoder(tp.__supertype__)
+        return decoder(tp.__supertype__, ignore_unknown=lenient)
     if origin is typing.Union or origin is types.UnionType:
-        return _union(tp)
+        return _union(tp, lenient)
     if origin is typing.Literal:
         return _literal(args)
     if tp is list or origin is list:
-        return _list(decoder(args[0]) if args else _any, list)
+        return _list(decoder(args[0], ignore_unknown=lenient) if args else _any, list)
     if tp in (set, frozenset) or origin in (set, frozenset):
         container = typing.cast(type, origin or tp)
-        return _list(decoder(args[0]) if args else _any, container)
+        return _list(decoder(args[0], ignore_unknown=lenient) if args else _any, container)
     if tp is tuple or origin is tuple:
-        return _tuple(args)
+        return _tuple(args, lenient)
     if tp is dict or origin is dict:
         if args and args[0] is not str:
             raise TypeError(f"unsupported annotation {tp!r}: JSON object keys are strings, use dict[str, ...]")
-        return _dict(decoder(args[1]) if args else _any)
+        return _dict(decoder(args[1], ignore_unknown=lenient) if args else _any)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return _enum(tp)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return _dataclass(tp)
+        return _dataclass(tp, lenient)
     raise TypeError(f"unsupported annotation {tp!r}")
 
 
@@ -479,14 +489,14 @@ def _shapes(tp: object) -> dict[type, object]:
     return {}
 
 
-def _union(tp: object) -> Decoder:
+def _union(tp: object, lenient: bool) -> Decoder:
     members: list[_Member] = []
     nullable = False
     for m in _flatten(tp):
         if m is None or m is type(None):
             nullable = True
             continue
-        dec = decoder(m)
+        dec = decoder(m, ignore_unknown=lenient)
         shapes = _shapes(_unwrap(m))
         if shapes.get(type(None)):
             nullable = True
@@ -505,7 +515,7 @@ def _union(tp: object) -> Decoder:
     for kind in (bool, int, float, str, list, dict):
         claims = [(m, m.shapes[kind]) for m in members if kind in m.shapes]
         if claims:
-            by_type[kind] = _pick(tp, kind, claims, expected)
+            by_type[kind] = _pick(tp, kind, claims, expected, lenient)
     if int not in by_type and float in by_type:
         floats = [m for m in members if m.shapes.get(float) is _ALL]
         if floats:  # a JSON integer is a fine float when no member takes integers
@@ -545,7 +555,7 @@ def _ambiguous(tp: object, a: _Member, b: _Member, why: str) -> TypeError:
     )
 
 
-def _pick(tp: object, kind: type, claims: list[tuple[_Member, object]], expected: str) -> Decoder:
+def _pick(tp: object, kind: type, claims: list[tuple[_Member, object]], expected: str, lenient: bool) -> Decoder:
     """The decoder for JSON values of one type that several union members may claim."""
     if len(claims) == 1:
         return claims[0][0].decode
@@ -569,7 +579,7 @@ def _pick(tp: object, kind: type, claims: list[tuple[_Member, object]], expected
         elif isinstance(sa, str):
             formats.append((_FORMAT_RANK.index(sa), a))
     if kind is dict:
-        return _dataclasses(tp, [m for m, _ in claims], expected)
+        return _dataclasses(tp, [m for m, _ in claims], expected, lenient)
     tries = [m.decode for _, m in sorted(formats, key=lambda f: f[0])]
 
     def pick(value: Any, path: str) -> Any:
@@ -619,8 +629,12 @@ def _tags(cls: type) -> dict[str, frozenset[object]]:
     return out
 
 
-def _dataclasses(tp: object, members: list[_Member], expected: str) -> Decoder:
-    """Choose among dataclass members by a tag field, else by the exact set of keys, else by elimination."""
+def _dataclasses(tp: object, members: list[_Member], expected: str, lenient: bool) -> Decoder:
+    """Choose among dataclass members by a tag field, else by the exact set of keys, else by elimination.
+
+    Lenient (results), the keys that no member declares are left out first: a newer sender's additions.
+    Ambiguity is judged on the declared fields alone, so both modes refuse the same unions.
+    """
     classes = [typing.cast(type, _unwrap(m.tp)) for m in members]
     tags = [_tags(c) for c in classes]
     keys = [_wire_fields(c) for c in classes]
@@ -647,6 +661,9 @@ def _dataclasses(tp: object, members: list[_Member], expected: str) -> Decoder:
         (m.decode, frozenset(f.name for f in dataclasses.fields(c))) for m, c in zip(members, classes, strict=True)
     ]
     tag_expected = "one of " + ", ".join(repr(v) for v in by_tag)
+    keys_of: Callable[[dict[str, Any]], frozenset[str]] = frozenset
+    if lenient:
+        keys_of = frozenset().union(*(allowed for _, allowed in candidates)).intersection
 
     def pick(value: Any, path: str) -> Any:
         if tag_field is not None and tag_field in value:
@@ -657,7 +674,7 @@ def _dataclasses(tp: object, members: list[_Member], expected: str) -> Decoder:
                 sub = f"{path}.{tag_field}" if path else tag_field
                 raise DecodeError(sub, f"expected {tag_expected}, got {_short(tag)}") from None
             return dec(value, path)
-        present = frozenset(value)
+        present = keys_of(value)
         decs = by_keys.get(present) or [dec for dec, allowed in candidates if present <= allowed]
         if len(decs) == 1:
             return decs[0](value, path)
@@ -698,9 +715,9 @@ def _list(item: Decoder, container: type) -> Decoder:
     return items
 
 
-def _tuple(args: tuple[object, ...]) -> Decoder:
+def _tuple(args: tuple[object, ...], lenient: bool) -> Decoder:
     if not args or (len(args) == 2 and args[1] is Ellipsis):
-        inner = _list(decoder(args[0]) if args else _any, list)
+        inner = _list(decoder(args[0], ignore_unknown=lenient) if args else _any, list)
 
         def variadic(value: Any, path: str) -> tuple[Any, ...]:
             return tuple(inner(value, path))
@@ -708,7 +725,7 @@ def _tuple(args: tuple[object, ...]) -> Decoder:
         return variadic
     if args == ((),):  # tuple[()]
         args = ()
-    decoders = [decoder(a) for a in args]
+    decoders = [decoder(a, ignore_unknown=lenient) for a in args]
 
     def fixed(value: Any, path: str) -> tuple[Any, ...]:
         if type(value) is not list:
@@ -746,12 +763,13 @@ def _enum(cls: type[enum.Enum]) -> Decoder:
     return member
 
 
-def _dataclass(cls: type) -> Decoder:
+def _dataclass(cls: type, lenient: bool) -> Decoder:
     plan: list[tuple[str, Decoder, bool]] = []
-    # Unknown keys are refused, as unknown arguments are: a field the receiver does not know would be lost.
+    # Strict (arguments): unknown keys are refused, as unknown arguments are, since the receiver would
+    # lose them. Lenient (results): they are skipped, so a newer server may add fields.
     known = frozenset(f.name for f in dataclasses.fields(cls))
 
-    def instance(value: Any, path: str) -> Any:
+    def exact(value: Any, path: str) -> Any:
         if type(value) is not dict:
             _fail(path, f"object ({cls.__name__})", value)
         kwargs = {}
@@ -770,15 +788,32 @@ def _dataclass(cls: type) -> Decoder:
         except (TypeError, ValueError) as exc:
             raise DecodeError(path, f"invalid {cls.__name__}: {exc}") from None
 
-    _cache[cls] = instance  # before the fields: a dataclass may refer to itself
+    def tolerant(value: Any, path: str) -> Any:  # exact() without the unknown-key check
+        if type(value) is not dict:
+            _fail(path, f"object ({cls.__name__})", value)
+        kwargs = {}
+        for name, dec, required in plan:
+            sub = f"{path}.{name}" if path else name
+            if name in value:
+                kwargs[name] = dec(value[name], sub)
+            elif required:
+                raise DecodeError(sub, "missing field")
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise DecodeError(path, f"invalid {cls.__name__}: {exc}") from None
+
+    instance = tolerant if lenient else exact
+    key = (lenient, cls)
+    _cache[key] = instance  # before the fields: a dataclass may refer to itself
     try:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.init:
                 required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                plan.append((f.name, decoder(hints[f.name]), required))
+                plan.append((f.name, decoder(hints[f.name], ignore_unknown=lenient), required))
     except BaseException:
-        del _cache[cls]
+        del _cache[key]
         raise
     return instance
 

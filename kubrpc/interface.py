@@ -82,6 +82,7 @@ class MethodSpec:
     returns: object
     options: MethodOptions
     decode_result_value: codec.Decoder
+    """Client side: the result plan, which ignores unknown keys (Param.decode, for arguments, refuses them)."""
     positional: tuple[str, ...] = field(default=())
     encode_result: Callable[[object], bytes] = codec.dumps
     """Server side: the result as JSON bytes (floats-aware when the return type may hold floats)."""
@@ -233,7 +234,8 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
     if "return" not in hints:
         raise TypeError(f"{where} has no return annotation")
     try:
-        decode_result = codec.decoder(hints["return"])
+        # A result ignores unknown keys at every level (a newer server may add fields); arguments refuse them.
+        decode_result = codec.decoder(hints["return"], ignore_unknown=True)
     except TypeError as exc:
         raise TypeError(f"{where}: return type: {exc}") from None
     options = getattr(fn, _OPTIONS_ATTR, None) or MethodOptions()

@@ -133,6 +133,12 @@ def test_unknown_dataclass_fields_are_refused_like_unknown_arguments() -> None:
     assert (info.value.path, info.value.reason) == ("v.children[0]", "unexpected field 'added_in_v2' in Node")
 
 
+def test_result_plans_ignore_unknown_dataclass_fields_at_every_level() -> None:
+    value = {"name": "x", "children": [{"name": "y", "added_in_v2": 1, "children": []}], "added_in_v2": 2}
+    assert decoder(Node, ignore_unknown=True)(value, "v") == Node("x", [Node("y", [])])
+    assert decoder(Node, ignore_unknown=True) is not decoder(Node)  # two plans, cached apart
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Union
 
 import anyio
+import httpx
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -263,6 +264,177 @@ async def test_nested_dataclasses_refuse_unknown_keys_like_unknown_arguments(sch
                 "Echo0/echo", b'{"value": {"pet": {"name": "x", "kind": "cat"}, "friends": []}, "extra": 1}', timeout=5
             )
         assert top.value == RpcError(Status.INVALID_ARGUMENT, "unexpected argument 'extra'")
+
+
+# ---- unknown keys: arguments refuse them, results ignore them (a newer server may add fields) ----------
+
+
+@dataclass
+class LineV1:
+    sku: str
+    qty: int
+
+
+@dataclass
+class OrderV1:
+    id: str
+    lines: list[LineV1]
+    pet: TaggedCat | TaggedDog
+    friends: list[Cat | Dog]
+
+
+@dataclass
+class LineV2:  # v2 adds a field to a nested dataclass ...
+    sku: str
+    qty: int
+    discount: float = 0.0
+
+
+@dataclass
+class TaggedCatV2:
+    name: str
+    kind: Literal["cat"] = "cat"
+    lives: int = 9
+
+
+@dataclass
+class CatV2:  # ... and to union members, tagged or not ...
+    name: str
+    color: str = "black"
+
+
+@dataclass
+class DogV2:
+    name: str
+    barks: bool = True
+    age: int = 3
+
+
+@dataclass
+class OrderV2:
+    id: str
+    lines: list[LineV2]
+    pet: TaggedCatV2 | TaggedDog
+    friends: list[CatV2 | DogV2]
+    note: str = "gift"  # ... and at the top level
+
+
+@kubrpc.interface(name="Orders")
+class OrdersV1(Protocol):
+    async def get(self, id: str) -> OrderV1: ...
+
+
+@kubrpc.interface(name="Orders")
+class OrdersV2(Protocol):
+    async def get(self, id: str) -> OrderV2: ...
+
+
+class OrdersV2Impl:
+    async def get(self, id: str) -> OrderV2:
+        return OrderV2(id, [LineV2("a", 2, 0.5)], TaggedCatV2("tom"), [CatV2("kit", "white"), DogV2("rex", False)])
+
+
+async def test_old_clients_read_results_from_newer_servers_that_added_fields(scheme: str) -> None:
+    server = kubrpc.Server()
+    server.register(OrdersV2, OrdersV2Impl())
+    async with server.serve(f"{scheme}://127.0.0.1:0") as listener, kubrpc.connect(listener.url) as channel:
+        raw = orjson.loads(await channel.call("Orders/get", b'{"id": "o1"}', timeout=5))
+        assert raw["note"] == "gift" and raw["lines"][0]["discount"] == 0.5  # the extra fields are on the wire
+        assert raw["pet"]["lives"] == 9 and raw["friends"] == [{"name": "kit", "color": "white"}, raw["friends"][1]]
+        with anyio.fail_after(10):
+            old = await channel.stub(OrdersV1, timeout=5).get("o1")
+            new = await channel.stub(OrdersV2, timeout=5).get("o1")
+    assert same(old, OrderV1("o1", [LineV1("a", 2)], TaggedCat("tom"), [Cat("kit"), Dog("rex", False)]))
+    assert same(
+        new, OrderV2("o1", [LineV2("a", 2, 0.5)], TaggedCatV2("tom"), [CatV2("kit", "white"), DogV2("rex", False)])
+    )
+
+
+async def test_newer_clients_sending_unknown_fields_to_older_servers_get_invalid_argument(scheme: str) -> None:
+    class Put(Protocol):
+        async def put(self, order: Any) -> bool: ...
+
+    Put.put.__annotations__ = {"order": OrderV1, "return": bool}
+
+    class PutImpl:
+        async def put(self, order: OrderV1) -> bool:
+            return True
+
+    server = kubrpc.Server()
+    server.register(Put, PutImpl())
+    order = {"id": "o", "lines": [{"sku": "a", "qty": 1}], "pet": {"name": "t", "kind": "cat"}, "friends": []}
+    async with server.serve(f"{scheme}://127.0.0.1:0") as listener, kubrpc.connect(listener.url) as channel:
+        assert await channel.call("Put/put", orjson.dumps({"order": order}), timeout=5) == b"true"
+        for where, changed, path, reason in [
+            ("top", {**order, "note": "x"}, "order", "unexpected field 'note' in OrderV1"),
+            (
+                "nested",
+                {**order, "lines": [{"sku": "a", "qty": 1, "discount": 0.5}]},
+                "order.lines[0]",
+                "unexpected field 'discount' in LineV1",
+            ),
+            (
+                "tagged member",
+                {**order, "pet": {"name": "t", "kind": "cat", "lives": 9}},
+                "order.pet",
+                "unexpected field 'lives' in TaggedCat",
+            ),
+        ]:
+            with anyio.fail_after(10), pytest.raises(RpcError) as info:
+                await channel.call("Put/put", orjson.dumps({"order": changed}), timeout=5)
+            assert info.value == RpcError(Status.INVALID_ARGUMENT, f"invalid argument {path!r}: {reason}"), where
+
+
+def test_result_plans_ignore_unknown_keys_but_stay_exact_in_unions() -> None:
+    strict, lenient = codec.decoder(Cat | Dog), codec.decoder(Cat | Dog, ignore_unknown=True)
+    assert strict is not lenient and lenient is codec.decoder(Cat | Dog, ignore_unknown=True)
+    assert codec.decoder(Dog | Cat, ignore_unknown=True) is not lenient  # member order stays in the key
+    with pytest.raises(codec.DecodeError, match="got an object with keys"):
+        strict({"name": "n", "x": 1}, "v")
+    assert same(lenient({"name": "n", "x": 1}, "v"), Cat("n"))  # x: declared by no member, left out
+    assert same(lenient({"name": "n", "barks": False, "x": 1}, "v"), Dog("n", False))
+    tagged = codec.decoder(TaggedCat | TaggedDog, ignore_unknown=True)
+    assert same(tagged({"name": "x", "kind": "dog", "new": [1]}, "v"), TaggedDog("x"))
+    with pytest.raises(codec.DecodeError, match="ambiguous object: it is a valid TaggedCat and TaggedDog"):
+        tagged({"name": "x", "new": 1}, "v")  # a real tie stays an error, never a guess
+    with pytest.raises(codec.DecodeError, match=r"v.kind: expected one of 'cat', 'dog', got 'cow'"):
+        tagged({"name": "x", "kind": "cow", "new": 1}, "v")
+    with pytest.raises(codec.DecodeError, match=r"v.name: missing field"):
+        codec.decoder(Cat, ignore_unknown=True)({"nom": "x"}, "v")  # required fields are still required
+    # Recursive and nested plans are tolerant all the way down, and strict ones strict all the way down.
+    owner = {"pet": {"name": "p", "kind": "cat", "new": 1}, "friends": [{"name": "f", "new": 2}], "new": 3}
+    assert same(codec.decoder(Owner, ignore_unknown=True)(owner, "v"), Owner(TaggedCat("p"), [Cat("f")]))
+    with pytest.raises(codec.DecodeError):
+        codec.decoder(Owner)(owner, "v")
+
+
+async def test_openapi_request_schemas_refuse_unknown_keys_and_result_schemas_allow_them() -> None:
+    from services import Store, StoreImpl
+
+    server = kubrpc.Server()
+    server.register(Store, StoreImpl())
+    transport = httpx.ASGITransport(app=server.asgi())
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        doc = (await client.get("/openapi.json")).json()
+    put, schemas = doc["paths"]["/test.Store/put"]["post"], doc["components"]["schemas"]
+    request = put["requestBody"]["content"]["application/json"]["schema"]
+    assert request["properties"]["item"] == {"$ref": "#/components/schemas/Item-Input"}
+    assert request["additionalProperties"] is False
+    assert put["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Item"}
+    strict, open_ = schemas["Item-Input"], schemas["Item"]
+    assert strict["additionalProperties"] is False and "additionalProperties" not in open_
+    assert strict["properties"]["tags"]["items"] == {"$ref": "#/components/schemas/Tag-Input"}  # nested too
+    assert open_["properties"]["tags"]["items"] == {"$ref": "#/components/schemas/Tag"}
+    assert schemas["Tag-Input"]["additionalProperties"] is False and "additionalProperties" not in schemas["Tag"]
+    assert strict["properties"]["parent"] == {"anyOf": [{"$ref": "#/components/schemas/Item-Input"}, {"type": "null"}]}
+    assert strict["properties"]["color"] == open_["properties"]["color"] == {"$ref": "#/components/schemas/Color"}
+
+
+@pytest.mark.parametrize("tp", [Cat | Robot, list[Cat | Robot], dict[str, int] | Cat])
+def test_ambiguous_unions_are_refused_in_both_directions(tp: object) -> None:
+    for ignore_unknown in (False, True):
+        with pytest.raises(TypeError, match="ambiguous union"):
+            codec.decoder(tp, ignore_unknown=ignore_unknown)
 
 
 @pytest.mark.parametrize(
