@@ -1,7 +1,7 @@
 """Transports: the wire between a Channel and a Server.
 
-Built-ins: `tcp` (length-prefixed binary frames, calls multiplexed per connection) and `http`
-(HTTP/JSON on Starlette and uvicorn, callable with curl). Third parties register through the
+Built-ins: `tcp` (length-prefixed binary frames, calls multiplexed per connection), `http`
+(HTTP/JSON on Starlette and uvicorn, callable with curl) and `inproc` (a server in the same process, no sockets). Third parties register through the
 `kubrpc.transports` entry-point group. Every transport honours `kubrpc.interfaces.Transport`.
 """
 
@@ -17,6 +17,7 @@ registry: Registry[Transport] = Registry(
     {
         "tcp": "kubrpc.transports.tcp:TcpTransport",
         "http": "kubrpc.transports.http:HttpTransport",
+        "inproc": "kubrpc.transports.inproc:InprocTransport",
     },
 )
 
