@@ -43,6 +43,7 @@ from kubrpc import CallInfo, ClientCall, NotDeliveredError, RpcError, Status, cu
 from kubrpc.interceptors import Proceed
 from kubrpc.resolvers import create as create_resolver
 from kubrpc.transports import names as transport_names
+from kubrpc.transports.inproc import InprocListener
 
 pytestmark = pytest.mark.anyio
 
@@ -528,7 +529,9 @@ async def test_request_bytes_held_by_running_calls_are_capped() -> None:
 
 async def test_listener_counts_connections_and_calls() -> None:
     server, gate = gate_server()
-    async with server.serve("inproc://counts") as listener, kubrpc.connect("inproc://counts") as channel:
+    async with server.serve("inproc://counts") as served, kubrpc.connect("inproc://counts") as channel:
+        assert isinstance(served, InprocListener)
+        listener = served
         stub = channel.stub(Gate, timeout=30)
         async with anyio.create_task_group() as tg:
             tg.start_soon(stub.hold, "a")

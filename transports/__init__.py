@@ -1,8 +1,9 @@
 """Transports: the wire between a Channel and a Server.
 
 Built-ins: `tcp` (length-prefixed binary frames, calls multiplexed per connection), `http`
-(HTTP/JSON on Starlette and uvicorn, callable with curl) and `inproc` (a server in the same process, no sockets). Third parties register through the
-`kubrpc.transports` entry-point group. Every transport honours `kubrpc.interfaces.Transport`.
+(HTTP/JSON on Starlette and uvicorn, callable with curl) and `inproc` (a server in the same process, no
+sockets). Third parties register through the `kubrpc.transports` entry-point group. Every transport honours
+`kubrpc.interfaces.Transport`.
 """
 
 from __future__ import annotations

@@ -228,7 +228,9 @@ class InprocConnection:
         stream = self._next
         self._next = stream + 1
         answer: asyncio.Future[bytes] = self._loop.create_future()
-        task = self._loop.create_task(self._run(path, payload, timeout, metadata, answer), context=listener.context.copy())
+        task = self._loop.create_task(
+            self._run(path, payload, timeout, metadata, answer), context=listener.context.copy()
+        )
         self._calls[stream] = (task, answer)
         listener.calls.add(task)
         task.add_done_callback(partial(self._call_done, stream, len(payload), answer))
@@ -244,7 +246,12 @@ class InprocConnection:
             self._waiting -= 1
 
     async def _run(
-        self, path: str, payload: bytes, timeout: float | None, metadata: Mapping[str, str], answer: asyncio.Future[bytes]
+        self,
+        path: str,
+        payload: bytes,
+        timeout: float | None,
+        metadata: Mapping[str, str],
+        answer: asyncio.Future[bytes],
     ) -> None:
         try:
             result = await self._dispatch(path, payload, timeout=timeout, metadata=metadata, deadline_enforced=True)
