@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import anyio
 import pytest
 from anyio.abc import TaskStatus
-from services import Arith, Control, make_server, wait_until
+from services import Arith, ArithImpl, Control, make_server, wait_until
 
 # The wire suite, collected again in this module with the inproc `served` fixture below.
 from test_calls import (  # noqa: F401
@@ -158,6 +158,22 @@ async def serving_in_background(server: kubrpc.Server, url: str) -> AsyncIterato
 
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+async def arith() -> AsyncIterator[Arith]:
+    """The fixture form the README shows: a typed stub of a server in this process."""
+    server = kubrpc.Server()
+    server.register(Arith, ArithImpl())
+    async with server.serve("inproc://arith"), kubrpc.connect("inproc://arith") as channel:
+        yield channel.stub(Arith, timeout=5)
+
+
+async def test_the_readme_fixture(arith: Arith) -> None:
+    assert await arith.add(1, 2) == 3
+    with pytest.raises(RpcError) as info:
+        await arith.div(1, 0)
+    assert info.value == RpcError(Status.INVALID_ARGUMENT, "division by zero")
 
 
 # -- no sockets ------------------------------------------------------------------------------------------------
