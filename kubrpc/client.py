@@ -112,6 +112,8 @@ class Channel:
         scheme = target.partition("://")[0] if isinstance(target, str) else ""
         if transport is None:
             transport = "http" if scheme in ("http", "https") else "inproc" if scheme == "inproc" else "tcp"
+        elif scheme == "inproc" and transport in ("tcp", "http"):
+            raise ValueError(f"{target!r} is a server in this process: leave transport= out (or give 'inproc')")
         if ssl is None and scheme == "https" and isinstance(transport, str):
             ssl = create_default_context()  # verify against the system's CAs
         self.transport_name = transport if isinstance(transport, str) else type(transport).__name__

@@ -260,6 +260,9 @@ async def test_names_are_case_sensitive_and_checked() -> None:
     for bad in ("inproc://", "inproc://a/b", "inproc://a,,b"):
         with pytest.raises(ValueError, match=r"expected inproc://NAME"):
             kubrpc.connect(bad)
+    for wire in ("tcp", "http"):
+        with pytest.raises(ValueError, match=r"'inproc://a' is a server in this process: leave transport= out"):
+            kubrpc.connect("inproc://a", transport=wire)
 
 
 async def test_several_names_are_balanced_over() -> None:
