@@ -57,7 +57,8 @@ def connect(
     metrics: bool | ClientMetrics = False,
     on_endpoints: Sequence[EndpointsHook] = (),
 ) -> Channel:
-    """A Channel to `target` (`k8s://SVC.NS:PORT`, `static://H:P,...`, `tcp://H:P`, `http://H:P`, or endpoints)."""
+    """A Channel to `target` (`k8s://SVC.NS:PORT`, `static://H:P,...`, `tcp://H:P`, `http://H:P`, `inproc://NAME`,
+    or endpoints)."""
     return Channel(
         target,
         transport=transport,
@@ -111,7 +112,9 @@ class Channel:
             self._resolver = target
         scheme = target.partition("://")[0] if isinstance(target, str) else ""
         if transport is None:
-            transport = "http" if scheme in ("http", "https") else "tcp"
+            transport = "http" if scheme in ("http", "https") else "inproc" if scheme == "inproc" else "tcp"
+        elif scheme == "inproc" and transport in ("tcp", "http"):
+            raise ValueError(f"{target!r} is a server in this process: leave transport= out (or give 'inproc')")
         if ssl is None and scheme == "https" and isinstance(transport, str):
             ssl = create_default_context()  # verify against the system's CAs
         self.transport_name = transport if isinstance(transport, str) else type(transport).__name__

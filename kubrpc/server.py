@@ -240,12 +240,20 @@ class Server:
     async def serve(self, url: str, /, **options: Any) -> AsyncIterator[Listener]:
         """Listen on `url` (`tcp://HOST:PORT` or `http://HOST:PORT`, port 0 for any) until the block exits.
 
+        `inproc://NAME` serves callers in this process only (`kubrpc.connect("inproc://NAME")`), with no sockets.
+
         Options go to the transport; `ssl=` (a server-side ssl.SSLContext) turns on TLS, and `https://` means
         `http://` with TLS.
         """
         from .transports import create
 
         parts = urlsplit(url)
+        if parts.scheme == "inproc":  # a name, not an address: taken as written (case and all)
+            from .transports.inproc import parse_name
+
+            async with create("inproc", **options).listen(self, parse_name(url), 0) as listener:
+                yield listener
+            return
         if not parts.scheme or parts.hostname is None:
             raise ValueError(f"bad listen URL {url!r}: expected SCHEME://HOST:PORT")
         scheme = parts.scheme

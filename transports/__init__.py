@@ -1,8 +1,9 @@
 """Transports: the wire between a Channel and a Server.
 
-Built-ins: `tcp` (length-prefixed binary frames, calls multiplexed per connection) and `http`
-(HTTP/JSON on Starlette and uvicorn, callable with curl). Third parties register through the
-`kubrpc.transports` entry-point group. Every transport honours `kubrpc.interfaces.Transport`.
+Built-ins: `tcp` (length-prefixed binary frames, calls multiplexed per connection), `http`
+(HTTP/JSON on Starlette and uvicorn, callable with curl) and `inproc` (a server in the same process, no
+sockets). Third parties register through the `kubrpc.transports` entry-point group. Every transport honours
+`kubrpc.interfaces.Transport`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ registry: Registry[Transport] = Registry(
     {
         "tcp": "kubrpc.transports.tcp:TcpTransport",
         "http": "kubrpc.transports.http:HttpTransport",
+        "inproc": "kubrpc.transports.inproc:InprocTransport",
     },
 )
 

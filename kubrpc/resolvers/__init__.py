@@ -4,6 +4,7 @@ static://HOST:PORT,HOST:PORT;weight=3      a fixed list (weights optional)
 tcp://HOST:PORT, http://HOST:PORT          one fixed endpoint (the scheme names the transport)
 k8s://SERVICE[.NAMESPACE]:PORT             live EndpointSlices of a Kubernetes Service
 k8s://SERVICE[.NAMESPACE]:PORT?weights=pods   the same, weighted by the pods' kubrpc.io/weight annotation
+inproc://NAME[,NAME]                       servers in this process (the inproc transport), no sockets
 
 Schemes are plugins: the registry maps a scheme to a factory that takes the whole target string and returns a
 `kubrpc.interfaces.Resolver`. Third parties add schemes (`dns://`, `consul://`, ...) through the
@@ -30,6 +31,7 @@ registry: Registry[Resolver] = Registry(
         "tcp": "kubrpc.resolvers.static:StaticResolver.from_target",
         "http": "kubrpc.resolvers.static:StaticResolver.from_target",
         "https": "kubrpc.resolvers.static:StaticResolver.from_target",
+        "inproc": "kubrpc.transports.inproc:resolver",
     },
 )
 names = registry.names
