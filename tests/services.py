@@ -72,7 +72,10 @@ class Control(Protocol):
 
 class ArithImpl:
     async def add(self, a: int, b: int) -> int:
-        return a + b
+        total = a + b
+        if not -(2**63) <= total < 2**64:  # the wire's integer range: a sum beyond it cannot be sent back
+            raise RpcError(Status.OUT_OF_RANGE, "the sum is outside the 64-bit integer range")
+        return total
 
     async def div(self, a: float, b: float) -> float:
         if b == 0:
