@@ -15,10 +15,10 @@ from opentelemetry.trace import (
     TraceState,
 )
 
+from ._trace_context import TraceContext, _current, new_trace
 from ._version import __version__
 from .errors import RpcError
 from .interceptors import CallInfo, ClientCall, Proceed
-from .tracing import TraceContext, _current, new_trace
 
 
 class Otel:
