@@ -138,6 +138,8 @@ class ListWatch:
         #: True while the last error is one that retrying will not fix (401/403/404 before the first list).
         self.permanent = False
         self._verb = "list"
+        self._backoff: Backoff | None = None
+        self._expired_in_a_row = 0
         self._client = client
         self._owns_client = owns_client
         self._task: asyncio.Task[None] | None = None
@@ -187,33 +189,30 @@ class ListWatch:
         from kubernetes_asyncio.client import ApiException
 
         api = self._lister()
-        backoff = Backoff(initial=self.options.min_backoff, maximum=self.options.max_backoff, rng=self._rng)
-        expired_in_a_row = 0
+        backoff = self._backoff = Backoff(
+            initial=self.options.min_backoff, maximum=self.options.max_backoff, rng=self._rng
+        )
         while True:
             try:
                 if self.resource_version is None:
                     await self._list(api)
                 started = time.monotonic()
-                if await self._watch(api):
-                    # Only a watch that made progress resets the backoff: a list alone proves nothing.
-                    expired_in_a_row = 0
-                    backoff.reset()
-                elif time.monotonic() - started < 1.0:
+                if not await self._watch(api) and time.monotonic() - started < 1.0:
                     await backoff.sleep()  # a watch that ended at once: do not spin
             except ResourceVersionUnavailable as exc:
                 self.stats.expired += 1
                 self.resource_version = None
-                expired_in_a_row += 1
+                self._expired_in_a_row += 1
                 log.info("%s: resourceVersion unavailable (%s), listing again", self, exc)
-                if expired_in_a_row > 1:
+                if self._expired_in_a_row > 1:
                     await backoff.sleep()
             except ApiException as exc:
                 if exc.status == 410:
                     self.stats.expired += 1
                     self.resource_version = None
-                    expired_in_a_row += 1
+                    self._expired_in_a_row += 1
                     log.info("%s: resourceVersion expired (410), listing again", self)
-                    if expired_in_a_row > 1:
+                    if self._expired_in_a_row > 1:
                         await backoff.sleep()
                     continue
                 self.permanent = not self.listed and exc.status in (401, 403, 404)
@@ -333,7 +332,12 @@ class ListWatch:
                     break  # a clean end (timeoutSeconds): resume from the last RV
                 if line.strip():
                     self._on_event(orjson.loads(line))
-                    progressed = True
+                    if not progressed:
+                        # Only a watch that made progress resets the backoff: a list alone proves nothing.
+                        progressed = True
+                        self._expired_in_a_row = 0
+                        if self._backoff is not None:
+                            self._backoff.reset()
         finally:
             response.close()
         return progressed
