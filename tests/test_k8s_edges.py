@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 from follower import Follower
 from kubernetes_asyncio.client import Configuration
 
 import kubrpc
 from kubrpc import Endpoint
+from kubrpc._backoff import Backoff
 from kubrpc.errors import RpcError
 from kubrpc.resolvers import _k8s_watch
 from kubrpc.resolvers._k8s_watch import active_watches
@@ -101,12 +103,10 @@ class TestResourceVersionTooLarge:
 
         kube.rewind(500)
         async with ApiClient(Configuration(host=kube.url)) as client:
-            response = await DiscoveryV1Api(client).list_namespaced_endpoint_slice(
+            response: Any = await DiscoveryV1Api(client).list_namespaced_endpoint_slice(
                 "default", watch=True, resource_version="900", _preload_content=False
             )
             assert response.status == 200
-            import orjson
-
             event = orjson.loads(await response.content.readline())
             response.close()
         assert event["type"] == "ERROR"
@@ -134,7 +134,7 @@ class TestResourceVersionTooLarge:
         assert relists and all("resourceVersion" not in r.query for r in relists)
 
 
-class RecordingBackoff(_k8s_watch.Backoff):
+class RecordingBackoff(Backoff):
     """A Backoff that records its resets and delays (instead of timing anything)."""
 
     made: list[RecordingBackoff] = []
@@ -150,7 +150,7 @@ class RecordingBackoff(_k8s_watch.Backoff):
         super().reset()
 
     def next_delay(self) -> float:
-        delay = super().next_delay()
+        delay: float = super().next_delay()
         self.delays.append(delay)
         return delay
 
