@@ -117,6 +117,7 @@ async def _resolve(target: str, count: int, verbose: bool = False) -> int:
     status = 0
 
     def report(problem: str) -> None:
+        problem = " ".join(problem.split())
         if problem not in printed:
             printed.add(problem)
             print(f"kubrpc: {problem}", file=sys.stderr, flush=True)

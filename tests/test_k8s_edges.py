@@ -519,3 +519,33 @@ class TestScale:
                 snapshot = await follower.wait_for(lambda s, w=want: {ep.host: ep.ready for ep in s} == w)  # type: ignore[misc]
                 assert len(snapshot) == len(want)  # no duplicates, nothing missing
         assert len(slices) >= 10
+
+
+class TestAttack:
+    async def test_a_multi_line_status_message_stays_one_line(
+        self, kube: FakeKubeAPI, make: Callable[..., KubernetesResolver]
+    ) -> None:
+        kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
+        kube.watch_error = status_object(500, "InternalError", "line one\nline two\r\n" + "x" * 5000)
+        resolver = make()
+        async with following(resolver):
+            with anyio.fail_after(5):
+                while resolver.stats is None or resolver.stats.last_error is None:
+                    await anyio.sleep(0.01)
+        error = resolver.stats.last_error
+        assert "\n" not in error and "line one line two" in error and len(error) < 1100
+
+    async def test_garbage_in_the_watch_stream_does_not_stop_the_resolver(
+        self, kube: FakeKubeAPI, make: Callable[..., KubernetesResolver]
+    ) -> None:
+        kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
+        kube.watch_error = {"code": "not a number", "details": {"causes": "nope"}}
+        resolver = make()
+        async with following(resolver) as follower:
+            await follower.wait_for_hosts("10.0.0.1")
+            with anyio.fail_after(5):
+                while resolver.stats is None or resolver.stats.errors < 2:
+                    await anyio.sleep(0.01)
+            kube.watch_error = None
+            kube.upsert_slice(endpoint_slice("arith", "default", "arith-b", "10.0.0.2"))
+            await follower.wait_for_hosts("10.0.0.1", "10.0.0.2")

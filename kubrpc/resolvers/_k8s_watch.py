@@ -253,6 +253,9 @@ class ListWatch:
         return f"HTTP {status} {reason}".strip()
 
     async def _failed(self, backoff: Backoff, error: str) -> None:
+        error = " ".join(error.split())  # one line, whatever the server put in its Status message
+        if len(error) > 1000:
+            error = error[:1000] + "..."
         self.stats.errors += 1
         self.stats.last_error = error
         self._on_error(error)

@@ -323,7 +323,7 @@ class KubernetesResolver:
         try:
             view = await self._open()
         except ConfigurationError as exc:
-            self._config_error = str(exc)
+            self._config_error = " ".join(str(exc).split())  # YAML errors span lines
             raise
         seen = 0
         while view is not None and not self._closed:
