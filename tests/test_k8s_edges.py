@@ -549,3 +549,31 @@ class TestAttack:
             kube.watch_error = None
             kube.upsert_slice(endpoint_slice("arith", "default", "arith-b", "10.0.0.2"))
             await follower.wait_for_hosts("10.0.0.1", "10.0.0.2")
+
+
+class TestSingleReplicaRollout:
+    async def test_calls_go_to_the_terminating_pod_until_its_successor_is_ready(
+        self, kube: FakeKubeAPI, make: Callable[..., KubernetesResolver], start_server: Callable[..., Any]
+    ) -> None:
+        from services import Control
+
+        old_url, _, _ = await start_server("tcp", "127.0.0.2", name="old")
+        new_url, _, _ = await start_server("tcp", "127.0.0.3", name="new")
+        old_port, new_port = int(old_url.rsplit(":", 1)[1]), int(new_url.rsplit(":", 1)[1])
+        kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "127.0.0.2", port=old_port))
+        resolver = make(port="rpc")
+        async with kubrpc.connect(resolver, transport="tcp") as channel:
+            control = channel.stub(Control, timeout=5.0)
+            assert await control.whoami() == "old"
+            # The rollout: the only pod is terminating (still serving), its successor is not ready yet.
+            terminating = slice_endpoint("127.0.0.2", ready=False, serving=True, terminating=True)
+            kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", terminating, port=old_port))
+            with anyio.fail_after(5):
+                while not any(ep.metadata.get("terminating") == "true" for ep in channel.endpoints):
+                    await anyio.sleep(0.01)
+            assert await control.whoami() == "old"  # before: UNAVAILABLE "no ready endpoint"
+            kube.upsert_slice(endpoint_slice("arith", "default", "arith-b", "127.0.0.3", port=new_port))
+            with anyio.fail_after(5):
+                while len(channel.endpoints) < 2:
+                    await anyio.sleep(0.01)
+            assert {await control.whoami() for _ in range(6)} == {"new"}
