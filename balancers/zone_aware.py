@@ -21,6 +21,13 @@ class ZoneAware(Wrapper):
     `min_fraction` of the zone's endpoints in the update (counted by address), so a zone that has
     lost most of its instances does not take all its clients' traffic on the few that remain.
     Endpoints without a zone are never local. `zone=None` disables the preference.
+
+    Topology hints (Topology Aware Routing): when every endpoint of the update carries a
+    `for_zones` hint (the Kubernetes resolver copies EndpointSlice `hints.forZones` into the
+    metadata, comma-separated), the local set is instead the endpoints hinted for `zone`,
+    used whenever one of them is ready (the EndpointSlice controller has already balanced the
+    zones, so `min_ready` and `min_fraction` do not apply). If any endpoint lacks a hint, hints
+    are ignored for the whole update, as kube-proxy does.
     """
 
     def __init__(
@@ -41,14 +48,23 @@ class ZoneAware(Wrapper):
         self._local_ready = 0
         self._ready = 0
         self.local = False
+        #: True when the last update was routed by topology hints.
+        self.hinted = False
 
     def update(self, endpoints: Sequence[Endpoint], /) -> None:
-        """Pass the zone's endpoints, or all of them, to the inner balancer."""
-        local = [ep for ep in endpoints if self.zone is not None and ep.zone == self.zone]
-        in_zone = len({(ep.host, ep.port) for ep in local})
-        self._local_ready = len(eligible(local))
+        """Pass the zone's endpoints (by hint, else by zone), or all of them, to the inner balancer."""
+        zone = self.zone
+        self.hinted = zone is not None and bool(endpoints) and all("for_zones" in ep.metadata for ep in endpoints)
+        if self.hinted:
+            local = [ep for ep in endpoints if zone in ep.metadata["for_zones"].split(",")]
+            self._local_ready = len(eligible(local))
+            self.local = self._local_ready > 0
+        else:
+            local = [ep for ep in endpoints if zone is not None and ep.zone == zone]
+            in_zone = len({(ep.host, ep.port) for ep in local})
+            self._local_ready = len(eligible(local))
+            self.local = self._local_ready >= max(self._min_ready, self._min_fraction * in_zone)
         self._ready = len(eligible(endpoints))
-        self.local = self._local_ready >= max(self._min_ready, self._min_fraction * in_zone)
         self.inner.update(local if self.local else endpoints)
 
     def pick(self) -> Endpoint:
@@ -56,7 +72,7 @@ class ZoneAware(Wrapper):
         return self.inner.pick()
 
     def __repr__(self) -> str:
-        mode = "local" if self.local else "all zones"
+        mode = ("hinted " if self.hinted else "") + ("local" if self.local else "all zones")
         return (
             f"<ZoneAware zone={self.zone!r} [{self._local_ready} of {self._ready} ready in zone | {mode}]"
             f" inner={self.inner!r}>"

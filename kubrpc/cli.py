@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args.server, args.bind)
     if args.command == "call":
         return anyio.run(_call, args.target, args.method, args.arguments, args.transport, args.timeout)
-    return anyio.run(_resolve, args.target, args.count)
+    return anyio.run(_resolve, args.target, args.count, args.verbose)
 
 
 def _serve(spec: str, binds: list[str]) -> int:
@@ -97,25 +97,71 @@ async def _call(target: str, method: str, arguments: str, transport: str | None,
     return 0
 
 
-async def _resolve(target: str, count: int) -> int:
+async def _resolve(target: str, count: int, verbose: bool = False) -> int:
+    """Print each snapshot; problems (no kubeconfig, 403, no such port...) as one `kubrpc:` line each on stderr.
+
+    Exits 1 on a permanent problem, 2 on a bad target; never prints a traceback.
+    """
+    from .interfaces import ResolverDiagnostics
     from .resolvers import create
 
-    resolver = create(target)
-    seen = 0
     try:
-        async with aclosing(resolver.watch()) as snapshots:  # type: ignore[type-var]
-            async for endpoints in snapshots:
-                stamp = time.strftime("%H:%M:%S")
-                ready = sum(1 for ep in endpoints if ep.ready)
-                print(f"{stamp} {len(endpoints)} endpoints, {ready} ready", flush=True)
-                for ep in endpoints:
-                    print(f"  {ep!r} {dict(ep.metadata)}", flush=True)
-                seen += 1
-                if count and seen >= count:
-                    break
+        resolver = create(target)
+    except (ValueError, TypeError) as exc:
+        print(f"kubrpc: {exc}", file=sys.stderr)
+        return 2
+    if not verbose:  # the problem lines below say it once; the resolver's retry warnings would repeat it
+        logging.getLogger("kubrpc.resolvers").setLevel(logging.ERROR)
+    diagnostics = resolver if isinstance(resolver, ResolverDiagnostics) else None
+    printed: set[str] = set()
+    status = 0
+
+    def report(problem: str) -> None:
+        problem = " ".join(problem.split())
+        if problem not in printed:
+            printed.add(problem)
+            print(f"kubrpc: {problem}", file=sys.stderr, flush=True)
+
+    async def watch_problems(scope: anyio.CancelScope) -> None:
+        nonlocal status
+        assert diagnostics is not None
+        while True:
+            problem = diagnostics.problem
+            if problem:
+                report(problem)
+                if diagnostics.problem_is_permanent:
+                    status = 1
+                    scope.cancel()
+                    return
+            await anyio.sleep(0.1)
+
+    async def follow(scope: anyio.CancelScope) -> None:
+        nonlocal status
+        seen = 0
+        try:
+            async with aclosing(resolver.watch()) as snapshots:  # type: ignore[type-var]
+                async for endpoints in snapshots:
+                    stamp = time.strftime("%H:%M:%S")
+                    ready = sum(1 for ep in endpoints if ep.ready)
+                    print(f"{stamp} {len(endpoints)} endpoints, {ready} ready", flush=True)
+                    for ep in endpoints:
+                        print(f"  {ep!r} {dict(ep.metadata)}", flush=True)
+                    seen += 1
+                    if count and seen >= count:
+                        break
+        except Exception as exc:  # one line, never a traceback
+            report(str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}")
+            status = 1
+        scope.cancel()
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            if diagnostics is not None:
+                tasks.start_soon(watch_problems, tasks.cancel_scope)
+            tasks.start_soon(follow, tasks.cancel_scope)
     finally:
         await resolver.aclose()
-    return 0
+    return status
 
 
 class Demo(Protocol):

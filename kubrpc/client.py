@@ -21,7 +21,7 @@ from .endpoint import Endpoint
 from .errors import NotDeliveredError, RpcError, UnreachableError
 from .interceptors import ClientCall, ClientInterceptor, Proceed
 from .interface import MethodSpec, service_spec
-from .interfaces import Balancer, CallFeedback, Connection, KeyedBalancer, Resolver, Transport
+from .interfaces import Balancer, CallFeedback, Connection, KeyedBalancer, Resolver, ResolverDiagnostics, Transport
 from .status import Status
 
 if TYPE_CHECKING:
@@ -355,12 +355,28 @@ class Channel:
             raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
 
     async def _first_pick(self, key: str | None, remaining: float | None) -> Endpoint:
-        """The first calls wait (within their deadline) for the resolver's first snapshot."""
-        if self._resolved is not None and not self._resolved.is_set():
+        """The first calls wait (within their deadline) for the resolver's first snapshot.
+
+        A resolver with `ResolverDiagnostics` ends the wait early on a permanent problem, and its
+        `problem` is added to the UNAVAILABLE error of a call that finds no endpoint.
+        """
+        resolved = self._resolved
+        diagnostics = self._resolver if isinstance(self._resolver, ResolverDiagnostics) else None
+        if resolved is not None and not resolved.is_set():
             wait = self.wait_for_endpoints if remaining is None else min(remaining, self.wait_for_endpoints)
             with anyio.move_on_after(wait):
-                await self._resolved.wait()
-        return self._pick(key, None)
+                while diagnostics is not None and not diagnostics.problem_is_permanent and not resolved.is_set():
+                    with anyio.move_on_after(0.05):  # the resolver has no event for "failed": look again soon
+                        await resolved.wait()
+                if not (diagnostics is not None and diagnostics.problem_is_permanent):
+                    await resolved.wait()
+        try:
+            return self._pick(key, None)
+        except RpcError as exc:
+            problem = diagnostics.problem if diagnostics is not None and not self.endpoints else None
+            if exc.code is not Status.UNAVAILABLE or not problem:
+                raise
+            raise RpcError(Status.UNAVAILABLE, f"{exc.message}: {problem}") from None
 
     def _pick(self, key: str | None, tried: set[Endpoint] | None) -> Endpoint:
         balancer = self.balancer

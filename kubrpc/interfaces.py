@@ -22,6 +22,7 @@ __all__ = (
     "KeyedBalancer",
     "Listener",
     "Resolver",
+    "ResolverDiagnostics",
     "Transport",
 )
 
@@ -92,6 +93,26 @@ class Resolver(Protocol):
 
     async def aclose(self) -> None:
         """End every watch() of this resolver."""
+        ...
+
+
+@runtime_checkable
+class ResolverDiagnostics(Protocol):
+    """Optional: a resolver that can say why it offers no usable endpoint.
+
+    A channel whose first calls wait for the first snapshot stops waiting as soon as
+    `problem_is_permanent` is True, and a call that finds no endpoint fails with UNAVAILABLE and a
+    message that ends with `problem`. Both are read only while a channel has no endpoint.
+    """
+
+    @property
+    def problem(self) -> str | None:
+        """One line: the source's last error while no snapshot was produced, or why the endpoints are empty."""
+        ...
+
+    @property
+    def problem_is_permanent(self) -> bool:
+        """True while `problem` is a misconfiguration that waiting will not fix (no kubeconfig, 403, ...)."""
         ...
 
 

@@ -186,7 +186,13 @@ class TestFollowing:
         async with following(make()) as follower:
             [found] = await follower.wait_for(lambda s: len(s) == 1)
         assert found == Endpoint("fd00::7", 9000, zone="eu-1a")
-        assert dict(found.metadata) == {"slice": "arith-v6", "node": "node-3", "pod": "arith-7f9-x2"}
+        assert dict(found.metadata) == {
+            "slice": "arith-v6",
+            "node": "node-3",
+            "pod": "arith-7f9-x2",
+            "serving": "true",
+            "terminating": "false",
+        }
         assert found.address == "[fd00::7]:9000"
 
     async def test_yields_only_on_change(self, kube: FakeKubeAPI, make: Callable[..., KubernetesResolver]) -> None:
@@ -464,7 +470,8 @@ class TestConfiguration:
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
         resolver = KubernetesResolver("arith", 9000, service_account_dir=no_service_account)
-        with pytest.raises(RuntimeError, match=r"k8s://arith.default:9000: cannot load the Kubernetes kubeconfig"):
+        missing = r"k8s://arith.default:9000: the kubeconfig is missing: .*missing does not exist"
+        with pytest.raises(RuntimeError, match=missing):
             async for _ in resolver.watch():
                 pass
         await resolver.aclose()

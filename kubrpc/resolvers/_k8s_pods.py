@@ -59,6 +59,8 @@ class PodWatch(ListWatch):
     """
 
     noun = "pods"
+    resource = "pods"
+    rbac_hint = "deploy/optional/rbac-pod-weights.yaml (Role kubrpc-pod-weight-reader)"
 
     def __init__(
         self,

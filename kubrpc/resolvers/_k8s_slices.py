@@ -7,13 +7,22 @@ size of its slice, not the size of the service.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from ..endpoint import Endpoint
 
-__all__ = ("EndpointView", "PortSelector", "compact_slice", "endpoint_from", "match_port")
+__all__ = (
+    "ADDRESS_FAMILIES",
+    "AddressFamily",
+    "EndpointView",
+    "PortSelector",
+    "compact_slice",
+    "endpoint_from",
+    "match_port",
+)
 
 log = logging.getLogger("kubrpc.resolvers.k8s")
 
@@ -21,11 +30,35 @@ JsonObject = dict[str, Any]
 #: A port number (the endpoints' own port) or the name of a Service port.
 PortSelector = int | str
 _Key = tuple[str, int]
+#: Which address family a view yields: "auto" (one per Service: IPv4 if it has any IPv4 endpoint, else
+#: IPv6), "IPv4", "IPv6", or "any" (both: a dual-stack pod is then two endpoints).
+AddressFamily = Literal["auto", "IPv4", "IPv6", "any"]
+ADDRESS_FAMILIES: tuple[AddressFamily, ...] = ("auto", "IPv4", "IPv6", "any")
+#: The addressTypes whose addresses are IPs. FQDN slices have no defined semantics (the EndpointSlice
+#: API reference: "The EndpointSlice controller only generates, and kube-proxy only processes, slices of
+#: addressType IPv4 and IPv6. No semantics are defined for the FQDN type.") and are ignored.
+IP_ADDRESS_TYPES = frozenset({"IPv4", "IPv6"})
 
 
 def compact_slice(raw: JsonObject) -> JsonObject:
     """The parts of an EndpointSlice that matter here (the rest is dropped to save memory)."""
-    return {"ports": raw.get("ports") or [], "endpoints": raw.get("endpoints") or []}
+    return {
+        "addressType": raw.get("addressType") or "IPv4",
+        "ports": raw.get("ports") or [],
+        "endpoints": raw.get("endpoints") or [],
+    }
+
+
+def _describe_ports(slices: Mapping[str, JsonObject]) -> str:
+    seen: dict[str, None] = {}
+    for raw in slices.values():
+        for port in raw["ports"]:
+            name, number = port.get("name") or "", port.get("port")
+            label = f"{name} ({number})" if name else f"{number} (unnamed)"
+            if (port.get("protocol") or "TCP") != "TCP":
+                label += f" {port.get('protocol')}"
+            seen[label] = None
+    return ", ".join(seen) or "none"
 
 
 def match_port(ports: Sequence[JsonObject], selector: PortSelector) -> int | None:
@@ -42,15 +75,26 @@ def match_port(ports: Sequence[JsonObject], selector: PortSelector) -> int | Non
 def endpoint_from(raw: JsonObject, port: int, slice_name: str) -> Endpoint | None:
     """One slice endpoint as an Endpoint, or None if it has no usable address.
 
-    It is ready when `conditions.ready` is true or unset and it is not terminating. Only the first
-    address counts (the API gives the others no meaning).
+    It is ready when `conditions.ready` is true or unset and it is not terminating. Its metadata
+    carries `serving` and `terminating` ("true"/"false"; an unset `serving` defers to `ready`, an
+    unset `terminating` is false, as the EndpointConditions reference says), and `for_zones` (the
+    comma-separated `hints.forZones`) when the slice has topology hints. Only the first address
+    counts (the API gives the others no meaning).
     """
     addresses = raw.get("addresses")
     if not addresses:
         return None
     conditions = raw.get("conditions") or {}
-    ready = conditions.get("ready") is not False and conditions.get("terminating") is not True
-    metadata = {"slice": slice_name}
+    terminating = conditions.get("terminating") is True
+    ready = conditions.get("ready") is not False and not terminating
+    serving = conditions.get("serving")
+    if serving is None:
+        serving = conditions.get("ready") is not False
+    metadata = {"slice": slice_name, "serving": "true" if serving else "false"}
+    metadata["terminating"] = "true" if terminating else "false"
+    hints = raw.get("hints") or {}
+    if zones := [z["name"] for z in hints.get("forZones") or () if isinstance(z, dict) and z.get("name")]:
+        metadata["for_zones"] = ",".join(zones)
     if node := raw.get("nodeName"):
         metadata["node"] = node
     target = raw.get("targetRef") or {}
@@ -69,17 +113,36 @@ def _same(a: Endpoint, b: Endpoint) -> bool:
     return a == b and a.metadata == b.metadata
 
 
+def _serving_fallback(endpoints: list[Endpoint]) -> list[Endpoint]:
+    """KEP-1669, as kube-proxy does it: when no endpoint is ready, those still serving (while
+    terminating) take the traffic; they are yielded with ready=True (their metadata keeps
+    `terminating: "true"`)."""
+    if any(ep.ready for ep in endpoints):
+        return endpoints
+    if not any(ep.metadata.get("serving") == "true" for ep in endpoints):
+        return endpoints
+    return [dataclasses.replace(ep, ready=True) if ep.metadata.get("serving") == "true" else ep for ep in endpoints]
+
+
 class EndpointView:
     """The merged endpoints of one port across every slice of a service, kept current slice by slice.
 
     An address listed by several slices (briefly, while the controller moves it) counts once, ready
     if any slice says so. `version` grows on every real change, and each listener is called then.
+    Only slices of addressType IPv4 and IPv6 are read, and of those the `family` ones (see
+    `AddressFamily`). When no endpoint is ready, the serving ones are used (KEP-1669).
     """
 
-    def __init__(self, selector: PortSelector) -> None:
+    def __init__(self, selector: PortSelector, *, family: AddressFamily = "auto", source: str = "") -> None:
+        if family not in ADDRESS_FAMILIES:
+            raise ValueError(f"bad address_family {family!r}: expected one of {', '.join(ADDRESS_FAMILIES)}")
         self.selector = selector
+        self.family = family
+        #: What the slices belong to, for explain(): e.g. "Service default/arith".
+        self.source = source or "the Service"
         self.version = 0
         self.synced = False
+        self._raw: dict[str, JsonObject] = {}
         self._slices: dict[str, dict[_Key, tuple[JsonObject, Endpoint]]] = {}
         self._sources: dict[_Key, dict[str, Endpoint]] = {}
         self._merged: dict[_Key, Endpoint] = {}
@@ -102,8 +165,50 @@ class EndpointView:
     def snapshot(self) -> list[Endpoint]:
         """The current endpoint list (a new list each call)."""
         if self._snapshot is None:
-            self._snapshot = list(self._merged.values())
+            endpoints = list(self._merged.values())
+            if self.family == "auto" and any(":" in ep.host for ep in endpoints):
+                ipv4 = [ep for ep in endpoints if ":" not in ep.host]
+                endpoints = ipv4 or endpoints  # one family per Service: IPv4 when it has any
+            self._snapshot = _serving_fallback(endpoints)
         return list(self._snapshot)
+
+    def explain(self) -> str | None:
+        """Why no endpoint is usable (no slices, no such port, none ready...), or None if one is."""
+        if not self.synced:
+            return None
+        endpoints = self.snapshot()
+        if any(ep.ready for ep in endpoints):
+            return None
+        where = self.source
+        slices = self._raw
+        if not slices:
+            return (
+                f"no EndpointSlice has the label of {where}"
+                " (no such Service in that namespace, or a Service without a selector)"
+            )
+        usable = {name: raw for name, raw in slices.items() if self._accepts(raw)}
+        if not usable:
+            types = sorted({raw["addressType"] for raw in slices.values()})
+            wanted = "IPv4 or IPv6" if self.family in ("auto", "any") else self.family
+            return f"the EndpointSlices of {where} are of addressType {', '.join(types)}, none {wanted}"
+        if not any(match_port(raw["ports"], self.selector) is not None for raw in usable.values()):
+            ports = _describe_ports(usable)
+            if isinstance(self.selector, int):
+                return (
+                    f"no EndpointSlice of {where} has TCP port {self.selector} (they have: {ports}); a number is the"
+                    " endpoints' target port (the containerPort), not the Service port: use the port's name or number"
+                    " from that list"
+                )
+            return f"no EndpointSlice of {where} has a TCP port named {self.selector!r} (they have: {ports})"
+        if not endpoints:
+            return f"{where} has no endpoints (no running pod matches its selector?)"
+        return f"none of the {len(endpoints)} endpoints of {where} is ready or serving"
+
+    def _accepts(self, raw: JsonObject) -> bool:
+        kind = raw["addressType"]
+        if kind not in IP_ADDRESS_TYPES:
+            return False
+        return self.family in ("auto", "any") or kind == self.family
 
     def apply(self, name: str, raw: JsonObject | None) -> bool:
         """Add, replace or (with None) remove one slice; True if the endpoint set changed."""
@@ -132,6 +237,12 @@ class EndpointView:
             listener()
 
     def _apply(self, name: str, raw: JsonObject | None) -> bool:
+        if raw is None:
+            self._raw.pop(name, None)
+        else:
+            self._raw[name] = raw
+            if not self._accepts(raw):
+                raw = None
         old = self._slices.pop(name, {})
         new: dict[_Key, tuple[JsonObject, Endpoint]] = {}
         port = match_port(raw["ports"], self.selector) if raw is not None else None

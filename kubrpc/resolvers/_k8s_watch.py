@@ -5,9 +5,16 @@ The loop, as client-go's reflector does it:
     list (paged) ──► watch from the list's resourceVersion ──► events update the slices
         ▲                 │ clean end, dropped connection, read timeout: watch again from the
         │                 │   last resourceVersion (bookmarks move it too), without a new list
-        └── 410 Gone ◄────┤ 410 (HTTP status or ERROR event): list again
+        └── unavailable ◄─┤ 410 Expired/Gone, or 504 "Too large resource version" (HTTP status or
+            resourceVersion│   ERROR event): list again with resourceVersion unset, as client-go's
+                          │   reflector does for both (isExpiredError || isTooLargeResourceVersionError)
                           └ connection refused, 5xx, 429, other errors: jittered backoff, then retry;
                             the last known slices stay in force meanwhile
+
+The backoff is reset only once a watch has made progress (an event or a bookmark), not by a successful
+list: a server that answers every watch with 410 is retried at a growing interval, not twice a second.
+401, 403 and 404 before the first successful list are permanent (`permanent` is then True): callers
+stop waiting, though the loop keeps retrying (slowly) so that a fixed RBAC rule is picked up.
 
 kubernetes-asyncio is imported only here and only when a watch starts. Responses are read raw
 (`_preload_content=False`) and parsed with orjson: model objects for thousands of endpoints per
@@ -19,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
@@ -29,7 +37,7 @@ import anyio
 import orjson
 
 from .._backoff import Backoff
-from ._k8s_slices import EndpointView, PortSelector, compact_slice
+from ._k8s_slices import IP_ADDRESS_TYPES, AddressFamily, EndpointView, PortSelector, compact_slice
 
 if TYPE_CHECKING:
     from aiohttp import ClientResponse
@@ -52,7 +60,7 @@ class WatchOptions:
     watch_timeout: float = 300.0
     read_timeout: float = 120.0
     connect_timeout: float = 10.0
-    list_timeout: float = 60.0
+    list_timeout: float = 30.0
     page_size: int = 500
     min_backoff: float = 0.5
     max_backoff: float = 30.0
@@ -72,6 +80,35 @@ class WatchStats:
     last_error: str | None = None
 
 
+class ResourceVersionUnavailable(Exception):
+    """The server cannot serve from our resourceVersion (410 Expired/Gone, or 504 Too large): list again."""
+
+
+def _status_code(status: JsonObject) -> int:
+    code = status.get("code")
+    return code if isinstance(code, int) else 500
+
+
+def is_resource_version_unavailable(status: JsonObject) -> bool:
+    """True for a `v1 Status` that means "list again with resourceVersion unset".
+
+    410 (reason Expired or Gone: "too old resource version"), and the watch cache's "Too large resource
+    version": code 504, reason Timeout, cause ResourceVersionTooLarge (older servers: only the message).
+    """
+    code = _status_code(status)
+    if code == 410:
+        return True
+    if code != 504:
+        return False
+    causes = (status.get("details") or {}).get("causes") or ()
+    if any(isinstance(c, dict) and c.get("reason") == "ResourceVersionTooLarge" for c in causes):
+        return True
+    return "too large resource version" in str(status.get("message", "")).lower()
+
+
+_USER = re.compile(r'User "([^"]*)"')
+
+
 class ListWatch:
     """The list+watch loop over the objects of one namespace; subclasses say which objects and what to keep.
 
@@ -81,6 +118,11 @@ class ListWatch:
 
     #: What the objects are called in logs.
     noun = "objects"
+    #: The resource and API group listed (for error messages).
+    resource = "objects"
+    group = ""
+    #: Where the Role that grants access is (for a 403).
+    rbac_hint = "deploy/"
 
     def __init__(
         self, client: ApiClient, *, owns_client: bool, namespace: str, label_selector: str | None, options: WatchOptions
@@ -91,6 +133,13 @@ class ListWatch:
         self.stats = WatchStats()
         self.resource_version: str | None = None
         self.users = 0
+        #: True once a list has succeeded.
+        self.listed = False
+        #: True while the last error is one that retrying will not fix (401/403/404 before the first list).
+        self.permanent = False
+        self._verb = "list"
+        self._backoff: Backoff | None = None
+        self._expired_in_a_row = 0
         self._client = client
         self._owns_client = owns_client
         self._task: asyncio.Task[None] | None = None
@@ -140,35 +189,73 @@ class ListWatch:
         from kubernetes_asyncio.client import ApiException
 
         api = self._lister()
-        backoff = Backoff(initial=self.options.min_backoff, maximum=self.options.max_backoff, rng=self._rng)
-        expired_in_a_row = 0
+        backoff = self._backoff = Backoff(
+            initial=self.options.min_backoff, maximum=self.options.max_backoff, rng=self._rng
+        )
         while True:
             try:
                 if self.resource_version is None:
                     await self._list(api)
-                    backoff.reset()
-                if await self._watch(api):
-                    expired_in_a_row = 0
-                    backoff.reset()
-                else:
+                started = time.monotonic()
+                if not await self._watch(api) and time.monotonic() - started < 1.0:
+                    await backoff.sleep()  # a watch that ended at once: do not spin
+            except ResourceVersionUnavailable as exc:
+                self.stats.expired += 1
+                self.resource_version = None
+                self._expired_in_a_row += 1
+                log.info("%s: resourceVersion unavailable (%s), listing again", self, exc)
+                if self._expired_in_a_row > 1:
                     await backoff.sleep()
             except ApiException as exc:
                 if exc.status == 410:
                     self.stats.expired += 1
                     self.resource_version = None
-                    expired_in_a_row += 1
+                    self._expired_in_a_row += 1
                     log.info("%s: resourceVersion expired (410), listing again", self)
-                    if expired_in_a_row > 1:
+                    if self._expired_in_a_row > 1:
                         await backoff.sleep()
                     continue
-                await self._failed(backoff, f"HTTP {exc.status} {exc.reason}".strip())
+                self.permanent = not self.listed and exc.status in (401, 403, 404)
+                await self._failed(backoff, self._explain(exc.status, str(exc.reason or "")))
             except (ClientError, OSError, TimeoutError) as exc:
-                await self._failed(backoff, f"{type(exc).__name__}: {exc}")
+                self.permanent = False
+                what = f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__} (no answer in time)"
+                await self._failed(backoff, f"cannot {self._verb} {self.resource}: {what}")
             except Exception as exc:  # the loop must survive anything the server sends
                 log.exception("%s: unexpected error", self)
                 await self._failed(backoff, f"{type(exc).__name__}: {exc}")
 
+    def _explain(self, status: int, reason: str) -> str:
+        """An API error as one line that says what to do."""
+        where = f"{self.resource}{'.' + self.group if self.group else ''} in namespace {self.namespace!r}"
+        if status == 403:
+            found = _USER.search(reason)
+            user = found.group(1) if found else ""
+            if user.startswith("system:serviceaccount:"):
+                namespace, _, name = user.removeprefix("system:serviceaccount:").partition(":")
+                who = f"ServiceAccount {namespace}/{name}"
+            else:
+                who = f"user {user!r}" if user else "this client's credentials"
+            return (
+                f"HTTP 403 Forbidden: {who} may not {self._verb} {where}; bind it to the Role in {self.rbac_hint}"
+                f" (get, list, watch on {self.resource}) [{reason}]"
+            )
+        if status == 401:
+            return (
+                f"HTTP 401 Unauthorized: the API server rejected this client's credentials (expired or wrong token,"
+                f" or a kubeconfig user of another cluster) [{reason}]"
+            )
+        if status == 404:
+            return (
+                f"HTTP 404 Not Found: the API server does not serve {where} (is the server URL an API server,"
+                f" and is its Kubernetes version 1.21 or later?) [{reason}]"
+            )
+        return f"HTTP {status} {reason}".strip()
+
     async def _failed(self, backoff: Backoff, error: str) -> None:
+        error = " ".join(error.split())  # one line, whatever the server put in its Status message
+        if len(error) > 1000:
+            error = error[:1000] + "..."
         self.stats.errors += 1
         self.stats.last_error = error
         self._on_error(error)
@@ -179,10 +266,16 @@ class ListWatch:
     async def _list(self, api: Lister) -> None:
         from aiohttp import ClientTimeout
 
-        timeout = ClientTimeout(total=self.options.list_timeout, sock_connect=self.options.connect_timeout)
+        # sock_read bounds each silent spell (a black-holed server), total bounds each page.
+        timeout = ClientTimeout(
+            total=self.options.list_timeout,
+            sock_connect=self.options.connect_timeout,
+            sock_read=min(self.options.read_timeout, self.options.list_timeout),
+        )
         objects: dict[str, Any] = {}
         resource_version: str | None = None
         token: str | None = None
+        self._verb = "list"
         while True:
             response = await api(
                 self.namespace,
@@ -203,16 +296,18 @@ class ListWatch:
                 break
         self.stats.lists += 1
         self.resource_version = resource_version or ""
+        self.listed = True
+        self.permanent = False
         self._reset(objects)
 
     async def _watch(self, api: Lister) -> bool:
-        """One watch request; returns whether it made progress (so that retrying at once is fine)."""
+        """One watch request; returns whether it made progress (an event or a bookmark)."""
         from aiohttp import ClientError, ClientTimeout
 
+        self._verb = "watch"
         timeout = ClientTimeout(sock_connect=self.options.connect_timeout, sock_read=self.options.read_timeout)
         # Spread the server-side timeouts, as client-go does, so that many clients do not re-watch together.
         timeout_seconds = max(1, int(self.options.watch_timeout * self._rng.uniform(1.0, 2.0)))
-        started = time.monotonic()
         response = await api(
             self.namespace,
             label_selector=self.label_selector,
@@ -240,10 +335,15 @@ class ListWatch:
                     break  # a clean end (timeoutSeconds): resume from the last RV
                 if line.strip():
                     self._on_event(orjson.loads(line))
-                    progressed = True
+                    if not progressed:
+                        # Only a watch that made progress resets the backoff: a list alone proves nothing.
+                        progressed = True
+                        self._expired_in_a_row = 0
+                        if self._backoff is not None:
+                            self._backoff.reset()
         finally:
             response.close()
-        return progressed or time.monotonic() - started >= 1.0
+        return progressed
 
     def _on_event(self, event: JsonObject) -> None:
         from kubernetes_asyncio.client import ApiException
@@ -251,7 +351,10 @@ class ListWatch:
         kind = event.get("type")
         obj = event.get("object") or {}
         if kind == "ERROR":
-            raise ApiException(status=obj.get("code") or 500, reason=f"{obj.get('reason')}: {obj.get('message')}")
+            reason = f"{obj.get('reason')}: {obj.get('message')}"
+            if is_resource_version_unavailable(obj):
+                raise ResourceVersionUnavailable(f"{_status_code(obj)} {reason}")
+            raise ApiException(status=_status_code(obj), reason=reason)
         meta = obj.get("metadata") or {}
         if kind == "BOOKMARK":
             self.stats.bookmarks += 1
@@ -272,6 +375,9 @@ class SliceWatch(ListWatch):
     """Lists then watches the EndpointSlices of one Service and feeds them to one view per port."""
 
     noun = "slices"
+    resource = "endpointslices"
+    group = "discovery.k8s.io"
+    rbac_hint = "deploy/rbac.yaml (Role kubrpc-endpointslice-reader)"
 
     def __init__(
         self, client: ApiClient, *, owns_client: bool, namespace: str, service: str, options: WatchOptions
@@ -286,21 +392,24 @@ class SliceWatch(ListWatch):
         self.service = service
         self._slices: dict[str, JsonObject] = {}
         self._synced = False
-        self._views: dict[PortSelector, EndpointView] = {}
+        self._views: dict[tuple[PortSelector, AddressFamily], EndpointView] = {}
+        self._ignored: set[str] = set()
 
-    def view(self, selector: PortSelector) -> EndpointView:
-        """The (shared) view of one port, created and filled from the known slices if new."""
-        view = self._views.get(selector)
+    def view(self, selector: PortSelector, family: AddressFamily = "auto") -> EndpointView:
+        """The (shared) view of one port and address family, created and filled from the known slices if new."""
+        view = self._views.get((selector, family))
         if view is None:
-            view = self._views[selector] = EndpointView(selector)
+            source = f"Service {self.namespace}/{self.service} (label {self.label_selector})"
+            view = self._views[selector, family] = EndpointView(selector, family=family, source=source)
             if self._synced:
                 view.replace_all(self._slices)
         return view
 
     def drop_view(self, view: EndpointView) -> None:
         """Forget a view that has no listeners left."""
-        if not view.listeners and self._views.get(view.selector) is view:
-            del self._views[view.selector]
+        key = (view.selector, view.family)
+        if not view.listeners and self._views.get(key) is view:
+            del self._views[key]
 
     def _lister(self) -> Lister:
         from kubernetes_asyncio.client import DiscoveryV1Api
@@ -308,7 +417,16 @@ class SliceWatch(ListWatch):
         return DiscoveryV1Api(self._client).list_namespaced_endpoint_slice
 
     def _compact(self, obj: JsonObject) -> JsonObject:
-        return compact_slice(obj)
+        compacted = compact_slice(obj)
+        kind = compacted["addressType"]
+        if kind not in IP_ADDRESS_TYPES:
+            name = (obj.get("metadata") or {}).get("name", "?")
+            if name not in self._ignored:
+                self._ignored.add(name)
+                message = "%s: ignoring EndpointSlice %s of addressType %s (only IPv4 and IPv6 are read)"
+                log.warning(message, self, name, kind)
+            compacted["endpoints"] = []
+        return compacted
 
     def _reset(self, objects: dict[str, Any]) -> None:
         self._slices = objects
@@ -345,7 +463,9 @@ async def _read_json(response: ClientResponse) -> JsonObject:
             status = orjson.loads(body)
             reason = f"{status.get('reason') or reason}: {status.get('message', '')}"
         except (orjson.JSONDecodeError, AttributeError):
-            pass
+            status = None
+        if isinstance(status, dict) and is_resource_version_unavailable({**status, "code": response.status}):
+            raise ResourceVersionUnavailable(f"{response.status} {reason}")
         raise ApiException(status=response.status, reason=reason)
     page: JsonObject = orjson.loads(body)
     return page

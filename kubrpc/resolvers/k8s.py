@@ -13,11 +13,22 @@ get/list/watch on `endpointslices` in group `discovery.k8s.io` (see deploy/).
 annotation `kubrpc.io/weight`; that needs get/list/watch on `pods` too
 (deploy/optional/rbac-pod-weights.yaml).
 
+PORT as a number is the endpoints' own port (the Pod's containerPort, the Service's targetPort), never
+the Service's `port`: EndpointSlices do not carry the Service port, and reading the Service object
+would need one more RBAC rule. A name is the Service port's name, which the slices do carry.
+
+Errors say why: `problem` is the last error while no snapshot was ever produced (a 403 names the verb,
+resource, namespace and ServiceAccount, and the Role in deploy/ that grants it), or why the endpoint set
+is empty (no slices with the Service's label, no port of that name...). `problem_is_permanent` is True
+for a missing or invalid kubeconfig and for 401/403/404 before the first list, and channels then fail
+their waiting calls at once (see `kubrpc.interfaces.ResolverDiagnostics`).
+
 kubernetes-asyncio (about 60 MiB and 250 ms to import) is imported when the first watch starts.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import urllib.parse
@@ -30,14 +41,23 @@ import anyio
 
 from ..endpoint import Endpoint
 from ._k8s_pods import PodWatch, WeightedView
-from ._k8s_slices import EndpointView, PortSelector
+from ._k8s_slices import ADDRESS_FAMILIES, AddressFamily, EndpointView, PortSelector
 from ._k8s_watch import SliceWatch, WatchOptions, WatchStats, acquire, release
 
 if TYPE_CHECKING:
     from kubernetes_asyncio.client import ApiClient, Configuration
     from typing_extensions import Unpack
 
-__all__ = ("SERVICE_ACCOUNT_DIR", "KubernetesResolver", "ResolverOptions", "parse_target", "target_options")
+__all__ = (
+    "SERVICE_ACCOUNT_DIR",
+    "ConfigurationError",
+    "KubernetesResolver",
+    "ResolverOptions",
+    "parse_target",
+    "target_options",
+)
+
+log = logging.getLogger("kubrpc.resolvers.k8s")
 
 #: Where a pod's service account token, CA certificate and namespace are mounted.
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -55,6 +75,8 @@ class ResolverOptions(TypedDict, total=False):
     watch_timeout: float
     read_timeout: float
     connect_timeout: float
+    list_timeout: float
+    address_family: AddressFamily
     min_backoff: float
     max_backoff: float
     weights_from_pods: bool
@@ -127,9 +149,24 @@ def target_options(target: str) -> ResolverOptions:
             options["weights_from_pods"] = True
         elif key == "pod_selector":
             options["pod_selector"] = value
+        elif key == "address_family":
+            options["address_family"] = _check_family(value)
         else:
-            raise ValueError(f"bad target {target!r}: unknown option {key!r}; expected weights=pods or pod_selector=")
+            raise ValueError(
+                f"bad target {target!r}: unknown option {key!r};"
+                " expected weights=pods, pod_selector= or address_family="
+            )
     return options
+
+
+def _check_family(family: str) -> AddressFamily:
+    if family not in ADDRESS_FAMILIES:
+        raise ValueError(f"bad address_family {family!r}: expected one of {', '.join(ADDRESS_FAMILIES)}")
+    return family
+
+
+class ConfigurationError(RuntimeError):
+    """The kubeconfig or in-cluster configuration is missing or invalid (a permanent error)."""
 
 
 def _check_pod_selector(selector: str | None, weights_from_pods: bool) -> str | None:
@@ -163,6 +200,14 @@ class KubernetesResolver:
     the pods matching `pod_selector` (a label selector such as `app=arith`; pods outside it weigh 1.0).
     The first snapshot waits for the pods to be listed, unless that fails (then weights are 1.0 until
     it succeeds). Without it no pod is ever read.
+
+    Only slices of addressType IPv4 and IPv6 are read (FQDN ones are ignored with one warning).
+    `address_family` picks the family of a dual-stack Service: "auto" (default: IPv4 if the Service has
+    any IPv4 endpoint, else IPv6), "IPv4", "IPv6" or "any" (both, so each pod is two endpoints).
+    When no endpoint is ready, those still `serving` while terminating are yielded as ready (KEP-1669);
+    each endpoint's metadata has `serving` and `terminating` ("true"/"false"), and `for_zones` when its
+    slice has topology hints. `list_timeout` bounds each list page; `read_timeout` (for a list, at most
+    `list_timeout`) bounds each silence of the server.
     """
 
     def __init__(
@@ -177,10 +222,12 @@ class KubernetesResolver:
         watch_timeout: float = 300.0,
         read_timeout: float = 120.0,
         connect_timeout: float = 10.0,
+        list_timeout: float = 30.0,
         min_backoff: float = 0.5,
         max_backoff: float = 30.0,
         weights_from_pods: bool = False,
         pod_selector: str | None = None,
+        address_family: AddressFamily = "auto",
     ) -> None:
         self.service = _check_service(service)
         self.port = _check_port(port)
@@ -192,10 +239,15 @@ class KubernetesResolver:
             raise ValueError("pass api_client or configuration, not both")
         self._api_client = api_client
         self._configuration = configuration
+        self.address_family = _check_family(address_family)
+        for name, value in (("read_timeout", read_timeout), ("list_timeout", list_timeout)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, not {value!r}")
         self._options = WatchOptions(
             watch_timeout=watch_timeout,
             read_timeout=read_timeout,
             connect_timeout=connect_timeout,
+            list_timeout=list_timeout,
             min_backoff=min_backoff,
             max_backoff=max_backoff,
         )
@@ -208,6 +260,7 @@ class KubernetesResolver:
         self._pods_key: Hashable = None
         self._pods: PodWatch | None = None
         self._weighted: WeightedView | None = None
+        self._config_error: str | None = None
 
     @classmethod
     def from_target(cls, target: str, **options: Unpack[ResolverOptions]) -> KubernetesResolver:
@@ -225,6 +278,8 @@ class KubernetesResolver:
             query["weights"] = "pods"
         if self.pod_selector is not None:
             query["pod_selector"] = self.pod_selector
+        if self.address_family != "auto":
+            query["address_family"] = self.address_family
         suffix = f"?{urllib.parse.urlencode(query, safe='=,!()')}" if query else ""
         return f"k8s://{self.service}.{self.namespace}:{self.port}{suffix}"
 
@@ -238,9 +293,38 @@ class KubernetesResolver:
         """Counters of the shared pod watch, once started with `weights_from_pods`."""
         return self._pods.stats if self._pods is not None else None
 
+    @property
+    def problem(self) -> str | None:
+        """Why there is no usable endpoint (the last error before the first snapshot, or why it is empty), or None."""
+        if self._config_error is not None:
+            return self._config_error
+        view, watch = self._view, self._watch
+        if view is None or watch is None:
+            return None
+        if not view.synced:
+            error = watch.stats.last_error
+            return f"{self.target}: {error}" if error else None
+        explanation = view.explain()
+        return f"{self.target}: {explanation}" if explanation else None
+
+    @property
+    def problem_is_permanent(self) -> bool:
+        """True while `problem` is a misconfiguration that waiting will not fix (kubeconfig, 401/403/404)."""
+        if self._config_error is not None:
+            return True
+        view, watch = self._view, self._watch
+        return view is not None and watch is not None and not view.synced and watch.permanent
+
     async def watch(self) -> AsyncIterator[list[Endpoint]]:
-        """Yield the endpoint list as soon as it is known, then again on every change, until aclose()."""
-        view = await self._open()
+        """Yield the endpoint list as soon as it is known, then again on every change, until aclose().
+
+        A missing or invalid configuration raises `ConfigurationError` (a RuntimeError), and `problem` says it too.
+        """
+        try:
+            view = await self._open()
+        except ConfigurationError as exc:
+            self._config_error = " ".join(str(exc).split())  # YAML errors span lines
+            raise
         seen = 0
         while view is not None and not self._closed:
             if view.synced and view.version != seen:
@@ -300,7 +384,7 @@ class KubernetesResolver:
 
                 key = (*server, self.namespace, self.service)
                 watch = acquire(key, new_slice_watch)
-                view = watch.view(self.port)
+                view = watch.view(self.port, self.address_family)
                 self._key, self._watch, self._view = key, watch, view
                 if not self.weights_from_pods:
                     view.subscribe(self._wake)
@@ -341,26 +425,49 @@ class KubernetesResolver:
 
         return (configuration.host,), create
 
+    def _config_source(self) -> tuple[bool, str, str | None]:
+        """(in cluster?, what to call the configuration, the kubeconfig file); ConfigurationError if missing."""
+        in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        if in_cluster:
+            token = self._service_account_dir / "token"
+            where = f"in-cluster service account ({self._service_account_dir})"
+            if not token.is_file():
+                raise ConfigurationError(
+                    f"{self.target}: the {where} is missing: {token} does not exist;"
+                    " is the ServiceAccount token mounted (automountServiceAccountToken)?"
+                )
+            return True, where, None
+        # KUBECONFIG may list several files (':'-separated); kubectl reads the first that exists.
+        paths = [p for p in (os.environ.get("KUBECONFIG") or "").split(os.pathsep) if p]
+        paths = paths or [str(Path.home() / ".kube" / "config")]
+        found = next((p for p in paths if Path(p).is_file()), None)
+        if found is None:
+            raise ConfigurationError(
+                f"{self.target}: the kubeconfig is missing: {' nor '.join(paths)} does not exist;"
+                " set KUBECONFIG to your kubeconfig file, or run inside a pod with a ServiceAccount"
+            )
+        return False, f"kubeconfig {found}", found
+
     async def _load_configuration(self) -> Configuration:
         from kubernetes_asyncio import config
         from kubernetes_asyncio.client import Configuration
 
         configuration = Configuration()
+        in_cluster, where, found = self._config_source()
         try:
-            if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            if in_cluster:
                 config.load_incluster_config(  # type: ignore[no-untyped-call]
                     client_configuration=configuration,
                     token_filename=str(self._service_account_dir / "token"),
                     cert_filename=str(self._service_account_dir / "ca.crt"),
                 )
             else:
-                path = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
                 await config.load_kube_config(
-                    config_file=path, client_configuration=configuration, persist_config=False
+                    config_file=found, client_configuration=configuration, persist_config=False
                 )
-        except (config.ConfigException, OSError) as exc:
-            where = "in-cluster service account" if os.environ.get("KUBERNETES_SERVICE_HOST") else "kubeconfig"
-            raise RuntimeError(f"{self.target}: cannot load the Kubernetes {where} configuration: {exc}") from exc
+        except Exception as exc:  # ConfigException, OSError, YAML errors, KeyError...: all mean "invalid"
+            detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, config.ConfigException) else str(exc)
+            raise ConfigurationError(f"{self.target}: the {where} is invalid: {detail}") from exc
         return configuration
 
     def __repr__(self) -> str:

@@ -15,7 +15,32 @@ An object that stops or starts matching a watch's selector reaches it as DELETED
 are `v1 Status` objects. Test hooks: `upsert()`/`delete()`, `compact()`, `send_bookmarks()`,
 `end_watches()` (clean end of stream), `abort_watches()` (connection dropped mid-stream),
 `unavailable = 503`, `stop()`/`start()` (connection refused, then back on the same port),
-`token=` (bearer auth), `ssl_context=` (HTTPS), and the `requests` log.
+`token=` (bearer auth), `ssl_context=` (HTTPS), `deny()` (RBAC: 403 Forbidden naming the user, verb,
+resource and namespace), `rewind()` (an etcd restore: "Too large resource version"), `stall = True`
+(a black-holed server: requests are read and never answered), and the `requests` log.
+
+Sources, which the behaviours follow:
+- Kubernetes API concepts, "Efficient detection of changes" and "Resource versions"
+  (https://kubernetes.io/docs/reference/using-api/api-concepts/): a watch from a resourceVersion that
+  is no longer in the history answers 200 and then an ERROR event carrying a 410 Status ("too old
+  resource version"); clients relist. Bookmarks carry only a resourceVersion.
+- The apiserver's watch cache (k8s.io/apiserver/pkg/storage/cacher, watch_cache.go
+  waitUntilFreshAndBlock, and storage.NewTooLargeResourceVersionError): a resourceVersion newer than the
+  cache's, still not reached after 3 s, fails with code 504, reason Timeout, message "Too large resource
+  version: N, current: M", a cause of type ResourceVersionTooLarge and retryAfterSeconds 1; a watch gets
+  it in-stream (200, then ERROR). It happens after an etcd restore and when an HA apiserver's cache lags.
+  client-go's reflector relists with resourceVersion unset on it, as on "expired".
+- RBAC (https://kubernetes.io/docs/reference/access-authn-authz/rbac/): a denied request is 403, reason
+  Forbidden, message `PLURAL.GROUP is forbidden: User "USER" cannot VERB resource "PLURAL" in API group
+  "GROUP" in the namespace "NS"`.
+- The EndpointSlice API reference and docs (https://kubernetes.io/docs/concepts/services-networking/
+  endpoint-slices/): addressType IPv4, IPv6 or FQDN ("No semantics are defined for the FQDN type");
+  conditions ready, serving (nil: defer to ready), terminating (nil: false); hints.forZones
+  (Topology Aware Routing); at most 100 endpoints per slice from the controller, so a large Service
+  has many slices that must be joined. `slice_endpoint()` and `endpoint_slice()` build them.
+- KEP-1669 (Proxy Terminating Endpoints, GA in 1.28): serving-but-terminating endpoints are what
+  kube-proxy falls back to when no endpoint is ready; `slice_endpoint(ready=False, serving=True,
+  terminating=True)` is such an endpoint.
 """
 
 from __future__ import annotations
@@ -54,6 +79,7 @@ __all__ = (
     "server_ssl_context",
     "slice_endpoint",
     "status_object",
+    "too_large_status",
 )
 
 JsonObject = dict[str, Any]
@@ -88,6 +114,16 @@ def status_object(code: int, reason: str, message: str) -> JsonObject:
         "reason": reason,
         "code": code,
     }
+
+
+def too_large_status(requested: int, current: int) -> JsonObject:
+    """The watch cache's 504 for a resourceVersion it has not reached (storage.NewTooLargeResourceVersionError)."""
+    status = status_object(504, "Timeout", f"Too large resource version: {requested}, current: {current}")
+    status["details"] = {
+        "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+        "retryAfterSeconds": 1,
+    }
+    return status
 
 
 def _copy(obj: JsonObject) -> JsonObject:
@@ -192,6 +228,16 @@ class FakeKubeAPI:
         self.history_limit = history_limit
         #: When set (e.g. 503), every request is answered with this status.
         self.unavailable: int | None = None
+        #: When True, requests are accepted and never answered (a black-holed server), until stop().
+        self.stall = False
+        #: The user the requests authenticate as (named in 403 messages).
+        self.user = "system:serviceaccount:default:default"
+        #: How long a watch from a too-new resourceVersion waits before its 504 (the real cache waits 3 s).
+        self.too_large_wait = 0.0
+        #: When set (a Status, e.g. `status_object(410, "Expired", ...)`), every watch answers 200 and then
+        #: this ERROR event: a condition that lasts (an HA apiserver whose cache keeps lagging, say).
+        self.watch_error: JsonObject | None = None
+        self._denied: set[tuple[str, str]] = set()
         #: Every request answered, in order.
         self.requests: list[LoggedRequest] = []
         #: Called with each watch event just after it is written to a client.
@@ -327,6 +373,25 @@ class FakeKubeAPI:
         """`delete()` an EndpointSlice."""
         self.delete(ENDPOINTSLICES, namespace, name)
 
+    def deny(self, verb: str, resource: str) -> None:
+        """Make RBAC refuse `verb` (get, list, watch) on `resource` (e.g. ENDPOINTSLICES): 403 Forbidden."""
+        self._denied.add((verb, resource))
+
+    def allow(self, verb: str, resource: str) -> None:
+        """Undo `deny()`."""
+        self._denied.discard((verb, resource))
+
+    def rewind(self, resource_version: int) -> None:
+        """An etcd restore from a backup: the current resourceVersion goes back to `resource_version`.
+
+        Objects stay; history is forgotten. A watch from a resourceVersion newer than the current one then
+        gets 200 and an in-stream ERROR 504 "Too large resource version" (after `too_large_wait`), as the
+        watch cache answers; a list with resourceVersion unset answers at the current one.
+        """
+        self._rv = resource_version
+        self._history.clear()
+        self._compacted = resource_version
+
     def compact(self) -> None:
         """Forget the change history: a watch from any older resourceVersion now gets 410 Gone."""
         self._history.clear()
@@ -375,6 +440,8 @@ class FakeKubeAPI:
             return self._error(
                 self.unavailable, "ServiceUnavailable", "the server is currently unable to handle the request"
             )
+        if self.stall:
+            await asyncio.Event().wait()  # never answered; stop() cancels the handler
         if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
             return self._error(401, "Unauthorized", "Unauthorized")
         if request.path == "/version":
@@ -395,6 +462,9 @@ class FakeKubeAPI:
             )
         except ValueError as exc:
             return self._error(400, "BadRequest", str(exc))
+        verb = "watch" if _parse_bool(query.get("watch")) else "get" if selected.name else "list"
+        if (verb, selected.resource) in self._denied:
+            return self._forbidden(verb, selected, m["plural"], m["group"] or "")
         if _parse_bool(query.get("watch")):
             return await self._watch(request, selected, query)
         if selected.name is not None:
@@ -403,6 +473,16 @@ class FakeKubeAPI:
                 return self._error(404, "NotFound", f'{m["plural"]} "{selected.name}" not found')
             return web.Response(body=orjson.dumps(obj), content_type="application/json")
         return self._list(selected, query)
+
+    def _forbidden(self, verb: str, selected: _Query, plural: str, group: str) -> web.Response:
+        """A 403 as the RBAC authorizer words it."""
+        qualified = f"{plural}.{group}" if group else plural
+        message = f'{qualified} is forbidden: User "{self.user}" cannot {verb} resource "{plural}"'
+        message += f' in API group "{group}"'
+        message += f' in the namespace "{selected.namespace}"' if selected.namespace else " at the cluster scope"
+        status = status_object(403, "Forbidden", message)
+        status["details"] = {"group": group, "kind": plural}
+        return web.json_response(status, status=403)
 
     def _list(self, selected: _Query, query: Mapping[str, str]) -> web.Response:
         items = sorted(
@@ -435,6 +515,8 @@ class FakeKubeAPI:
     def _backlog(self, selected: _Query, query: Mapping[str, str]) -> list[JsonObject]:
         """The events a new watch starts with; a list ending in an ERROR event ends the watch."""
         rv = query.get("resourceVersion", "")
+        if self.watch_error is not None:
+            return [{"type": "ERROR", "object": _copy(self.watch_error)}]
         initial_events = _parse_bool(query.get("sendInitialEvents"))
         if rv in ("", "0") or initial_events:
             current = sorted(
@@ -447,6 +529,8 @@ class FakeKubeAPI:
             return backlog
         if not rv.isdigit():
             return [{"type": "ERROR", "object": status_object(400, "BadRequest", f"invalid resource version: {rv}")}]
+        if int(rv) > self._rv:
+            return [{"type": "ERROR", "object": too_large_status(int(rv), self._rv)}]
         if int(rv) < self._compacted:
             message = f"too old resource version: {rv} ({self._compacted})"
             return [{"type": "ERROR", "object": status_object(410, "Expired", message)}]
@@ -479,6 +563,8 @@ class FakeKubeAPI:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout else None
         try:
+            if fatal and backlog[-1]["object"]["code"] == 504 and self.too_large_wait > 0:
+                await asyncio.sleep(self.too_large_wait)  # the cache waits for itself to catch up first
             for initial in backlog:
                 await send(initial)
             while not fatal:
@@ -522,8 +608,12 @@ def slice_endpoint(
     node_name: str | None = None,
     pod: str | None = None,
     hostname: str | None = None,
+    for_zones: Sequence[str] | None = None,
 ) -> JsonObject:
-    """One endpoint of an EndpointSlice; `serving` defaults to `ready`, None leaves a condition unset."""
+    """One endpoint of an EndpointSlice; `serving` defaults to `ready`, None leaves a condition unset.
+
+    `for_zones` sets the topology hint `hints.forZones` (the zones this endpoint should serve).
+    """
     conditions: JsonObject = {}
     for key, value in (("ready", ready), ("serving", ready if serving is None else serving)):
         if value is not None:
@@ -535,6 +625,8 @@ def slice_endpoint(
     endpoint.update({key: value for key, value in optional.items() if value is not None})
     if pod is not None:
         endpoint["targetRef"] = {"kind": "Pod", "name": pod}
+    if for_zones is not None:
+        endpoint["hints"] = {"forZones": [{"name": zone} for zone in for_zones]}
     return endpoint
 
 
