@@ -438,7 +438,8 @@ class Channel:
                 try:
                     conn = await self._transport.connect(endpoint)
                 except NotDeliveredError as exc:
-                    exc.unreachable = True  # call() marks the endpoint down
+                    if exc.unreachable is None:
+                        exc.unreachable = True  # call() marks the endpoint down
                     raise
                 self._down.pop(key, None)
                 if self._closed:

@@ -59,10 +59,11 @@ class NotDeliveredError(RpcError):
     """UNAVAILABLE before the server saw the call (connect failed, connection draining): safe to retry.
 
     `unreachable` says the endpoint could not be reached at all (a refused or failed connect): the channel
-    then avoids it for a while (its connect backoff).
+    then avoids it for a while (its connect backoff). A failed `Transport.connect()` counts as unreachable
+    unless the transport says `unreachable=False` (the in-process transport: nothing to back off from).
     """
 
-    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+    def __init__(self, message: str, *, unreachable: bool | None = None) -> None:
         super().__init__(Status.UNAVAILABLE, message)
         self.unreachable = unreachable
 

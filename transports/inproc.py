@@ -91,13 +91,15 @@ class InprocTransport:
         listener = _listeners.get(name)
         if listener is None:
             if name in _draining:
-                raise NotDeliveredError(f"inproc://{name} is shutting down")
-            raise NotDeliveredError(f"no server is serving inproc://{name} in this process")
+                raise NotDeliveredError(f"inproc://{name} is shutting down", unreachable=False)
+            raise NotDeliveredError(f"no server is serving inproc://{name} in this process", unreachable=False)
         if listener.loop is not asyncio.get_running_loop():
-            raise NotDeliveredError(f"inproc://{name} is served on another event loop; call it from that one")
+            raise NotDeliveredError(
+                f"inproc://{name} is served on another event loop; call it from that one", unreachable=False
+            )
         if len(listener.connections) >= listener.server.max_connections:
             log.warning("refusing an inproc connection to %s: over max_connections", listener.url)
-            raise NotDeliveredError(f"{listener.url} refused the connection: too many connections")
+            raise NotDeliveredError(f"{listener.url} refused the connection: too many connections", unreachable=False)
         conn = InprocConnection(listener, self.max_message_size or DEFAULT_MAX_MESSAGE_SIZE)
         listener.connections.add(conn)
         return conn
