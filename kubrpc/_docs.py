@@ -45,10 +45,7 @@ _INIT = b"""window.ui = SwaggerUIBundle({
 });
 """
 
-_MISSING = (
-    "the /docs page needs Swagger UI's files: install kubrpc with its `docs` extra "
-    "(pip install 'kubrpc[docs] @ ...', or pip install swagger-ui-py)"
-)
+_MISSING = "the /docs page needs Swagger UI's files: pip install swagger-ui-py (what kubrpc's `docs` extra installs)"
 _CACHED_ROOTS = 16  # documents kept per app, one per root_path seen (a deployment has one or two)
 
 

@@ -320,7 +320,7 @@ async def _run_handler(route: _Route, payload: bytes) -> bytes:
 
 
 def event_loop_options() -> dict[str, Any]:
-    """anyio.run options: uvloop if installed (`pip install kubrpc[uvloop]`), unless KUBRPC_UVLOOP=0."""
+    """anyio.run options: uvloop if installed (the `uvloop` extra, or `pip install uvloop`), unless KUBRPC_UVLOOP=0."""
     if os.environ.get("KUBRPC_UVLOOP", "1") == "0":
         return {}
     try:
