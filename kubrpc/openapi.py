@@ -5,18 +5,54 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import inspect
 import types
 import typing
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
+from . import codec
 from ._version import __version__
 from .status import Status
 
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ("json_schema", "openapi_document")
+__all__ = ("Info", "json_schema", "openapi_document")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Info:
+    """The `info` of the OpenAPI document: `Server(openapi=Info(title=..., version=..., description=...))`.
+
+    Left empty, the title is the names of the registered services, the version kubrpc's, and the
+    description absent. The description may use CommonMark, as OpenAPI allows.
+    """
+
+    title: str = ""
+    version: str = ""
+    description: str = ""
+
+
+def _doc(obj: object) -> str:
+    """An object's own docstring, cleaned; "" when it has none (or only the one dataclasses makes up)."""
+    doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else getattr(obj, "__doc__", None)
+    if not isinstance(doc, str):
+        return ""
+    if isinstance(obj, type) and dataclasses.is_dataclass(obj) and doc.startswith(f"{obj.__name__}("):
+        return ""  # dataclasses write the signature into __doc__ when the class has no docstring
+    return inspect.cleandoc(doc)
+
+
+def _json_default(value: object) -> tuple[bool, Any]:
+    """(True, value as it travels in JSON), or (False, None) for a default that does not encode."""
+    try:
+        return True, orjson.loads(codec.dumps_floats(value))
+    except (TypeError, ValueError):
+        return False, None
+
 
 _SIMPLE: dict[object, dict[str, Any]] = {
     int: {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},  # JSON numbers kubrpc reads exactly
@@ -68,7 +104,10 @@ def json_schema(tp: object, defs: dict[str, Any], *, request: bool = False) -> d
     if tp is dict or origin is dict:
         return {"type": "object", "additionalProperties": json_schema(args[1], defs, request=request) if args else {}}
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        defs.setdefault(tp.__name__, {"enum": [m.value for m in tp]})
+        if tp.__name__ not in defs:
+            defs[tp.__name__] = {"enum": [m.value for m in tp]}
+            if description := _doc(tp):
+                defs[tp.__name__]["description"] = description
         return {"$ref": f"#/components/schemas/{tp.__name__}"}
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         name = f"{tp.__name__}-Input" if request else tp.__name__
@@ -76,23 +115,43 @@ def json_schema(tp: object, defs: dict[str, Any], *, request: bool = False) -> d
             defs[name] = {}  # placeholder first: a dataclass may refer to itself
             hints = typing.get_type_hints(tp)
             fields = [f for f in dataclasses.fields(tp) if f.init]
-            defs[name] = {
+            properties: dict[str, Any] = {}
+            for f in fields:
+                properties[f.name] = json_schema(hints[f.name], defs, request=request)
+                if f.default is not dataclasses.MISSING:
+                    _with_default(properties, f.name, f.default)
+            schema = {
                 "type": "object",
-                "properties": {f.name: json_schema(hints[f.name], defs, request=request) for f in fields},
+                "properties": properties,
                 "required": [
                     f.name
                     for f in fields
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                 ],
             }
+            if description := _doc(tp):
+                schema["description"] = description
             if request:  # unknown keys in arguments are refused; results may carry fields added later
-                defs[name]["additionalProperties"] = False
+                schema["additionalProperties"] = False
+            defs[name] = schema
         return {"$ref": f"#/components/schemas/{name}"}
     return {}
 
 
-def openapi_document(server: Server) -> dict[str, Any]:
-    """The OpenAPI 3.1 document: one POST operation per method, with request, result and error schemas."""
+def _with_default(properties: dict[str, Any], name: str, default: object) -> None:
+    """Add `default` to a property's schema (beside a $ref, which 3.1 allows), if the value encodes."""
+    ok, value = _json_default(default)
+    if ok:
+        properties[name] = {**properties[name], "default": value}
+
+
+def openapi_document(server: Server, *, root_path: str = "") -> dict[str, Any]:
+    """The OpenAPI 3.1 document: one POST operation per method, with request, result and error schemas.
+
+    Docstrings of the service Protocols, their methods and the dataclasses become descriptions, and
+    parameter defaults become `default`. `root_path` (the ASGI one, set when the app is mounted under a
+    prefix or run with `uvicorn --root-path`) becomes the document's `servers`.
+    """
     defs: dict[str, Any] = {
         "Error": {
             "type": "object",
@@ -108,24 +167,40 @@ def openapi_document(server: Server) -> dict[str, Any]:
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     }
     paths: dict[str, Any] = {}
+    tags: list[dict[str, str]] = []
     for service in server.services.values():
+        tag = {"name": service.name}
+        if description := _doc(service.protocol):
+            tag["description"] = description
+        tags.append(tag)
         for m in service.methods.values():
+            properties: dict[str, Any] = {}
+            for p in m.params:
+                properties[p.name] = json_schema(p.annotation, defs, request=True)
+                if not p.required:
+                    _with_default(properties, p.name, p.default)
             request = {
                 "type": "object",
-                "properties": {p.name: json_schema(p.annotation, defs, request=True) for p in m.params},
+                "properties": properties,
                 "required": [p.name for p in m.params if p.required],
                 "additionalProperties": False,
             }
-            paths[f"/{m.path}"] = {
-                "post": {
-                    "operationId": f"{service.name}.{m.name}",
-                    "tags": [service.name],
+            operation: dict[str, Any] = {
+                "operationId": f"{service.name}.{m.name}",
+                "tags": [service.name],
+            }
+            if doc := _doc(getattr(service.protocol, m.attr, None)):
+                operation["summary"] = doc.partition("\n")[0]
+                operation["description"] = doc
+            operation.update(
+                {
                     "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
                     "parameters": [
                         {
                             "name": "Connect-Timeout-Ms",
                             "in": "header",
                             "required": False,
+                            "description": "the call's deadline in milliseconds",
                             "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,9}$"},
                         }
                     ],
@@ -137,10 +212,17 @@ def openapi_document(server: Server) -> dict[str, Any]:
                         "default": error,
                     },
                 }
-            }
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": ", ".join(server.services) or "kubrpc", "version": __version__},
-        "paths": paths,
-        "components": {"schemas": defs},
+            )
+            paths[f"/{m.path}"] = {"post": operation}
+    configured = server.openapi or Info()
+    info: dict[str, Any] = {
+        "title": configured.title or ", ".join(server.services) or "kubrpc",
+        "version": configured.version or __version__,
     }
+    if configured.description:
+        info["description"] = configured.description
+    document: dict[str, Any] = {"openapi": "3.1.0", "info": info}
+    if root_path:
+        document["servers"] = [{"url": root_path}]
+    document.update({"tags": tags, "paths": paths, "components": {"schemas": defs}})
+    return document

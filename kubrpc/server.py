@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
     from .metrics import ServerMetrics
+    from .openapi import Info
 
 __all__ = ("Server", "event_loop_options")
 
@@ -53,7 +54,8 @@ class Server:
     `interceptors` (see kubrpc.interceptors), `metrics` (see kubrpc.metrics).
     HTTP only: `header_timeout` (seconds for a request's head to arrive, from the connection's opening or the
     head's first byte; then 408 or a close), `body_timeout` (seconds for its body to arrive after the head;
-    then 408), `max_header_size` (bytes of request line and headers; larger is 431).
+    then 408), `max_header_size` (bytes of request line and headers; larger is 431), `openapi` (a
+    kubrpc.openapi.Info: the title, version and description of /openapi.json and the /docs page).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class Server:
         header_timeout: float = 10.0,
         body_timeout: float = 30.0,
         max_header_size: int = 16 * 1024,
+        openapi: Info | None = None,
     ) -> None:
         if max_message_size < 1:
             raise ValueError("max_message_size must be positive")
@@ -85,6 +88,8 @@ class Server:
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.max_header_size = max_header_size
+        self.openapi = openapi
+        """The `info` of /openapi.json (kubrpc.openapi.Info); None: made up from the services' names."""
         self.max_message_size = max_message_size
         self.max_concurrent_calls = max_concurrent_calls
         self.max_connections = max_connections
@@ -113,7 +118,16 @@ class Server:
         self.draining = False
 
     def register(self, iface: type[Any], impl: object) -> None:
-        """Serve `impl` as the service Protocol `iface`; TypeError now if impl does not match it."""
+        """Serve `impl` as the service Protocol `iface`; TypeError now if impl does not match it.
+
+        The check runs here, at run time: no signature of this method lets mypy (or pyright) check `impl`
+        against `iface`. `register(iface: type[T], impl: T)` binds T to the join of both arguments
+        (`object` for a wrong implementation, so nothing is reported), and mypy refuses a Protocol class
+        where `type[T]` is expected anyway ("Only concrete class can be given", error code type-abstract),
+        so every correct call would be an error. For a static check, annotate the implementation with the
+        Protocol, which mypy does check structurally: `impl: Arith = ArithImpl()`, then
+        `server.register(Arith, impl)` (tests/typecheck/register.py).
+        """
         spec = service_spec(iface)
         if spec.name in self.services:
             raise ValueError(f"service {spec.name!r} is already registered")
@@ -306,7 +320,7 @@ async def _run_handler(route: _Route, payload: bytes) -> bytes:
 
 
 def event_loop_options() -> dict[str, Any]:
-    """anyio.run options: uvloop if installed (`pip install kubrpc[uvloop]`), unless KUBRPC_UVLOOP=0."""
+    """anyio.run options: uvloop if installed (the `uvloop` extra, or `pip install uvloop`), unless KUBRPC_UVLOOP=0."""
     if os.environ.get("KUBRPC_UVLOOP", "1") == "0":
         return {}
     try:

@@ -426,7 +426,8 @@ async def test_openapi_request_schemas_refuse_unknown_keys_and_result_schemas_al
     assert strict["properties"]["tags"]["items"] == {"$ref": "#/components/schemas/Tag-Input"}  # nested too
     assert open_["properties"]["tags"]["items"] == {"$ref": "#/components/schemas/Tag"}
     assert schemas["Tag-Input"]["additionalProperties"] is False and "additionalProperties" not in schemas["Tag"]
-    assert strict["properties"]["parent"] == {"anyOf": [{"$ref": "#/components/schemas/Item-Input"}, {"type": "null"}]}
+    parent = {"anyOf": [{"$ref": "#/components/schemas/Item-Input"}, {"type": "null"}], "default": None}
+    assert strict["properties"]["parent"] == parent
     assert strict["properties"]["color"] == open_["properties"]["color"] == {"$ref": "#/components/schemas/Color"}
 
 

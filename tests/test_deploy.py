@@ -1,16 +1,21 @@
-"""The manifests in deploy/: schema-valid (offline, strict) and least-privilege."""
+"""The manifests in deploy/: schema-valid (offline, strict), least-privilege, and their shutdown timing adds up."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+import kubrpc
 from kubrpc.resolvers.k8s import parse_target
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
 READ_ONLY = {"get", "list", "watch"}
 
 
@@ -25,6 +30,10 @@ def load(folder: Path) -> list[dict[str, Any]]:
 DOCUMENTS = load(DEPLOY)
 #: Opt-in extras in deploy/optional/, applied one by one on top (pod reads for weights_from_pods).
 OPTIONAL = load(DEPLOY / "optional")
+#: The template for a user's own service, deploy/template/.
+TEMPLATE = load(DEPLOY / "template")
+#: Seconds left after the drain for the process to exit (close listeners, flush logs) before SIGKILL.
+EXIT_MARGIN = 5
 
 
 def only(kind: str, name: str | None = None) -> dict[str, Any]:
@@ -54,7 +63,9 @@ def test_the_expected_objects() -> None:
     ]
 
 
-@pytest.mark.parametrize("document", DOCUMENTS + OPTIONAL, ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+@pytest.mark.parametrize(
+    "document", DOCUMENTS + OPTIONAL + TEMPLATE, ids=lambda d: f"{d['kind']}/{d['metadata']['name']}"
+)
 def test_schema_valid_strict(document: dict[str, Any]) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
@@ -128,3 +139,103 @@ def test_the_client_targets_the_service() -> None:
     service, namespace, port = parse_target(command[-1])
     assert (service, namespace) == ("arith", None)  # the pod's own namespace
     assert port in {p["name"] for p in only("Service", service)["spec"]["ports"]}
+
+
+def pre_stop_seconds(container: dict[str, Any]) -> float:
+    """How long the container's preStop hook keeps the pod serving before SIGTERM (exec sleep or sleep action)."""
+    hook = container["lifecycle"]["preStop"]
+    if "sleep" in hook:
+        return float(hook["sleep"]["seconds"])
+    command = hook["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    return float(command[1])
+
+
+def example_server() -> kubrpc.Server:
+    """The Server that deploy/arith.yaml runs (`python -m examples.arith.service`), with its real options."""
+    spec = importlib.util.spec_from_file_location("_arith_example", ROOT / "examples" / "arith" / "service.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    server: kubrpc.Server = module.server
+    return server
+
+
+@pytest.mark.parametrize(
+    ("documents", "name", "server"),
+    [(DOCUMENTS, "arith", example_server), (TEMPLATE, "my-service", kubrpc.Server)],
+    ids=["example", "template"],
+)
+def test_shutdown_fits_the_grace_period(
+    documents: list[dict[str, Any]], name: str, server: Callable[[], kubrpc.Server]
+) -> None:
+    """preStop + shutdown_delay + drain_timeout (+ time to exit) <= terminationGracePeriodSeconds.
+
+    Kubernetes counts the preStop hook inside the grace period, sends SIGTERM after it, and SIGKILLs the pod
+    when the period runs out: calls still draining then are cut off. The template assumes Server's defaults.
+    """
+    [deployment] = [d for d in documents if d["kind"] == "Deployment" and d["metadata"]["name"] == name]
+    spec = pod_spec(deployment)
+    options = server()
+    for container in spec["containers"]:
+        needed = pre_stop_seconds(container) + options.shutdown_delay + options.drain_timeout
+        grace = spec["terminationGracePeriodSeconds"]
+        assert needed + EXIT_MARGIN <= grace, (
+            f"{name}: preStop {pre_stop_seconds(container):g} s + shutdown_delay {options.shutdown_delay:g} s + "
+            f"drain_timeout {options.drain_timeout:g} s + {EXIT_MARGIN} s to exit > "
+            f"terminationGracePeriodSeconds {grace}"
+        )
+
+
+def test_template() -> None:
+    """deploy/template/: what a service of one's own needs, each piece where kubrpc expects it."""
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in TEMPLATE)
+    assert kinds == [
+        ("Deployment", "my-service"),
+        ("Role", "my-service-endpointslice-reader"),
+        ("RoleBinding", "my-service-endpointslice-reader"),
+        ("Service", "my-service"),
+        ("ServiceAccount", "my-service"),
+    ]
+    assert all("namespace" not in d["metadata"] for d in TEMPLATE)
+    assert all("TEMPLATE" in path.read_text() for path in (DEPLOY / "template").glob("*.yaml"))
+    [deployment] = [d for d in TEMPLATE if d["kind"] == "Deployment"]
+    [service] = [d for d in TEMPLATE if d["kind"] == "Service"]
+    spec = pod_spec(deployment)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    [container] = spec["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"rpc": 9000, "http": 8080, "metrics": 9100}
+    assert {(p["name"], p["targetPort"]) for p in service["spec"]["ports"]} == {(n, n) for n in ports}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert pre_stop_seconds(container) > 0
+    assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
+    assert "memory" in container["resources"]["limits"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    # Least privilege: a namespaced Role that only reads EndpointSlices, bound to the pods' own account.
+    assert not [d for d in TEMPLATE if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    [role] = [d for d in TEMPLATE if d["kind"] == "Role"]
+    [binding] = [d for d in TEMPLATE if d["kind"] == "RoleBinding"]
+    assert role["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+    ]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": spec["serviceAccountName"]}]
+    assert ("ServiceAccount", spec["serviceAccountName"]) in kinds

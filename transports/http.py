@@ -48,14 +48,12 @@ _CONTENT_TYPE = (b"content-type", b"application/json")
 
 
 def build_app(server: Server) -> ASGIApp:
-    """The ASGI app of `server`: the RPC routes, health checks and the OpenAPI document.
+    """The ASGI app of `server`: the RPC routes, health checks, the OpenAPI document and the /docs page.
 
     POST /{service}/{method} is served by a thin ASGI layer in front of a Starlette app that serves the rest:
     Starlette's routing, middleware and Request cost more per call than the call itself (see benchmarks/).
     """
-    from kubrpc.openapi import openapi_document
-
-    schema: list[bytes] = []
+    from kubrpc._docs import routes as docs_routes
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -65,15 +63,10 @@ def build_app(server: Server) -> ASGIApp:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    async def openapi(request: Request) -> Response:
-        if not schema:
-            schema.append(orjson.dumps(openapi_document(server)))
-        return Response(schema[0], media_type="application/json")
-
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
+        *docs_routes(server),  # /openapi.json and the /docs page
     ]
     metrics = server.metrics
     if metrics is not None:  # Server(metrics=...): Prometheus scrapes GET /metrics
