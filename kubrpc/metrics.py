@@ -1,4 +1,4 @@
-"""Prometheus metrics of calls and endpoints, through prometheus-client (`pip install 'kubrpc[metrics]'`).
+"""Prometheus metrics of calls and endpoints, through prometheus-client (the `[metrics]` extra).
 
     server = kubrpc.Server(metrics=True)                  # records server calls; /metrics on its HTTP listeners
     kubrpc.connect(target, metrics=True)                  # records client calls and the channel's endpoints
@@ -36,7 +36,9 @@ try:
     from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
     from prometheus_client.exposition import choose_encoder
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("kubrpc.metrics needs prometheus-client: pip install 'kubrpc[metrics]'") from exc
+    raise ImportError(
+        "kubrpc.metrics needs prometheus-client: pip install prometheus-client (the [metrics] extra)"
+    ) from exc
 
 from .endpoint import Endpoint
 from .errors import RpcError

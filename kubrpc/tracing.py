@@ -8,7 +8,7 @@ from inside a handler (or a `use_trace()` block), else of a new trace. `ServerTr
 malformed one is ignored and a new trace starts (never an error). The handler's `current_trace()` has the caller's
 trace id, a span id of its own, and the caller's span id as `parent_id`.
 
-When opentelemetry-api is installed (`pip install 'kubrpc[otel]'`), both use OpenTelemetry's configured propagator
+When opentelemetry-api is installed (the `[otel]` extra), both use OpenTelemetry's configured propagator
 and context: a handler runs in the extracted context, client calls continue the current OpenTelemetry span, and
 with an SDK tracer provider they record SERVER and CLIENT spans. Without an SDK (or with `otel=False`) the ids are
 made here, the same way.

@@ -381,7 +381,7 @@ for call in (kit.endpoints, lambda: kit.assert_contract(RoundRobin)):
         out.stdout.splitlines()
         == [
             "kubrpc.testing.balancers needs hypothesis for endpoints() and assert_contract(): "
-            "pip install 'kubrpc[testing]' (or pip install hypothesis)"
+            "pip install hypothesis (the [testing] extra)"
         ]
         * 2
     )

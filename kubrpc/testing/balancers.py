@@ -5,7 +5,7 @@
 - `assert_contract(factory)`: the `kubrpc.interfaces.Balancer` rules, against any balancer factory.
 - `weighted_shares(snapshot)`: the shares that a balancer honouring weights owes each endpoint.
 
-`endpoints()` and `assert_contract()` need hypothesis (`pip install 'kubrpc[testing]'` or
+`endpoints()` and `assert_contract()` need hypothesis (the `[testing]` extra, or
 `pip install hypothesis`); importing this module and `assert_distribution()` do not.
 """
 
@@ -47,7 +47,7 @@ SIGNIFICANCE = 1e-6
 def _no_hypothesis() -> ImportError:
     return ImportError(
         "kubrpc.testing.balancers needs hypothesis for endpoints() and assert_contract(): "
-        "pip install 'kubrpc[testing]' (or pip install hypothesis)"
+        "pip install hypothesis (the [testing] extra)"
     )
 
 
