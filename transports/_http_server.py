@@ -170,6 +170,8 @@ class _HttpProtocol(HttpToolsProtocol):
             self._head_room = 0
             self._head_unmetered = False
             super().data_received(cast(bytes, view[:room]))
+            if self._overflow is not None:  # a pipeline too deep: the rest is dropped
+                return
         if self._head_room != 0 or self.transport.is_closing():  # the head ended within the limit, or was bad
             if not self.transport.is_closing():
                 self.data_received(cast(bytes, view[room:]))

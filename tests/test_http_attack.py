@@ -1,0 +1,114 @@
+"""A second attack on the HTTP server, by a reviewer who did not write it: peers that do not read, deep pipelines,
+hang-ups behind a pipeline, malformed requests.
+
+Each test attacks a real server on 127.0.0.1 through raw sockets; the server under test has short timeouts and
+the tests' own time bounds are generous hang guards only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import tracemalloc
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import pytest
+from services import wait_until
+from test_http_hardening import MiB, Streams, _closed, _connect, _port, _post, _response
+
+pytestmark = pytest.mark.anyio
+
+_BLOB = b'{"size": 1048576}'  # answered with ~1.4 MB of base64
+
+
+@contextlib.asynccontextmanager
+async def _connect_not_reading(url: str) -> AsyncIterator[Streams]:
+    """A connection with a tiny receive buffer, so that what the server sends soon waits in its own buffer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", _port(url)))
+    except BaseException:
+        sock.close()
+        raise
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        yield reader, writer
+    finally:
+        writer.transport.abort()  # it never reads: a graceful close would wait on the unread bytes
+
+
+async def _serve(start_server: Callable[..., Any], **options: Any) -> tuple[str, Any, Any, Any]:
+    """A test server over HTTP: its URL, Server, Control and uvicorn ServerState."""
+    server, control = None, None
+    url, server, control = await start_server("http", **options)
+    return url, server, control
+
+
+# A peer that never reads its answers
+
+
+async def test_a_peer_that_does_not_read_holds_no_slot_and_is_cut_off(start_server: Callable[..., Any]) -> None:
+    from services import make_server
+
+    server, control = make_server(max_connections=2, body_timeout=0.5)
+    async with server.serve("http://127.0.0.1:0") as listener, contextlib.AsyncExitStack() as stack:
+        state = listener.uvicorn.server_state  # type: ignore[attr-defined]
+        for _ in range(2):  # as many as max_connections, each with 8 large answers pipelined: ~11 MB
+            _, writer = await stack.enter_async_context(_connect_not_reading(listener.url))
+            writer.write(_post("/test.Store/blob", _BLOB) * 8)
+        # Each one's answers fill the kernel's buffers, then the server's: the server holds the next request.
+        await wait_until(lambda: sum(c.flow.write_paused for c in state.connections) == 2, timeout=20)
+        unsent = [c.transport.get_write_buffer_size() for c in state.connections]
+        assert len(state.tasks) == 0  # today: 2, each waiting to write forever, and every other call gets 503
+        assert all(size < 2 * MiB for size in unsent), unsent  # one answer each, no more
+        async with _connect(listener.url) as (reader, writer):
+            writer.write(_post("/Arith/add", b'{"a": 1, "b": 2}'))
+            assert (await _response(reader))[::2] == (200, b"3")
+        # Their unsent bytes have not shrunk for body_timeout: the server aborts them (today: never)
+        await wait_until(lambda: not state.connections)
+
+
+async def test_a_hang_up_cancels_a_running_call_with_requests_pipelined_behind_it(
+    start_server: Callable[..., Any],
+) -> None:
+    url, server, control = await start_server("http")
+    async with _connect(url) as (_, writer):
+        writer.write(_post("/Control/sleep", b'{"seconds": 30}') + _post("/Arith/add", b'{"a": 1, "b": 2}'))
+        await wait_until(lambda: control.started == 1)
+    await wait_until(lambda: control.cancelled == 1)  # today: it runs on for 30 s, for nobody, in its slot
+
+
+async def test_pipelined_requests_are_capped_and_memory_stays_bounded(start_server: Callable[..., Any]) -> None:
+    url, _, _ = await start_server("http")
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        async with _connect(url) as (reader, writer), anyio.create_task_group() as tg:
+            answer: list[bytes] = []
+
+            async def read() -> None:
+                answer.append(await _closed(reader))
+
+            tg.start_soon(read)
+            writer.write(request * 30_000)  # ~1 MB: today ~30,000 queued requests, ~18 MB of objects
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * MiB, f"{peak / MiB:.1f} MiB"
+    data = answer[0]
+    assert data.count(b"HTTP/1.1 200 OK") == 65  # the running one and the 64 queued behind it
+    head, _, body = data.rpartition(b"HTTP/1.1 ")[2].partition(b"\r\n\r\n")
+    assert head.startswith(b"503 ") and b"kubrpc-not-started: 1" in head and b"connection: close" in head
+    assert json.loads(body) == {
+        "code": "unavailable",
+        "message": "more than 64 requests pipelined on one connection; the call did not start",
+    }
