@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
+import httptools
 import orjson
 from starlette.types import Receive, Scope, Send
 from uvicorn.config import Config
@@ -52,6 +53,7 @@ NOT_STARTED = (b"kubrpc-not-started", b"1")
 _LINGER = 2.0  # seconds a refused connection is still read (the bytes dropped) before it closes
 _CHUNK_FRAMING = 32  # bytes allowed per chunk of a chunked body for its size line and CRLFs
 _MAX_PIPELINE = 64  # requests queued on a connection behind the running one
+_CODES = {400: Status.INVALID_ARGUMENT, 408: Status.DEADLINE_EXCEEDED, 503: Status.UNAVAILABLE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +126,9 @@ class _HttpProtocol(HttpToolsProtocol):
         self._held = False  # a response is complete, but its bytes wait unsent: the next request waits too
         self._write_timer: asyncio.TimerHandle | None = None  # while bytes wait unsent: checks that they shrink
         self._unsent = 0
-        self._overflow: RequestResponseCycle | None = None  # the request refused for a too deep pipeline
+        # The connection's last request (refused for a too deep pipeline, or followed by bytes that are not HTTP):
+        # what follows it is dropped.
+        self._overflow: RequestResponseCycle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -150,17 +154,57 @@ class _HttpProtocol(HttpToolsProtocol):
                 return
             self._head_room = room - len(data)
             self._head_unmetered = False
-            super().data_received(data)
+            self._feed(data)
             return
         self._head_unmetered = True  # a body: a pipelined head may start in it
         if not self._chunked:
-            super().data_received(data)
+            self._feed(data)
             return
         self._chunk_room -= len(data)  # on_body and on_chunk_header give back what was body or framing
-        super().data_received(data)
+        self._feed(data)
         if self._chunked and self._chunk_room < 0 and not self.transport.is_closing():
             max_size = self.limits.max_header_size
             self._refuse(431, f"chunk headers and trailers of the request exceed {max_size} bytes", self._may_answer())
+
+    def _feed(self, data: bytes) -> None:
+        """Parse `data`: uvicorn's data_received, but a malformed request gets a JSON 400 that says what is wrong."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._upgrade_refused()
+        except httptools.HttpParserError as exc:
+            cycle = self.cycle
+            # Answer unless a response is (or will be) under way; a bad body is its own request's error.
+            answer = not self.pipeline and (
+                cycle is None or cycle.response_complete or (cycle.more_body and not cycle.response_started)
+            )
+            reason = "HTTP/2 is not supported: send HTTP/1.1" if str(exc).startswith("Pause on PRI") else str(exc)
+            if answer:
+                self._refuse(400, f"malformed HTTP request: {reason}", True)
+            else:  # the requests before it are answered, then the connection closes
+                self._last(cycle)
+
+    def _last(self, cycle: RequestResponseCycle) -> None:
+        """Make `cycle` the connection's last request: it is answered, then the connection closes."""
+        cycle.keep_alive = False
+        self._overflow = cycle
+        self._head_room = 0  # what follows is dropped unparsed (_head_overflow)
+
+    def _upgrade_refused(self) -> None:
+        """An `Upgrade` request (h2c, websocket): not spoken here. The parser stops at it for good, so it is the
+        connection's last request: answered as plain HTTP/1.1 if it has no body, refused if it has one (which
+        the parser skipped); what follows is dropped."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or self._overflow is not None:
+            self.transport.close()
+            return
+        if any(name == b"transfer-encoding" or (name == b"content-length" and value != b"0") for name, value in self.headers):
+            upgrade = next((value for name, value in self.headers if name == b"upgrade"), b"").decode("latin-1")
+            message = f"HTTP upgrade ({upgrade}) is not supported: send the request without an Upgrade header"
+            self._refuse(400, message, not self.pipeline)
+            return
+        self._last(cycle)
 
     def _head_overflow(self, data: bytes, room: int) -> None:
         if self._lingering or self._overflow is not None:  # refused: drop what still arrives
@@ -169,8 +213,8 @@ class _HttpProtocol(HttpToolsProtocol):
         if room:
             self._head_room = 0
             self._head_unmetered = False
-            super().data_received(cast(bytes, view[:room]))
-            if self._overflow is not None:  # a pipeline too deep: the rest is dropped
+            self._feed(cast(bytes, view[:room]))
+            if self._overflow is not None or self._lingering:  # refused (a pipeline too deep, a bad request)
                 return
         if self._head_room != 0 or self.transport.is_closing():  # the head ended within the limit, or was bad
             if not self.transport.is_closing():
@@ -319,7 +363,7 @@ class _HttpProtocol(HttpToolsProtocol):
         if not answer:
             transport.close()
             return
-        code = {408: Status.DEADLINE_EXCEEDED, 503: Status.UNAVAILABLE}.get(status, Status.RESOURCE_EXHAUSTED)
+        code = _CODES.get(status, Status.RESOURCE_EXHAUSTED)
         transport.write(error_response(status, code, message, *extra))
         if transport.can_write_eof():
             transport.write_eof()

@@ -442,6 +442,7 @@ async def serve_uvicorn(
         raise
     bound = sock.getsockname()
     options.setdefault("http", protocol_class(limits or HttpLimits()))
+    options.setdefault("ws", "none")  # no WebSocket routes: an Upgrade request is plain HTTP/1.1, then the close
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, **options)
     if ssl is not None:  # uvicorn builds its context from files; an SSLContext goes in after load()
         config.load()
