@@ -155,3 +155,45 @@ async def test_an_upgrade_request_is_answered_as_http_1_1_then_the_connection_cl
         status, _, body = await _response(reader)
         message = "HTTP upgrade (h2c) is not supported: send the request without an Upgrade header"
         assert (status, json.loads(body)) == (400, {"code": "invalid_argument", "message": message})
+
+
+# What holds: every kind of failure gives its slot and its bytes back
+
+
+async def test_every_kind_of_failure_gives_back_its_slot_and_its_pending_bytes() -> None:
+    server, control = make_server(max_connections=2, header_timeout=0.3, body_timeout=0.3)
+    async with server.serve("http://127.0.0.1:0") as listener:
+        url, state = listener.url, listener.uvicorn.server_state  # type: ignore[attr-defined]
+        chunked = b"POST /Control/sleep HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"sec\r\n"
+        attacks = [
+            _post("/Control/sleep", b'{"seconds": 0', length=1000),  # hangs up mid-body
+            chunked,  # hangs up mid-chunked-body
+            _post("/Control/sleep", b'{"seconds": 30}'),  # hangs up mid-call
+            _post("/Control/sleep", b'{"seconds": 30}') + _post("/Arith/add", b"{}"),  # ... with one pipelined
+            _post("/Control/sleep", b'{"seconds": 0', "Connect-Timeout-Ms: 100", length=1000),  # deadline in body
+            _post("/Control/sleep", b'{"seconds": 0', length=1000),  # 408 for the body
+            b"POST /Control/sleep HTTP/1.1\r\nX: y",  # 408 for the head
+            _post("/Control/sleep", b"", f"X-Big: {'b' * 20000}"),  # 431
+            _post("/Control/sleep", b'{"seconds": 0}', "Content-Length: 1"),  # 400
+        ]
+        for attack in attacks:
+            async with _connect(url) as (reader, writer):
+                writer.write(attack)
+                with contextlib.suppress(TimeoutError):
+                    with anyio.move_on_after(0.1):
+                        await reader.read(1)
+        await wait_until(lambda: not state.tasks and not state.connections and server._pending_bytes == 0)
+        assert control.cancelled == control.started == 2
+        async with _connect(url) as (a, a_writer), _connect(url) as (b, b_writer):  # both slots are free
+            a_writer.write(_post("/Control/sleep", b'{"seconds": 0.2}'))
+            b_writer.write(_post("/Control/sleep", b'{"seconds": 0.2}'))
+            assert (await _response(a))[0] == (await _response(b))[0] == 200
+
+
+def test_the_uvicorn_internals_the_attack_fixes_rely_on_are_still_there() -> None:
+    """transports/_http_server.py also relies on these (beside those test_http_hardening.py checks)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+    for name in ("pause_writing", "resume_writing", "timeout_keep_alive_handler", "_unset_keepalive_if_required"):
+        assert callable(getattr(HttpToolsProtocol, name))
+    assert "keep_alive" in RequestResponseCycle.__init__.__code__.co_names
