@@ -164,7 +164,7 @@ async def test_every_kind_of_failure_gives_back_its_slot_and_its_pending_bytes()
     server, control = make_server(max_connections=2, header_timeout=0.3, body_timeout=0.3)
     async with server.serve("http://127.0.0.1:0") as listener:
         url, state = listener.url, listener.uvicorn.server_state  # type: ignore[attr-defined]
-        chunked = b"POST /Control/sleep HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"sec\r\n"
+        chunked = b'POST /Control/sleep HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"sec\r\n'
         attacks = [
             _post("/Control/sleep", b'{"seconds": 0', length=1000),  # hangs up mid-body
             chunked,  # hangs up mid-chunked-body

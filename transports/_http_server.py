@@ -199,7 +199,10 @@ class _HttpProtocol(HttpToolsProtocol):
         if cycle is None or cycle.response_complete or self._overflow is not None:
             self.transport.close()
             return
-        if any(name == b"transfer-encoding" or (name == b"content-length" and value != b"0") for name, value in self.headers):
+        if any(
+            name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
+            for name, value in self.headers
+        ):
             upgrade = next((value for name, value in self.headers if name == b"upgrade"), b"").decode("latin-1")
             message = f"HTTP upgrade ({upgrade}) is not supported: send the request without an Upgrade header"
             self._refuse(400, message, not self.pipeline)
