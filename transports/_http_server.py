@@ -293,7 +293,7 @@ class _HttpProtocol(HttpToolsProtocol):
             return
         if self.pipeline:
             self._running = self.pipeline[-1][0]  # super() starts it
-        elif transport.is_closing() and transport.get_write_buffer_size():  # closing, with bytes still unsent
+        elif not cycle.keep_alive and transport.get_write_buffer_size():  # closing, with bytes still unsent
             self._watch_writes()
         super().on_response_complete()
 
