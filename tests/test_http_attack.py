@@ -197,3 +197,38 @@ def test_the_uvicorn_internals_the_attack_fixes_rely_on_are_still_there() -> Non
     for name in ("pause_writing", "resume_writing", "timeout_keep_alive_handler", "_unset_keepalive_if_required"):
         assert callable(getattr(HttpToolsProtocol, name))
     assert "keep_alive" in RequestResponseCycle.__init__.__code__.co_names
+
+
+# The ASGI app under another server
+
+
+async def test_the_asgi_app_never_reads_more_body_than_the_content_length_it_admitted() -> None:
+    """Under a lenient ASGI server (one that passes Content-Length with a body that is longer, say chunked)."""
+    server, control = make_server(max_message_size=MiB, max_pending_bytes=MiB)
+    app = server.asgi()
+    received = 0
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        received += 1
+        return {"type": "http.request", "body": b" " * 65536, "more_body": received < 256}  # 16 MiB in all
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/Control/sleep",
+        "raw_path": b"/Control/sleep",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"16")],
+        "client": ("127.0.0.1", 1),
+    }
+    with anyio.fail_after(10):
+        await app(scope, receive, send)
+    assert sent[0]["status"] == 400  # today: 16 MiB read, past a 1 MiB max_message_size and pending bytes
+    message = "request body longer than its Content-Length (16)"
+    assert json.loads(sent[1]["body"]) == {"code": "invalid_argument", "message": message}
+    assert received == 1 and server._pending_bytes == 0 and control.started == 0

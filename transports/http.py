@@ -217,6 +217,8 @@ class _App:
                     if not server.admit(size - admitted):
                         raise RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
                     admitted = size
+                elif size > length:  # a lenient server's: the body must not outgrow what was admitted
+                    raise RpcError(Status.INVALID_ARGUMENT, f"request body longer than its Content-Length ({length})")
                 if not more:
                     return b"".join(chunks)
                 message = await receive()
