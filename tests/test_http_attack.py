@@ -232,3 +232,19 @@ async def test_the_asgi_app_never_reads_more_body_than_the_content_length_it_adm
     message = "request body longer than its Content-Length (16)"
     assert json.loads(sent[1]["body"]) == {"code": "invalid_argument", "message": message}
     assert received == 1 and server._pending_bytes == 0 and control.started == 0
+
+
+# TLS
+
+
+async def test_a_stalled_tls_handshake_is_closed_after_the_header_timeout(
+    start_server: Callable[..., Any], tmp_path: Any
+) -> None:
+    from kubrpc.testing import certs
+
+    context = certs.server_ssl_context(*certs.self_signed_certificate(tmp_path))
+    url, _, _ = await start_server("https", header_timeout=0.3, listen={"ssl": context})
+    async with _connect(url) as (silent, _), _connect(url) as (partial, writer):
+        writer.write(bytes.fromhex("1603010200"))  # the start of a ClientHello record, never finished
+        for reader in (silent, partial):
+            assert await _closed(reader) == b""  # within the 10 s hang guard; today: asyncio's 60 s
