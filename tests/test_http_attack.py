@@ -105,6 +105,19 @@ async def test_pipelined_requests_are_capped_and_memory_stays_bounded(start_serv
     }
 
 
+# Slow heads
+
+
+async def test_a_kept_alive_connection_that_sends_only_crlf_is_closed(start_server: Callable[..., Any]) -> None:
+    url, _, _ = await start_server("http", header_timeout=0.3)
+    async with _connect(url) as (reader, writer):
+        writer.write(_post("/Arith/add", b'{"a": 1, "b": 2}'))
+        assert (await _response(reader))[::2] == (200, b"3")
+        writer.write(b"\r\n")  # the parser skips it; it cancelled the keep-alive timeout, and no head timer ran
+        answer = await _closed(reader)  # today: open for good
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
 # Malformed requests
 
 

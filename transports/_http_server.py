@@ -154,6 +154,10 @@ class _HttpProtocol(HttpToolsProtocol):
                 return
             self._head_room = room - len(data)
             self._head_unmetered = False
+            if self._deadline is None:  # a kept-alive connection's next head starts (CRLFs before it too)
+                self._deadline = at = self.loop.time() + self._header_timeout
+                if at < self._timer_at:
+                    self._set_timer(at)
             self._feed(data)
             return
         self._head_unmetered = True  # a body: a pipelined head may start in it
