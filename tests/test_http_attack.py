@@ -65,6 +65,19 @@ async def test_a_peer_that_does_not_read_holds_no_slot_and_is_cut_off() -> None:
         await wait_until(lambda: not state.connections)
 
 
+async def test_a_peer_that_reads_late_gets_every_answer() -> None:
+    server, _ = make_server(max_connections=2)
+    async with server.serve("http://127.0.0.1:0") as listener:
+        state = listener.uvicorn.server_state  # type: ignore[attr-defined]
+        async with _connect_not_reading(listener.url) as (reader, writer):
+            writer.write(_post("/test.Store/blob", _BLOB) * 6 + _post("/Arith/add", b'{"a": 1, "b": 2}'))
+            await wait_until(lambda: any(c.flow.write_paused for c in state.connections), timeout=20)
+            for _ in range(6):  # it reads at last: the held requests run, one after another
+                status, _, body = await _response(reader)
+                assert (status, len(body)) == (200, 1398106)
+            assert (await _response(reader))[::2] == (200, b"3")
+
+
 async def test_a_hang_up_cancels_a_running_call_with_requests_pipelined_behind_it(
     start_server: Callable[..., Any],
 ) -> None:
