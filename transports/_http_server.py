@@ -4,7 +4,8 @@ uvicorn keeps a connection open for as long as its peer sends nothing, buffers r
 and counts idle connections against `limit_concurrency`. `_HttpProtocol` adds, per connection:
 
 - a header timeout: a request's head (request line and headers) must arrive within `header_timeout`
-  seconds of the connection opening, or of the head's first byte on a kept-alive connection;
+  seconds of the connection opening, or of the head's first byte on a kept-alive connection (a CRLF the
+  parser skips counts: it cancels uvicorn's keep-alive timeout);
 - a body timeout: the body must arrive within `body_timeout` seconds of the head;
 - a cap on the head's size, metered before the bytes reach the parser, so that an endless header line is
   cut off, not buffered; the chunk-size lines and trailers of a chunked body share one such allowance;
@@ -16,17 +17,20 @@ and counts idle connections against `limit_concurrency`. `_HttpProtocol` adds, p
 - at most `_MAX_PIPELINE` requests queued behind a running one: uvicorn parses every pipelined request it
   reads into a queue, ~600 bytes of objects for a 30-byte request, with no bound; the next one gets 503
   "not started" and the connection closes (the requests after it are dropped unparsed into objects);
-- a client that hangs up while a pipelined request runs cancels it (uvicorn tells only the newest request).
+- a client that hangs up while a pipelined request runs cancels it (uvicorn tells only the newest request);
+- a malformed request gets a JSON 400 with the parser's reason (uvicorn: text, and a warning logged for each);
+  an `Upgrade` request (h2c, WebSocket; the parser stops at it for good) is the connection's last.
 
-A refused connection gets a JSON error (408, 431 or 503, `connection: close`) unless another response is
+A refused connection gets a JSON error (400, 408, 431 or 503, `connection: close`) unless another response is
 under way on it; then the bytes that still arrive are dropped for a moment (so that the peer can read the
 answer before the close) and it is closed.
 
-uvicorn internals this relies on (tests/test_http_hardening.py fails if they change): the parser callbacks
-`on_message_begin`, `on_headers_complete`, `on_body`, `on_message_complete`, and `on_response_complete`;
-`pause_writing`, `resume_writing` and `_unset_keepalive_if_required`; the protocol's `app`, `cycle`,
-`pipeline`, `tasks`, `flow`, `url`, `headers`, `limit_concurrency`; and the cycle's `body`, `more_body`,
-`response_started`, `response_complete`, `disconnected` and `message_event`.
+uvicorn internals this relies on (tests/test_http_hardening.py and tests/test_http_attack.py fail if they
+change): the parser callbacks `on_message_begin`, `on_headers_complete`, `on_body`, `on_message_complete`,
+and `on_response_complete`; `pause_writing`, `resume_writing`, `timeout_keep_alive_handler` and
+`_unset_keepalive_if_required`; the protocol's `app`, `parser`, `cycle`, `pipeline`, `tasks`, `flow`, `url`,
+`headers`, `limit_concurrency`; and the cycle's `body`, `more_body`, `keep_alive`, `response_started`,
+`response_complete`, `disconnected` and `message_event`. `data_received` is replaced (`_feed`).
 """
 
 from __future__ import annotations
