@@ -53,9 +53,11 @@ class Server:
     with /readyz at 503, before draining: time for Kubernetes to take the pod out of its EndpointSlices),
     `interceptors` (see kubrpc.interceptors), `metrics` (see kubrpc.metrics).
     HTTP only: `header_timeout` (seconds for a request's head to arrive, from the connection's opening or the
-    head's first byte; then 408 or a close), `body_timeout` (seconds for its body to arrive after the head;
-    then 408), `max_header_size` (bytes of request line and headers; larger is 431), `openapi` (a
-    kubrpc.openapi.Info: the title, version and description of /openapi.json and the /docs page).
+    head's first byte; then 408 or a close; over HTTPS, for the TLS handshake too), `body_timeout` (seconds
+    for its body to arrive after the head, then 408; and for a peer that reads none of an answer waiting
+    unsent, then the connection is aborted), `max_header_size` (bytes of request line and headers; larger is
+    431), `openapi` (a kubrpc.openapi.Info: the title, version and description of /openapi.json and the
+    /docs page).
     """
 
     def __init__(

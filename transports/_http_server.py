@@ -4,21 +4,33 @@ uvicorn keeps a connection open for as long as its peer sends nothing, buffers r
 and counts idle connections against `limit_concurrency`. `_HttpProtocol` adds, per connection:
 
 - a header timeout: a request's head (request line and headers) must arrive within `header_timeout`
-  seconds of the connection opening, or of the head's first byte on a kept-alive connection;
+  seconds of the connection opening, or of the head's first byte on a kept-alive connection (a CRLF the
+  parser skips counts: it cancels uvicorn's keep-alive timeout);
 - a body timeout: the body must arrive within `body_timeout` seconds of the head;
 - a cap on the head's size, metered before the bytes reach the parser, so that an endless header line is
   cut off, not buffered; the chunk-size lines and trailers of a chunked body share one such allowance;
 - `limit_concurrency` counts requests in progress, not connections: an idle or silent connection holds
-  no slot, and N requests may run at once (uvicorn's own check admits N - 1).
+  no slot, and N requests may run at once (uvicorn's own check admits N - 1);
+- a peer that does not read its answers: once a response leaves more than the transport's high-water mark
+  unsent, no further request of the connection is read or started (so none holds a slot waiting to write),
+  and if the unsent bytes do not shrink for `body_timeout` seconds the connection is aborted;
+- at most `_MAX_PIPELINE` requests queued behind a running one: uvicorn parses every pipelined request it
+  reads into a queue, ~600 bytes of objects for a 30-byte request, with no bound; the next one gets 503
+  "not started" and the connection closes (the requests after it are dropped unparsed into objects);
+- a client that hangs up while a pipelined request runs cancels it (uvicorn tells only the newest request);
+- a malformed request gets a JSON 400 with the parser's reason (uvicorn: text, and a warning logged for each);
+  an `Upgrade` request (h2c, WebSocket; the parser stops at it for good) is the connection's last.
 
-A refused connection gets a JSON error (408, 431 or 503, `connection: close`) unless another response is
+A refused connection gets a JSON error (400, 408, 431 or 503, `connection: close`) unless another response is
 under way on it; then the bytes that still arrive are dropped for a moment (so that the peer can read the
 answer before the close) and it is closed.
 
-uvicorn internals this relies on (tests/test_http_hardening.py fails if they change): the parser callbacks
-`on_message_begin`, `on_headers_complete`, `on_body`, `on_message_complete`, and `on_response_complete`;
-the protocol's `app`, `cycle`, `pipeline`, `tasks`, `flow`, `url`, `headers`, `limit_concurrency`; and the
-cycle's `body`, `more_body`, `response_started`, `response_complete`, `disconnected` and `message_event`.
+uvicorn internals this relies on (tests/test_http_hardening.py and tests/test_http_attack.py fail if they
+change): the parser callbacks `on_message_begin`, `on_headers_complete`, `on_body`, `on_message_complete`,
+and `on_response_complete`; `pause_writing`, `resume_writing`, `timeout_keep_alive_handler` and
+`_unset_keepalive_if_required`; the protocol's `app`, `parser`, `cycle`, `pipeline`, `tasks`, `flow`, `url`,
+`headers`, `limit_concurrency`; and the cycle's `body`, `more_body`, `keep_alive`, `response_started`,
+`response_complete`, `disconnected` and `message_event`. `data_received` is replaced (`_feed`).
 """
 
 from __future__ import annotations
@@ -29,10 +41,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
+import httptools
 import orjson
 from starlette.types import Receive, Scope, Send
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from kubrpc.status import Status
@@ -43,6 +56,8 @@ __all__ = ("NOT_STARTED", "HttpLimits", "protocol_class")
 NOT_STARTED = (b"kubrpc-not-started", b"1")
 _LINGER = 2.0  # seconds a refused connection is still read (the bytes dropped) before it closes
 _CHUNK_FRAMING = 32  # bytes allowed per chunk of a chunked body for its size line and CRLFs
+_MAX_PIPELINE = 64  # requests queued on a connection behind the running one
+_CODES = {400: Status.INVALID_ARGUMENT, 408: Status.DEADLINE_EXCEEDED, 503: Status.UNAVAILABLE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +74,12 @@ def protocol_class(limits: HttpLimits) -> type[HttpToolsProtocol]:
     return cast("type[HttpToolsProtocol]", type("HttpProtocol", (_HttpProtocol,), {"limits": limits}))
 
 
-def error_response(status: int, code: Status, message: str) -> bytes:
+def error_response(status: int, code: Status, message: str, *extra: tuple[bytes, bytes]) -> bytes:
     """A whole HTTP/1.1 error response with a kubrpc JSON body, closing the connection."""
     body = orjson.dumps({"code": code.wire_name, "message": message})
-    head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-    return b"%scontent-length: %d\r\nconnection: close\r\n\r\n%s" % (head.encode(), len(body), body)
+    head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n".encode()
+    head += b"".join(b"%s: %s\r\n" % header for header in extra)
+    return b"%scontent-length: %d\r\nconnection: close\r\n\r\n%s" % (head, len(body), body)
 
 
 async def send_error(send: Send, status: int, code: Status, message: str, *extra: tuple[bytes, bytes]) -> None:
@@ -110,6 +126,13 @@ class _HttpProtocol(HttpToolsProtocol):
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self._running: RequestResponseCycle | None = None  # the request whose app runs (not one queued behind it)
+        self._held = False  # a response is complete, but its bytes wait unsent: the next request waits too
+        self._write_timer: asyncio.TimerHandle | None = None  # while bytes wait unsent: checks that they shrink
+        self._unsent = 0
+        # The connection's last request (refused for a too deep pipeline, or followed by bytes that are not HTTP):
+        # what follows it is dropped.
+        self._overflow: RequestResponseCycle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -117,7 +140,15 @@ class _HttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        running = self._running
         super().connection_lost(exc)
+        # uvicorn tells only the newest request; the one running may be an older, pipelined one
+        if running is not None and running is not self.cycle and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
 
     def data_received(self, data: bytes) -> None:
         room = self._head_room
@@ -127,26 +158,75 @@ class _HttpProtocol(HttpToolsProtocol):
                 return
             self._head_room = room - len(data)
             self._head_unmetered = False
-            super().data_received(data)
+            if self._deadline is None:  # a kept-alive connection's next head starts (CRLFs before it too)
+                self._deadline = at = self.loop.time() + self._header_timeout
+                if at < self._timer_at:
+                    self._set_timer(at)
+            self._feed(data)
             return
         self._head_unmetered = True  # a body: a pipelined head may start in it
         if not self._chunked:
-            super().data_received(data)
+            self._feed(data)
             return
         self._chunk_room -= len(data)  # on_body and on_chunk_header give back what was body or framing
-        super().data_received(data)
+        self._feed(data)
         if self._chunked and self._chunk_room < 0 and not self.transport.is_closing():
             max_size = self.limits.max_header_size
             self._refuse(431, f"chunk headers and trailers of the request exceed {max_size} bytes", self._may_answer())
 
+    def _feed(self, data: bytes) -> None:
+        """Parse `data`: uvicorn's data_received, but a malformed request gets a JSON 400 that says what is wrong."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._upgrade_refused()
+        except httptools.HttpParserError as exc:
+            cycle = self.cycle
+            # Answer unless a response is (or will be) under way; a bad body is its own request's error.
+            answer = not self.pipeline and (
+                cycle is None or cycle.response_complete or (cycle.more_body and not cycle.response_started)
+            )
+            reason = "HTTP/2 is not supported: send HTTP/1.1" if str(exc).startswith("Pause on PRI") else str(exc)
+            if answer:
+                self._refuse(400, f"malformed HTTP request: {reason}", True)
+            else:  # the requests before it are answered, then the connection closes
+                self._last(cycle)
+
+    def _last(self, cycle: RequestResponseCycle) -> None:
+        """Make `cycle` the connection's last request: it is answered, then the connection closes."""
+        cycle.keep_alive = False
+        self._overflow = cycle
+        self._head_room = 0  # what follows is dropped unparsed (_head_overflow)
+
+    def _upgrade_refused(self) -> None:
+        """An `Upgrade` request (h2c, websocket): not spoken here. The parser stops at it for good, so it is the
+        connection's last request: answered as plain HTTP/1.1 if it has no body, refused if it has one (which
+        the parser skipped); what follows is dropped."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or self._overflow is not None:
+            self.transport.close()
+            return
+        if any(
+            name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
+            for name, value in self.headers
+        ):
+            upgrade = next((value for name, value in self.headers if name == b"upgrade"), b"").decode("latin-1")
+            message = f"HTTP upgrade ({upgrade}) is not supported: send the request without an Upgrade header"
+            self._refuse(400, message, not self.pipeline)
+            return
+        self._last(cycle)
+
     def _head_overflow(self, data: bytes, room: int) -> None:
-        if self._lingering:  # refused: drop what still arrives
+        if self._lingering or self._overflow is not None:  # refused: drop what still arrives
             return
         view = memoryview(data)  # the parser takes one: no copies of a large first read
         if room:
             self._head_room = 0
             self._head_unmetered = False
-            super().data_received(cast(bytes, view[:room]))
+            self._feed(cast(bytes, view[:room]))
+            if self._overflow is not None or self._lingering:  # refused (a pipeline too deep, a bad request)
+                return
         if self._head_room != 0 or self.transport.is_closing():  # the head ended within the limit, or was bad
             if not self.transport.is_closing():
                 self.data_received(cast(bytes, view[room:]))
@@ -166,6 +246,8 @@ class _HttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
+        if self._overflow is not None:  # the connection closes after the refused request: drop what follows
+            return
         self._head_room = None
         self._chunk_room = self._max_header_size
         self._deadline = at = self.loop.time() + self._body_timeout
@@ -176,8 +258,15 @@ class _HttpProtocol(HttpToolsProtocol):
             app = self._busy
         if self._measure_head and _head_size(self.url, self.headers) > self._max_header_size:
             app = self._headers_too_large
+        pipeline = self.pipeline
+        if len(pipeline) >= _MAX_PIPELINE:
+            app = self._pipeline_full
         self.app = app
         super().on_headers_complete()
+        if not pipeline:  # it started (a queued request is started by on_response_complete)
+            self._running = self.cycle
+        elif app == self._pipeline_full:
+            self._overflow = self.cycle
 
     def on_chunk_header(self) -> None:
         self._chunked = True
@@ -185,9 +274,13 @@ class _HttpProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._chunk_room += len(body)
-        super().on_body(body)
+        if self._overflow is None:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._overflow is not None:  # refused, or dropped: what follows is dropped unparsed (_head_overflow)
+            self._head_room = 0
+            return
         self._head_room = self._max_header_size
         self._head_unmetered = True  # any bytes after this in the same feed belong to an uncounted head
         self._chunked = False
@@ -198,7 +291,55 @@ class _HttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle.more_body and cycle.response_complete:  # answered (refused) before its body arrived: drop what came
             cycle.body = bytearray()
+        transport = self.transport
+        if self.flow.write_paused and not transport.is_closing():
+            # The peer is not reading its answers: read and start nothing more for it until it does
+            # (resume_writing), so that no request of it holds a slot waiting to write.
+            self._held = True
+            self.flow.pause_reading()
+            self._unset_keepalive_if_required()
+            return
+        if self.pipeline:
+            self._running = self.pipeline[-1][0]  # super() starts it
+        elif not cycle.keep_alive and transport.get_write_buffer_size():  # closing, with bytes still unsent
+            self._watch_writes()
         super().on_response_complete()
+
+    # A peer that does not read
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_writes()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        if self._held:
+            self._held = False
+            self.on_response_complete()  # now start the next request, or arm the keep-alive timeout
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()
+        if self.transport.get_write_buffer_size():
+            self._watch_writes()
+
+    def _watch_writes(self) -> None:
+        """Abort the connection if its unsent bytes do not shrink for `body_timeout` seconds."""
+        if self._write_timer is None:
+            self._unsent = self.transport.get_write_buffer_size()
+            self._write_timer = self.loop.call_later(self._body_timeout, self._check_writes)
+
+    def _check_writes(self) -> None:
+        self._write_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        if not unsent:
+            return
+        if unsent < self._unsent:  # the peer reads, if slowly
+            self._watch_writes()
+            return
+        self.transport.abort()  # it reads nothing: drop the unsent bytes; a running request sees a disconnect
 
     def handle_websocket_upgrade(self) -> None:
         self._stop_timer()
@@ -215,11 +356,15 @@ class _HttpProtocol(HttpToolsProtocol):
         message = f"request headers exceed the limit of {self.limits.max_header_size} bytes"
         await send_error(send, 431, Status.RESOURCE_EXHAUSTED, message)
 
+    async def _pipeline_full(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"more than {_MAX_PIPELINE} requests pipelined on one connection; the call did not start"
+        self._refuse(503, message, True, NOT_STARTED)
+
     def _may_answer(self) -> bool:
         """While a body is read: may the connection still be answered (no response under way on it)?"""
         return not self.pipeline and (self.cycle is None or not self.cycle.response_started)
 
-    def _refuse(self, status: int, message: str, answer: bool) -> None:
+    def _refuse(self, status: int, message: str, answer: bool, *extra: tuple[bytes, bytes]) -> None:
         """End the request being read: answer `status` if `answer`, then close the connection."""
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:  # the app stops waiting for this request's body
@@ -229,8 +374,8 @@ class _HttpProtocol(HttpToolsProtocol):
         if not answer:
             transport.close()
             return
-        code = Status.DEADLINE_EXCEEDED if status == 408 else Status.RESOURCE_EXHAUSTED
-        transport.write(error_response(status, code, message))
+        code = _CODES.get(status, Status.RESOURCE_EXHAUSTED)
+        transport.write(error_response(status, code, message, *extra))
         if transport.can_write_eof():
             transport.write_eof()
         # Read on for a moment, dropping the bytes: closing with unread bytes would reset the connection, and
@@ -277,6 +422,8 @@ class _HttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if self._lingering:
             self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self._watch_writes()
         elif self._head_room is not None:  # the head is late
             if cycle is not None and not cycle.response_complete:  # a pipelined head: the previous call runs on
                 self._set_deadline(now + limits.header_timeout)

@@ -210,6 +210,8 @@ class _App:
                     if not server.admit(size - admitted):
                         raise RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
                     admitted = size
+                elif size > length:  # a lenient server's: the body must not outgrow what was admitted
+                    raise RpcError(Status.INVALID_ARGUMENT, f"request body longer than its Content-Length ({length})")
                 if not more:
                     return b"".join(chunks)
                 message = await receive()
@@ -347,10 +349,40 @@ class HttpListener:
 
 
 class _QuietServer(uvicorn.Server):
+    handshake_timeout: float | None = None  # seconds for a TLS handshake (uvicorn sets none: asyncio's 60 s)
+
     # The owner of the event loop (Server.run, a test) handles signals, not uvicorn.
     @contextlib.contextmanager
     def capture_signals(self) -> Any:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's startup on the bound `sockets`, but with `handshake_timeout` for TLS handshakes."""
+        config = self.config
+        if sockets is None or config.ssl is None or self.handshake_timeout is None:
+            await super().startup(sockets)
+            return
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            raise OSError("the ASGI lifespan startup failed")
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop
+            )
+
+        loop = asyncio.get_running_loop()
+        self.servers = []
+        for sock in sockets:
+            server = await loop.create_server(
+                create_protocol,
+                sock=sock,
+                ssl=config.ssl,
+                backlog=config.backlog,
+                ssl_handshake_timeout=self.handshake_timeout,
+            )
+            self.servers.append(server)
+        self.started = True
 
 
 class HttpTransport:
@@ -435,11 +467,13 @@ async def serve_uvicorn(
         raise
     bound = sock.getsockname()
     options.setdefault("http", protocol_class(limits or HttpLimits()))
+    options.setdefault("ws", "none")  # no WebSocket routes: an Upgrade request is plain HTTP/1.1, then the close
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, **options)
     if ssl is not None:  # uvicorn builds its context from files; an SSLContext goes in after load()
         config.load()
         config.ssl = ssl
     userver = _QuietServer(config)
+    userver.handshake_timeout = (limits or HttpLimits()).header_timeout  # a TLS handshake counts as the head's start
     with sock:
         async with anyio.create_task_group() as tg:
             tg.start_soon(userver.serve, [sock])
