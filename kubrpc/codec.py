@@ -749,15 +749,34 @@ def _dict(item: Decoder) -> Decoder:
 
 
 def _enum(cls: type[enum.Enum]) -> Decoder:
-    by_value = {(type(m.value), m.value): m for m in cls}
-    expected = "one of " + ", ".join(repr(m.value) for m in cls)
+    """Members by the JSON they travel as (bytes as base64); TypeError now for values JSON cannot carry.
+
+    A Flag also takes any combination of its members (an integer the Flag accepts), as it is encoded.
+    """
+    by_value: dict[tuple[type, object], enum.Enum] = {}
+    for m in cls:
+        try:
+            wire = _wire_value(m)
+        except TypeError as exc:
+            raise TypeError(f"Enum {cls.__qualname__}: member {m.name}: {exc}") from None
+        other = by_value.setdefault(wire, m)
+        if other is not m:
+            raise TypeError(f"Enum {cls.__qualname__}: members {other.name} and {m.name} both travel as {wire[1]!r}")
+    expected = "one of " + ", ".join(repr(w) for _, w in by_value)
+    flag = issubclass(cls, enum.Flag)
 
     def member(value: Any, path: str) -> enum.Enum:
         try:
             return by_value[(type(value), value)]
         except (KeyError, TypeError):
-            if type(value) is int and (float, float(value)) in by_value:
-                return by_value[(float, float(value))]
+            if type(value) is int:
+                if (float, float(value)) in by_value:
+                    return by_value[(float, float(value))]
+                if flag:
+                    try:
+                        return cls(value)
+                    except ValueError:
+                        pass
             raise DecodeError(path, f"expected {expected}, got {_short(value)}") from None
 
     return member

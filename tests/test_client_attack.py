@@ -1,0 +1,148 @@
+"""A second attack on the client side, the codec and the inproc transport, each finding kept as a regression test.
+
+Exactly-once is checked by resetting (or half-closing) a connection at every few byte offsets of the request and
+of the answer, through tests/faultproxy.py, and counting the executions of a non-idempotent handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from typing import Protocol
+
+import anyio
+import pytest
+from faultproxy import FaultProxy, Mode
+from test_client_faults import Counter, counter_server
+from test_codec_exactness import echo_protocol, echo_server, same
+
+import kubrpc
+from kubrpc import Endpoint, RpcError, Status
+
+pytestmark = pytest.mark.anyio
+
+
+# ---- exactly-once: a fault at any byte offset never runs a non-idempotent call twice ----------------------------
+
+
+async def _settled(proxy: FaultProxy) -> None:
+    """Wait (bounded) until the proxy has passed on everything of the connections it has open."""
+    with anyio.move_on_after(5):
+        while proxy._tasks:
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("mode", "side", "chunk"),
+    [("reset_after", "request", 0), ("reset_after", "answer", 0), ("half_close", "answer", 1)],
+)
+async def test_a_fault_at_any_offset_never_runs_a_call_twice(scheme: str, mode: Mode, side: str, chunk: int) -> None:
+    outcomes: dict[str, int] = {}
+    async with counter_server(scheme) as (port, counter, _), FaultProxy(port, chunk=chunk) as proxy:
+        proxy.mode = mode
+        for offset in range(0, 260, 3):
+            if side == "request":
+                proxy.reset_after, proxy.reset_after_response = offset, None
+            else:
+                proxy.reset_after, proxy.reset_after_response = None, offset
+            before = counter.bumps
+            async with kubrpc.connect([Endpoint("127.0.0.1", proxy.port)], transport=scheme) as channel:
+                stub = channel.stub(Counter, timeout=5)
+                try:
+                    with anyio.fail_after(20):
+                        await stub.bump()
+                    outcome = "ok"
+                except RpcError as exc:
+                    assert exc.code is Status.UNAVAILABLE
+                    outcome = type(exc).__name__
+            await _settled(proxy)
+            ran = counter.bumps - before
+            assert ran == 1 if outcome == "ok" else ran <= 1, (offset, outcome, ran)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    assert outcomes.get("ok", 0) > 0 and len(outcomes) > 1  # the sweep crossed from failures into successes
+
+
+# ---- codec: an Enum registers only if every member can travel, and comes back as sent ----------------------------
+
+
+class Pair(enum.Enum):
+    A = (1, 2)  # a JSON array comes back as a list: this Enum registered, then every call failed
+
+
+class Clash(enum.Enum):
+    RAW = b"x"
+    TEXT = "eA=="  # base64 of b"x": both travel as the same string
+
+
+class Blob(enum.Enum):
+    X = b"x"  # registered, then every call failed (the decoder looked for bytes in a JSON string)
+    Y = b"\x00\xff"
+
+
+class Perm(enum.IntFlag):
+    R = 1
+    W = 2
+
+
+class Mode2(enum.Flag):
+    A = 1
+    B = 2
+
+
+@pytest.mark.parametrize("cls", [Pair, Clash])
+def test_enums_whose_members_cannot_travel_exactly_are_refused_at_register(cls: type[enum.Enum]) -> None:
+    server = kubrpc.Server()
+    with pytest.raises(TypeError, match=f"Enum {cls.__name__}"):
+        server.register(echo_protocol(cls), object())
+
+
+async def test_enums_of_bytes_and_flag_combinations_round_trip(scheme: str) -> None:
+    cases: list[tuple[object, list[object]]] = [
+        (Blob, [Blob.X, Blob.Y]),
+        (Perm, [Perm.R, Perm.R | Perm.W, Perm(0)]),  # combinations failed: only single members were known
+        (Mode2, [Mode2.A | Mode2.B]),
+    ]
+    async with echo_server(scheme, [tp for tp, _ in cases]) as channel:
+        for i, (tp, values) in enumerate(cases):
+            stub = channel.stub(echo_protocol(tp, f"Echo{i}"), timeout=10)
+            for value in values:
+                back = await stub.echo(value)  # type: ignore[attr-defined]
+                assert same(back, value)
+        with pytest.raises(RpcError) as info:  # a bit no member of the (strict) Flag has
+            await channel.call("Echo2/echo", b'{"value": 4}', timeout=10)
+        assert info.value.code is Status.INVALID_ARGUMENT
+
+
+# ---- inproc: a hostile handler gets the same answer as on the wire -------------------------------------------------
+
+
+class Boom(BaseException):
+    """Not an Exception: a handler that raises it must still answer its caller."""
+
+
+class Hostile(Protocol):
+    async def boom(self) -> int: ...
+
+
+class HostileImpl:
+    async def boom(self) -> int:
+        raise Boom("handler blew up")
+
+
+async def test_an_inproc_handler_raising_a_base_exception_is_internal(caplog: pytest.LogCaptureFixture) -> None:
+    server = kubrpc.Server()
+    server.register(Hostile, HostileImpl())
+    caplog.set_level(logging.ERROR)
+    async with server.serve("inproc://hostile-boom") as listener, kubrpc.connect(listener.url) as channel:
+        stub = channel.stub(Hostile, timeout=10)
+        for _ in range(3):
+            with anyio.fail_after(10), pytest.raises(RpcError) as info:
+                await stub.boom()
+            # Old code: UNAVAILABLE "inproc://hostile-boom stopped before the call finished", the server running on.
+            assert info.value.code is Status.INTERNAL and info.value.message == "internal error"
+        await asyncio.sleep(0)
+    assert "handler blew up" not in info.value.message
+    logged = [r for r in caplog.records if r.name == "kubrpc.inproc"]
+    assert len(logged) == 3 and all(r.exc_info and isinstance(r.exc_info[1], Boom) for r in logged)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
