@@ -38,6 +38,9 @@ _RETIRE_GRACE = 30.0
 
 _EMPTY: Mapping[str, str] = {}
 
+# Errors that are no answer from a server: they do not end an endpoint's connect backoff.
+_NO_ANSWER = frozenset({Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CANCELLED})
+
 #: Called with the channel and its endpoints after each resolver snapshot, and once more when the channel closes
 #: (then `channel.closed` is True and the endpoints are empty).
 EndpointsHook = Callable[["Channel", Sequence[Endpoint]], None]
@@ -124,6 +127,8 @@ class Channel:
             raise ValueError("give ssl= to the transport object rather than to the Channel")
         else:
             self._transport = transport
+        # A transport whose connect costs nothing (inproc: a name lookup) says so: no backoff, found at once.
+        self._connect_backoff: bool = getattr(self._transport, "connect_backoff", True)
         self._interceptors = tuple(interceptors)
         self._on_endpoints = tuple(on_endpoints)
         recorder: ClientMetrics | None = None
@@ -144,6 +149,8 @@ class Channel:
         self._feedback = self.balancer if isinstance(self.balancer, CallFeedback) else None
         self._pick_for = self.balancer.pick_for if isinstance(self.balancer, KeyedBalancer) else None
         self._down: dict[tuple[str, int], tuple[float, Backoff, str]] = {}
+        # Endpoints whose backoff has run out and that one call is trying again: the others wait for its outcome.
+        self._probing: dict[tuple[str, int], anyio.Event] = {}
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.retry_budget = retry_budget or RetryBudget()
@@ -293,9 +300,10 @@ class Channel:
                 endpoint = self._pick(key, tried)
             else:
                 endpoint = await self._first_pick(key, remaining)
+            probe: anyio.Event | None = None
             try:
-                if self._down:
-                    self._check_down(endpoint)  # in its connect backoff: fail fast rather than connect
+                if self._down:  # in its connect backoff: fail fast rather than connect; after it, one call tries
+                    probe = await self._admit(endpoint, remaining)
                 if self._feedback is None:  # the hot path, without a coroutine per layer
                     conn = self._connections.get((endpoint.host, endpoint.port))
                     if conn is None or not conn.usable:
@@ -315,9 +323,14 @@ class Channel:
             except RpcError as exc:
                 if type(exc) is UnreachableError:  # maybe delivered: back off, but retry only if idempotent
                     self._mark_down((endpoint.host, endpoint.port), exc.message)
+                elif self._down and exc.code not in _NO_ANSWER:  # the endpoint answered: reachable again
+                    self._down.pop((endpoint.host, endpoint.port), None)
                 retryable = idempotent and exc.code is Status.UNAVAILABLE
                 if not retryable or attempt >= self.max_attempts or not budget.withdraw():
                     raise
+            finally:
+                if probe is not None:
+                    self._end_probe((endpoint.host, endpoint.port), probe)
             if tried is None:
                 tried = set()
             tried.add(endpoint)
@@ -378,6 +391,33 @@ class Channel:
         down = self._down.get((endpoint.host, endpoint.port))
         return down is not None and down[0] > time.monotonic()
 
+    async def _admit(self, endpoint: Endpoint, remaining: float | None) -> anyio.Event | None:
+        """Let a call go to `endpoint` (None), or make it the one call that tries it again after its backoff (the
+        Event to set when it is over): meanwhile, other calls to it wait for that outcome within their deadline,
+        rather than all connecting at once. NotDeliveredError while the backoff runs."""
+        key = (endpoint.host, endpoint.port)
+        deadline = None if remaining is None else time.monotonic() + remaining
+        while key in self._down:
+            self._check_down(endpoint)
+            probing = self._probing.get(key)
+            if probing is None:
+                probing = self._probing[key] = anyio.Event()
+                return probing
+            if deadline is None:
+                await probing.wait()
+            else:
+                with anyio.move_on_after(deadline - time.monotonic()):
+                    await probing.wait()
+                if not probing.is_set():
+                    raise RpcError(Status.DEADLINE_EXCEEDED, f"deadline exceeded waiting for {endpoint.address}")
+        return None
+
+    def _end_probe(self, key: tuple[str, int], probe: anyio.Event) -> None:
+        """The call that tried an endpoint again after its backoff is over (or has connected): wake the others."""
+        if self._probing.get(key) is probe:
+            del self._probing[key]
+        probe.set()
+
     def _check_down(self, endpoint: Endpoint) -> None:
         """NotDeliveredError if `endpoint` is in its connect backoff: no connection is attempted until it ends."""
         down = self._down.get((endpoint.host, endpoint.port))
@@ -411,20 +451,22 @@ class Channel:
         lock = self._connecting.setdefault(key, anyio.Lock())
         try:
             async with asyncio.timeout(timeout), lock:
+                if self._down:  # a call it waited for failed to connect: share that outcome rather than try again
+                    self._check_down(endpoint)
                 conn = self._connections.get(key)
                 if conn is not None and conn.usable:
                     return conn
                 if conn is not None:
                     del self._connections[key]
                     self._retire(conn)
-                if self._down:  # a connect it waited for failed: share that outcome rather than try again
-                    self._check_down(endpoint)
                 try:
                     conn = await self._transport.connect(endpoint)
                 except NotDeliveredError as exc:
-                    exc.unreachable = True  # call() marks the endpoint down
+                    exc.unreachable = self._connect_backoff  # call() marks the endpoint down
                     raise
                 self._down.pop(key, None)
+                if (probe := self._probing.get(key)) is not None:  # connected: the calls waiting on it may go
+                    self._end_probe(key, probe)
                 if self._closed:
                     await conn.aclose()
                     raise RpcError(Status.CANCELLED, "channel closed")

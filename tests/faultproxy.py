@@ -8,8 +8,9 @@ Modes: "forward" (with `latency` seconds added to every chunk each way), "blackh
 discard everything, never connect upstream, never answer), "reset_after" (forward until `reset_after`
 bytes from the client have passed, or `reset_after_response` bytes from the server, then reset both sides),
 "accept_then_reset" (accept, then reset at once, before reading anything), "half_close" (forward the
-client's bytes, then shut the client's write side once `reset_after_response` bytes of the answer have
-passed, and read on). `chunk` > 0 forwards at most that many bytes per write each way (1: byte by byte). With `upstream_port=None` only the modes that never forward make sense.
+client's bytes, but send the client EOF once `reset_after_response` bytes of the answer have
+passed, and read on). `chunk` > 0 forwards at most that many bytes per write each way (1: byte by byte).
+With `upstream_port=None` only the modes that never forward make sense.
 A mode applies to connections accepted after it is set; `drop()` resets the ones open now.
 """
 

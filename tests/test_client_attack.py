@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from typing import Protocol
 
 import anyio
 import pytest
 from faultproxy import FaultProxy, Mode
-from test_client_faults import Counter, counter_server
+from test_client_faults import Counter, CountingHttp, CountingTcp, closed_port, counter_server
 from test_codec_exactness import echo_protocol, echo_server, same
 
 import kubrpc
@@ -146,3 +147,32 @@ async def test_an_inproc_handler_raising_a_base_exception_is_internal(caplog: py
     logged = [r for r in caplog.records if r.name == "kubrpc.inproc"]
     assert len(logged) == 3 and all(r.exc_info and isinstance(r.exc_info[1], Boom) for r in logged)
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+# ---- backoff: when an endpoint's backoff runs out, one call tries it again, not every caller at once ---------------
+
+
+@pytest.mark.parametrize("transport_name", ["tcp", "http"])
+async def test_after_its_backoff_a_down_endpoint_gets_one_attempt_not_a_herd(transport_name: str) -> None:
+    dead = closed_port()
+    transport = CountingTcp() if transport_name == "tcp" else CountingHttp()
+    async with kubrpc.connect([Endpoint("127.0.0.1", dead)], transport=transport) as channel:
+        stub = channel.stub(Counter, timeout=10)
+        outcomes: list[Status] = []
+
+        async def call() -> None:
+            try:
+                await stub.peek()
+            except RpcError as exc:
+                outcomes.append(exc.code)
+
+        for _ in range(5):
+            with anyio.fail_after(20):
+                while channel._down and next(iter(channel._down.values()))[0] > time.monotonic():
+                    await anyio.sleep(0.01)  # until the backoff has run out
+                async with anyio.create_task_group() as tg:
+                    for _ in range(64):
+                        tg.start_soon(call)
+    assert outcomes == [Status.UNAVAILABLE] * 320
+    # Old code (http): every caller that came after the backoff connected, 64 at a time (over 300 attempts).
+    assert transport.attempts[dead] <= 10

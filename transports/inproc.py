@@ -80,6 +80,10 @@ class InprocTransport:
     server side it replaces the Server's own limit, on the client side it defaults to 4 MiB.
     """
 
+    #: A connect is a name lookup: a channel does not back off from a name nobody serves, and finds its server
+    #: as soon as it starts serving.
+    connect_backoff = False
+
     def __init__(self, *, max_message_size: int | None = None) -> None:
         if max_message_size is not None and max_message_size < 1:
             raise ValueError("max_message_size must be positive")
