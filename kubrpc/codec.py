@@ -492,16 +492,30 @@ def _shapes(tp: object) -> dict[type, object]:
 def _union(tp: object, lenient: bool) -> Decoder:
     members: list[_Member] = []
     nullable = False
+    nulls: list[_Member] = []  # what a JSON null can be: None, or an Enum member whose value is None
     for m in _flatten(tp):
         if m is None or m is type(None):
             nullable = True
+            if not any(n.tp is None for n in nulls):
+                nulls.append(_Member(None, _none, "None", "null", {}))
             continue
         dec = decoder(m, ignore_unknown=lenient)
         shapes = _shapes(_unwrap(m))
+        member = _Member(m, dec, _type_name(m), _name(m), shapes)
         if shapes.get(type(None)):
             nullable = True
             shapes.pop(type(None))
-        members.append(_Member(m, dec, _type_name(m), _name(m), shapes))
+            if dec(None, "") is not None:  # an Enum member, not None itself (Literal[None] is None)
+                nulls.append(member)
+            elif not any(n.tp is None for n in nulls):
+                nulls.append(_Member(None, _none, "None", "null", {}))
+        members.append(member)
+    if len(nulls) > 1:
+        raise _ambiguous(tp, nulls[0], nulls[1], "both travel as the JSON value null")
+    if nulls and nulls[0].tp is not None:  # null is that Enum member
+        null_member = nulls[0].decode
+        members.append(_Member(None, lambda value, path: null_member(None, path), "", "null", {type(None): _ALL}))
+        nullable = False
     expected = " or ".join([m.expected for m in members] + (["null"] if nullable else []))
     if len(members) == 1:
         inner = members[0].decode
@@ -512,7 +526,7 @@ def _union(tp: object, lenient: bool) -> Decoder:
         return optional
 
     by_type: dict[type, Decoder] = {}
-    for kind in (bool, int, float, str, list, dict):
+    for kind in (type(None), bool, int, float, str, list, dict):
         claims = [(m, m.shapes[kind]) for m in members if kind in m.shapes]
         if claims:
             by_type[kind] = _pick(tp, kind, claims, expected, lenient)
@@ -522,10 +536,8 @@ def _union(tp: object, lenient: bool) -> Decoder:
             by_type[int] = floats[0].decode
 
     def union(value: Any, path: str) -> Any:
-        if value is None:
-            if nullable:
-                return None
-            _fail(path, expected, value)
+        if value is None and nullable:
+            return None
         try:
             pick = by_type[type(value)]
         except KeyError:

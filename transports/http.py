@@ -579,6 +579,8 @@ class HttpConnection:
         try:
             body = orjson.loads(content)
         except orjson.JSONDecodeError:
+            body = None
+        if type(body) is not dict or type(body.get("code")) is not str:  # not a kubrpc error body
             if not_started:
                 raise NotDeliveredError(f"{self.endpoint.address} did not start the call (HTTP 503)") from None
             # Not from kubrpc: a proxy or sidecar, which may answer 503 after forwarding the call.
