@@ -112,7 +112,7 @@ async def test_enums_of_bytes_and_flag_combinations_round_trip(scheme: str) -> N
         for i, (tp, values) in enumerate(cases):
             stub = channel.stub(echo_protocol(tp, f"Echo{i}"), timeout=10)
             for value in values:
-                back = await stub.echo(value)  # type: ignore[attr-defined]
+                back = await stub.echo(value)
                 assert same(back, value)
         with pytest.raises(RpcError) as info:  # a bit no member of the (strict) Flag has
             await channel.call("Echo2/echo", b'{"value": 4}', timeout=10)
@@ -159,7 +159,7 @@ async def test_an_inproc_handler_raising_a_base_exception_is_internal(caplog: py
 @pytest.mark.parametrize("transport_name", ["tcp", "http"])
 async def test_after_its_backoff_a_down_endpoint_gets_one_attempt_not_a_herd(transport_name: str) -> None:
     dead = closed_port()
-    transport = CountingTcp() if transport_name == "tcp" else CountingHttp()
+    transport: Any = CountingTcp() if transport_name == "tcp" else CountingHttp()
     async with kubrpc.connect([Endpoint("127.0.0.1", dead)], transport=transport) as channel:
         stub = channel.stub(Counter, timeout=10)
         outcomes: list[Status] = []
@@ -249,11 +249,13 @@ def _dataclass_of(fields: list[tuple[object, st.SearchStrategy[Any]]]) -> tuple[
 def _containers(
     children: st.SearchStrategy[tuple[object, st.SearchStrategy[Any]]],
 ) -> st.SearchStrategy[tuple[object, st.SearchStrategy[Any]]]:
+    generic: Any = (list, Optional, tuple, dict)  # subscripted at run time with the annotations drawn
+    list_, optional, tuple_, dict_ = generic
     return st.one_of(
-        children.map(lambda c: (list[c[0]], st.lists(c[1], max_size=3))),  # type: ignore[name-defined]
-        children.map(lambda c: (Optional[c[0]], st.none() | c[1])),  # type: ignore[name-defined]  # noqa: UP045
-        children.map(lambda c: (tuple[c[0], ...], st.lists(c[1], max_size=3).map(tuple))),  # type: ignore[name-defined]
-        children.map(lambda c: (dict[str, c[0]], st.dictionaries(st.text(max_size=4), c[1], max_size=3))),  # type: ignore[name-defined]
+        children.map(lambda c: (list_[c[0]], st.lists(c[1], max_size=3))),
+        children.map(lambda c: (optional[c[0]], st.none() | c[1])),
+        children.map(lambda c: (tuple_[c[0], ...], st.lists(c[1], max_size=3).map(tuple))),
+        children.map(lambda c: (dict_[str, c[0]], st.dictionaries(st.text(max_size=4), c[1], max_size=3))),
         st.lists(children, min_size=1, max_size=3).map(_dataclass_of),
     )
 
@@ -281,7 +283,7 @@ async def test_random_type_trees_round_trip_exactly_over_both_transports(case: t
             stub = channel.stub(echo_protocol(tp, "Echo0"), timeout=10)
             for value in values:
                 with anyio.fail_after(10):
-                    back = await stub.echo(value)  # type: ignore[attr-defined]
+                    back = await stub.echo(value)
                 assert same(back, value), (scheme, tp, value, back)
 
 
