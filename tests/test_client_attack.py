@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import enum
 import logging
+import random
 import time
 import uuid
 from typing import Annotated, Any, Literal, NewType, Optional, Protocol
@@ -19,11 +20,12 @@ import anyio
 import pytest
 from faultproxy import FaultProxy, Mode
 from hypothesis import HealthCheck, given, settings, strategies as st
-from test_client_faults import Counter, CountingHttp, CountingTcp, closed_port, counter_server
+from test_client_faults import Counter, CountingHttp, CountingTcp, FakeClock, closed_port, counter_server
 from test_codec_exactness import echo_protocol, echo_server, echo_spec, same
 
 import kubrpc
 from kubrpc import Endpoint, RpcError, Status
+from kubrpc.balancers.p2c import PowerOfTwoChoices
 
 pytestmark = pytest.mark.anyio
 
@@ -319,3 +321,44 @@ async def test_a_foreign_json_error_body_names_the_status_and_the_endpoint(body:
     assert info.value.code is Status.UNAVAILABLE
     assert info.value.message.startswith(f"HTTP 504 from 127.0.0.1:{port} (not kubrpc)")
     assert requests == 1  # not idempotent: never sent again
+
+
+# ---- p2c: an endpoint that fails fast with a server error does not draw the calls --------------------------------
+
+
+@pytest.mark.parametrize("failure", [Status.INTERNAL, Status.UNKNOWN, Status.DATA_LOSS, Status.RESOURCE_EXHAUSTED])
+def test_p2c_avoids_an_endpoint_that_answers_every_call_with_a_fast_server_error(failure: Status) -> None:
+    clock = FakeClock()
+    good, bad = Endpoint("10.0.0.1", 1), Endpoint("10.0.0.2", 1)
+    balancer = PowerOfTwoChoices(rng=random.Random(5), clock=clock)
+    balancer.update([good, bad])
+    picks = {good: 0, bad: 0}
+    for _ in range(3000):  # 30 s of traffic: good answers in 5 ms, bad fails in 0.1 ms (a crashed handler)
+        ep = balancer.pick()
+        picks[ep] += 1
+        balancer.on_start(ep)
+        clock.now += 0.005 if ep == good else 0.0001
+        if ep == good:
+            balancer.on_finish(ep, status=Status.OK, latency=0.005)
+        else:
+            balancer.on_finish(ep, status=failure, latency=0.0001)
+        clock.now += 0.005
+    # Old code: only UNAVAILABLE counted as a failure, and bad drew 98% of the calls (394 of 400 end to end).
+    assert picks[bad] < 0.05 * picks[good]
+
+
+def test_p2c_does_not_penalise_answers_about_the_call() -> None:
+    clock = FakeClock()
+    a, b = Endpoint("10.0.0.1", 1), Endpoint("10.0.0.2", 1)
+    balancer = PowerOfTwoChoices(rng=random.Random(6), clock=clock)
+    balancer.update([a, b])
+    picks = {a: 0, b: 0}
+    for _ in range(2000):  # b answers NOT_FOUND / INVALID_ARGUMENT as fast as a answers OK: an even split
+        ep = balancer.pick()
+        picks[ep] += 1
+        balancer.on_start(ep)
+        clock.now += 0.001
+        status = Status.OK if ep == a else random.Random(picks[ep]).choice([Status.NOT_FOUND, Status.INVALID_ARGUMENT])
+        balancer.on_finish(ep, status=status, latency=0.001)
+        clock.now += 0.009
+    assert 0.3 < picks[b] / 2000 < 0.7
