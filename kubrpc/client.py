@@ -108,6 +108,8 @@ class Channel:
 
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
         self.target = target if isinstance(target, str) else "<endpoints>"
         if isinstance(target, str | Sequence):
             self._resolver: Resolver = resolvers.create(target)
@@ -238,6 +240,8 @@ class Channel:
     ) -> T:
         """A client of the service Protocol `iface`, typed as `iface`; each call goes through this channel."""
         spec = service_spec(iface)  # type: ignore[arg-type]
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
         stub = _Stub(f"<{spec.name} stub {self.target}>")
         for attr, m in spec.methods.items():
             setattr(
@@ -277,6 +281,8 @@ class Channel:
         """Send an encoded call to one endpoint and return the encoded result (the untyped API under stubs)."""
         if self._task_group is None or self._closed:
             raise RuntimeError("use the Channel as `async with kubrpc.connect(...) as channel:`")
+        if timeout is not None and not timeout < _FOREVER:  # NaN, or so far off that it is no deadline
+            timeout = _check_timeout(timeout)
         if self._interceptors and type(metadata) is not _Intercepted:
             return await self._intercept(path, payload, timeout, idempotent, key, metadata)
         if metadata:  # the same rule on every transport, before anything is sent
@@ -548,6 +554,17 @@ class RetryBudget:
         return (
             f"<RetryBudget {self.ratio:.0%} [{self.tokens:.1f} tokens, {self.retries} retries, {self.refused} refused]>"
         )
+
+
+# A timeout this long (about 31 years) is no deadline: the wire could not carry it (TCP's is 32 bits of ms).
+_FOREVER = 1e9
+
+
+def _check_timeout(timeout: float) -> float | None:
+    """A call timeout as the channel uses it: None for none (inf or beyond _FOREVER); ValueError for NaN."""
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds (or None for no deadline), not NaN")
+    return None if timeout >= _FOREVER else timeout
 
 
 class _Intercepted(dict[str, str]):

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import enum
 import logging
+import math
 import random
 import time
 import uuid
@@ -20,6 +21,7 @@ import anyio
 import pytest
 from faultproxy import FaultProxy, Mode
 from hypothesis import HealthCheck, given, settings, strategies as st
+from services import Arith, make_server
 from test_client_faults import Counter, CountingHttp, CountingTcp, FakeClock, closed_port, counter_server
 from test_codec_exactness import echo_protocol, echo_server, echo_spec, same
 
@@ -362,3 +364,22 @@ def test_p2c_does_not_penalise_answers_about_the_call() -> None:
         balancer.on_finish(ep, status=status, latency=0.001)
         clock.now += 0.009
     assert 0.3 < picks[b] / 2000 < 0.7
+
+
+# ---- call options: a NaN timeout is refused up front, a very long one is no deadline ------------------------------
+
+
+@pytest.mark.parametrize("target", ["tcp", "http", "inproc"])
+async def test_nan_timeouts_are_refused_and_huge_ones_mean_no_deadline(target: str) -> None:
+    server, _ = make_server()
+    url = "inproc://attack-timeouts" if target == "inproc" else f"{target}://127.0.0.1:0"
+    async with server.serve(url) as listener, kubrpc.connect(listener.url) as channel:
+        # Old code: 1e308 s crashed the tcp and http transports with OverflowError (converting it to milliseconds).
+        assert await channel.stub(Arith, timeout=1e308).add(1, 2) == 3
+        assert await channel.call("Arith/add", b'{"a": 1, "b": 2}', timeout=1e300) == b"3"
+        with pytest.raises(ValueError, match="not NaN"):
+            channel.stub(Arith, timeout=math.nan)
+        with pytest.raises(ValueError, match="not NaN"):  # old code: a ValueError from int(), or none (inproc)
+            await channel.call("Arith/add", b'{"a": 1, "b": 2}', timeout=math.nan)
+    with pytest.raises(ValueError, match="not NaN"):
+        kubrpc.connect(listener.url, timeout=math.nan)
