@@ -34,6 +34,7 @@ import orjson
 
 __all__ = (
     "MAX_DEPTH",
+    "RESERVED_METADATA",
     "DecodeError",
     "Decoder",
     "check_depth",
@@ -411,12 +412,43 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
 
 
+# Header names that frame or route an HTTP request, or that carry kubrpc's own call data: as metadata they would
+# cut the body short (a second request smuggled in the rest), re-route the call (host), or set its deadline.
+RESERVED_METADATA = frozenset(
+    {
+        "connection",
+        "content-encoding",
+        "content-length",
+        "content-type",
+        "expect",
+        "host",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "connect-timeout-ms",
+        "connect-protocol-version",
+        "connect-content-encoding",
+        "connect-accept-encoding",
+        "kubrpc-not-started",
+    }
+)
+
+
 def check_metadata(metadata: Mapping[str, str]) -> None:
-    """ValueError unless every key and value can travel as an HTTP header, unchanged, on every transport."""
+    """ValueError unless every key and value can travel as an HTTP header, unchanged, on every transport
+    (and the key is not one that frames the request or carries kubrpc's own data: RESERVED_METADATA)."""
     for key, value in metadata.items():
         if type(key) is not str or _HEADER_NAME.fullmatch(key) is None:
             raise ValueError(
                 f"metadata key {_short(key)} is not a valid header name (letters, digits, -_.!#$%&'*+^`|~)"
+            )
+        if key.lower() in RESERVED_METADATA:
+            raise ValueError(
+                f"metadata key {key!r} is reserved: it frames or routes the request, or carries kubrpc's own "
+                "data (the deadline is the call's timeout); use another name"
             )
         if type(value) is not str or _HEADER_VALUE.fullmatch(value) is None:
             raise ValueError(

@@ -22,7 +22,7 @@ import pytest
 from faultproxy import FaultProxy, Mode
 from hypothesis import HealthCheck, given, settings, strategies as st
 from services import Arith, make_server
-from test_client_faults import Counter, CountingHttp, CountingTcp, FakeClock, closed_port, counter_server
+from test_client_faults import Counter, CounterImpl, CountingHttp, CountingTcp, FakeClock, closed_port, counter_server
 from test_codec_exactness import echo_protocol, echo_server, echo_spec, same
 
 import kubrpc
@@ -383,3 +383,32 @@ async def test_nan_timeouts_are_refused_and_huge_ones_mean_no_deadline(target: s
             await channel.call("Arith/add", b'{"a": 1, "b": 2}', timeout=math.nan)
     with pytest.raises(ValueError, match="not NaN"):
         kubrpc.connect(listener.url, timeout=math.nan)
+
+
+# ---- metadata: names that frame, route or time the request are refused before sending, on every transport --------
+
+
+@pytest.mark.parametrize("target", ["tcp", "http", "inproc"])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"content-length": "2"},  # http: the server read 2 bytes of body; the rest was left as the next request
+        {"Transfer-Encoding": "chunked"},  # http: 400 from the server, INTERNAL on the client
+        {"host": "admin.internal"},  # http: re-routed by any proxy on the way
+        {"connect-timeout-ms": "1"},  # http: a 1 ms deadline on the server; tcp: plain metadata
+        {"content-type": "text/plain"},
+        {"connection": "close"},
+    ],
+)
+async def test_metadata_that_frames_or_routes_the_request_is_refused(target: str, metadata: dict[str, str]) -> None:
+    server = kubrpc.Server()
+    counter = CounterImpl()
+    server.register(Counter, counter)
+    url = "inproc://attack-metadata" if target == "inproc" else f"{target}://127.0.0.1:0"
+    async with server.serve(url) as listener, kubrpc.connect(listener.url) as channel:
+        with pytest.raises(RpcError) as info:
+            await channel.stub(Counter, timeout=5, metadata=metadata).bump()
+        assert info.value.code is Status.INVALID_ARGUMENT
+        assert f"metadata key {next(iter(metadata))!r} is reserved" in info.value.message
+        assert counter.bumps == 0
+        assert await channel.stub(Counter, timeout=5, metadata={"x-content-length": "2"}).bump() == 1
