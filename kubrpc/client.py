@@ -394,8 +394,10 @@ class Channel:
         return endpoint
 
     def _is_down(self, endpoint: Endpoint) -> bool:
-        down = self._down.get((endpoint.host, endpoint.port))
-        return down is not None and down[0] > time.monotonic()
+        """In its connect backoff, or being tried again by one call: pick another endpoint if there is one."""
+        key = (endpoint.host, endpoint.port)
+        down = self._down.get(key)
+        return down is not None and (down[0] > time.monotonic() or key in self._probing)
 
     async def _admit(self, endpoint: Endpoint, remaining: float | None) -> anyio.Event | None:
         """Let a call go to `endpoint` (None), or make it the one call that tries it again after its backoff (the
