@@ -363,6 +363,8 @@ def _build(tp: object, lenient: bool) -> Decoder:
         return _list(decoder(args[0], ignore_unknown=lenient) if args else _any, list)
     if tp in (set, frozenset) or origin in (set, frozenset):
         container = typing.cast(type, origin or tp)
+        if args:
+            _check_hashable(args[0], tp)
         return _list(decoder(args[0], ignore_unknown=lenient) if args else _any, container)
     if tp is tuple or origin is tuple:
         return _tuple(args, lenient)
@@ -740,13 +742,34 @@ def _dataclasses(tp: object, members: list[_Member], expected: str, lenient: boo
     return pick
 
 
+def _check_hashable(item: object, tp: object) -> None:
+    """TypeError now if no value of `item` can be in a set: a set of them could never be decoded."""
+    inner = _unwrap(item)
+    origin = typing.get_origin(inner) or inner
+    unhashable = origin in (list, dict, set) or (
+        isinstance(inner, type) and dataclasses.is_dataclass(inner) and inner.__hash__ is None
+    )
+    if unhashable:
+        raise TypeError(
+            f"unsupported annotation {_type_name(tp)}: set items must be hashable; use a tuple, a frozenset "
+            "or a frozen dataclass as the item type"
+        )
+
+
+def _as_set(container: type, out: list[Any], path: str) -> Any:
+    try:
+        return container(out)
+    except TypeError:  # an item that holds a list or a dict (in Any, or in a frozen dataclass's field)
+        raise DecodeError(path, "expected array of hashable items (no arrays or objects inside a set)") from None
+
+
 def _list(item: Decoder, container: type) -> Decoder:
     if item is _any:
 
         def plain(value: Any, path: str) -> Any:
             if type(value) is not list:
                 _fail(path, "array", value)
-            return value if container is list else container(value)
+            return value if container is list else _as_set(container, value, path)
 
         return plain
 
@@ -754,7 +777,7 @@ def _list(item: Decoder, container: type) -> Decoder:
         if type(value) is not list:
             _fail(path, "array", value)
         out = [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return out if container is list else container(out)
+        return out if container is list else _as_set(container, out, path)
 
     return items
 
@@ -874,6 +897,11 @@ def _dataclass(cls: type, lenient: bool) -> Decoder:
         for f in dataclasses.fields(cls):
             if f.init:
                 required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                if required and f.name.startswith("_"):
+                    raise TypeError(
+                        f"{cls.__qualname__}.{f.name}: the encoder leaves out fields whose name starts with '_', "
+                        "so this required field could never arrive; rename it or give it a default"
+                    )
                 plan.append((f.name, decoder(hints[f.name], ignore_unknown=lenient), required))
     except BaseException:
         del _cache[key]
