@@ -14,7 +14,9 @@ import logging
 import math
 import random
 import time
+import tracemalloc
 import uuid
+import zlib
 from typing import Annotated, Any, Literal, NewType, Optional, Protocol
 
 import anyio
@@ -452,3 +454,40 @@ async def test_unhashable_items_in_a_set_are_invalid_argument_not_internal(schem
             assert info.value.code is Status.INVALID_ARGUMENT
             assert "hashable" in info.value.message
         assert await channel.call("Echo0/echo", b'{"value": [1, "a"]}', timeout=10) in (b'[1,"a"]', b'["a",1]')
+
+
+# ---- HTTP: a compressed answer cannot inflate past the size limit ---------------------------------------------------
+
+
+async def test_a_gzip_bomb_answer_is_not_inflated_past_the_limit() -> None:
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip
+    megabyte = b"1" * (1 << 20)
+    bomb = b"".join(squeeze.compress(megabyte) for _ in range(64)) + squeeze.flush()  # 64 MiB in ~65 KB
+    heads: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        heads.append(head.lower())
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s" % (len(bomb), bomb))
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    tracemalloc.start()
+    try:
+        async with kubrpc.connect([Endpoint("127.0.0.1", port)], transport="http") as channel:
+            with anyio.fail_after(20), pytest.raises(RpcError) as info:
+                await channel.stub(Counter, timeout=10).peek()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        server.close()
+        await server.wait_closed()
+    # Old code: aiohttp asked for gzip and inflated all 64 MiB (a 4 MiB limit counts the 65 KB on the wire).
+    assert peak < 16 * 1024 * 1024
+    assert info.value.code is Status.INTERNAL  # not JSON: kubrpc servers never compress
+    assert b"accept-encoding" not in heads[0]

@@ -527,7 +527,10 @@ class HttpConnection:
             ),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=transport.connect_timeout),
             headers={"content-type": "application/json"},
-            skip_auto_headers=("User-Agent",),
+            # No Accept-Encoding, and no decompression: a 400 KB gzip answer inflated to 400 MiB past the size
+            # limit, which counts the bytes on the wire. kubrpc servers do not compress.
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            auto_decompress=False,
         )
 
     @property
