@@ -308,7 +308,8 @@ class Channel:
                 endpoint = await self._first_pick(key, remaining)
             probe: anyio.Event | None = None
             try:
-                if self._down:  # in its connect backoff: fail fast rather than connect; after it, one call tries
+                if self._down and (endpoint.host, endpoint.port) in self._down:
+                    # In its connect backoff: fail fast rather than connect; after it, one call tries it again.
                     probe = await self._admit(endpoint, remaining)
                 if self._feedback is None:  # the hot path, without a coroutine per layer
                     conn = self._connections.get((endpoint.host, endpoint.port))
