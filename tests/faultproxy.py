@@ -9,7 +9,8 @@ discard everything, never connect upstream, never answer), "reset_after" (forwar
 bytes from the client have passed, or `reset_after_response` bytes from the server, then reset both sides),
 "accept_then_reset" (accept, then reset at once, before reading anything), "half_close" (forward the
 client's bytes, but send the client EOF once `reset_after_response` bytes of the answer have
-passed, and read on). `chunk` > 0 forwards at most that many bytes per write each way (1: byte by byte).
+passed, and read on). `chunk` > 0 forwards at most that many bytes per write each way (1: byte by byte);
+`rate` > 0 limits each direction of each connection to that many bytes per second.
 With `upstream_port=None` only the modes that never forward make sense.
 A mode applies to connections accepted after it is set; `drop()` resets the ones open now.
 """
@@ -49,6 +50,7 @@ class FaultProxy:
         reset_after: int | None = 0,
         reset_after_response: int | None = None,
         chunk: int = 0,
+        rate: float = 0.0,
     ) -> None:
         self.upstream_port = upstream_port
         self.mode: Mode = mode
@@ -56,6 +58,7 @@ class FaultProxy:
         self.reset_after = reset_after
         self.reset_after_response = reset_after_response
         self.chunk = chunk
+        self.rate = rate
         self.accepted = 0
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -160,5 +163,7 @@ class FaultProxy:
             passed += len(chunk)
             if self.latency:
                 await asyncio.sleep(self.latency)
+            if self.rate:
+                await asyncio.sleep(len(chunk) / self.rate)
             writer.write(chunk)
             await writer.drain()

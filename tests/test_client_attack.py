@@ -491,3 +491,43 @@ async def test_a_gzip_bomb_answer_is_not_inflated_past_the_limit() -> None:
     assert peak < 16 * 1024 * 1024
     assert info.value.code is Status.INTERNAL  # not JSON: kubrpc servers never compress
     assert b"accept-encoding" not in heads[0]
+
+
+# ---- a slow link: deadlines hold, a call runs at most once, and the connection stays usable ------------------------
+
+
+class Sink(Protocol):
+    async def put(self, blob: str) -> int: ...
+
+
+class SinkImpl:
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def put(self, blob: str) -> int:
+        self.runs += 1
+        return len(blob)
+
+
+async def test_a_bandwidth_limited_link_keeps_deadlines_and_runs_each_call_at_most_once(scheme: str) -> None:
+    server = kubrpc.Server()
+    sink = SinkImpl()
+    server.register(Sink, sink)
+    async with server.serve(f"{scheme}://127.0.0.1:0") as listener:
+        port = int(listener.url.rsplit(":", 1)[1])
+        async with FaultProxy(port, chunk=4096, rate=2_000_000) as proxy:  # 2 MB/s each way
+            async with kubrpc.connect([Endpoint("127.0.0.1", proxy.port)], transport=scheme) as channel:
+                blob = "x" * 400_000  # 0.2 s on the wire
+                failed = 0
+                for _ in range(5):
+                    try:
+                        with anyio.fail_after(20):
+                            await channel.stub(Sink, timeout=0.05).put(blob)
+                    except RpcError as exc:
+                        assert exc.code is Status.DEADLINE_EXCEEDED
+                        failed += 1
+                assert failed >= 1
+                with anyio.fail_after(30):
+                    assert await channel.stub(Sink, timeout=20).put(blob) == len(blob)
+            await _settled(proxy)
+    assert sink.runs <= 6  # at most once per call, whatever arrived after its deadline
