@@ -38,6 +38,9 @@ _RETIRE_GRACE = 30.0
 
 _EMPTY: Mapping[str, str] = {}
 
+# Errors that are no answer from a server: they do not end an endpoint's connect backoff.
+_NO_ANSWER = frozenset({Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CANCELLED})
+
 #: Called with the channel and its endpoints after each resolver snapshot, and once more when the channel closes
 #: (then `channel.closed` is True and the endpoints are empty).
 EndpointsHook = Callable[["Channel", Sequence[Endpoint]], None]
@@ -105,6 +108,8 @@ class Channel:
 
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
         self.target = target if isinstance(target, str) else "<endpoints>"
         if isinstance(target, str | Sequence):
             self._resolver: Resolver = resolvers.create(target)
@@ -144,6 +149,8 @@ class Channel:
         self._feedback = self.balancer if isinstance(self.balancer, CallFeedback) else None
         self._pick_for = self.balancer.pick_for if isinstance(self.balancer, KeyedBalancer) else None
         self._down: dict[tuple[str, int], tuple[float, Backoff, str]] = {}
+        # Endpoints whose backoff has run out and that one call is trying again: the others wait for its outcome.
+        self._probing: dict[tuple[str, int], anyio.Event] = {}
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.retry_budget = retry_budget or RetryBudget()
@@ -231,6 +238,8 @@ class Channel:
     ) -> T:
         """A client of the service Protocol `iface`, typed as `iface`; each call goes through this channel."""
         spec = service_spec(iface)  # type: ignore[arg-type]
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
         stub = _Stub(f"<{spec.name} stub {self.target}>")
         for attr, m in spec.methods.items():
             setattr(
@@ -270,6 +279,8 @@ class Channel:
         """Send an encoded call to one endpoint and return the encoded result (the untyped API under stubs)."""
         if self._task_group is None or self._closed:
             raise RuntimeError("use the Channel as `async with kubrpc.connect(...) as channel:`")
+        if timeout is not None and not timeout < _FOREVER:  # NaN, or so far off that it is no deadline
+            timeout = _check_timeout(timeout)
         if self._interceptors and type(metadata) is not _Intercepted:
             return await self._intercept(path, payload, timeout, idempotent, key, metadata)
         if metadata:  # the same rule on every transport, before anything is sent
@@ -293,9 +304,11 @@ class Channel:
                 endpoint = self._pick(key, tried)
             else:
                 endpoint = await self._first_pick(key, remaining)
+            probe: anyio.Event | None = None
             try:
-                if self._down:
-                    self._check_down(endpoint)  # in its connect backoff: fail fast rather than connect
+                if self._down and (endpoint.host, endpoint.port) in self._down:
+                    # In its connect backoff: fail fast rather than connect; after it, one call tries it again.
+                    probe = await self._admit(endpoint, remaining)
                 if self._feedback is None:  # the hot path, without a coroutine per layer
                     conn = self._connections.get((endpoint.host, endpoint.port))
                     if conn is None or not conn.usable:
@@ -315,9 +328,14 @@ class Channel:
             except RpcError as exc:
                 if type(exc) is UnreachableError:  # maybe delivered: back off, but retry only if idempotent
                     self._mark_down((endpoint.host, endpoint.port), exc.message)
+                elif self._down and exc.code not in _NO_ANSWER:  # the endpoint answered: reachable again
+                    self._down.pop((endpoint.host, endpoint.port), None)
                 retryable = idempotent and exc.code is Status.UNAVAILABLE
                 if not retryable or attempt >= self.max_attempts or not budget.withdraw():
                     raise
+            finally:
+                if probe is not None:
+                    self._end_probe((endpoint.host, endpoint.port), probe)
             if tried is None:
                 tried = set()
             tried.add(endpoint)
@@ -391,8 +409,37 @@ class Channel:
         return endpoint
 
     def _is_down(self, endpoint: Endpoint) -> bool:
-        down = self._down.get((endpoint.host, endpoint.port))
-        return down is not None and down[0] > time.monotonic()
+        """In its connect backoff, or being tried again by one call: pick another endpoint if there is one."""
+        key = (endpoint.host, endpoint.port)
+        down = self._down.get(key)
+        return down is not None and (down[0] > time.monotonic() or key in self._probing)
+
+    async def _admit(self, endpoint: Endpoint, remaining: float | None) -> anyio.Event | None:
+        """Let a call go to `endpoint` (None), or make it the one call that tries it again after its backoff (the
+        Event to set when it is over): meanwhile, other calls to it wait for that outcome within their deadline,
+        rather than all connecting at once. NotDeliveredError while the backoff runs."""
+        key = (endpoint.host, endpoint.port)
+        deadline = None if remaining is None else time.monotonic() + remaining
+        while key in self._down:
+            self._check_down(endpoint)
+            probing = self._probing.get(key)
+            if probing is None:
+                probing = self._probing[key] = anyio.Event()
+                return probing
+            if deadline is None:
+                await probing.wait()
+            else:
+                with anyio.move_on_after(deadline - time.monotonic()):
+                    await probing.wait()
+                if not probing.is_set():
+                    raise RpcError(Status.DEADLINE_EXCEEDED, f"deadline exceeded waiting for {endpoint.address}")
+        return None
+
+    def _end_probe(self, key: tuple[str, int], probe: anyio.Event) -> None:
+        """The call that tried an endpoint again after its backoff is over (or has connected): wake the others."""
+        if self._probing.get(key) is probe:
+            del self._probing[key]
+        probe.set()
 
     def _check_down(self, endpoint: Endpoint) -> None:
         """NotDeliveredError if `endpoint` is in its connect backoff: no connection is attempted until it ends."""
@@ -427,21 +474,23 @@ class Channel:
         lock = self._connecting.setdefault(key, anyio.Lock())
         try:
             async with asyncio.timeout(timeout), lock:
+                if self._down:  # a call it waited for failed to connect: share that outcome rather than try again
+                    self._check_down(endpoint)
                 conn = self._connections.get(key)
                 if conn is not None and conn.usable:
                     return conn
                 if conn is not None:
                     del self._connections[key]
                     self._retire(conn)
-                if self._down:  # a connect it waited for failed: share that outcome rather than try again
-                    self._check_down(endpoint)
                 try:
                     conn = await self._transport.connect(endpoint)
                 except NotDeliveredError as exc:
-                    if exc.unreachable is None:
+                    if exc.unreachable is None:  # unless the transport says (inproc: a name lookup, no backoff)
                         exc.unreachable = True  # call() marks the endpoint down
                     raise
                 self._down.pop(key, None)
+                if (probe := self._probing.get(key)) is not None:  # connected: the calls waiting on it may go
+                    self._end_probe(key, probe)
                 if self._closed:
                     await conn.aclose()
                     raise RpcError(Status.CANCELLED, "channel closed")
@@ -523,6 +572,17 @@ class RetryBudget:
         return (
             f"<RetryBudget {self.ratio:.0%} [{self.tokens:.1f} tokens, {self.retries} retries, {self.refused} refused]>"
         )
+
+
+# A timeout this long (about 31 years) is no deadline: the wire could not carry it (TCP's is 32 bits of ms).
+_FOREVER = 1e9
+
+
+def _check_timeout(timeout: float) -> float | None:
+    """A call timeout as the channel uses it: None for none (inf or beyond _FOREVER); ValueError for NaN."""
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds (or None for no deadline), not NaN")
+    return None if timeout >= _FOREVER else timeout
 
 
 class _Intercepted(dict[str, str]):

@@ -34,6 +34,7 @@ import orjson
 
 __all__ = (
     "MAX_DEPTH",
+    "RESERVED_METADATA",
     "DecodeError",
     "Decoder",
     "check_depth",
@@ -362,6 +363,8 @@ def _build(tp: object, lenient: bool) -> Decoder:
         return _list(decoder(args[0], ignore_unknown=lenient) if args else _any, list)
     if tp in (set, frozenset) or origin in (set, frozenset):
         container = typing.cast(type, origin or tp)
+        if args:
+            _check_hashable(args[0], tp)
         return _list(decoder(args[0], ignore_unknown=lenient) if args else _any, container)
     if tp is tuple or origin is tuple:
         return _tuple(args, lenient)
@@ -411,12 +414,43 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
 
 
+# Header names that frame or route an HTTP request, or that carry kubrpc's own call data: as metadata they would
+# cut the body short (a second request smuggled in the rest), re-route the call (host), or set its deadline.
+RESERVED_METADATA = frozenset(
+    {
+        "connection",
+        "content-encoding",
+        "content-length",
+        "content-type",
+        "expect",
+        "host",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "connect-timeout-ms",
+        "connect-protocol-version",
+        "connect-content-encoding",
+        "connect-accept-encoding",
+        "kubrpc-not-started",
+    }
+)
+
+
 def check_metadata(metadata: Mapping[str, str]) -> None:
-    """ValueError unless every key and value can travel as an HTTP header, unchanged, on every transport."""
+    """ValueError unless every key and value can travel as an HTTP header, unchanged, on every transport
+    (and the key is not one that frames the request or carries kubrpc's own data: RESERVED_METADATA)."""
     for key, value in metadata.items():
         if type(key) is not str or _HEADER_NAME.fullmatch(key) is None:
             raise ValueError(
                 f"metadata key {_short(key)} is not a valid header name (letters, digits, -_.!#$%&'*+^`|~)"
+            )
+        if key.lower() in RESERVED_METADATA:
+            raise ValueError(
+                f"metadata key {key!r} is reserved: it frames or routes the request, or carries kubrpc's own "
+                "data (the deadline is the call's timeout); use another name"
             )
         if type(value) is not str or _HEADER_VALUE.fullmatch(value) is None:
             raise ValueError(
@@ -492,16 +526,30 @@ def _shapes(tp: object) -> dict[type, object]:
 def _union(tp: object, lenient: bool) -> Decoder:
     members: list[_Member] = []
     nullable = False
+    nulls: list[_Member] = []  # what a JSON null can be: None, or an Enum member whose value is None
     for m in _flatten(tp):
         if m is None or m is type(None):
             nullable = True
+            if not any(n.tp is None for n in nulls):
+                nulls.append(_Member(None, _none, "None", "null", {}))
             continue
         dec = decoder(m, ignore_unknown=lenient)
         shapes = _shapes(_unwrap(m))
+        member = _Member(m, dec, _type_name(m), _name(m), shapes)
         if shapes.get(type(None)):
             nullable = True
             shapes.pop(type(None))
-        members.append(_Member(m, dec, _type_name(m), _name(m), shapes))
+            if dec(None, "") is not None:  # an Enum member, not None itself (Literal[None] is None)
+                nulls.append(member)
+            elif not any(n.tp is None for n in nulls):
+                nulls.append(_Member(None, _none, "None", "null", {}))
+        members.append(member)
+    if len(nulls) > 1:
+        raise _ambiguous(tp, nulls[0], nulls[1], "both travel as the JSON value null")
+    if nulls and nulls[0].tp is not None:  # null is that Enum member
+        null_member = nulls[0].decode
+        members.append(_Member(None, lambda value, path: null_member(None, path), "", "null", {type(None): _ALL}))
+        nullable = False
     expected = " or ".join([m.expected for m in members] + (["null"] if nullable else []))
     if len(members) == 1:
         inner = members[0].decode
@@ -512,7 +560,7 @@ def _union(tp: object, lenient: bool) -> Decoder:
         return optional
 
     by_type: dict[type, Decoder] = {}
-    for kind in (bool, int, float, str, list, dict):
+    for kind in (type(None), bool, int, float, str, list, dict):
         claims = [(m, m.shapes[kind]) for m in members if kind in m.shapes]
         if claims:
             by_type[kind] = _pick(tp, kind, claims, expected, lenient)
@@ -522,10 +570,8 @@ def _union(tp: object, lenient: bool) -> Decoder:
             by_type[int] = floats[0].decode
 
     def union(value: Any, path: str) -> Any:
-        if value is None:
-            if nullable:
-                return None
-            _fail(path, expected, value)
+        if value is None and nullable:
+            return None
         try:
             pick = by_type[type(value)]
         except KeyError:
@@ -696,13 +742,34 @@ def _dataclasses(tp: object, members: list[_Member], expected: str, lenient: boo
     return pick
 
 
+def _check_hashable(item: object, tp: object) -> None:
+    """TypeError now if no value of `item` can be in a set: a set of them could never be decoded."""
+    inner = _unwrap(item)
+    origin = typing.get_origin(inner) or inner
+    unhashable = origin in (list, dict, set) or (
+        isinstance(inner, type) and dataclasses.is_dataclass(inner) and inner.__hash__ is None
+    )
+    if unhashable:
+        raise TypeError(
+            f"unsupported annotation {_type_name(tp)}: set items must be hashable; use a tuple, a frozenset "
+            "or a frozen dataclass as the item type"
+        )
+
+
+def _as_set(container: type, out: list[Any], path: str) -> Any:
+    try:
+        return container(out)
+    except TypeError:  # an item that holds a list or a dict (in Any, or in a frozen dataclass's field)
+        raise DecodeError(path, "expected array of hashable items (no arrays or objects inside a set)") from None
+
+
 def _list(item: Decoder, container: type) -> Decoder:
     if item is _any:
 
         def plain(value: Any, path: str) -> Any:
             if type(value) is not list:
                 _fail(path, "array", value)
-            return value if container is list else container(value)
+            return value if container is list else _as_set(container, value, path)
 
         return plain
 
@@ -710,7 +777,7 @@ def _list(item: Decoder, container: type) -> Decoder:
         if type(value) is not list:
             _fail(path, "array", value)
         out = [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return out if container is list else container(out)
+        return out if container is list else _as_set(container, out, path)
 
     return items
 
@@ -749,15 +816,34 @@ def _dict(item: Decoder) -> Decoder:
 
 
 def _enum(cls: type[enum.Enum]) -> Decoder:
-    by_value = {(type(m.value), m.value): m for m in cls}
-    expected = "one of " + ", ".join(repr(m.value) for m in cls)
+    """Members by the JSON they travel as (bytes as base64); TypeError now for values JSON cannot carry.
+
+    A Flag also takes any combination of its members (an integer the Flag accepts), as it is encoded.
+    """
+    by_value: dict[tuple[type, object], enum.Enum] = {}
+    for m in cls:
+        try:
+            wire = _wire_value(m)
+        except TypeError as exc:
+            raise TypeError(f"Enum {cls.__qualname__}: member {m.name}: {exc}") from None
+        other = by_value.setdefault(wire, m)
+        if other is not m:
+            raise TypeError(f"Enum {cls.__qualname__}: members {other.name} and {m.name} both travel as {wire[1]!r}")
+    expected = "one of " + ", ".join(repr(w) for _, w in by_value)
+    flag = issubclass(cls, enum.Flag)
 
     def member(value: Any, path: str) -> enum.Enum:
         try:
             return by_value[(type(value), value)]
         except (KeyError, TypeError):
-            if type(value) is int and (float, float(value)) in by_value:
-                return by_value[(float, float(value))]
+            if type(value) is int:
+                if (float, float(value)) in by_value:
+                    return by_value[(float, float(value))]
+                if flag:
+                    try:
+                        return cls(value)
+                    except ValueError:
+                        pass
             raise DecodeError(path, f"expected {expected}, got {_short(value)}") from None
 
     return member
@@ -811,6 +897,11 @@ def _dataclass(cls: type, lenient: bool) -> Decoder:
         for f in dataclasses.fields(cls):
             if f.init:
                 required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                if required and f.name.startswith("_"):
+                    raise TypeError(
+                        f"{cls.__qualname__}.{f.name}: the encoder leaves out fields whose name starts with '_', "
+                        "so this required field could never arrive; rename it or give it a default"
+                    )
                 plan.append((f.name, decoder(hints[f.name], ignore_unknown=lenient), required))
     except BaseException:
         del _cache[key]

@@ -6,8 +6,12 @@
 
 Modes: "forward" (with `latency` seconds added to every chunk each way), "blackhole" (accept, read and
 discard everything, never connect upstream, never answer), "reset_after" (forward until `reset_after`
-bytes from the client have passed, then reset both sides), "accept_then_reset" (accept, then reset at
-once, before reading anything). With `upstream_port=None` only the modes that never forward make sense.
+bytes from the client have passed, or `reset_after_response` bytes from the server, then reset both sides),
+"accept_then_reset" (accept, then reset at once, before reading anything), "half_close" (forward the
+client's bytes, but send the client EOF once `reset_after_response` bytes of the answer have
+passed, and read on). `chunk` > 0 forwards at most that many bytes per write each way (1: byte by byte);
+`rate` > 0 limits each direction of each connection to that many bytes per second.
+With `upstream_port=None` only the modes that never forward make sense.
 A mode applies to connections accepted after it is set; `drop()` resets the ones open now.
 """
 
@@ -20,7 +24,7 @@ import struct
 from types import TracebackType
 from typing import Literal, Self
 
-Mode = Literal["forward", "blackhole", "reset_after", "accept_then_reset"]
+Mode = Literal["forward", "blackhole", "reset_after", "accept_then_reset", "half_close"]
 
 __all__ = ("FaultProxy", "Mode")
 
@@ -38,12 +42,23 @@ class FaultProxy:
     """An asyncio TCP proxy whose faults can be switched while it runs."""
 
     def __init__(
-        self, upstream_port: int | None = None, *, mode: Mode = "forward", latency: float = 0.0, reset_after: int = 0
+        self,
+        upstream_port: int | None = None,
+        *,
+        mode: Mode = "forward",
+        latency: float = 0.0,
+        reset_after: int | None = 0,
+        reset_after_response: int | None = None,
+        chunk: int = 0,
+        rate: float = 0.0,
     ) -> None:
         self.upstream_port = upstream_port
         self.mode: Mode = mode
         self.latency = latency
         self.reset_after = reset_after
+        self.reset_after_response = reset_after_response
+        self.chunk = chunk
+        self.rate = rate
         self.accepted = 0
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -85,8 +100,8 @@ class FaultProxy:
         self._writers.add(writer)
         try:
             await self._serve(reader, writer, self.mode)
-        except (OSError, asyncio.IncompleteReadError):
-            pass
+        except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # CancelledError: the proxy is closing (asyncio would log a handler task that ends cancelled)
         finally:
             self._writers.discard(writer)
             self._tasks.discard(task)
@@ -103,15 +118,28 @@ class FaultProxy:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         self._writers.add(up_writer)
         limit = self.reset_after if mode == "reset_after" else None
+        back = self.reset_after_response if mode in ("reset_after", "half_close") else None
         try:
-            upstream = asyncio.create_task(self._pipe(up_reader, writer, None))
+            upstream = asyncio.create_task(self._pipe(up_reader, writer, back))
+            downstream = asyncio.create_task(self._pipe(reader, up_writer, limit))
             try:
-                if await self._pipe(reader, up_writer, limit):
-                    _reset(writer)
-                    _reset(up_writer)
-                else:
-                    await upstream  # the client closed its side: the answer still comes back
+                pending = {upstream, downstream}
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        if not task.result():
+                            continue
+                        if mode == "half_close" and task is upstream:
+                            with contextlib.suppress(OSError):
+                                writer.write_eof()  # the client reads EOF; its own bytes still go upstream
+                            continue
+                        _reset(writer)
+                        _reset(up_writer)
+                        return
             finally:
+                if not downstream.done():
+                    downstream.cancel()
+                await asyncio.gather(downstream, return_exceptions=True)
                 if not upstream.done():
                     upstream.cancel()
                 await asyncio.gather(upstream, return_exceptions=True)
@@ -123,7 +151,7 @@ class FaultProxy:
         """Copy reader to writer until EOF (False) or until `limit` bytes have passed (True: reset now)."""
         passed = 0
         while True:
-            chunk = await reader.read(65536)
+            chunk = await reader.read(self.chunk or 65536)
             if not chunk:
                 with contextlib.suppress(OSError):
                     writer.write_eof()
@@ -135,5 +163,7 @@ class FaultProxy:
             passed += len(chunk)
             if self.latency:
                 await asyncio.sleep(self.latency)
+            if self.rate:
+                await asyncio.sleep(len(chunk) / self.rate)
             writer.write(chunk)
             await writer.drain()

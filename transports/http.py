@@ -554,7 +554,10 @@ class HttpConnection:
             ),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=transport.connect_timeout),
             headers={"content-type": "application/json"},
-            skip_auto_headers=("User-Agent",),
+            # No Accept-Encoding, and no decompression: a 400 KB gzip answer inflated to 400 MiB past the size
+            # limit, which counts the bytes on the wire. kubrpc servers do not compress.
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            auto_decompress=False,
         )
 
     @property
@@ -606,6 +609,8 @@ class HttpConnection:
         try:
             body = orjson.loads(content)
         except orjson.JSONDecodeError:
+            body = None
+        if type(body) is not dict or type(body.get("code")) is not str:  # not a kubrpc error body
             if not_started:
                 raise NotDeliveredError(f"{self.endpoint.address} did not start the call (HTTP 503)") from None
             # Not from kubrpc: a proxy or sidecar, which may answer 503 after forwarding the call.
