@@ -24,11 +24,12 @@ _SERVER_FAILURES = frozenset(
 class _Load:
     """What p2c knows about one endpoint (kept across updates while its address stays)."""
 
-    __slots__ = ("cost", "in_flight", "inverse_weight", "penalty", "penalty_stamp", "stamp")
+    __slots__ = ("cost", "in_flight", "inverse_weight", "penalty", "penalty_stamp", "sampled", "stamp")
 
     def __init__(self, cost: float, stamp: float) -> None:
         self.cost = cost
         self.stamp = stamp
+        self.sampled = False  # until its first answer it is priced by _unsampled()
         self.in_flight = 0
         self.inverse_weight = 1.0
         self.penalty = 0.0
@@ -41,7 +42,10 @@ class PowerOfTwoChoices:
     load = latency × (in_flight + 1) / weight, where latency is a peak EWMA (Finagle's PeakEwma,
     Linkerd's tower): a sample above the estimate replaces it at once, a lower one is blended in
     with weight 1 - exp(-Δt / decay), and without samples the estimate decays toward 0 so that an
-    idle endpoint is tried again. A new endpoint starts at `default_latency`. A call that ends in a
+    idle endpoint is tried again. An endpoint that has not answered yet is priced at `default_latency`
+    or at the latest latency measured on any endpoint, whichever is lower, so that a new endpoint is
+    tried at once instead of waiting for its guess to decay to what the others measure (scaled-out
+    pods would otherwise get nothing from a low-concurrency client). A call that ends in a
     failure of the server (UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS or RESOURCE_EXHAUSTED) adds
     `failure_penalty` seconds to the endpoint's latency, so an endpoint that fails fast does not attract
     traffic; the penalty is kept apart from the latency estimate and fades with time constant
@@ -75,6 +79,8 @@ class PowerOfTwoChoices:
         self._endpoints: tuple[Endpoint, ...] = ()
         self._loads: list[_Load] = []
         self._by_address: dict[tuple[str, int], _Load] = {}
+        # The latest estimate measured on any endpoint: the price of endpoints that have not answered yet.
+        self._reference = _Load(self._default_latency, clock())
 
     def update(self, endpoints: Sequence[Endpoint], /) -> None:
         """Replace the endpoint set; what is known about endpoints that stay is kept."""
@@ -106,8 +112,8 @@ class PowerOfTwoChoices:
         a, b = self._loads[i], self._loads[j]
         now = self._clock()
         decay = self._decay
-        latency_a = a.cost * math.exp((a.stamp - now) / decay)
-        latency_b = b.cost * math.exp((b.stamp - now) / decay)
+        latency_a = a.cost * math.exp((a.stamp - now) / decay) if a.sampled else self._unsampled(now)
+        latency_b = b.cost * math.exp((b.stamp - now) / decay) if b.sampled else self._unsampled(now)
         if a.penalty:
             latency_a += self._penalty(a, now)
         if b.penalty:
@@ -115,6 +121,11 @@ class PowerOfTwoChoices:
         cost_a = latency_a * (a.in_flight + 1) * a.inverse_weight
         cost_b = latency_b * (b.in_flight + 1) * b.inverse_weight
         return endpoints[i] if cost_a <= cost_b else endpoints[j]
+
+    def _unsampled(self, now: float) -> float:
+        """The price of an endpoint that has not answered yet: optimistic, so that it is tried soon."""
+        ref = self._reference
+        return min(self._default_latency, ref.cost * math.exp((ref.stamp - now) / self._decay))
 
     def _penalty(self, load: _Load, now: float) -> float:
         """What is left of `load`'s failure penalty at `now` (0 once it has faded below a microsecond)."""
@@ -145,10 +156,16 @@ class PowerOfTwoChoices:
                 load.penalty_stamp = now
             return
         load.penalty = 0.0  # it answered: healthy again
-        weight = math.exp(min(load.stamp - now, 0.0) / self._decay)
-        estimate = load.cost * weight
-        load.cost = latency if latency > estimate else estimate + latency * (1.0 - weight)
-        load.stamp = now
+        if not load.sampled:  # its first answer: start from what it measured, not from the borrowed price
+            load.sampled = True
+            load.cost, load.stamp = latency, now
+        else:
+            weight = math.exp(min(load.stamp - now, 0.0) / self._decay)
+            estimate = load.cost * weight
+            load.cost = latency if latency > estimate else estimate + latency * (1.0 - weight)
+            load.stamp = now
+        ref = self._reference
+        ref.cost, ref.stamp = load.cost, now
 
     def __repr__(self) -> str:
         in_flight = sum(load.in_flight for load in self._loads)
