@@ -63,11 +63,14 @@ def _deadline_frame(stream: int) -> bytes:
 class TcpListener:
     """A listening TCP socket and its connections."""
 
-    def __init__(self, server: Server, max_message_size: int, preface_timeout: float = 10.0) -> None:
+    def __init__(
+        self, server: Server, max_message_size: int, preface_timeout: float = 10.0, frame_timeout: float = 30.0
+    ) -> None:
         self.server = server
         self.url = ""
         self.max_message_size = max_message_size
         self.preface_timeout = preface_timeout
+        self.frame_timeout = frame_timeout
         self.connections: set[_ServerConnection] = set()
         self.draining = False
         self._orphans: set[asyncio.Task[None]] = set()
@@ -146,6 +149,9 @@ class _ServerConnection(FrameWriter):
         self._decoder = FrameDecoder(listener.max_message_size + FRAME_OVERHEAD, server.admit, server.release)
         self._preface: bytes | None = b""
         self._preface_timer: asyncio.TimerHandle | None = None
+        self._frame_timer: asyncio.TimerHandle | None = None  # times the partial frame counted in the budget
+        self._frame_begun = 0  # which one (FrameDecoder.begun)
+        self._frame_since = 0.0
         self._backlog: list[Frame] = []  # frames received while writes were paused, handled on resume
         self._write_paused = False
         self._last_stream = 0
@@ -204,7 +210,7 @@ class _ServerConnection(FrameWriter):
         self._decoder.close()
         self._unpause()
         self._deadlines.close()
-        for timer in (self._idle_timer, self._linger_timer, self._preface_timer):
+        for timer in (self._idle_timer, self._linger_timer, self._preface_timer, self._frame_timer):
             if timer is not None:
                 timer.cancel()
         for task in self.calls.values():
@@ -244,15 +250,35 @@ class _ServerConnection(FrameWriter):
                 self._preface_timer = None
             if not self._going_away:
                 self.write_now(_SETTINGS_FRAME)
+        decoder = self._decoder
         try:
-            frames = self._decoder.feed(data)
+            frames = decoder.feed(data)
         except ProtocolError as exc:
             self._fail(str(exc))
             return
+        if decoder.reserved and decoder.begun != self._frame_begun:  # a large frame has begun arriving
+            self._frame_started()
         if self._backlog:  # read just before a pause took effect: after what is waiting already
             self._backlog += frames
         else:
             self._handle_frames(frames)
+
+    def _frame_started(self) -> None:
+        """A frame counted against the budget while partial must arrive within frame_timeout, or the peer goes."""
+        self._frame_begun = self._decoder.begun
+        self._frame_since = self._loop.time()
+        if self._frame_timer is None:
+            self._frame_timer = self._loop.call_later(self.listener.frame_timeout, self._frame_late)
+
+    def _frame_late(self) -> None:
+        self._frame_timer = None
+        if not self._decoder.reserved:  # it arrived (and no other has begun)
+            return
+        left = self._frame_since + self.listener.frame_timeout - self._loop.time()
+        if left > 0:  # a later frame than the one timed: time it from its own start
+            self._frame_timer = self._loop.call_later(left, self._frame_late)
+        else:
+            self._fail(f"frame not received within {self.listener.frame_timeout:g} s")
 
     def _handle_frames(self, frames: list[Frame]) -> None:
         handle = self._handle

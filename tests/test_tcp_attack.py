@@ -1,0 +1,208 @@
+"""A second attack on the TCP transport, from raw sockets: hoarding, stalling, malformed frames, broken servers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+from services import Arith, Control, wait_until
+from test_tcp_hardening import Raw, request, serving
+
+import kubrpc
+from kubrpc import Status
+from kubrpc.endpoint import Endpoint
+from kubrpc.errors import NotDeliveredError, RpcError
+from kubrpc.transports._frames import (
+    FRAME_OVERHEAD,
+    HEADER,
+    PREFACE,
+    FrameDecoder,
+    FrameType,
+    encode_frame,
+    encode_request,
+)
+from kubrpc.transports.tcp import TcpTransport
+
+pytestmark = pytest.mark.anyio
+
+_BODY = b'{"a": 1, "b": 2}'
+
+
+def big_request(stream: int, size: int) -> bytes:
+    """A valid Arith/add REQUEST frame of about `size` bytes (the body padded with JSON whitespace)."""
+    return encode_request(stream, "Arith/add", b" " * size + _BODY)
+
+
+async def reset(raw: Raw) -> None:
+    """Reset the connection (RST, not FIN), as a crashed peer or a proxy would."""
+    sock = raw.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await raw.stream.aclose()
+
+
+async def add(url: str) -> int:
+    async with kubrpc.connect(url) as channel:
+        return await channel.stub(Arith, timeout=10).add(1, 2)
+
+
+# -- max_pending_bytes: a header alone must not reserve the budget -----------------------------------------------
+
+
+async def test_frame_headers_alone_cannot_reserve_the_servers_budget() -> None:
+    """Four 20-byte writes, each announcing a 256 KiB request, used to reserve 1 MiB: everyone got "server busy"."""
+    size = 1 << 18
+    async with serving(max_message_size=size, max_pending_bytes=1 << 20) as (listener, server, open_raw):
+        peers: list[Raw] = []
+        for _ in range(4):
+            peers.append(await open_raw(PREFACE + big_request(1, size - 100)[:20]))  # type: ignore[operator]
+        await wait_until(lambda: sum(c._decoder.buffered for c in listener.connections) == 4 * 20)
+        assert server._pending_bytes <= 4 * 20  # what they sent, not what they announced
+        assert await add(listener.url) == 3
+        # The bytes are counted as they arrive: a peer that sends its whole frame is still held to the budget.
+        for raw in peers:
+            await raw.stream.aclose()
+        await wait_until(lambda: server._pending_bytes == 0)
+
+
+async def test_a_frame_that_stalls_is_cut_off_after_the_frame_timeout_and_its_bytes_released() -> None:
+    async with serving(max_message_size=1 << 18, listen_frame_timeout=0.3) as (listener, server, open_raw):
+        raw: Raw = await open_raw(PREFACE + big_request(1, 100_000)[:50_000])  # type: ignore[operator]
+        await wait_until(lambda: server._pending_bytes >= 50_000)
+        assert await raw.closed()
+        goaway = [f for f in raw.frames if f.type == FrameType.GOAWAY]
+        assert goaway and b"frame not received within 0.3 s" in goaway[0].payload
+        await wait_until(lambda: server._pending_bytes == 0 and not listener.connections)
+        # A frame that keeps arriving in time is not cut off, however it is sliced.
+        slow: Raw = await open_raw()  # type: ignore[operator]
+        wire = big_request(2, 20_000)
+        for at in range(0, len(wire), 4000):
+            await slow.stream.send(wire[at : at + 4000])
+            await anyio.sleep(0.01)
+        answer = await slow.frame()
+        while answer.type == FrameType.SETTINGS:
+            answer = await slow.frame()
+        assert (answer.type, answer.payload) == (FrameType.RESPONSE, b"3")
+
+
+def test_the_frame_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="frame_timeout"):
+        TcpTransport(frame_timeout=0)
+
+
+def test_the_decoder_counts_a_partial_frame_as_its_bytes_arrive() -> None:
+    budget = [0]
+
+    def admit(size: int) -> bool:
+        if budget[0] and budget[0] + size > 5000:
+            return False
+        budget[0] += size
+        return True
+
+    def release(size: int) -> None:
+        budget[0] -= size
+
+    wire = big_request(7, 8000)
+    decoder = FrameDecoder(1 << 20, admit, release)
+    budget[0] = 1000  # held by others
+    assert decoder.feed(wire[:2000]) == [] and budget[0] == 3000
+    assert decoder.feed(wire[2000:4000]) == [] and budget[0] == 5000
+    # Past the budget mid-frame: the frame is answered as refused, its bytes dropped and released.
+    refused = decoder.feed(wire[4000:6000])
+    assert [(f.type, f.stream) for f in refused] == [(256, 7)] and budget[0] == 1000 and decoder.buffered == 0
+    ping = encode_frame(FrameType.PING, 0, b"x")
+    assert decoder.feed(wire[6000:] + ping) == [(FrameType.PING, 0, 0, b"x")]  # the rest is skipped
+    # A frame alone may exceed the budget (as a whole request may) when nothing else is held.
+    budget[0] = 0
+    assert decoder.feed(wire[:7000]) == [] and budget[0] == 7000
+    assert [f.stream for f in decoder.feed(wire[7000:])] == [7] and budget[0] == 0
+    decoder.feed(wire[:3000])
+    decoder.close()  # the connection ended mid-frame
+    assert budget[0] == 0
+
+
+# -- malformed frames close their connection only; harmless ones are ignored ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        pytest.param(HEADER.pack(2**32 - 1, 1, 0, 1), id="huge-length"),
+        pytest.param(HEADER.pack(1024 + FRAME_OVERHEAD + 1, 1, 0, 1), id="just-over-the-limit"),
+        pytest.param(encode_frame(FrameType.REQUEST, 1), id="zero-length-request"),
+        pytest.param(request(0, "Arith/add", {"a": 1, "b": 2}), id="request-on-stream-0"),
+        pytest.param(request(1, "Control/sleep", {"seconds": 5}) * 2, id="stream-id-in-use"),
+        pytest.param(b"KUBRPC2\n", id="wrong-preface"),
+        pytest.param(b"GET / HTTP/1.1\r\n\r\n", id="http-request"),
+    ],
+)
+async def test_malformed_input_closes_only_that_connection_and_releases_everything(wire: bytes) -> None:
+    async with serving(max_message_size=1024) as (listener, server, open_raw):
+        bad_preface = wire.startswith((b"KUBRPC", b"GET"))
+        raw: Raw = await open_raw(b"" if bad_preface else PREFACE)  # type: ignore[operator]
+        await raw.stream.send(wire)
+        assert await raw.closed()
+        assert [f.type for f in raw.frames][-1] == FrameType.GOAWAY
+        await wait_until(lambda: not listener.connections and server._pending_bytes == 0)
+        assert await add(listener.url) == 3
+
+
+async def test_harmless_frames_are_ignored_and_the_connection_goes_on() -> None:
+    async with serving(max_message_size=1024) as (_, server, open_raw):
+        raw: Raw = await open_raw()  # type: ignore[operator]
+        noise = b"".join(
+            [
+                encode_frame(99, 0, b"unknown type"),
+                encode_frame(99, 5, b"x" * 1000),
+                encode_frame(FrameType.CANCEL, 12345),  # an unknown stream
+                encode_frame(FrameType.CANCEL, 0),
+                encode_frame(FrameType.SETTINGS, 0, b"?"),
+                encode_frame(FrameType.GOAWAY, 0, b"\0\0\0\0client"),
+                encode_frame(FrameType.RESPONSE, 3, b"3"),
+                encode_frame(FrameType.PING, 0, b"", 1),  # an ACK: not answered
+            ]
+        )
+        await raw.stream.send(noise * 200 + encode_frame(FrameType.CANCEL, 1) * 5000 + request(1, "Arith/add", {"a": 1, "b": 2}))
+        answer = await raw.frame()
+        while answer.type == FrameType.SETTINGS:
+            answer = await raw.frame()
+        assert (answer.type, answer.stream, answer.payload) == (FrameType.RESPONSE, 1, b"3")
+        assert not raw.frames and server._pending_bytes == 0
+
+
+async def test_a_preface_trickled_byte_by_byte_is_accepted() -> None:
+    async with serving() as (_, _server, open_raw):
+        raw: Raw = await open_raw(b"")  # type: ignore[operator]
+        for byte in PREFACE + request(1, "Arith/add", {"a": 1, "b": 2}):
+            await raw.stream.send(bytes([byte]))
+        assert (await raw.frame()).type == FrameType.SETTINGS
+        assert (await raw.frame()).payload == b"3"
+
+
+# -- the budget returns to zero, and no handler runs twice, whatever happens to a connection ------------------
+
+
+async def test_every_way_a_connection_can_end_returns_the_budget_and_runs_each_call_once() -> None:
+    async with serving(
+        max_message_size=1 << 18, idle_timeout=0.5, listen_preface_timeout=0.3, listen_frame_timeout=0.5
+    ) as (listener, server, open_raw):
+        control = server._routes["Control/sleep"].handler.__self__  # type: ignore[attr-defined]
+        sleep = request(1, "Control/sleep", {"seconds": 0.2}, {"x": "y" * 8000})
+        cuts = [10, len(PREFACE) + 5, len(PREFACE) + 2000, len(PREFACE) + len(sleep)]
+        for cut in cuts:  # reset mid-preface, mid-header, mid-frame, and with the call running
+            raw: Raw = await open_raw(b"")  # type: ignore[operator]
+            await raw.stream.send((PREFACE + sleep)[:cut])
+            await anyio.sleep(0.05)
+            await reset(raw)
+        idle: Raw = await open_raw(PREFACE + sleep[:3000])  # type: ignore[operator]  # cut off by frame_timeout
+        silent: Raw = await open_raw(b"")  # type: ignore[operator]  # cut off by the preface timeout
+        done: Raw = await open_raw(PREFACE + sleep)  # type: ignore[operator]  # answered, then idle: GOAWAY
+        for peer in (idle, silent, done):
+            assert await peer.closed()
+        await wait_until(lambda: not listener.connections and not listener.active_calls)
+        assert server._pending_bytes == 0
+        assert control.started == 2  # the running one that was reset, and the answered one: once each
