@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -206,3 +207,42 @@ async def test_every_way_a_connection_can_end_returns_the_budget_and_runs_each_c
         await wait_until(lambda: not listener.connections and not listener.active_calls)
         assert server._pending_bytes == 0
         assert control.started == 2  # the running one that was reset, and the answered one: once each
+
+
+# -- a peer that never reads: what the server holds beyond its write buffer ------------------------------------
+
+
+def held_frames(conn: object) -> int:
+    """Bytes of frames read and not yet handled (as objects in the old code's backlog, as bytes now)."""
+    held: int = conn._decoder.buffered  # type: ignore[attr-defined]
+    for f in getattr(conn, "_backlog", []):
+        held += sys.getsizeof(f) + sys.getsizeof(f.payload) + sys.getsizeof(f.stream) + 8
+    return held
+
+
+async def test_frames_read_before_a_pause_wait_as_bytes_not_objects() -> None:
+    """The old code kept the rest of a read as Frame objects: 200 KB of CANCELs held 2.8 MB on a paused connection."""
+    async with serving() as (listener, _, open_raw):
+        raw: Raw = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
+        assert (await raw.frame()).type == FrameType.SETTINGS
+        raw.stop_reading()
+        (conn,) = listener.connections
+        pings = encode_frame(FrameType.PING, 0, b"p" * 64) * 3000  # answered: fills the server's write buffer
+        cancels = b"".join(encode_frame(FrameType.CANCEL, 1000 + i) for i in range(20_000))
+        peak = 0
+        with anyio.move_on_after(3):  # the server stops reading: our sends block once TCP's buffers are full
+            for _ in range(500):
+                await raw.stream.send(pings + cancels)
+                peak = max(peak, held_frames(conn))
+        await wait_until(lambda: conn._write_paused)
+        for _ in range(20):
+            peak = max(peak, held_frames(conn))
+            await anyio.sleep(0.01)
+        assert peak <= 512 * 1024  # one read (256 KiB) at most
+        # Reading again: the held frames are handled in order, then the connection goes on.
+        async with anyio.create_task_group() as tg:  # our own unsent bytes drain only as the server reads
+            tg.start_soon(raw.stream.send, request(1, "Arith/add", {"a": 1, "b": 2}))
+            with anyio.fail_after(30):
+                while (answer := await raw.frame()).type == FrameType.PING:
+                    pass
+        assert (answer.type, answer.stream, answer.payload) == (FrameType.RESPONSE, 1, b"3")

@@ -208,9 +208,12 @@ class FrameDecoder:
         if self._skip:
             if len(data) <= self._skip:
                 self._skip -= len(data)
-                return []
-            data = data[self._skip :]
-            self._skip = 0
+                if not self._buffer:
+                    return []
+                data = b""  # frames put back by unread() are still to be returned
+            else:
+                data = data[self._skip :]
+                self._skip = 0
         buf = self._buffer
         buf += data
         frames: list[Frame] = []
@@ -249,6 +252,14 @@ class FrameDecoder:
         if at:
             del buf[:at]
         return frames
+
+    def unread(self, frames: list[Frame]) -> None:
+        """Put complete frames back, as bytes, ahead of what is buffered: the next feed() returns them first.
+
+        For a receiver that stops handling frames midway through a read (the rest cost their wire size, not
+        ten times it as objects). REFUSED frames cannot be put back.
+        """
+        self._buffer[0:0] = b"".join(HEADER.pack(len(f.payload), f.type, f.flags, f.stream) + f.payload for f in frames)
 
     def _release_reserved(self) -> None:
         reserved, self.reserved = self.reserved, 0

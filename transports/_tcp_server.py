@@ -152,7 +152,9 @@ class _ServerConnection(FrameWriter):
         self._frame_timer: asyncio.TimerHandle | None = None  # times the partial frame counted in the budget
         self._frame_begun = 0  # which one (FrameDecoder.begun)
         self._frame_since = 0.0
-        self._backlog: list[Frame] = []  # frames received while writes were paused, handled on resume
+        # Frames read but not handled when writes paused wait in the decoder, as bytes (FrameDecoder.unread):
+        # as objects, one read of tiny frames would cost ten times its size.
+        self._backlogged = False
         self._write_paused = False
         self._last_stream = 0
         self._going_away = False
@@ -206,7 +208,6 @@ class _ServerConnection(FrameWriter):
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connections.discard(self)
         self._out.clear()
-        self._backlog.clear()
         self._decoder.close()
         self._unpause()
         self._deadlines.close()
@@ -219,18 +220,23 @@ class _ServerConnection(FrameWriter):
         self.listener.call_finished()
 
     def resume_writing(self) -> None:
-        if self._backlog:  # requests read before the pause come first; not from inside the transport's write
+        if self._backlogged:  # requests read before the pause come first; not from inside the transport's write
             self._unpause()
             self._loop.call_soon(self._handle_backlog)
         else:
             super().resume_writing()
 
     def _handle_backlog(self) -> None:
-        backlog, self._backlog = self._backlog, []
+        self._backlogged = False
         if self.transport is None or self.transport.is_closing():
             return
-        self._handle_frames(backlog)
-        if not self._write_paused and not self._backlog:
+        try:
+            frames = self._decoder.feed(b"")
+        except ProtocolError as exc:  # not expected: these frames were decoded once already
+            self._fail(str(exc))
+            return
+        self._handle_frames(frames)
+        if not self._write_paused and not self._backlogged:
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -258,10 +264,7 @@ class _ServerConnection(FrameWriter):
             return
         if decoder.reserved and decoder.begun != self._frame_begun:  # a large frame has begun arriving
             self._frame_started()
-        if self._backlog:  # read just before a pause took effect: after what is waiting already
-            self._backlog += frames
-        else:
-            self._handle_frames(frames)
+        self._handle_frames(frames)  # after any backlog: the decoder returns its frames first
 
     def _frame_started(self) -> None:
         """A frame counted against the budget while partial must arrive within frame_timeout, or the peer goes."""
@@ -275,6 +278,8 @@ class _ServerConnection(FrameWriter):
         if not self._decoder.reserved:  # it arrived (and no other has begun)
             return
         left = self._frame_since + self.listener.frame_timeout - self._loop.time()
+        if self._write_paused or self._backlogged:  # we stopped reading it: idle_timeout judges that peer
+            left = self.listener.frame_timeout
         if left > 0:  # a later frame than the one timed: time it from its own start
             self._frame_timer = self._loop.call_later(left, self._frame_late)
         else:
@@ -285,11 +290,19 @@ class _ServerConnection(FrameWriter):
         try:
             for i, frame in enumerate(frames):
                 if self._write_paused:  # the peer is not reading its answers: start nothing more for it
-                    self._backlog = frames[i:]
+                    self._hold(frames[i:])
                     return
                 handle(frame)
         except ProtocolError as exc:
             self._fail(str(exc))
+
+    def _hold(self, frames: list[Frame]) -> None:
+        """Keep frames for when writing resumes, as bytes in the decoder (a refused one is answered now)."""
+        if frames[-1].type == REFUSED:  # always the last: its bytes are gone, only its answer is left
+            self._handle(frames.pop())
+        if frames:
+            self._decoder.unread(frames)
+            self._backlogged = True
 
     def _handle(self, frame: Frame) -> None:
         kind, stream = frame.type, frame.stream
