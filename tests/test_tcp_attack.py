@@ -6,7 +6,7 @@ import asyncio
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -246,3 +246,145 @@ async def test_frames_read_before_a_pause_wait_as_bytes_not_objects() -> None:
                 while (answer := await raw.frame()).type == FrameType.PING:
                     pass
         assert (answer.type, answer.stream, answer.payload) == (FrameType.RESPONSE, 1, b"3")
+
+
+# -- the client against broken and hostile servers ------------------------------------------------------------
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+_HELLO_SIZE = len(PREFACE) + 18  # the preface and the client's PING
+
+
+@asynccontextmanager
+async def fake_server(script: Script) -> AsyncIterator[Endpoint]:
+    """A TCP server that runs `script` on each connection (and closes it afterwards)."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await script(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield Endpoint("127.0.0.1", server.sockets[0].getsockname()[1])
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        server.close()
+        await server.wait_closed()
+
+
+async def acknowledge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readexactly(_HELLO_SIZE)
+    writer.write(encode_frame(FrameType.SETTINGS, 0))
+
+
+async def one_request(reader: asyncio.StreamReader) -> int:
+    """Read one REQUEST frame whole; return its stream id."""
+    length, _, _, stream = HEADER.unpack(await reader.readexactly(HEADER.size))
+    await reader.readexactly(length)
+    return int(stream)
+
+
+async def test_a_malformed_goaway_does_not_make_calls_already_sent_look_undelivered() -> None:
+    """The old client read a truncated GOAWAY as last_stream 0: a call the server had run was retried as not sent."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await acknowledge(reader, writer)
+        await one_request(reader)
+        writer.write(encode_frame(FrameType.GOAWAY, 0, b"\x00"))  # too short to say which calls it saw
+        await anyio.sleep(0.2)
+
+    async with fake_server(script) as endpoint:
+        conn = await TcpTransport().connect(endpoint)
+        try:
+            with pytest.raises(RpcError) as caught:
+                await conn.call("Arith/add", _BODY, timeout=10, metadata={})
+            assert type(caught.value) is RpcError and caught.value.code is Status.UNAVAILABLE
+        finally:
+            await conn.aclose()
+
+
+async def test_a_response_larger_than_max_message_size_is_refused_by_the_client() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await acknowledge(reader, writer)
+        stream = await one_request(reader)
+        writer.write(encode_frame(FrameType.RESPONSE, stream, b'"' + b"x" * 5000 + b'"'))
+        await anyio.sleep(1)
+
+    async with fake_server(script) as endpoint:
+        conn = await TcpTransport(max_message_size=1024).connect(endpoint)
+        try:
+            with pytest.raises(RpcError, match="response exceeds") as caught:
+                await conn.call("Arith/add", _BODY, timeout=10, metadata={})
+            assert caught.value.code is Status.RESOURCE_EXHAUSTED
+        finally:
+            await conn.aclose()
+
+
+async def test_the_client_survives_noise_and_refuses_servers_that_never_acknowledge() -> None:
+    async def noisy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await acknowledge(reader, writer)
+        writer.write(encode_frame(FrameType.SETTINGS, 0, b"again"))
+        stream = await one_request(reader)
+        for other in (stream + 1, 0, 12345):  # answers for calls that do not exist
+            writer.write(encode_frame(FrameType.RESPONSE, other, b"1") + encode_frame(FrameType.ERROR, other, b"?"))
+        writer.write(encode_frame(FrameType.PING, 0, b"p") * 10_000 + encode_frame(99, 7, b"unknown"))
+        writer.write(encode_frame(FrameType.RESPONSE, stream, b"3"))
+        await anyio.sleep(1)
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await anyio.sleep(2)  # accepts, reads nothing, sends nothing
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        await anyio.sleep(1)
+
+    async with fake_server(noisy) as endpoint:
+        conn = await TcpTransport().connect(endpoint)
+        try:
+            assert await conn.call("Arith/add", _BODY, timeout=10, metadata={}) == b"3"
+        finally:
+            await conn.aclose()
+    for script in (mute, garbage):
+        async with fake_server(script) as endpoint:
+            with pytest.raises(NotDeliveredError):
+                await TcpTransport(connect_timeout=0.3).connect(endpoint)
+
+
+async def test_a_server_that_stalls_mid_frame_costs_the_client_at_most_one_frame_and_the_deadline() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await acknowledge(reader, writer)
+        stream = await one_request(reader)
+        writer.write(HEADER.pack(1024 + FRAME_OVERHEAD, FrameType.RESPONSE, 0, stream) + b"x" * 30_000)
+        await anyio.sleep(3)
+
+    async with fake_server(script) as endpoint:
+        conn = await TcpTransport(max_message_size=1024, keepalive_interval=None).connect(endpoint)
+        try:
+            with pytest.raises(RpcError) as caught:
+                await conn.call("Arith/add", _BODY, timeout=0.3, metadata={})
+            assert caught.value.code is Status.DEADLINE_EXCEEDED
+            assert conn._decoder.buffered <= 1024 + FRAME_OVERHEAD + HEADER.size
+        finally:
+            await conn.aclose()
+
+
+async def test_keepalive_fails_calls_on_a_server_that_went_silent() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await acknowledge(reader, writer)
+        await anyio.sleep(5)  # then reads and answers nothing, PINGs included
+
+    async with fake_server(script) as endpoint:
+        conn = await TcpTransport(keepalive_interval=0.2, keepalive_timeout=0.2).connect(endpoint)
+        try:
+            with anyio.fail_after(4), pytest.raises(RpcError) as caught:
+                await conn.call("Arith/add", _BODY, timeout=None, metadata={})
+            assert caught.value.code is Status.UNAVAILABLE
+        finally:
+            await conn.aclose()
