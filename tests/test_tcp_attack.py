@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import struct
 import sys
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
+import orjson
 import pytest
 from services import Arith, Control, wait_until
 from test_tcp_hardening import Raw, request, serving
@@ -207,6 +210,35 @@ async def test_every_way_a_connection_can_end_returns_the_budget_and_runs_each_c
         await wait_until(lambda: not listener.connections and not listener.active_calls)
         assert server._pending_bytes == 0
         assert control.started == 2  # the running one that was reset, and the answered one: once each
+
+
+# -- metadata: what a call holds in memory, not only what it sent -------------------------------------------------
+
+
+async def test_max_pending_bytes_bounds_the_memory_of_calls_with_many_small_metadata_entries() -> None:
+    """1,450 tiny entries (15 KiB of JSON) held 133 KB per call: 300 calls held 40 MB under an 8 MiB cap."""
+    metadata = orjson.dumps({f"k{i}": "" for i in range(1450)})
+    budget = 8 << 20
+    async with serving(max_message_size=1 << 20, max_pending_bytes=budget) as (listener, server, open_raw):
+        raw: Raw = await open_raw()  # type: ignore[operator]
+        assert (await raw.frame()).type == FrameType.SETTINGS
+        calls = b"".join(encode_request(s, "Control/sleep", b'{"seconds": 5}', 0, metadata) for s in range(1, 301))
+        gc.collect()
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            await raw.stream.send(calls)
+            busy = 0
+            with anyio.fail_after(20):
+                while busy + sum(len(c.calls) for c in listener.connections) < 300:
+                    frame = await raw.frame()
+                    assert frame.type == FrameType.ERROR and b"server busy" in frame.payload
+                    busy += 1
+            held = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        assert busy > 0 and server._pending_bytes <= budget
+        assert held <= budget * 3 // 2  # the old code held 40 MB
 
 
 # -- a peer that never reads: what the server holds beyond its write buffer ------------------------------------
