@@ -29,6 +29,7 @@ from kubrpc.transports._frames import (
     FrameType,
     encode_frame,
     encode_request,
+    parse_goaway,
 )
 from kubrpc.transports.tcp import TcpTransport
 
@@ -241,6 +242,32 @@ async def test_max_pending_bytes_bounds_the_memory_of_calls_with_many_small_meta
         assert held <= budget * 3 // 2  # the old code held 40 MB
 
 
+# -- draining: calls up to last_stream are answered, later ones are refused as not started -----------------------
+
+
+async def test_a_drain_answers_every_call_up_to_last_stream_and_refuses_later_ones_unrun() -> None:
+    async with serving(max_message_size=1 << 18) as (listener, server, open_raw):
+        control = server._routes["Control/sleep"].handler.__self__  # type: ignore[attr-defined]
+        raw: Raw = await open_raw()  # type: ignore[operator]
+        assert (await raw.frame()).type == FrameType.SETTINGS
+        await raw.stream.send(b"".join(request(s, "Control/sleep", {"seconds": 0.3}) for s in (1, 2, 3)))
+        await wait_until(lambda: control.started == 3)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.drain, 5.0)
+            goaway = await raw.frame()
+            assert goaway.type == FrameType.GOAWAY and parse_goaway(goaway.payload)[0] == 3
+            # Sent after the GOAWAY, partly: refused without running; the partial one is dropped with the socket.
+            await raw.stream.send(request(4, "Control/sleep", {"seconds": 0.3}) + big_request(5, 50_000)[:3000])
+            answers = {}
+            while len(answers) < 4:
+                frame = await raw.frame()
+                answers[frame.stream] = frame
+            assert {s: answers[s].payload for s in (1, 2, 3)} == dict.fromkeys((1, 2, 3), b'"slept"')
+            assert answers[4].type == FrameType.ERROR and b"unavailable" in answers[4].payload
+            assert await raw.closed()
+        assert control.started == 3 and server._pending_bytes == 0
+
+
 # -- a peer that never reads: what the server holds beyond its write buffer ------------------------------------
 
 
@@ -420,3 +447,18 @@ async def test_keepalive_fails_calls_on_a_server_that_went_silent() -> None:
             assert caught.value.code is Status.UNAVAILABLE
         finally:
             await conn.aclose()
+
+
+async def test_a_non_reading_peer_that_resets_with_answers_held_returns_everything() -> None:
+    async with serving() as (listener, server, open_raw):
+        raw: Raw = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
+        assert (await raw.frame()).type == FrameType.SETTINGS
+        raw.stop_reading()
+        (conn,) = listener.connections
+        with anyio.move_on_after(3):  # answers pile up, then the server holds them and stops reading
+            await raw.stream.send(b"".join(request(s, "test.Store/blob", {"size": 100_000}) for s in range(1, 301)))
+        await wait_until(lambda: conn._write_paused)
+        assert server._pending_bytes > 0
+        await reset(raw)
+        await wait_until(lambda: not listener.connections and not listener.active_calls)
+        assert server._pending_bytes == 0
