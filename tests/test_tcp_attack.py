@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import anyio
 import orjson
 import pytest
-from services import Arith, Control, wait_until
+from services import Arith, wait_until
 from test_tcp_hardening import Raw, request, serving
 
 import kubrpc
@@ -62,9 +62,8 @@ async def test_frame_headers_alone_cannot_reserve_the_servers_budget() -> None:
     """Four 20-byte writes, each announcing a 256 KiB request, used to reserve 1 MiB: everyone got "server busy"."""
     size = 1 << 18
     async with serving(max_message_size=size, max_pending_bytes=1 << 20) as (listener, server, open_raw):
-        peers: list[Raw] = []
-        for _ in range(4):
-            peers.append(await open_raw(PREFACE + big_request(1, size - 100)[:20]))  # type: ignore[operator]
+        header = PREFACE + big_request(1, size - 100)[:20]
+        peers: list[Raw] = [await open_raw(header) for _ in range(4)]  # type: ignore[operator]
         await wait_until(lambda: sum(c._decoder.buffered for c in listener.connections) == 4 * 20)
         assert server._pending_bytes <= 4 * 20  # what they sent, not what they announced
         assert await add(listener.url) == 3
@@ -171,7 +170,9 @@ async def test_harmless_frames_are_ignored_and_the_connection_goes_on() -> None:
                 encode_frame(FrameType.PING, 0, b"", 1),  # an ACK: not answered
             ]
         )
-        await raw.stream.send(noise * 200 + encode_frame(FrameType.CANCEL, 1) * 5000 + request(1, "Arith/add", {"a": 1, "b": 2}))
+        await raw.stream.send(
+            noise * 200 + encode_frame(FrameType.CANCEL, 1) * 5000 + request(1, "Arith/add", {"a": 1, "b": 2})
+        )
         answer = await raw.frame()
         while answer.type == FrameType.SETTINGS:
             answer = await raw.frame()
