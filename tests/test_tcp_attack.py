@@ -463,3 +463,24 @@ async def test_a_non_reading_peer_that_resets_with_answers_held_returns_everythi
         await reset(raw)
         await wait_until(lambda: not listener.connections and not listener.active_calls)
         assert server._pending_bytes == 0
+
+
+async def test_time_the_server_spends_not_reading_does_not_count_against_a_frame() -> None:
+    async with serving(listen_frame_timeout=0.5) as (listener, _, open_raw):
+        raw: Raw = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
+        assert (await raw.frame()).type == FrameType.SETTINGS
+        raw.stop_reading()
+        (conn,) = listener.connections
+        calls = b"".join(request(s, "test.Store/blob", {"size": 100_000}) for s in range(1, 101))
+        last = big_request(101, 20_000)
+        await raw.stream.send(calls + last[:5000])  # answers pile up while the last request is still partial
+        await wait_until(lambda: conn._write_paused and conn._decoder.reserved > 0)
+        await anyio.sleep(1.5)  # three frame timeouts, during which the server does not read
+        assert listener.connections
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(raw.stream.send, last[5000:])
+            answered = set()
+            while 101 not in answered:
+                frame = await raw.frame()
+                assert frame.type == FrameType.RESPONSE, frame.payload[:100]
+                answered.add(frame.stream)

@@ -223,6 +223,8 @@ class _ServerConnection(FrameWriter):
         self.listener.call_finished()
 
     def resume_writing(self) -> None:
+        if self._decoder.reserved:  # a frame we stopped reading meanwhile: its frame_timeout starts again
+            self._frame_since = self._loop.time()
         if self._backlogged:  # requests read before the pause come first; not from inside the transport's write
             self._unpause()
             self._loop.call_soon(self._handle_backlog)
@@ -239,6 +241,8 @@ class _ServerConnection(FrameWriter):
             self._fail(str(exc))
             return
         self._handle_frames(frames)
+        if self._decoder.reserved:  # put back behind the backlog, counted again: timed from now
+            self._frame_started()
         if not self._write_paused and not self._backlogged:
             self.transport.resume_reading()
 
