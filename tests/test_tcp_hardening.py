@@ -294,7 +294,7 @@ async def test_max_pending_bytes_counts_frames_still_arriving() -> None:
         assert await refused[0].frame() == Frame(FrameType.RESPONSE, 0, 3, b"5")
 
 
-def test_the_decoder_admits_a_partial_frame_before_buffering_it_and_skips_a_refused_one() -> None:
+def test_the_decoder_counts_a_partial_frame_as_it_arrives_and_skips_a_refused_one() -> None:
     budget = [0]
 
     def admit(size: int) -> bool:
@@ -309,18 +309,18 @@ def test_the_decoder_admits_a_partial_frame_before_buffering_it_and_skips_a_refu
     n = ADMIT_ABOVE + 1
     wire = encode_frame(FrameType.REQUEST, 1, b"a" * n) + encode_frame(FrameType.PING, 0, b"b" * 8)
     first, second = FrameDecoder(1 << 20, admit, release), FrameDecoder(1 << 20, admit, release)
-    budget[0] = 100 - n  # room for one such frame
-    assert first.feed(wire[:30]) == [] and budget[0] == 100  # admitted while partial
+    budget[0] = 100 - 30  # room for 30 bytes
+    assert first.feed(wire[:30]) == [] and budget[0] == 100  # counted as its bytes arrive
     assert second.feed(wire[:20]) == [Frame(REFUSED, 0, 1, b"")]  # over budget: answered, not buffered
     assert second.buffered == 0 and budget[0] == 100
     for at in range(20, len(wire)):  # the rest of the refused frame is discarded, byte by byte
         got = second.feed(wire[at : at + 1])
     assert got == [Frame(FrameType.PING, 0, 0, b"b" * 8)]  # a short frame is never refused while partial
     assert first.feed(wire[30:]) == [Frame(FrameType.REQUEST, 0, 1, b"a" * n), Frame(FrameType.PING, 0, 0, b"b" * 8)]
-    assert budget[0] == 100 - n  # released when complete: the receiver admits the whole frame again
+    assert budget[0] == 70  # released when complete: the receiver admits the whole frame again
     first.feed(wire[:30])
     first.close()  # the connection ended mid-frame
-    assert budget[0] == 100 - n
+    assert budget[0] == 70
 
 
 # -- 9.10: the client's own writes -------------------------------------------------------------------------

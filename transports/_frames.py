@@ -62,7 +62,7 @@ class FrameType(enum.IntEnum):
     SETTINGS = 7
 
 
-#: A partly received frame longer than this is admitted against the receiver's budget before it is buffered
+#: A partly received frame longer than this is counted against the receiver's budget as its bytes arrive
 #: (shorter ones, such as a CANCEL or PING split across two reads, are admitted as whole frames).
 ADMIT_ABOVE = 1024
 
@@ -171,14 +171,15 @@ class FrameDecoder:
     """Incremental decoder: feed() bytes as they arrive, get back every complete frame.
 
     A declared payload length over `max_payload` raises ProtocolError before any of it is buffered.
-    With `admit` (a server's memory budget, `Server.admit`/`release`), a frame whose header has arrived
-    but not all of its payload (longer than ADMIT_ABOVE) is admitted against the budget before its payload
-    is buffered; if it is refused, its payload is discarded as it arrives and, for a REQUEST, a
-    `Frame(REFUSED, 0, stream, b"")` is returned in its place so that the call can be answered. Call
-    close() when the connection ends.
+    With `admit` (a server's memory budget, `Server.admit`/`release`), a frame (longer than ADMIT_ABOVE)
+    whose header has arrived but not all of its payload is counted against the budget by the bytes that
+    have arrived, as they arrive (what a header announces costs its sender nothing, so it reserves nothing);
+    once it is refused, its bytes are dropped, the rest of its payload is discarded as it arrives and, for a
+    REQUEST, a `Frame(REFUSED, 0, stream, b"")` is returned in its place so that the call can be answered.
+    A complete frame is released: its receiver admits it again. Call close() when the connection ends.
     """
 
-    __slots__ = ("_buffer", "_release", "_reserved", "_skip", "admit", "max_payload")
+    __slots__ = ("_buffer", "_release", "_skip", "admit", "begun", "max_payload", "reserved")
 
     def __init__(
         self,
@@ -190,8 +191,12 @@ class FrameDecoder:
         self.admit = admit
         self._release = release
         self._buffer = bytearray()
-        self._reserved = 0  # bytes admitted for the partly received frame at the head of the buffer
+        #: Bytes admitted for the partly received frame at the head of the buffer (0: none is counted).
+        self.reserved = 0
         self._skip = 0  # payload bytes still to discard of a refused frame
+        #: How many partial frames have been counted against the budget so far (a receiver's frame timeout
+        #: tells a new one from the one it is timing by it).
+        self.begun = 0
 
     @property
     def buffered(self) -> int:
@@ -203,9 +208,12 @@ class FrameDecoder:
         if self._skip:
             if len(data) <= self._skip:
                 self._skip -= len(data)
-                return []
-            data = data[self._skip :]
-            self._skip = 0
+                if not self._buffer:
+                    return []
+                data = b""  # frames put back by unread() are still to be returned
+            else:
+                data = data[self._skip :]
+                self._skip = 0
         buf = self._buffer
         buf += data
         frames: list[Frame] = []
@@ -219,10 +227,18 @@ class FrameDecoder:
                 raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_payload}")
             stop = at + header + length
             if stop > end:
-                if self.admit is not None and not self._reserved and length > ADMIT_ABOVE:
-                    # Only the head of the buffer can be partial: admit it before buffering its payload.
-                    if self.admit(length):
-                        self._reserved = length
+                if self.admit is not None and (self.reserved or length > ADMIT_ABOVE):
+                    # The partial frame (only the head of the buffer can be partial) is counted by the bytes
+                    # that have arrived, not by what its header announces: re-admit all of them at once, so
+                    # that a frame alone may exceed the budget as a whole request may.
+                    fresh = not self.reserved
+                    if not fresh:
+                        self._release_reserved()
+                    have = end - at
+                    if self.admit(have):
+                        self.reserved = have
+                        if fresh:
+                            self.begun += 1
                     else:
                         self._skip = stop - end
                         if type_ == FrameType.REQUEST:
@@ -230,15 +246,23 @@ class FrameDecoder:
                         at = end
                 break
             frames.append(Frame(type_, flags, stream, bytes(buf[at + header : stop])))
-            if self._reserved:  # that was the frame admitted while partial: its receiver admits it again
+            if self.reserved:  # that was the frame admitted while partial: its receiver admits it again
                 self._release_reserved()
             at = stop
         if at:
             del buf[:at]
         return frames
 
+    def unread(self, frames: list[Frame]) -> None:
+        """Put complete frames back, as bytes, ahead of what is buffered: the next feed() returns them first.
+
+        For a receiver that stops handling frames midway through a read (the rest cost their wire size, not
+        ten times it as objects). REFUSED frames cannot be put back.
+        """
+        self._buffer[0:0] = b"".join(HEADER.pack(len(f.payload), f.type, f.flags, f.stream) + f.payload for f in frames)
+
     def _release_reserved(self) -> None:
-        reserved, self._reserved = self._reserved, 0
+        reserved, self.reserved = self.reserved, 0
         if self._release is not None:
             self._release(reserved)
 
@@ -246,5 +270,5 @@ class FrameDecoder:
         """The connection ended: release what the partly received frame held, drop the buffer."""
         del self._buffer[:]
         self._skip = 0
-        if self._reserved:
+        if self.reserved:
             self._release_reserved()

@@ -192,6 +192,8 @@ class TcpConnection(FrameWriter):
             if self._goaway is not None and not self._pending:
                 self._close_transport()
         if frame.type == _RESPONSE:
+            if len(frame.payload) > self.max_message_size:  # the frame limit leaves room for a request's header
+                raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
             return frame.payload
         try:
             body = orjson.loads(frame.payload)
@@ -257,8 +259,8 @@ class TcpConnection(FrameWriter):
     def _on_goaway(self, payload: bytes) -> None:
         try:
             last, reason = parse_goaway(payload)
-        except ProtocolError:
-            last, reason = 0, "malformed GOAWAY"
+        except ProtocolError:  # it does not say which calls the server saw: assume it saw every one sent
+            last, reason = self._next_stream - 1, "malformed GOAWAY"
         self._goaway = last
         self._goaway_reason = reason
         for stream, fut in self._pending.items():

@@ -50,6 +50,9 @@ _LINGER = 1.0
 # The server's acknowledgement of a good preface: its first frame (docs/protocol.md).
 _SETTINGS_FRAME = encode_frame(_SETTINGS, 0)
 _BUSY = RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
+# What max_pending_bytes counts for each metadata entry beyond its JSON: its key, lower-cased key and value as
+# str objects, and its dict slots (measured: 16 KiB of short entries held about 9 times their size).
+_METADATA_ENTRY = 128
 
 
 def _error_frame(stream: int, error: RpcError) -> bytes:
@@ -63,11 +66,14 @@ def _deadline_frame(stream: int) -> bytes:
 class TcpListener:
     """A listening TCP socket and its connections."""
 
-    def __init__(self, server: Server, max_message_size: int, preface_timeout: float = 10.0) -> None:
+    def __init__(
+        self, server: Server, max_message_size: int, preface_timeout: float = 10.0, frame_timeout: float = 30.0
+    ) -> None:
         self.server = server
         self.url = ""
         self.max_message_size = max_message_size
         self.preface_timeout = preface_timeout
+        self.frame_timeout = frame_timeout
         self.connections: set[_ServerConnection] = set()
         self.draining = False
         self._orphans: set[asyncio.Task[None]] = set()
@@ -146,7 +152,12 @@ class _ServerConnection(FrameWriter):
         self._decoder = FrameDecoder(listener.max_message_size + FRAME_OVERHEAD, server.admit, server.release)
         self._preface: bytes | None = b""
         self._preface_timer: asyncio.TimerHandle | None = None
-        self._backlog: list[Frame] = []  # frames received while writes were paused, handled on resume
+        self._frame_timer: asyncio.TimerHandle | None = None  # times the partial frame counted in the budget
+        self._frame_begun = 0  # which one (FrameDecoder.begun)
+        self._frame_since = 0.0
+        # Frames read but not handled when writes paused wait in the decoder, as bytes (FrameDecoder.unread):
+        # as objects, one read of tiny frames would cost ten times its size.
+        self._backlogged = False
         self._write_paused = False
         self._last_stream = 0
         self._going_away = False
@@ -200,11 +211,10 @@ class _ServerConnection(FrameWriter):
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connections.discard(self)
         self._out.clear()
-        self._backlog.clear()
         self._decoder.close()
         self._unpause()
         self._deadlines.close()
-        for timer in (self._idle_timer, self._linger_timer, self._preface_timer):
+        for timer in (self._idle_timer, self._linger_timer, self._preface_timer, self._frame_timer):
             if timer is not None:
                 timer.cancel()
         for task in self.calls.values():
@@ -213,18 +223,27 @@ class _ServerConnection(FrameWriter):
         self.listener.call_finished()
 
     def resume_writing(self) -> None:
-        if self._backlog:  # requests read before the pause come first; not from inside the transport's write
+        if self._decoder.reserved:  # a frame we stopped reading meanwhile: its frame_timeout starts again
+            self._frame_since = self._loop.time()
+        if self._backlogged:  # requests read before the pause come first; not from inside the transport's write
             self._unpause()
             self._loop.call_soon(self._handle_backlog)
         else:
             super().resume_writing()
 
     def _handle_backlog(self) -> None:
-        backlog, self._backlog = self._backlog, []
+        self._backlogged = False
         if self.transport is None or self.transport.is_closing():
             return
-        self._handle_frames(backlog)
-        if not self._write_paused and not self._backlog:
+        try:
+            frames = self._decoder.feed(b"")
+        except ProtocolError as exc:  # not expected: these frames were decoded once already
+            self._fail(str(exc))
+            return
+        self._handle_frames(frames)
+        if self._decoder.reserved:  # put back behind the backlog, counted again: timed from now
+            self._frame_started()
+        if not self._write_paused and not self._backlogged:
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -244,26 +263,53 @@ class _ServerConnection(FrameWriter):
                 self._preface_timer = None
             if not self._going_away:
                 self.write_now(_SETTINGS_FRAME)
+        decoder = self._decoder
         try:
-            frames = self._decoder.feed(data)
+            frames = decoder.feed(data)
         except ProtocolError as exc:
             self._fail(str(exc))
             return
-        if self._backlog:  # read just before a pause took effect: after what is waiting already
-            self._backlog += frames
+        if decoder.reserved and decoder.begun != self._frame_begun:  # a large frame has begun arriving
+            self._frame_started()
+        self._handle_frames(frames)  # after any backlog: the decoder returns its frames first
+
+    def _frame_started(self) -> None:
+        """A frame counted against the budget while partial must arrive within frame_timeout, or the peer goes."""
+        self._frame_begun = self._decoder.begun
+        self._frame_since = self._loop.time()
+        if self._frame_timer is None:
+            self._frame_timer = self._loop.call_later(self.listener.frame_timeout, self._frame_late)
+
+    def _frame_late(self) -> None:
+        self._frame_timer = None
+        if not self._decoder.reserved:  # it arrived (and no other has begun)
+            return
+        left = self._frame_since + self.listener.frame_timeout - self._loop.time()
+        if self._write_paused or self._backlogged:  # we stopped reading it: idle_timeout judges that peer
+            left = self.listener.frame_timeout
+        if left > 0:  # a later frame than the one timed: time it from its own start
+            self._frame_timer = self._loop.call_later(left, self._frame_late)
         else:
-            self._handle_frames(frames)
+            self._fail(f"frame not received within {self.listener.frame_timeout:g} s")
 
     def _handle_frames(self, frames: list[Frame]) -> None:
         handle = self._handle
         try:
             for i, frame in enumerate(frames):
                 if self._write_paused:  # the peer is not reading its answers: start nothing more for it
-                    self._backlog = frames[i:]
+                    self._hold(frames[i:])
                     return
                 handle(frame)
         except ProtocolError as exc:
             self._fail(str(exc))
+
+    def _hold(self, frames: list[Frame]) -> None:
+        """Keep frames for when writing resumes, as bytes in the decoder (a refused one is answered now)."""
+        if frames[-1].type == REFUSED:  # always the last: its bytes are gone, only its answer is left
+            self._handle(frames.pop())
+        if frames:
+            self._decoder.unread(frames)
+            self._backlogged = True
 
     def _handle(self, frame: Frame) -> None:
         kind, stream = frame.type, frame.stream
@@ -287,6 +333,9 @@ class _ServerConnection(FrameWriter):
                 self.write(_error_frame(stream, error))
                 return
             size = len(frame.payload)  # the body, and the path and metadata held with it
+            metadata = request.metadata
+            if metadata:  # as Python objects, an entry costs far more than its JSON: count that too
+                size += _METADATA_ENTRY * len(metadata)
             if not self.listener.server.admit(size):
                 self.write(_error_frame(stream, _BUSY))
                 return
@@ -296,7 +345,6 @@ class _ServerConnection(FrameWriter):
             if self._idle_timer is not None:
                 self._last_active = self._loop.time()
             timeout = request.timeout_ms / 1000 if request.timeout_ms else None
-            metadata = request.metadata
             if metadata:  # keys are case-insensitive, as HTTP header names: handlers see them in lower case
                 metadata = {k.lower(): v for k, v in metadata.items()}
             task = self._loop.create_task(self._run(stream, request.path, request.body, timeout, metadata))

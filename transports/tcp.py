@@ -32,7 +32,8 @@ class TcpTransport:
 
     A client's connection is ready once the server has acknowledged it (its first frame), within
     `connect_timeout`; any failure before that is a connect failure (NotDeliveredError). A server closes a
-    connection that has not sent the preface within `preface_timeout` seconds.
+    connection that has not sent the preface within `preface_timeout` seconds, and one whose frame (over 1 KiB)
+    has begun arriving and is not complete within `frame_timeout` seconds.
     """
 
     def __init__(
@@ -45,12 +46,16 @@ class TcpTransport:
         ssl: SSLContext | None = None,
         server_hostname: str | None = None,
         preface_timeout: float = 10.0,
+        frame_timeout: float = 30.0,
     ) -> None:
         if keepalive_interval is not None and not keepalive_interval > 0:
             raise ValueError("keepalive_interval must be > 0 or None")
         if not preface_timeout > 0:
             raise ValueError("preface_timeout must be > 0")
+        if not frame_timeout > 0:
+            raise ValueError("frame_timeout must be > 0")
         self.preface_timeout = preface_timeout
+        self.frame_timeout = frame_timeout
         self.max_message_size = max_message_size
         self.connect_timeout = connect_timeout
         self.keepalive = None if keepalive_interval is None else (keepalive_interval, keepalive_timeout)
@@ -88,7 +93,8 @@ class TcpTransport:
     async def listen(self, server: Server, host: str, port: int, /) -> AsyncIterator[TcpListener]:
         """Serve `server` on host:port until the block exits, then go away and drain."""
         loop = asyncio.get_running_loop()
-        listener = TcpListener(server, self.max_message_size or server.max_message_size, self.preface_timeout)
+        limit = self.max_message_size or server.max_message_size
+        listener = TcpListener(server, limit, self.preface_timeout, self.frame_timeout)
         aserver = await loop.create_server(
             lambda: _ServerConnection(listener),
             host,
