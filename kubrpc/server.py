@@ -335,15 +335,16 @@ def event_loop_options() -> dict[str, Any]:
 def _failure(exc: BaseException, deadline: asyncio.Timeout | None, path: str) -> BaseException:
     """What to raise for a call that raised `exc` (not an RpcError); call it inside the `except` block.
 
-    A real cancellation of the call, and KeyboardInterrupt and the like, go on as they are; a deadline
-    is DEADLINE_EXCEEDED; anything else is INTERNAL, with the details only in the server's log.
+    A real cancellation of the call, KeyboardInterrupt and SystemExit go on as they are; a deadline is
+    DEADLINE_EXCEEDED; anything else (other BaseExceptions too) is INTERNAL, with the details only in the
+    server's log.
     """
     if isinstance(exc, asyncio.CancelledError):
         task = asyncio.current_task()
         if task is None or task.cancelling() > 0:  # this call is being cancelled
             return exc
         # else the handler raised CancelledError itself (say, from a future someone else cancelled)
-    elif not isinstance(exc, Exception):
+    elif isinstance(exc, (KeyboardInterrupt, SystemExit)):  # the process is being stopped: let it stop
         return exc
     elif isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
         return RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")

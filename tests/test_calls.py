@@ -323,3 +323,33 @@ async def test_request_bytes_held_by_running_calls_are_capped(scheme: str) -> No
             assert info.value == RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
             assert await holder.hold("small", 0) == 5  # what fits still runs
         assert await holder.hold("z" * 600, 0) == 600  # and the budget came back
+
+
+class _Shutdown(BaseException):
+    """Not an Exception: what a library's own 'abort' signal might look like."""
+
+
+class Aborts(Protocol):
+    async def run(self) -> int: ...
+
+
+class AbortsImpl:
+    async def run(self) -> int:
+        raise _Shutdown("deep inside a library")
+
+
+async def test_a_handler_raising_a_base_exception_is_internal_not_silence(
+    scheme: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before, TCP left the call unanswered (the client waited out its deadline) and HTTP sent a plain-text 500.
+    server = kubrpc.Server()
+    server.register(Aborts, AbortsImpl())
+    with caplog.at_level(logging.ERROR, logger="kubrpc.server"):
+        async with server.serve(f"{scheme}://127.0.0.1:0") as listener, kubrpc.connect(listener.url) as channel:
+            stub = channel.stub(Aborts, timeout=10)
+            with anyio.fail_after(5), pytest.raises(RpcError) as info:
+                await stub.run()
+            assert (info.value.code, info.value.message) == (Status.INTERNAL, "internal error")
+            with anyio.fail_after(5), pytest.raises(RpcError):
+                await stub.run()  # the connection still serves
+    assert "call of Aborts/run failed" in caplog.text
