@@ -96,6 +96,8 @@ def test_endpoint_accepts_finite_nonnegative_weights(weight: float) -> None:
 
 # Balancers that ignore weights by design: assert_contract(..., weighted=False).
 UNWEIGHTED = {"round_robin", "zone_aware", "outlier"}  # the wrappers' default inner is round_robin
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_contract_with_default_options(name: str) -> None:
     assert_contract(lambda: balancers.create(name, **REQUIRED.get(name, {})), weighted=name not in UNWEIGHTED)

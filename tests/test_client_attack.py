@@ -154,7 +154,7 @@ async def test_an_inproc_handler_raising_a_base_exception_is_internal(caplog: py
             assert info.value.code is Status.INTERNAL and info.value.message == "internal error"
         await asyncio.sleep(0)
     assert "handler blew up" not in info.value.message
-    logged = [r for r in caplog.records if r.name == "kubrpc.inproc"]
+    logged = [r for r in caplog.records if r.name == "kubrpc.server"]
     assert len(logged) == 3 and all(r.exc_info and isinstance(r.exc_info[1], Boom) for r in logged)
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 

@@ -270,15 +270,10 @@ class InprocConnection:
             return
         except asyncio.CancelledError:
             raise  # _call_done answers the caller, if it is still waiting
-        except BaseException as exc:
-            # A handler that raised a BaseException of its own: INTERNAL, as on the wire, not "stopped". Logged here,
-            # since no one awaits this task; KeyboardInterrupt and SystemExit still stop the program.
+        except BaseException:  # KeyboardInterrupt, SystemExit (dispatch makes any other one INTERNAL): stop
             if not answer.done():
                 answer.set_exception(RpcError(Status.INTERNAL, "internal error"))
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
-            log.exception("inproc call of %s failed", path)
-            return
+            raise
         if not answer.done():
             answer.set_result(result)
 
