@@ -23,7 +23,7 @@ from starlette.routing import Route
 from .openapi import openapi_document
 
 if TYPE_CHECKING:
-    from .server import Server
+    from .interfaces import ServerCore
 
 __all__ = ("find_assets", "routes")
 
@@ -89,7 +89,7 @@ def _page(title: str, assets: dict[str, tuple[bytes, str]], prefix: str, openapi
 """.encode()
 
 
-def routes(server: Server) -> list[Route]:
+def routes(server: ServerCore) -> list[Route]:
     """GET /openapi.json, /docs (also /docs/) and /docs/assets/{name}."""
     documents: dict[str, bytes] = {}
 

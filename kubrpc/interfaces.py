@@ -7,22 +7,30 @@ picked endpoint over a connection that the Channel owns.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ._limits import ServerLimits
 from .endpoint import Endpoint
 from .status import Status
 
+if TYPE_CHECKING:
+    from .interface import ServiceSpec
+    from .openapi import Info
+
 __all__ = (
+    "AsgiTransport",
     "Balancer",
     "CallFeedback",
     "Connection",
-    "Dispatcher",
     "KeyedBalancer",
     "Listener",
+    "MetricsExposition",
     "Resolver",
     "ResolverDiagnostics",
+    "ServerCore",
+    "ServerLimits",
     "Transport",
 )
 
@@ -139,16 +147,83 @@ class Connection(Protocol):
         ...
 
 
-class Dispatcher(Protocol):
-    """What a server transport calls: run one call and return the encoded result, or raise RpcError.
+@runtime_checkable
+class MetricsExposition(Protocol):
+    """Optional: a server interceptor that records metrics and can show them (kubrpc.metrics.ServerMetrics).
 
-    `metadata` has lower-case keys; `peer` is the client's `host:port` (empty if unknown).
+    A Server finds it among its interceptors; the HTTP transport serves its metrics at GET /metrics.
     """
 
+    def exposition(self, accept: str | None, /) -> tuple[bytes, str]:
+        """The current metrics in the format `accept` asks for: (body, content type)."""
+        ...
+
+    def record_unimplemented(self, path: str, services: Mapping[str, ServiceSpec], /) -> None:
+        """Count a call to `path` that no registered method serves."""
+        ...
+
+
+class ServerCore(Protocol):
+    """What a server transport sees of a Server: its calls, admission, limits and drain state.
+
+    `kubrpc.Server` hands one to `Transport.listen()`; a transport never imports `kubrpc.server`. This is
+    the whole contract between them (grpclib's AbstractHandler plays the same part).
+
+    - `dispatch()` runs one call: `path` is `Service/method`, `payload` the JSON object of named arguments,
+      `metadata` has lower-case keys, `peer` is the client's `host:port` (empty if unknown). It returns the
+      encoded result or raises RpcError. `deadline_enforced=True` says the transport cancels the call
+      itself when `timeout` passes; dispatch then only reports the deadline.
+    - `admit(size)` asks whether a request of `size` bytes may be held now (`max_pending_bytes`, over all
+      connections and transports together); each admitted size is given back with `release(size)`.
+    - `draining` turns True when the server starts shutting down (SIGTERM): health checks answer 503
+      from then on. It is the server's state, not a listener's: each listener drains its own connections
+      when its `listen()` context exits.
+    """
+
+    @property
+    def limits(self) -> ServerLimits:
+        """The limits to hold peers to."""
+        ...
+
+    @property
+    def draining(self) -> bool:
+        """True once the server is shutting down."""
+        ...
+
+    @property
+    def services(self) -> Mapping[str, ServiceSpec]:
+        """The registered services by wire name (for schemas and reflection)."""
+        ...
+
+    @property
+    def openapi(self) -> Info | None:
+        """Title, version and description of the services' schema; None: made up from their names."""
+        ...
+
+    @property
+    def metrics(self) -> MetricsExposition | None:
+        """The server's metrics recorder, if it has one that can show its metrics."""
+        ...
+
     async def dispatch(
-        self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str], peer: str = ""
+        self,
+        path: str,
+        payload: bytes,
+        *,
+        timeout: float | None,
+        metadata: Mapping[str, str],
+        peer: str = "",
+        deadline_enforced: bool = False,
     ) -> bytes:
-        """Run the call at `path` (`Service/method`) and return its encoded result, or raise RpcError."""
+        """Run the call at `path` and return its encoded result, or raise RpcError."""
+        ...
+
+    def admit(self, size: int, /) -> bool:
+        """May a request of `size` bytes be held now? Counts it if so."""
+        ...
+
+    def release(self, size: int, /) -> None:
+        """A request admitted with admit(size) is no longer held."""
         ...
 
 
@@ -168,6 +243,15 @@ class Transport(Protocol):
         """Open a connection to `endpoint`; NotDeliveredError if it cannot be reached."""
         ...
 
-    def listen(self, server: object, host: str, port: int, /) -> AbstractAsyncContextManager[Listener]:
-        """Serve `server` on host:port while the context is open; drain when it exits."""
+    def listen(self, core: ServerCore, host: str, port: int, /) -> AbstractAsyncContextManager[Listener]:
+        """Serve `core` on host:port while the context is open; drain when it exits."""
+        ...
+
+
+@runtime_checkable
+class AsgiTransport(Protocol):
+    """Optional: a transport that can serve a server as an ASGI app (`Server.asgi()`; the `http` plugin)."""
+
+    def asgi(self, core: ServerCore, /) -> Callable[..., Awaitable[None]]:
+        """The ASGI app that serves `core`: run it with any ASGI server (`uvicorn mymodule:app`)."""
         ...

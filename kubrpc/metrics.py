@@ -323,7 +323,7 @@ async def serve_metrics(
         body, content_type = _exposition(chosen, request.headers.get("accept"))
         return Response(body, headers={"Content-Type": content_type})
 
-    from .transports.http import serve_uvicorn
+    from ._asgi_server import serve_uvicorn
 
     app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
     async with serve_uvicorn(app, parts.hostname, parts.port or 0, timeout_graceful_shutdown=1) as (bound, _):

@@ -18,7 +18,7 @@ from ._version import __version__
 from .status import Status
 
 if TYPE_CHECKING:
-    from .server import Server
+    from .interfaces import ServerCore
 
 __all__ = ("Info", "json_schema", "openapi_document")
 
@@ -145,7 +145,7 @@ def _with_default(properties: dict[str, Any], name: str, default: object) -> Non
         properties[name] = {**properties[name], "default": value}
 
 
-def openapi_document(server: Server, *, root_path: str = "") -> dict[str, Any]:
+def openapi_document(server: ServerCore, *, root_path: str = "") -> dict[str, Any]:
     """The OpenAPI 3.1 document: one POST operation per method, with request, result and error schemas.
 
     Docstrings of the service Protocols, their methods and the dataclasses become descriptions, and

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -17,10 +16,11 @@ from urllib.parse import urlsplit
 
 import anyio
 
+from ._limits import DEFAULT_MAX_MESSAGE_SIZE, ServerLimits
 from .errors import RpcError
 from .interceptors import CallInfo, Proceed, ServerInterceptor, _current
 from .interface import MethodSpec, ServiceSpec, check_implementation, service_spec
-from .interfaces import Listener
+from .interfaces import AsgiTransport, Listener, MetricsExposition
 from .status import Status
 
 if TYPE_CHECKING:
@@ -29,11 +29,9 @@ if TYPE_CHECKING:
     from .metrics import ServerMetrics
     from .openapi import Info
 
-__all__ = ("Server", "event_loop_options")
+__all__ = ("DEFAULT_MAX_MESSAGE_SIZE", "Server", "ServerLimits", "event_loop_options")
 
 log = logging.getLogger("kubrpc.server")
-
-DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -77,47 +75,67 @@ class Server:
         max_header_size: int = 16 * 1024,
         openapi: Info | None = None,
     ) -> None:
-        if max_message_size < 1:
-            raise ValueError("max_message_size must be positive")
-        if max_connections < 1 or max_concurrent_calls < 1:
-            raise ValueError("max_connections and max_concurrent_calls must be positive")
-        if idle_timeout is not None and not idle_timeout > 0:
-            raise ValueError("idle_timeout must be > 0 or None")
-        if not (header_timeout > 0 and body_timeout > 0):  # NaN fails too
-            raise ValueError("header_timeout and body_timeout must be > 0")
-        if max_header_size < 1:
-            raise ValueError("max_header_size must be positive")
-        self.header_timeout = header_timeout
-        self.body_timeout = body_timeout
-        self.max_header_size = max_header_size
+        self.limits = ServerLimits(
+            max_message_size=max_message_size,
+            max_concurrent_calls=max_concurrent_calls,
+            max_connections=max_connections,
+            max_pending_bytes=max_pending_bytes,
+            idle_timeout=idle_timeout,
+            drain_timeout=drain_timeout,
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            max_header_size=max_header_size,
+        )
+        """What the server allows its peers: every transport reads these (kubrpc.interfaces.ServerCore)."""
         self.openapi = openapi
         """The `info` of /openapi.json (kubrpc.openapi.Info); None: made up from the services' names."""
-        self.max_message_size = max_message_size
-        self.max_concurrent_calls = max_concurrent_calls
-        self.max_connections = max_connections
-        if max_pending_bytes < max_message_size:
-            raise ValueError("max_pending_bytes must be at least max_message_size")
-        self.max_pending_bytes = max_pending_bytes
         self._pending_bytes = 0
-        self.idle_timeout = idle_timeout
-        self.drain_timeout = drain_timeout
         self.shutdown_delay = shutdown_delay
         self.interceptors: tuple[ServerInterceptor, ...] = tuple(interceptors)
-        self.metrics: ServerMetrics | None = None
-        """The ServerMetrics recording this server's calls, if any (see kubrpc.metrics)."""
         if metrics is True:
             from .metrics import ServerMetrics
 
             metrics = ServerMetrics()
         if metrics is not False:
-            self.metrics = metrics
             self.interceptors = (metrics, *self.interceptors)  # first: rejections by other interceptors count too
-        elif (module := sys.modules.get("kubrpc.metrics")) is not None:  # loaded if a ServerMetrics exists
-            self.metrics = next((i for i in self.interceptors if isinstance(i, module.ServerMetrics)), None)
+        self.metrics: MetricsExposition | None = next(
+            (i for i in self.interceptors if isinstance(i, MetricsExposition)), None
+        )
+        """The interceptor recording this server's calls that can show them (kubrpc.metrics), if any."""
         self.services: dict[str, ServiceSpec] = {}
         self._routes: dict[str, _Route] = {}
         self._app: ASGIApp | None = None
         self.draining = False
+
+    @property
+    def max_message_size(self) -> int:
+        """`limits.max_message_size`."""
+        return self.limits.max_message_size
+
+    @property
+    def max_concurrent_calls(self) -> int:
+        """`limits.max_concurrent_calls`."""
+        return self.limits.max_concurrent_calls
+
+    @property
+    def max_connections(self) -> int:
+        """`limits.max_connections`."""
+        return self.limits.max_connections
+
+    @property
+    def max_pending_bytes(self) -> int:
+        """`limits.max_pending_bytes`."""
+        return self.limits.max_pending_bytes
+
+    @property
+    def idle_timeout(self) -> float | None:
+        """`limits.idle_timeout`."""
+        return self.limits.idle_timeout
+
+    @property
+    def drain_timeout(self) -> float:
+        """`limits.drain_timeout`."""
+        return self.limits.drain_timeout
 
     def register(self, iface: type[Any], impl: object) -> None:
         """Serve `impl` as the service Protocol `iface`; TypeError now if impl does not match it.
@@ -247,9 +265,12 @@ class Server:
     def asgi(self) -> ASGIApp:
         """The HTTP/JSON transport as an ASGI app: `uvicorn mymodule:app` serves it."""
         if self._app is None:
-            from .transports.http import build_app
+            from .transports import create
 
-            self._app = build_app(self)
+            transport = create("http")  # through the registry: whichever plugin serves http
+            if not isinstance(transport, AsgiTransport):
+                raise TypeError(f"the registered http transport {transport!r} cannot make an ASGI app")
+            self._app = transport.asgi(self)
         return self._app
 
     @asynccontextmanager
@@ -265,9 +286,7 @@ class Server:
 
         parts = urlsplit(url)
         if parts.scheme == "inproc":  # a name, not an address: taken as written (case and all)
-            from .transports.inproc import parse_name
-
-            async with create("inproc", **options).listen(self, parse_name(url), 0) as listener:
+            async with create("inproc", **options).listen(self, url.partition("://")[2], 0) as listener:
                 yield listener
             return
         if not parts.scheme or parts.hostname is None:

@@ -217,7 +217,7 @@ async def test_every_kind_of_failure_gives_back_its_slot_and_its_pending_bytes()
 
 
 def test_the_uvicorn_internals_the_attack_fixes_rely_on_are_still_there() -> None:
-    """transports/_http_server.py also relies on these (beside those test_http_hardening.py checks)."""
+    """kubrpc/_asgi_server.py also relies on these (beside those test_http_hardening.py checks)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
     for name in ("pause_writing", "resume_writing", "timeout_keep_alive_handler", "_unset_keepalive_if_required"):

@@ -366,7 +366,7 @@ async def test_rpc_paths_are_routed_by_the_raw_path(start_server: Callable[..., 
 
 
 async def test_the_uvicorn_internals_the_server_relies_on_are_still_there() -> None:
-    """transports/_http_server.py subclasses uvicorn's HttpToolsProtocol: if uvicorn changes these, this fails."""
+    """kubrpc/_asgi_server.py subclasses uvicorn's HttpToolsProtocol: if uvicorn changes these, this fails."""
     callbacks = ("on_message_begin", "on_headers_complete", "on_body", "on_message_complete", "on_response_complete")
     for name in (*callbacks, "data_received", "handle_websocket_upgrade"):
         assert callable(getattr(HttpToolsProtocol, name))

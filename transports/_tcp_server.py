@@ -40,7 +40,7 @@ from ._tcp_base import (
 )
 
 if TYPE_CHECKING:
-    from kubrpc.server import Server
+    from kubrpc.interfaces import ServerCore
 
 
 __all__ = ("TcpListener",)
@@ -67,7 +67,7 @@ class TcpListener:
     """A listening TCP socket and its connections."""
 
     def __init__(
-        self, server: Server, max_message_size: int, preface_timeout: float = 10.0, frame_timeout: float = 30.0
+        self, server: ServerCore, max_message_size: int, preface_timeout: float = 10.0, frame_timeout: float = 30.0
     ) -> None:
         self.server = server
         self.url = ""
@@ -144,7 +144,7 @@ class _ServerConnection(FrameWriter):
     def __init__(self, listener: TcpListener) -> None:
         self.listener = listener
         self.dispatch = listener.server.dispatch
-        self.max_calls = listener.server.max_concurrent_calls
+        self.max_calls = listener.server.limits.max_concurrent_calls
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
@@ -181,12 +181,12 @@ class _ServerConnection(FrameWriter):
         self._preface_timer = self._loop.call_later(listener.preface_timeout, self._no_preface)
         if listener.draining:
             self.go_away("server shutting down")
-        elif len(listener.connections) > listener.server.max_connections:
+        elif len(listener.connections) > listener.server.limits.max_connections:
             log.warning("refusing a connection from %s: over max_connections", self.peer)
             self.go_away("too many connections")
-        elif listener.server.idle_timeout is not None:
+        elif listener.server.limits.idle_timeout is not None:
             self._last_active = self._loop.time()
-            self._idle_timer = self._loop.call_later(listener.server.idle_timeout, self._check_idle)
+            self._idle_timer = self._loop.call_later(listener.server.limits.idle_timeout, self._check_idle)
 
     def _no_preface(self) -> None:
         self._preface_timer = None
@@ -195,7 +195,7 @@ class _ServerConnection(FrameWriter):
 
     def _check_idle(self) -> None:
         """Go away from a connection that has had no call for idle_timeout seconds (its client reconnects on demand)."""
-        timeout = self.listener.server.idle_timeout
+        timeout = self.listener.server.limits.idle_timeout
         assert timeout is not None
         idle = self._loop.time() - self._last_active
         if self._write_paused and idle >= timeout:  # calls held that long for a client that does not read

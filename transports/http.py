@@ -27,15 +27,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kubrpc._asgi_server import NOT_STARTED, serve_uvicorn
+from kubrpc._limits import DEFAULT_MAX_MESSAGE_SIZE
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, RpcError, UnreachableError
-from kubrpc.server import DEFAULT_MAX_MESSAGE_SIZE
 from kubrpc.status import Status
 
-from ._http_server import NOT_STARTED, HttpLimits, protocol_class
-
 if TYPE_CHECKING:
-    from kubrpc.server import Server
+    from kubrpc.interfaces import ServerCore
 
 __all__ = ("NOT_STARTED_HEADER", "HttpConnection", "HttpListener", "HttpTransport", "build_app")
 
@@ -47,7 +46,7 @@ _DEFAULT_LIMIT = DEFAULT_MAX_MESSAGE_SIZE
 _CONTENT_TYPE = (b"content-type", b"application/json")
 
 
-def build_app(server: Server) -> ASGIApp:
+def build_app(server: ServerCore) -> ASGIApp:
     """The ASGI app of `server`: the RPC routes, health checks, the OpenAPI document and the /docs page.
 
     POST /{service}/{method} is served by a thin ASGI layer in front of a Starlette app that serves the rest:
@@ -84,7 +83,7 @@ class _App:
 
     __slots__ = ("rest", "server")
 
-    def __init__(self, server: Server, rest: ASGIApp) -> None:
+    def __init__(self, server: ServerCore, rest: ASGIApp) -> None:
         self.server = server
         self.rest = rest
 
@@ -152,7 +151,7 @@ class _App:
                         raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
             finally:
                 server.release(held)
-            if result is not None and len(result) > server.max_message_size:
+            if result is not None and len(result) > server.limits.max_message_size:
                 raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
         except RpcError as exc:
             # A deadline that passed while the body was still arriving: the rest of it is not worth waiting for.
@@ -164,7 +163,7 @@ class _App:
 
     def _head(self, scope: Scope) -> tuple[float | None, dict[str, str], int | None]:
         """The request's deadline, metadata and Content-Length, from its headers."""
-        limit = self.server.max_message_size
+        limit = self.server.limits.max_message_size
         metadata: dict[str, str] = {}
         timeout: float | None = None
         length: int | None = None
@@ -198,7 +197,7 @@ class _App:
         if length is not None and not more:
             return body
         server = self.server
-        limit = server.max_message_size
+        limit = server.limits.max_message_size
         chunks = [body]
         size = len(body)
         admitted = 0
@@ -348,43 +347,6 @@ class HttpListener:
         return f"<HttpListener {self.url}>"
 
 
-class _QuietServer(uvicorn.Server):
-    handshake_timeout: float | None = None  # seconds for a TLS handshake (uvicorn sets none: asyncio's 60 s)
-
-    # The owner of the event loop (Server.run, a test) handles signals, not uvicorn.
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        """uvicorn's startup on the bound `sockets`, but with `handshake_timeout` for TLS handshakes."""
-        config = self.config
-        if sockets is None or config.ssl is None or self.handshake_timeout is None:
-            await super().startup(sockets)
-            return
-        await self.lifespan.startup()
-        if self.lifespan.should_exit:
-            raise OSError("the ASGI lifespan startup failed")
-
-        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
-            return config.http_protocol_class(  # type: ignore[call-arg]
-                config=config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop
-            )
-
-        loop = asyncio.get_running_loop()
-        self.servers = []
-        for sock in sockets:
-            server = await loop.create_server(
-                create_protocol,
-                sock=sock,
-                ssl=config.ssl,
-                backlog=config.backlog,
-                ssl_handshake_timeout=self.handshake_timeout,
-            )
-            self.servers.append(server)
-        self.started = True
-
-
 class HttpTransport:
     """The `http` transport: `http://HOST:PORT`, or `https://HOST:PORT` with `ssl=` (a server or client SSLContext).
 
@@ -423,70 +385,25 @@ class HttpTransport:
         """A connection pool to `endpoint` (connections open lazily, on the first call)."""
         return HttpConnection(endpoint, self)
 
+    def asgi(self, core: ServerCore, /) -> ASGIApp:
+        """The ASGI app that serves `core` (`Server.asgi()`): RPC routes, health checks, OpenAPI, /docs, /metrics."""
+        return build_app(core)
+
     @asynccontextmanager
-    async def listen(self, server: Server, host: str, port: int, /) -> AsyncIterator[HttpListener]:
-        """Serve `server.asgi()` with uvicorn on host:port until the block exits, then drain."""
-        limits = HttpLimits(server.header_timeout, server.body_timeout, server.max_header_size)
+    async def listen(self, core: ServerCore, host: str, port: int, /) -> AsyncIterator[HttpListener]:
+        """Serve `core` with uvicorn on host:port until the block exits, then drain."""
+        limits = core.limits
         async with serve_uvicorn(
-            server.asgi(),
+            build_app(core),
             host,
             port,
             ssl=self.ssl,
             limits=limits,
-            timeout_graceful_shutdown=math.ceil(server.drain_timeout) or 1,
+            timeout_graceful_shutdown=math.ceil(limits.drain_timeout) or 1,
             # Requests in progress at once; beyond it a 503 that says the call did not start: clients retry elsewhere.
-            limit_concurrency=server.max_connections,
+            limit_concurrency=limits.max_connections,
         ) as (url, userver):
             yield HttpListener(url, userver)
-
-
-@asynccontextmanager
-async def serve_uvicorn(
-    app: ASGIApp,
-    host: str,
-    port: int,
-    *,
-    ssl: SSLContext | None = None,
-    limits: HttpLimits | None = None,
-    **options: Any,
-) -> AsyncIterator[tuple[str, uvicorn.Server]]:
-    """Run `app` with uvicorn on host:port (0: any) inside the block; yields the bound URL and the server.
-
-    Connections are held to `limits` (header and body timeouts, header size; the defaults if None), and
-    uvicorn's `limit_concurrency` counts requests in progress, not connections.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    bound = sock.getsockname()
-    options.setdefault("http", protocol_class(limits or HttpLimits()))
-    options.setdefault("ws", "none")  # no WebSocket routes: an Upgrade request is plain HTTP/1.1, then the close
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, **options)
-    if ssl is not None:  # uvicorn builds its context from files; an SSLContext goes in after load()
-        config.load()
-        config.ssl = ssl
-    userver = _QuietServer(config)
-    userver.handshake_timeout = (limits or HttpLimits()).header_timeout  # a TLS handshake counts as the head's start
-    with sock:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(userver.serve, [sock])
-            with anyio.fail_after(10):
-                while not userver.started:
-                    if userver.should_exit:
-                        raise OSError(f"uvicorn failed to start on {host}:{port}")
-                    await anyio.sleep(0.002)
-            host_text = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
-            try:
-                yield f"{'http' if ssl is None else 'https'}://{host_text}:{bound[1]}", userver
-            finally:
-                userver.should_exit = True
 
 
 def _keepalive_socket(keepalive: tuple[float, float], addr_info: tuple[Any, ...]) -> socket.socket:

@@ -32,17 +32,17 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from kubrpc._limits import DEFAULT_MAX_MESSAGE_SIZE
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, RpcError
 from kubrpc.resolvers.static import StaticResolver
-from kubrpc.server import DEFAULT_MAX_MESSAGE_SIZE
 from kubrpc.status import Status
 
 from ._deadlines import Deadlines
 from ._frames import encode_metadata
 
 if TYPE_CHECKING:
-    from kubrpc.server import Server
+    from kubrpc.interfaces import ServerCore
 
 __all__ = ("INPROC_PORT", "InprocConnection", "InprocListener", "InprocTransport", "parse_name", "resolver")
 
@@ -97,7 +97,7 @@ class InprocTransport:
             raise NotDeliveredError(
                 f"inproc://{name} is served on another event loop; call it from that one", unreachable=False
             )
-        if len(listener.connections) >= listener.server.max_connections:
+        if len(listener.connections) >= listener.server.limits.max_connections:
             log.warning("refusing an inproc connection to %s: over max_connections", listener.url)
             raise NotDeliveredError(f"{listener.url} refused the connection: too many connections", unreachable=False)
         conn = InprocConnection(listener, self.max_message_size or DEFAULT_MAX_MESSAGE_SIZE)
@@ -105,7 +105,7 @@ class InprocTransport:
         return conn
 
     @asynccontextmanager
-    async def listen(self, server: Server, host: str, port: int = 0, /) -> AsyncIterator[InprocListener]:
+    async def listen(self, server: ServerCore, host: str, port: int = 0, /) -> AsyncIterator[InprocListener]:
         """Serve `server` as `inproc://{host}` until the block exits, then drain (`port` is ignored)."""
         name = parse_name(f"inproc://{host}")
         other = _listeners.get(name)
@@ -115,19 +115,19 @@ class InprocTransport:
                 f"inproc://{name} is already served by {other.server!r} in this process;"
                 " leave its serve() block first, or pick another name",
             )
-        listener = InprocListener(server, name, self.max_message_size or server.max_message_size)
+        listener = InprocListener(server, name, self.max_message_size or server.limits.max_message_size)
         _listeners[name] = listener
         try:
             yield listener
         finally:
             with anyio.CancelScope(shield=True):
-                await listener.aclose(server.drain_timeout)
+                await listener.aclose(server.limits.drain_timeout)
 
 
 class InprocListener:
     """A server reachable as `inproc://NAME`, its connections and its running calls."""
 
-    def __init__(self, server: Server, name: str, max_message_size: int) -> None:
+    def __init__(self, server: ServerCore, name: str, max_message_size: int) -> None:
         self.server = server
         self.name = name
         self.url = f"inproc://{name}"
@@ -221,7 +221,7 @@ class InprocConnection:
         server = listener.server
         if len(payload) > listener.max_message_size:
             raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
-        if len(self._calls) >= server.max_concurrent_calls:
+        if len(self._calls) >= server.limits.max_concurrent_calls:
             raise RpcError(Status.RESOURCE_EXHAUSTED, "too many concurrent calls on this connection")
         if not server.admit(len(payload)):
             raise RpcError(Status.RESOURCE_EXHAUSTED, "server busy")

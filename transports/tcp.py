@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from kubrpc._limits import DEFAULT_MAX_MESSAGE_SIZE
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError
-from kubrpc.server import DEFAULT_MAX_MESSAGE_SIZE
 
 from ._tcp_base import format_host
 from ._tcp_client import TcpConnection
 from ._tcp_server import TcpListener, _ServerConnection
 
 if TYPE_CHECKING:
-    from kubrpc.server import Server
+    from kubrpc.interfaces import ServerCore
 
 __all__ = ("TcpConnection", "TcpListener", "TcpTransport")
 
@@ -90,10 +90,10 @@ class TcpTransport:
         return conn
 
     @asynccontextmanager
-    async def listen(self, server: Server, host: str, port: int, /) -> AsyncIterator[TcpListener]:
+    async def listen(self, server: ServerCore, host: str, port: int, /) -> AsyncIterator[TcpListener]:
         """Serve `server` on host:port until the block exits, then go away and drain."""
         loop = asyncio.get_running_loop()
-        limit = self.max_message_size or server.max_message_size
+        limit = self.max_message_size or server.limits.max_message_size
         listener = TcpListener(server, limit, self.preface_timeout, self.frame_timeout)
         aserver = await loop.create_server(
             lambda: _ServerConnection(listener),
@@ -109,7 +109,7 @@ class TcpTransport:
         finally:
             aserver.close()
             with anyio.CancelScope(shield=True):
-                await listener.drain(server.drain_timeout)
+                await listener.drain(server.limits.drain_timeout)
                 await listener.cancel_remaining()
                 await aserver.wait_closed()
 

@@ -1,4 +1,8 @@
-"""The HTTP server's connections: uvicorn's httptools protocol, with the limits a hostile peer must not get past.
+"""Serving an ASGI app with uvicorn, hardened: for the HTTP transport and the metrics endpoint alike.
+
+`serve_uvicorn()` runs an app on a bound socket inside an async block. Its connections are uvicorn's httptools
+protocol, with the limits a hostile peer must not get past:
+
 
 uvicorn keeps a connection open for as long as its peer sends nothing, buffers request heads of any size,
 and counts idle connections against `limit_concurrency`. `_HttpProtocol` adds, per connection:
@@ -36,21 +40,28 @@ and `on_response_complete`; `pause_writing`, `resume_writing`, `timeout_keep_ali
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import math
-from dataclasses import dataclass
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from ssl import SSLContext
 from typing import Any, ClassVar, cast
 
+import anyio
 import httptools
 import orjson
-from starlette.types import Receive, Scope, Send
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
-from kubrpc.status import Status
+from ._limits import ServerLimits
+from .status import Status
 
-__all__ = ("NOT_STARTED", "HttpLimits", "protocol_class")
+__all__ = ("NOT_STARTED", "protocol_class", "serve_uvicorn")
 
 # On a 503 that the server sends before the call could start, so that a client knows it is safe to retry.
 NOT_STARTED = (b"kubrpc-not-started", b"1")
@@ -60,16 +71,7 @@ _MAX_PIPELINE = 64  # requests queued on a connection behind the running one
 _CODES = {400: Status.INVALID_ARGUMENT, 408: Status.DEADLINE_EXCEEDED, 503: Status.UNAVAILABLE}
 
 
-@dataclass(frozen=True, slots=True)
-class HttpLimits:
-    """The per-connection limits of the HTTP server (the Server options of the same names)."""
-
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    max_header_size: int = 16 * 1024
-
-
-def protocol_class(limits: HttpLimits) -> type[HttpToolsProtocol]:
+def protocol_class(limits: ServerLimits) -> type[HttpToolsProtocol]:
     """The uvicorn `http=` protocol class that enforces `limits` (and `limit_concurrency`, counting requests)."""
     return cast("type[HttpToolsProtocol]", type("HttpProtocol", (_HttpProtocol,), {"limits": limits}))
 
@@ -98,7 +100,7 @@ def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
 class _HttpProtocol(HttpToolsProtocol):
     """One HTTP/1.1 connection, under `limits` (see the module docstring)."""
 
-    limits: ClassVar[HttpLimits] = HttpLimits()
+    limits: ClassVar[ServerLimits] = ServerLimits()
 
     def __init__(
         self,
@@ -435,3 +437,89 @@ class _HttpProtocol(HttpToolsProtocol):
             self._set_deadline(now + limits.body_timeout)
         else:
             self._refuse(408, f"request body not received within {limits.body_timeout:g} s", self._may_answer())
+
+
+class _QuietServer(uvicorn.Server):
+    handshake_timeout: float | None = None  # seconds for a TLS handshake (uvicorn sets none: asyncio's 60 s)
+
+    # The owner of the event loop (Server.run, a test) handles signals, not uvicorn.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's startup on the bound `sockets`, but with `handshake_timeout` for TLS handshakes."""
+        config = self.config
+        if sockets is None or config.ssl is None or self.handshake_timeout is None:
+            await super().startup(sockets)
+            return
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            raise OSError("the ASGI lifespan startup failed")
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop
+            )
+
+        loop = asyncio.get_running_loop()
+        self.servers = []
+        for sock in sockets:
+            server = await loop.create_server(
+                create_protocol,
+                sock=sock,
+                ssl=config.ssl,
+                backlog=config.backlog,
+                ssl_handshake_timeout=self.handshake_timeout,
+            )
+            self.servers.append(server)
+        self.started = True
+
+
+@asynccontextmanager
+async def serve_uvicorn(
+    app: ASGIApp,
+    host: str,
+    port: int,
+    *,
+    ssl: SSLContext | None = None,
+    limits: ServerLimits | None = None,
+    **options: Any,
+) -> AsyncIterator[tuple[str, uvicorn.Server]]:
+    """Run `app` with uvicorn on host:port (0: any) inside the block; yields the bound URL and the server.
+
+    Connections are held to `limits` (header and body timeouts, header size; the defaults if None), and
+    uvicorn's `limit_concurrency` counts requests in progress, not connections.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    bound = sock.getsockname()
+    options.setdefault("http", protocol_class(limits or ServerLimits()))
+    options.setdefault("ws", "none")  # no WebSocket routes: an Upgrade request is plain HTTP/1.1, then the close
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, **options)
+    if ssl is not None:  # uvicorn builds its context from files; an SSLContext goes in after load()
+        config.load()
+        config.ssl = ssl
+    userver = _QuietServer(config)
+    userver.handshake_timeout = (limits or ServerLimits()).header_timeout  # a TLS handshake counts as the head's start
+    with sock:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(userver.serve, [sock])
+            with anyio.fail_after(10):
+                while not userver.started:
+                    if userver.should_exit:
+                        raise OSError(f"uvicorn failed to start on {host}:{port}")
+                    await anyio.sleep(0.002)
+            host_text = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
+            try:
+                yield f"{'http' if ssl is None else 'https'}://{host_text}:{bound[1]}", userver
+            finally:
+                userver.should_exit = True
