@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from ssl import SSLContext, create_default_context
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, runtime_checkable
 
 import anyio
 from anyio.abc import TaskGroup
 
-from ._backoff import Backoff
+from ._pool import ConnectionPool
 from .codec import check_metadata
 from .endpoint import Endpoint
 from .errors import NotDeliveredError, RpcError, UnreachableError
@@ -33,9 +32,6 @@ T = TypeVar("T")
 
 log = logging.getLogger("kubrpc.client")
 
-# How long a connection that no new calls go to may keep answering the calls already on it.
-_RETIRE_GRACE = 30.0
-
 _EMPTY: Mapping[str, str] = {}
 
 # Errors that are no answer from a server: they do not end an endpoint's connect backoff.
@@ -44,37 +40,6 @@ _NO_ANSWER = frozenset({Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CAN
 #: Called with the channel and its endpoints after each resolver snapshot, and once more when the channel closes
 #: (then `channel.closed` is True and the endpoints are empty).
 EndpointsHook = Callable[["Channel", Sequence[Endpoint]], None]
-
-
-def connect(
-    target: str | Sequence[Endpoint] | Resolver,
-    *,
-    transport: str | Transport | None = None,
-    balancer: str | Balancer = "round_robin",
-    timeout: float | None = None,
-    max_attempts: int = 3,
-    wait_for_endpoints: float = 10.0,
-    retry_budget: RetryBudget | None = None,
-    interceptors: Sequence[ClientInterceptor] = (),
-    ssl: SSLContext | None = None,
-    metrics: bool | ClientMetrics = False,
-    on_endpoints: Sequence[EndpointsHook] = (),
-) -> Channel:
-    """A Channel to `target` (`k8s://SVC.NS:PORT`, `static://H:P,...`, `tcp://H:P`, `http://H:P`, `inproc://NAME`,
-    or endpoints)."""
-    return Channel(
-        target,
-        transport=transport,
-        balancer=balancer,
-        timeout=timeout,
-        max_attempts=max_attempts,
-        wait_for_endpoints=wait_for_endpoints,
-        retry_budget=retry_budget,
-        interceptors=interceptors,
-        ssl=ssl,
-        metrics=metrics,
-        on_endpoints=on_endpoints,
-    )
 
 
 class Channel:
@@ -131,34 +96,27 @@ class Channel:
             self._transport = transport
         self._interceptors = tuple(interceptors)
         self._on_endpoints = tuple(on_endpoints)
-        recorder: ClientMetrics | None = None
         if metrics is True:
             from .metrics import ClientMetrics
 
-            recorder = ClientMetrics()
-        elif metrics is not False:
-            recorder = metrics
-        elif (module := sys.modules.get("kubrpc.metrics")) is not None:  # loaded if a ClientMetrics exists
-            recorder = next((i for i in self._interceptors if isinstance(i, module.ClientMetrics)), None)
-        if recorder is not None:
-            if metrics is not False:
-                self._interceptors = (recorder, *self._interceptors)
-            self._on_endpoints += (recorder.observe_endpoints,)
+            metrics = ClientMetrics()
+        if metrics is not False:
+            self._interceptors = (metrics, *self._interceptors)
+        # An interceptor that watches endpoints too (kubrpc.metrics.ClientMetrics) gets every snapshot.
+        self._on_endpoints += tuple(i.observe_endpoints for i in self._interceptors if isinstance(i, EndpointObserver))
         self.balancer_name = balancer if isinstance(balancer, str) else type(balancer).__name__
         self.balancer = create_balancer(balancer) if isinstance(balancer, str) else balancer
         self._feedback = self.balancer if isinstance(self.balancer, CallFeedback) else None
         self._pick_for = self.balancer.pick_for if isinstance(self.balancer, KeyedBalancer) else None
-        self._down: dict[tuple[str, int], tuple[float, Backoff, str]] = {}
-        # Endpoints whose backoff has run out and that one call is trying again: the others wait for its outcome.
-        self._probing: dict[tuple[str, int], anyio.Event] = {}
+        self._pool = ConnectionPool(self._transport)
+        # The pool's own dicts, read on the hot path without a call.
+        self._connections = self._pool.connections
+        self._down = self._pool.down
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.retry_budget = retry_budget or RetryBudget()
         self.wait_for_endpoints = wait_for_endpoints
         self.endpoints: list[Endpoint] = []
-        self._connections: dict[tuple[str, int], Connection] = {}
-        self._retired: set[Connection] = set()
-        self._connecting: dict[tuple[str, int], anyio.Lock] = {}
         self._resolved: anyio.Event | None = None
         self._task_group: TaskGroup | None = None
         self._closed = False
@@ -167,6 +125,7 @@ class Channel:
         self._resolved = anyio.Event()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
+        self._pool.start(self._task_group)
         self._task_group.start_soon(self._follow_resolver)
         return self
 
@@ -187,10 +146,7 @@ class Channel:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._resolver.aclose()
-                connections = [*self._connections.values(), *self._retired]
-                self._connections, self._retired = {}, set()
-                for conn in connections:
-                    await conn.aclose()
+                await self._pool.aclose()
             self._notify([])
 
     @property
@@ -220,13 +176,7 @@ class Channel:
                 self._notify(self.endpoints)
             if self._resolved is not None:
                 self._resolved.set()
-            keep = {(ep.host, ep.port) for ep in self.endpoints}
-            for key in [k for k in self._connecting if k not in keep and not self._connecting[k].locked()]:
-                del self._connecting[key]
-            for key in [k for k in self._down if k not in keep]:
-                del self._down[key]
-            for key in [k for k in self._connections if k not in keep]:
-                self._retire(self._connections.pop(key))
+            self._pool.keep({(ep.host, ep.port) for ep in self.endpoints})
 
     def stub(
         self,
@@ -308,11 +258,11 @@ class Channel:
             try:
                 if self._down and (endpoint.host, endpoint.port) in self._down:
                     # In its connect backoff: fail fast rather than connect; after it, one call tries it again.
-                    probe = await self._admit(endpoint, remaining)
+                    probe = await self._pool.admit(endpoint, remaining)
                 if self._feedback is None:  # the hot path, without a coroutine per layer
                     conn = self._connections.get((endpoint.host, endpoint.port))
                     if conn is None or not conn.usable:
-                        conn = await self._connect(endpoint, remaining)
+                        conn = await self._pool.get(endpoint, remaining)
                     result = await conn.call(path, payload, timeout=remaining, metadata=metadata)
                 else:
                     result = await self._call_with_feedback(endpoint, path, payload, remaining, metadata)
@@ -322,12 +272,12 @@ class Channel:
             except NotDeliveredError as exc:
                 # Never reached a server, so a retry adds no load there: not charged to the budget.
                 if exc.unreachable:
-                    self._mark_down((endpoint.host, endpoint.port), exc.message)
+                    self._pool.mark_down((endpoint.host, endpoint.port), exc.message)
                 if attempt >= self.max_attempts:
                     raise
             except RpcError as exc:
                 if type(exc) is UnreachableError:  # maybe delivered: back off, but retry only if idempotent
-                    self._mark_down((endpoint.host, endpoint.port), exc.message)
+                    self._pool.mark_down((endpoint.host, endpoint.port), exc.message)
                 elif self._down and exc.code not in _NO_ANSWER:  # the endpoint answered: reachable again
                     self._down.pop((endpoint.host, endpoint.port), None)
                 retryable = idempotent and exc.code is Status.UNAVAILABLE
@@ -335,7 +285,7 @@ class Channel:
                     raise
             finally:
                 if probe is not None:
-                    self._end_probe((endpoint.host, endpoint.port), probe)
+                    self._pool.end_probe((endpoint.host, endpoint.port), probe)
             if tried is None:
                 tried = set()
             tried.add(endpoint)
@@ -403,49 +353,10 @@ class Channel:
         if tried or self._down:
             # Prefer an endpoint this call has not failed on, and one not refusing connections lately.
             for _ in range(4):
-                if not (tried and endpoint in tried) and not self._is_down(endpoint):
+                if not (tried and endpoint in tried) and not self._pool.is_down(endpoint):
                     break
                 endpoint = balancer.pick()
         return endpoint
-
-    def _is_down(self, endpoint: Endpoint) -> bool:
-        """In its connect backoff, or being tried again by one call: pick another endpoint if there is one."""
-        key = (endpoint.host, endpoint.port)
-        down = self._down.get(key)
-        return down is not None and (down[0] > time.monotonic() or key in self._probing)
-
-    async def _admit(self, endpoint: Endpoint, remaining: float | None) -> anyio.Event | None:
-        """Let a call go to `endpoint` (None), or make it the one call that tries it again after its backoff (the
-        Event to set when it is over): meanwhile, other calls to it wait for that outcome within their deadline,
-        rather than all connecting at once. NotDeliveredError while the backoff runs."""
-        key = (endpoint.host, endpoint.port)
-        deadline = None if remaining is None else time.monotonic() + remaining
-        while key in self._down:
-            self._check_down(endpoint)
-            probing = self._probing.get(key)
-            if probing is None:
-                probing = self._probing[key] = anyio.Event()
-                return probing
-            if deadline is None:
-                await probing.wait()
-            else:
-                with anyio.move_on_after(deadline - time.monotonic()):
-                    await probing.wait()
-                if not probing.is_set():
-                    raise RpcError(Status.DEADLINE_EXCEEDED, f"deadline exceeded waiting for {endpoint.address}")
-        return None
-
-    def _end_probe(self, key: tuple[str, int], probe: anyio.Event) -> None:
-        """The call that tried an endpoint again after its backoff is over (or has connected): wake the others."""
-        if self._probing.get(key) is probe:
-            del self._probing[key]
-        probe.set()
-
-    def _check_down(self, endpoint: Endpoint) -> None:
-        """NotDeliveredError if `endpoint` is in its connect backoff: no connection is attempted until it ends."""
-        down = self._down.get((endpoint.host, endpoint.port))
-        if down is not None and (wait := down[0] - time.monotonic()) > 0:
-            raise NotDeliveredError(f"{endpoint.address} is unreachable, next attempt in {wait:.2f} s: {down[2]}")
 
     async def _call_with_feedback(
         self, endpoint: Endpoint, path: str, payload: bytes, timeout: float | None, metadata: Mapping[str, str]
@@ -458,7 +369,7 @@ class Channel:
         status = Status.CANCELLED
         try:
             if conn is None or not conn.usable:
-                conn = await self._connect(endpoint, timeout)  # a refused connection counts against the endpoint
+                conn = await self._pool.get(endpoint, timeout)  # a refused connection counts against the endpoint
             result = await conn.call(path, payload, timeout=timeout, metadata=metadata)
             status = Status.OK
             return result
@@ -468,64 +379,6 @@ class Channel:
         finally:
             feedback.on_finish(endpoint, status=status, latency=time.monotonic() - start)
 
-    async def _connect(self, endpoint: Endpoint, timeout: float | None) -> Connection:
-        """The pooled connection to `endpoint`, opened if needed, within the call's remaining `timeout`."""
-        key = (endpoint.host, endpoint.port)
-        lock = self._connecting.setdefault(key, anyio.Lock())
-        try:
-            async with asyncio.timeout(timeout), lock:
-                if self._down:  # a call it waited for failed to connect: share that outcome rather than try again
-                    self._check_down(endpoint)
-                conn = self._connections.get(key)
-                if conn is not None and conn.usable:
-                    return conn
-                if conn is not None:
-                    del self._connections[key]
-                    self._retire(conn)
-                try:
-                    conn = await self._transport.connect(endpoint)
-                except NotDeliveredError as exc:
-                    if exc.unreachable is None:  # unless the transport says (inproc: a name lookup, no backoff)
-                        exc.unreachable = True  # call() marks the endpoint down
-                    raise
-                self._down.pop(key, None)
-                if (probe := self._probing.get(key)) is not None:  # connected: the calls waiting on it may go
-                    self._end_probe(key, probe)
-                if self._closed:
-                    await conn.aclose()
-                    raise RpcError(Status.CANCELLED, "channel closed")
-                self._connections[key] = conn
-                return conn
-        except TimeoutError:
-            raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded while connecting") from None
-
-    def _retire(self, conn: Connection) -> None:
-        """Send no new calls on `conn`; close it once the calls on it are answered (a draining server
-        promised to answer them), or after _RETIRE_GRACE seconds."""
-        self._retired.add(conn)
-        if self._task_group is not None:
-            self._task_group.start_soon(self._close_when_idle, conn)
-
-    async def _close_when_idle(self, conn: Connection) -> None:
-        try:
-            with anyio.move_on_after(_RETIRE_GRACE):
-                while getattr(conn, "in_flight", 0):  # noqa: ASYNC110 - Connection has no idle event
-                    await anyio.sleep(0.05)
-        finally:
-            self._retired.discard(conn)
-            with anyio.CancelScope(shield=True):
-                await conn.aclose()
-
-    def _mark_down(self, key: tuple[str, int], reason: str) -> None:
-        """An endpoint could not be reached: avoid it for a jittered, growing while (gRPC's connect backoff),
-        on both transports; calls picked to it meanwhile fail fast as not delivered (and go elsewhere)."""
-        down = self._down.get(key)
-        now = time.monotonic()
-        if down is not None and down[0] > now:  # already backing off: concurrent failures count once
-            return
-        backoff = down[1] if down is not None else Backoff(initial=0.05, maximum=5.0, multiplier=2.0)
-        self._down[key] = (now + backoff.next_delay(), backoff, reason)
-
     @property
     def connections(self) -> dict[str, Connection]:
         """The open transport connections, by endpoint address (a snapshot)."""
@@ -534,6 +387,21 @@ class Channel:
     def __repr__(self) -> str:
         ready = sum(1 for ep in self.endpoints if ep.ready)
         return f"<Channel {self.target} [{ready} ready | {self.balancer_name} | {self.transport_name}]>"
+
+
+connect = Channel
+"""`kubrpc.connect(target, **options)`: a Channel to `target` (`k8s://SVC.NS:PORT`, `static://H:P,...`, `tcp://H:P`,
+`http://H:P`, `inproc://NAME`, endpoints, or a resolver); use it as `async with kubrpc.connect(...) as channel:`.
+The same callable as Channel, so its options are written once."""
+
+
+@runtime_checkable
+class EndpointObserver(Protocol):
+    """An interceptor that also wants the channel's endpoints after every snapshot (kubrpc.metrics.ClientMetrics)."""
+
+    def observe_endpoints(self, channel: Channel, endpoints: Sequence[Endpoint], /) -> None:
+        """Called like an `on_endpoints` hook."""
+        ...
 
 
 class RetryBudget:

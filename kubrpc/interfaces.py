@@ -142,6 +142,15 @@ class Connection(Protocol):
         """False once the connection is closed or draining (go-away): new calls go elsewhere."""
         ...
 
+    @property
+    def in_flight(self) -> int:
+        """Calls sent on this connection and not answered yet."""
+        ...
+
+    async def wait_idle(self) -> None:
+        """Return once no call is in flight (the pool closes a retired connection then)."""
+        ...
+
     async def aclose(self) -> None:
         """Close the connection; calls still on it fail with UNAVAILABLE."""
         ...

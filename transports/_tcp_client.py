@@ -11,6 +11,7 @@ from typing import cast
 import anyio
 import orjson
 
+from kubrpc._idle import IdleSignal
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, ProtocolError, RpcError
 from kubrpc.status import Status
@@ -52,6 +53,7 @@ class TcpConnection(FrameWriter):
         self._last_received = 0.0
         self._ping_sent = False
         self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._idle = IdleSignal()
         self._next_stream = 1
         self.transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(max_message_size + FRAME_OVERHEAD)
@@ -147,6 +149,10 @@ class TcpConnection(FrameWriter):
         """Calls sent and not yet answered."""
         return len(self._pending)
 
+    async def wait_idle(self) -> None:
+        """Return once no call is in flight on this connection."""
+        await self._idle.wait(lambda: bool(self._pending))
+
     async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
         """Send one call and wait for its answer; cancelling the wait cancels the call on the server."""
         if self._write_paused:  # the server is not reading what we send: wait (within the deadline) until it does
@@ -189,8 +195,10 @@ class TcpConnection(FrameWriter):
         finally:
             self._deadlines.discard(stream)
             del self._pending[stream]
-            if self._goaway is not None and not self._pending:
-                self._close_transport()
+            if not self._pending:
+                self._idle.notify()
+                if self._goaway is not None:
+                    self._close_transport()
         if frame.type == _RESPONSE:
             if len(frame.payload) > self.max_message_size:  # the frame limit leaves room for a request's header
                 raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")

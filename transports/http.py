@@ -28,6 +28,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kubrpc._asgi_server import NOT_STARTED, serve_uvicorn
+from kubrpc._idle import IdleSignal
 from kubrpc._limits import DEFAULT_MAX_MESSAGE_SIZE
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, RpcError, UnreachableError
@@ -444,6 +445,7 @@ class HttpConnection:
             self._options["server_hostname"] = transport.server_hostname
         self._closed = False
         self.in_flight = 0
+        self._idle = IdleSignal()
         # False until the endpoint answers, and again after a connection to it failed: a failure then is the
         # endpoint's (accepted, then reset) and the channel backs off from it. (HTTP's stand-in for TCP's ack.)
         self._answered = False
@@ -476,6 +478,10 @@ class HttpConnection:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
             auto_decompress=False,
         )
+
+    async def wait_idle(self) -> None:
+        """Return once no call is in flight on this connection."""
+        await self._idle.wait(lambda: self.in_flight > 0)
 
     @property
     def usable(self) -> bool:
@@ -521,6 +527,8 @@ class HttpConnection:
             raise RpcError(Status.UNAVAILABLE, message) from None
         finally:
             self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.notify()
         if status == 200:
             return content
         try:

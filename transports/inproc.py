@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from kubrpc._idle import IdleSignal
 from kubrpc._limits import DEFAULT_MAX_MESSAGE_SIZE
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, RpcError
@@ -191,6 +192,7 @@ class InprocConnection:
         self._calls: dict[int, tuple[asyncio.Task[None], asyncio.Future[bytes]]] = {}
         self._next = 1
         self._waiting = 0  # callers waiting for an answer (a handler may run on a little after its caller left)
+        self._idle = IdleSignal()
         self._deadlines = Deadlines(self._loop, self._deadline_passed)
         self._closed = False
 
@@ -203,6 +205,10 @@ class InprocConnection:
     def in_flight(self) -> int:
         """Calls sent and not yet answered."""
         return self._waiting
+
+    async def wait_idle(self) -> None:
+        """Return once no call is in flight on this connection."""
+        await self._idle.wait(lambda: self._waiting > 0)
 
     async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
         """Run one call on the server and return its encoded result; cancelling the wait cancels the handler."""
@@ -246,6 +252,8 @@ class InprocConnection:
             raise
         finally:
             self._waiting -= 1
+            if not self._waiting:
+                self._idle.notify()
 
     async def _run(
         self,
