@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import shutil
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import orjson
 import pytest
 from aiohttp import web
@@ -28,7 +31,6 @@ from kubrpc.resolvers._k8s_watch import MAX_RETRY_AFTER, active_watches
 from kubrpc.resolvers.k8s import KubernetesResolver
 from kubrpc.status import Status
 from kubrpc.testing.kube import (
-    ENDPOINTSLICES,
     FakeKubeAPI,
     JsonObject,
     endpoint_slice,
@@ -177,8 +179,8 @@ class TestRetryAfter:
             while True:
                 for record in caplog.records:
                     if "retrying in" in record.getMessage():
-                        delay: float = record.args[-1]  # type: ignore[index]
-                        return delay
+                        assert isinstance(record.args, tuple)
+                        return float(record.args[-1])  # type: ignore[arg-type]
                 await anyio.sleep(0.01)
 
     async def test_a_429_from_priority_and_fairness_waits_its_retry_after(
@@ -298,7 +300,7 @@ class TestSharedWatch:
             follower = Follower(second)
             tasks.start_soon(follower.run)
             await follower.wait_for_hosts("10.0.0.1")
-            async with kubrpc.connect(first) as channel:
+            async with kubrpc.connect(first):
                 with anyio.fail_after(5):
                     while active_watches()[0].users < 2:
                         await anyio.sleep(0.01)
@@ -309,5 +311,106 @@ class TestSharedWatch:
             tasks.cancel_scope.cancel()
         await second.aclose()
         assert active_watches() == []
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         assert not [t for t in asyncio.all_tasks() if "kubrpc k8s watch" in t.get_name()]
+
+
+EXEC_PLUGIN = """
+import json, sys
+token = open(sys.argv[1]).read().strip()
+if token == "fail":
+    sys.exit("the identity provider is down")
+status = {"token": token, "expirationTimestamp": "2000-01-01T00:00:00Z"}  # always expired: run me each time
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential", "status": status}))
+"""
+
+
+def exec_kubeconfig(kube: FakeKubeAPI, tmp_path: Path, token: str) -> tuple[Path, Path]:
+    """A kubeconfig whose user is an exec plugin that prints the token in `token_file` (or fails on "fail")."""
+    plugin, token_file = tmp_path / "plugin.py", tmp_path / "token"
+    plugin.write_text(EXEC_PLUGIN)
+    token_file.write_text(token)
+    document = kube.kubeconfig()
+    exec_config: JsonObject = {"apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable}
+    exec_config["args"] = [str(plugin), str(token_file)]
+    document["users"] = [{"name": "fake", "user": {"exec": exec_config}}]
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps(document))
+    return path, token_file
+
+
+class TestCredentials:
+    async def test_an_expired_exec_credential_is_fetched_again(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        async with FakeKubeAPI(token="first") as kube:
+            kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
+            kubeconfig, token_file = exec_kubeconfig(kube, tmp_path, "first")
+            monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+            monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+            async with KubernetesResolver("arith", "rpc", "default", service_account_dir=tmp_path, **FAST) as resolver:
+                async with following(resolver) as follower:
+                    await follower.wait_for_hosts("10.0.0.1")
+                    kube.token = "second"  # the old token is now refused; the plugin hands out the new one
+                    token_file.write_text("second")
+                    kube.abort_watches()
+                    kube.upsert_slice(endpoint_slice("arith", "default", "arith-b", "10.0.0.2"))
+                    await follower.wait_for_hosts("10.0.0.1", "10.0.0.2")
+
+                    token_file.write_text("fail")  # the plugin fails: one line, and the endpoints stay
+                    kube.abort_watches()
+                    with anyio.fail_after(10):
+                        while "no credentials" not in str(resolver.stats and resolver.stats.last_error):
+                            await anyio.sleep(0.01)
+                    assert resolver.stats is not None and "the identity provider is down" in str(
+                        resolver.stats.last_error
+                    )
+                    assert [ep.host for ep in follower.snapshots[-1]] == ["10.0.0.1", "10.0.0.2"]
+
+    async def test_an_exec_plugin_that_fails_at_start_fails_fast(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        async with FakeKubeAPI(token="first") as kube:
+            kubeconfig, _ = exec_kubeconfig(kube, tmp_path, "fail")
+            monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+            monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+            resolver = KubernetesResolver("arith", "rpc", "default", service_account_dir=tmp_path, **FAST)
+            error = await first_call_error(resolver)
+        assert error.code is Status.UNAVAILABLE
+        assert f"the kubeconfig {kubeconfig} is invalid" in error.message
+        assert "the identity provider is down" in error.message
+
+
+class TestWrongServer:
+    async def test_a_url_that_is_not_an_api_server_fails_fast(self, make: Callable[..., KubernetesResolver]) -> None:
+        async def html(request: web.Request) -> web.Response:
+            return web.Response(text="<html>welcome to nginx</html>", content_type="text/html")
+
+        app = web.Application()
+        app.router.add_route("GET", "/{path:.*}", html)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            resolver = make(f"http://127.0.0.1:{runner.addresses[0][1]}")
+            error = await first_call_error(resolver)  # within its 10 s hang guard, not after the 30 s wait
+        finally:
+            await runner.cleanup()
+        assert "is the server URL an API server's?" in error.message
+
+    async def test_a_watch_trickled_byte_by_byte_is_ended_and_rewatched(
+        self, make: Callable[..., KubernetesResolver]
+    ) -> None:
+        async def trickle(response: web.StreamResponse) -> None:
+            for _ in range(10_000):  # never a whole line, never a silence as long as read_timeout
+                await response.write(b" ")
+                await asyncio.sleep(0.02)
+
+        async with RawAPI(trickle) as api:
+            resolver = make(api.url, watch_timeout=1.0, read_timeout=0.5)
+            async with following(resolver) as follower:
+                await follower.wait_for_hosts("10.0.0.1")
+                with anyio.fail_after(20):
+                    while api.watches < 3:
+                        await anyio.sleep(0.05)
+            assert resolver.stats is not None and resolver.stats.dropped >= 2

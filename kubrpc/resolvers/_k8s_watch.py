@@ -229,6 +229,7 @@ class ListWatch:
 
     async def _run(self) -> None:
         from aiohttp import ClientConnectorCertificateError, ClientError
+        from kubernetes_asyncio.config import ConfigException
 
         api = self._lister()
         backoff = self._backoff = Backoff(
@@ -261,8 +262,13 @@ class ListWatch:
                     " ServiceAccount's ca.crt, and the server URL",
                 )
             except orjson.JSONDecodeError as exc:
+                # A first list answered 200 with something else than JSON: the URL is not an API server's.
+                self.permanent = not self.listed and self._verb == "list"
+                hint = " (is the server URL an API server's?)" if self.permanent else ""
+                await self._failed(backoff, f"malformed JSON from the API server during {self._verb}{hint}: {exc}")
+            except ConfigException as exc:  # an exec plugin or token file that fails on refresh
                 self.permanent = False
-                await self._failed(backoff, f"malformed JSON from the API server during {self._verb}: {exc}")
+                await self._failed(backoff, f"cannot {self._verb} {self.resource}: no credentials: {exc}")
             except (ClientError, OSError, TimeoutError) as exc:
                 self.permanent = False
                 what = f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__} (no answer in time)"
@@ -353,9 +359,14 @@ class ListWatch:
         from aiohttp import ClientError, ClientTimeout
 
         self._verb = "watch"
-        timeout = ClientTimeout(sock_connect=self.options.connect_timeout, sock_read=self.options.read_timeout)
         # Spread the server-side timeouts, as client-go does, so that many clients do not re-watch together.
         timeout_seconds = max(1, int(self.options.watch_timeout * self._rng.uniform(1.0, 2.0)))
+        # `total` ends a watch the server does not end in time (a proxy trickling bytes defeats sock_read).
+        timeout = ClientTimeout(
+            total=timeout_seconds + self.options.read_timeout,
+            sock_connect=self.options.connect_timeout,
+            sock_read=self.options.read_timeout,
+        )
         response = await api(
             self.namespace,
             label_selector=self.label_selector,
