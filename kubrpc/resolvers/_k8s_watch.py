@@ -271,11 +271,20 @@ class ListWatch:
                 await self._failed(backoff, f"cannot {self._verb} {self.resource}: no credentials: {exc}")
             except (ClientError, OSError, TimeoutError) as exc:
                 self.permanent = False
-                what = f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__} (no answer in time)"
+                what = f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__} ({self._no_answer()})"
                 await self._failed(backoff, f"cannot {self._verb} {self.resource}: {what}")
             except Exception as exc:  # the loop must survive anything the server sends
                 log.exception("%s: unexpected error", self)
                 await self._failed(backoff, f"{type(exc).__name__}: {exc}")
+
+    def _no_answer(self) -> str:
+        """Which timeout ran out, for a TimeoutError that says nothing."""
+        options = self.options
+        if self._verb == "list":
+            read = min(options.read_timeout, options.list_timeout)
+            return f"no complete answer within list_timeout {options.list_timeout:g} s or read_timeout {read:g} s"
+        connect, read = options.connect_timeout, options.read_timeout
+        return f"no answer within connect_timeout {connect:g} s or read_timeout {read:g} s"
 
     def _explain(self, status: int, reason: str) -> str:
         """An API error as one line that says what to do."""
