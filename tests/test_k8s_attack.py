@@ -414,3 +414,66 @@ class TestWrongServer:
                     while api.watches < 3:
                         await anyio.sleep(0.05)
             assert resolver.stats is not None and resolver.stats.dropped >= 2
+
+
+class TestWhatHolds:
+    """Shapes the API allows, checked once: the endpoints are always exactly what the API says."""
+
+    async def test_events_out_of_the_usual_order(self, make: Callable[..., KubernetesResolver]) -> None:
+        def modified(kind: str, rv: str, *hosts: str, name: str = "arith-a") -> bytes:
+            obj = endpoint_slice("arith", "default", name, *hosts)
+            obj["metadata"]["resourceVersion"] = rv
+            return line({"type": kind, "object": obj})
+
+        async def handler(response: web.StreamResponse) -> None:
+            await response.write(modified("ADDED", "1002", "10.0.0.2"))  # ADDED for a known slice: a replace
+            await response.write(modified("DELETED", "1003", "10.9.9.9", name="ghost"))  # unknown: nothing
+            await response.write(modified("MODIFIED", "1001", "10.0.0.3"))  # an older resourceVersion
+            await asyncio.sleep(30)
+
+        async with RawAPI(handler) as api:
+            resolver = make(api.url)
+            async with following(resolver) as follower:
+                await follower.wait_for_hosts("10.0.0.3")
+                seen = [[ep.host for ep in s] for s in follower.snapshots]
+                assert all(hosts in (["10.0.0.1"], ["10.0.0.2"], ["10.0.0.3"]) for hosts in seen)  # never the ghost
+                # Resource versions are opaque (API concepts: never compare them): the last one is resumed from.
+                assert active_watches()[0].resource_version == "1001"
+
+    async def test_null_and_missing_fields(self, kube: FakeKubeAPI, make: Callable[..., KubernetesResolver]) -> None:
+        odd = endpoint_slice("arith", "default", "arith-a", "10.0.0.1")
+        odd["endpoints"] = [
+            {"addresses": []},  # no address: skipped
+            {"addresses": None, "conditions": {"ready": True}},
+            {"addresses": ["10.0.0.5"]},  # no conditions: ready (unset means ready)
+            {"addresses": ["10.0.0.6"], "conditions": None, "zone": None, "hints": None, "targetRef": None},
+            {"addresses": ["not an address"]},  # skipped, logged at debug (the API server admits only IPs)
+        ]
+        kube.upsert_slice(odd)
+        no_ports = endpoint_slice("arith", "default", "arith-b", "10.0.0.7")
+        no_ports["ports"] = None  # no ports: nothing to dial on
+        kube.upsert_slice(no_ports)
+        unnamed = endpoint_slice("arith", "default", "arith-c", "10.0.0.8", ports=[])
+        unnamed["ports"] = [{"name": None, "port": 9000}, {"name": "", "port": 9001}, {"name": "rpc", "port": None}]
+        kube.upsert_slice(unnamed)
+        resolver = make(kube.url)
+        async with following(resolver) as follower:
+            snapshot = await follower.wait_for_hosts("10.0.0.5", "10.0.0.6")
+            assert all(ep.ready and ep.port == 9000 for ep in snapshot)
+        by_number = KubernetesResolver("arith", 9001, "default", configuration=Configuration(host=kube.url), **FAST)
+        async with by_number, following(by_number) as follower:
+            assert [(ep.host, ep.port) for ep in await follower.wait_for_hosts("10.0.0.8")] == [("10.0.0.8", 9001)]
+
+    async def test_a_slice_relabelled_to_another_service_leaves(
+        self, kube: FakeKubeAPI, make: Callable[..., KubernetesResolver]
+    ) -> None:
+        kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
+        kube.upsert_slice(endpoint_slice("arith", "default", "arith-b", "10.0.0.2"))
+        async with following(make(kube.url)) as follower:
+            await follower.wait_for_hosts("10.0.0.1", "10.0.0.2")
+            with anyio.fail_after(5):
+                await kube.wait_for_watches(1)
+            kube.upsert_slice(endpoint_slice("other", "default", "arith-b", "10.0.0.2"))  # the label changes
+            await follower.wait_for_hosts("10.0.0.1")
+            kube.upsert_slice(endpoint_slice("arith", "default", "arith-b", "10.0.0.3"))  # and comes back
+            await follower.wait_for_hosts("10.0.0.1", "10.0.0.3")
