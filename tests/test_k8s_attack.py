@@ -477,3 +477,18 @@ class TestWhatHolds:
             await follower.wait_for_hosts("10.0.0.1")
             kube.upsert_slice(endpoint_slice("arith", "default", "arith-b", "10.0.0.3"))  # and comes back
             await follower.wait_for_hosts("10.0.0.1", "10.0.0.3")
+
+    async def test_aclose_during_a_black_holed_list_leaves_nothing_behind(
+        self, kube: FakeKubeAPI, make: Callable[..., KubernetesResolver]
+    ) -> None:
+        kube.stall = True
+        resolver = make(kube.url)
+        async with following(resolver):
+            with anyio.fail_after(5):
+                while not kube.requests:
+                    await anyio.sleep(0.01)
+        with anyio.fail_after(5):
+            await resolver.aclose()
+        assert active_watches() == []
+        await anyio.lowlevel.checkpoint()
+        assert not [t for t in asyncio.all_tasks() if "kubrpc k8s watch" in t.get_name()]
