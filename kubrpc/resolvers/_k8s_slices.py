@@ -8,6 +8,7 @@ size of its slice, not the size of the service.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -103,7 +104,9 @@ def endpoint_from(raw: JsonObject, port: int, slice_name: str) -> Endpoint | Non
     if hostname := raw.get("hostname"):
         metadata["hostname"] = hostname
     try:
-        return Endpoint(str(addresses[0]), port, zone=raw.get("zone") or None, ready=ready, metadata=metadata)
+        # The API server admits only IPs in IPv4/IPv6 slices; anything else (a hand-made object, a fake) is skipped.
+        address = str(ipaddress.ip_address(addresses[0]))
+        return Endpoint(address, port, zone=raw.get("zone") or None, ready=ready, metadata=metadata)
     except ValueError as exc:
         log.debug("skipping endpoint %r of slice %s: %s", addresses[0], slice_name, exc)
         return None

@@ -11,8 +11,14 @@ The loop, as client-go's reflector does it:
                           └ connection refused, 5xx, 429, other errors: jittered backoff, then retry;
                             the last known slices stay in force meanwhile
 
-The backoff is reset only once a watch has made progress (an event or a bookmark), not by a successful
-list: a server that answers every watch with 410 is retried at a growing interval, not twice a second.
+The backoff is reset only once a watch has made progress (an event or a bookmark that moves the
+resourceVersion), not by a successful list nor by lines that move nothing (a repeated bookmark, a
+bookmark without resourceVersion, a list body from a proxy that dropped `?watch=true`): a server that
+answers every watch with 410, or with a bookmark and a close, is retried at a growing interval, not in a
+hot loop. A 429 or 5xx's `Retry-After` (or its Status's `details.retryAfterSeconds`), as the apiserver
+sends when API Priority and Fairness sheds load, is honoured: the next attempt waits at least that long
+(capped at `MAX_RETRY_AFTER`). A TLS certificate that fails verification before the first list is
+permanent, like 401/403/404: the configured CA does not match the server.
 401, 403 and 404 before the first successful list are permanent (`permanent` is then True): callers
 stop waiting, though the loop keeps retrying (slowly) so that a fixed RBAC rule is picked up.
 
@@ -43,7 +49,18 @@ if TYPE_CHECKING:
     from aiohttp import ClientResponse
     from kubernetes_asyncio.client import ApiClient
 
-__all__ = ("Lister", "ListWatch", "SliceWatch", "WatchOptions", "WatchStats", "acquire", "active_watches", "release")
+__all__ = (
+    "MAX_RETRY_AFTER",
+    "ApiError",
+    "Lister",
+    "ListWatch",
+    "SliceWatch",
+    "WatchOptions",
+    "WatchStats",
+    "acquire",
+    "active_watches",
+    "release",
+)
 
 log = logging.getLogger("kubrpc.resolvers.k8s")
 
@@ -78,6 +95,32 @@ class WatchStats:
     dropped: int = 0
     errors: int = 0
     last_error: str | None = None
+
+
+#: The longest `Retry-After` honoured (seconds); a larger one is taken as this.
+MAX_RETRY_AFTER = 300.0
+
+
+class ApiError(Exception):
+    """A non-2xx answer of the API server: its status, a one-line reason, and its `Retry-After` (seconds) if any."""
+
+    def __init__(self, status: int, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+def _retry_after(header: str | None, status: JsonObject | None) -> float | None:
+    """Seconds from a `Retry-After: N` header, else from a Status's `details.retryAfterSeconds`."""
+    value: object = header.strip() if header else None
+    if value is None and isinstance(status, dict):
+        value = (status.get("details") or {}).get("retryAfterSeconds")
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None  # absent, or an HTTP date (the apiserver sends seconds)
+    return min(seconds, MAX_RETRY_AFTER) if seconds > 0 else None
 
 
 class ResourceVersionUnavailable(Exception):
@@ -185,8 +228,8 @@ class ListWatch:
         """Called after each failed list or watch, before the backoff."""
 
     async def _run(self) -> None:
-        from aiohttp import ClientError
-        from kubernetes_asyncio.client import ApiException
+        from aiohttp import ClientConnectorCertificateError, ClientError
+        from kubernetes_asyncio.config import ConfigException
 
         api = self._lister()
         backoff = self._backoff = Backoff(
@@ -206,24 +249,42 @@ class ListWatch:
                 log.info("%s: resourceVersion unavailable (%s), listing again", self, exc)
                 if self._expired_in_a_row > 1:
                     await backoff.sleep()
-            except ApiException as exc:
-                if exc.status == 410:
-                    self.stats.expired += 1
-                    self.resource_version = None
-                    self._expired_in_a_row += 1
-                    log.info("%s: resourceVersion expired (410), listing again", self)
-                    if self._expired_in_a_row > 1:
-                        await backoff.sleep()
-                    continue
+            except ApiError as exc:
                 self.permanent = not self.listed and exc.status in (401, 403, 404)
-                await self._failed(backoff, self._explain(exc.status, str(exc.reason or "")))
+                await self._failed(backoff, self._explain(exc.status, exc.reason), exc.retry_after)
+            except ClientConnectorCertificateError as exc:
+                # The configured CA did not sign the server's certificate: waiting will not fix that.
+                self.permanent = not self.listed
+                await self._failed(
+                    backoff,
+                    f"cannot {self._verb} {self.resource}: the API server's TLS certificate failed verification"
+                    f" ({exc.certificate_error}); check certificate-authority(-data) in the kubeconfig, or the"
+                    " ServiceAccount's ca.crt, and the server URL",
+                )
+            except orjson.JSONDecodeError as exc:
+                # A first list answered 200 with something else than JSON: the URL is not an API server's.
+                self.permanent = not self.listed and self._verb == "list"
+                hint = " (is the server URL an API server's?)" if self.permanent else ""
+                await self._failed(backoff, f"malformed JSON from the API server during {self._verb}{hint}: {exc}")
+            except ConfigException as exc:  # an exec plugin or token file that fails on refresh
+                self.permanent = False
+                await self._failed(backoff, f"cannot {self._verb} {self.resource}: no credentials: {exc}")
             except (ClientError, OSError, TimeoutError) as exc:
                 self.permanent = False
-                what = f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__} (no answer in time)"
+                what = f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__} ({self._no_answer()})"
                 await self._failed(backoff, f"cannot {self._verb} {self.resource}: {what}")
             except Exception as exc:  # the loop must survive anything the server sends
                 log.exception("%s: unexpected error", self)
                 await self._failed(backoff, f"{type(exc).__name__}: {exc}")
+
+    def _no_answer(self) -> str:
+        """Which timeout ran out, for a TimeoutError that says nothing."""
+        options = self.options
+        if self._verb == "list":
+            read = min(options.read_timeout, options.list_timeout)
+            return f"no complete answer within list_timeout {options.list_timeout:g} s or read_timeout {read:g} s"
+        connect, read = options.connect_timeout, options.read_timeout
+        return f"no answer within connect_timeout {connect:g} s or read_timeout {read:g} s"
 
     def _explain(self, status: int, reason: str) -> str:
         """An API error as one line that says what to do."""
@@ -252,7 +313,7 @@ class ListWatch:
             )
         return f"HTTP {status} {reason}".strip()
 
-    async def _failed(self, backoff: Backoff, error: str) -> None:
+    async def _failed(self, backoff: Backoff, error: str, retry_after: float | None = None) -> None:
         error = " ".join(error.split())  # one line, whatever the server put in its Status message
         if len(error) > 1000:
             error = error[:1000] + "..."
@@ -260,6 +321,8 @@ class ListWatch:
         self.stats.last_error = error
         self._on_error(error)
         delay = backoff.next_delay()
+        if retry_after is not None and retry_after > delay:
+            delay = retry_after  # the server said when to come back (429 from API Priority and Fairness, 503...)
         log.warning("%s: %s; keeping %d known %s, retrying in %.2fs", self, error, self._known(), self.noun, delay)
         await anyio.sleep(delay)
 
@@ -305,9 +368,14 @@ class ListWatch:
         from aiohttp import ClientError, ClientTimeout
 
         self._verb = "watch"
-        timeout = ClientTimeout(sock_connect=self.options.connect_timeout, sock_read=self.options.read_timeout)
         # Spread the server-side timeouts, as client-go does, so that many clients do not re-watch together.
         timeout_seconds = max(1, int(self.options.watch_timeout * self._rng.uniform(1.0, 2.0)))
+        # `total` ends a watch the server does not end in time (a proxy trickling bytes defeats sock_read).
+        timeout = ClientTimeout(
+            total=timeout_seconds + self.options.read_timeout,
+            sock_connect=self.options.connect_timeout,
+            sock_read=self.options.read_timeout,
+        )
         response = await api(
             self.namespace,
             label_selector=self.label_selector,
@@ -320,6 +388,7 @@ class ListWatch:
         )
         self.stats.watches += 1
         progressed = False
+        start_version = self.resource_version
         try:
             if response.status != 200:
                 await _read_json(response)
@@ -335,7 +404,7 @@ class ListWatch:
                     break  # a clean end (timeoutSeconds): resume from the last RV
                 if line.strip():
                     self._on_event(orjson.loads(line))
-                    if not progressed:
+                    if not progressed and self.resource_version != start_version:
                         # Only a watch that made progress resets the backoff: a list alone proves nothing.
                         progressed = True
                         self._expired_in_a_row = 0
@@ -346,15 +415,15 @@ class ListWatch:
         return progressed
 
     def _on_event(self, event: JsonObject) -> None:
-        from kubernetes_asyncio.client import ApiException
-
+        if not isinstance(event, dict):
+            raise ApiError(502, f"BadGateway: the watch stream carried {type(event).__name__} instead of an event")
         kind = event.get("type")
         obj = event.get("object") or {}
         if kind == "ERROR":
             reason = f"{obj.get('reason')}: {obj.get('message')}"
             if is_resource_version_unavailable(obj):
                 raise ResourceVersionUnavailable(f"{_status_code(obj)} {reason}")
-            raise ApiException(status=_status_code(obj), reason=reason)
+            raise ApiError(_status_code(obj), reason, _retry_after(None, obj))
         meta = obj.get("metadata") or {}
         if kind == "BOOKMARK":
             self.stats.bookmarks += 1
@@ -450,9 +519,7 @@ class SliceWatch(ListWatch):
 
 
 async def _read_json(response: ClientResponse) -> JsonObject:
-    """The JSON body of a response; ApiException (with the Status message) unless it is a 2xx."""
-    from kubernetes_asyncio.client import ApiException
-
+    """The JSON body of a response; ApiError (with the Status message) unless it is a 2xx."""
     try:
         body = await response.read()
     finally:
@@ -464,9 +531,12 @@ async def _read_json(response: ClientResponse) -> JsonObject:
             reason = f"{status.get('reason') or reason}: {status.get('message', '')}"
         except (orjson.JSONDecodeError, AttributeError):
             status = None
-        if isinstance(status, dict) and is_resource_version_unavailable({**status, "code": response.status}):
+        if response.status == 410 or (
+            isinstance(status, dict) and is_resource_version_unavailable({**status, "code": response.status})
+        ):
             raise ResourceVersionUnavailable(f"{response.status} {reason}")
-        raise ApiException(status=response.status, reason=reason)
+        retry_after = _retry_after(response.headers.get("Retry-After"), status if isinstance(status, dict) else None)
+        raise ApiError(response.status, reason, retry_after)
     page: JsonObject = orjson.loads(body)
     return page
 

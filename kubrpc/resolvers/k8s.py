@@ -28,14 +28,15 @@ kubernetes-asyncio (about 60 MiB and 250 ms to import) is imported when the firs
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self, TypedDict
+from typing import TYPE_CHECKING, Any, Self, TypedDict, TypeVar
 
 import anyio
 
@@ -184,6 +185,48 @@ def _pod_namespace(service_account_dir: Path) -> str:
         return (service_account_dir / "namespace").read_text().strip() or "default"
     except OSError:
         return "default"
+
+
+T = TypeVar("T")
+
+
+async def _not_cancelled_midway(awaitable: Awaitable[T]) -> T:
+    """Await `awaitable` to its end even if cancelled meanwhile (then re-raise the cancellation).
+
+    kubernetes-asyncio leaves an exec plugin's process running, unreaped, when cancelled while it runs;
+    the plugin is waited for (at most `_EXEC_GRACE` seconds) instead.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task], timeout=_EXEC_GRACE)
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: the caller is cancelled and will not see it
+        raise
+
+
+_EXEC_GRACE = 60.0
+
+
+def _refresh_exec_credentials(configuration: Configuration, loader: Any) -> None:
+    """Run a kubeconfig's exec plugin again when its credential expires, as kubectl does.
+
+    kubernetes-asyncio runs it once, at load: an expiring token (EKS, GKE and AKS plugins give ones
+    of 15 to 60 minutes) would then be refused with 401 for the rest of the process's life.
+    """
+    user = getattr(loader, "_user", None)
+    if not user or "exec" not in user:
+        return
+
+    async def refresh(configuration: Configuration, *args: object) -> None:
+        if getattr(loader, "exec_plugin_expiry", None) is None:
+            return  # no expirationTimestamp: the credential is valid for the life of the process
+        await _not_cancelled_midway(loader.load_from_exec_plugin())  # runs it only if the credential expired
+        if loader.token:
+            configuration.api_key["BearerToken"] = loader.token
+
+    configuration.refresh_api_key_hook = refresh
 
 
 class KubernetesResolver:
@@ -414,7 +457,9 @@ class KubernetesResolver:
         if client is not None:
             given = client
             return (given.configuration.host, id(given)), lambda: (given, False)
-        configuration = self._configuration or await self._load_configuration()
+        configuration = self._configuration
+        if configuration is None:
+            configuration = await _not_cancelled_midway(self._load_configuration())
 
         def create() -> tuple[ApiClient, bool]:
             from kubernetes_asyncio.client import ApiClient
@@ -462,9 +507,10 @@ class KubernetesResolver:
                     cert_filename=str(self._service_account_dir / "ca.crt"),
                 )
             else:
-                await config.load_kube_config(
+                loader = await config.load_kube_config(
                     config_file=found, client_configuration=configuration, persist_config=False
                 )
+                _refresh_exec_credentials(configuration, loader)
         except Exception as exc:  # ConfigException, OSError, YAML errors, KeyError...: all mean "invalid"
             detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, config.ConfigException) else str(exc)
             raise ConfigurationError(f"{self.target}: the {where} is invalid: {detail}") from exc

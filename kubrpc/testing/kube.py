@@ -5,7 +5,8 @@ It serves list and watch for any resource path, as the apiserver's watch cache d
     GET /api/v1/[namespaces/NS/]PLURAL[/NAME]
     GET /apis/GROUP/VERSION/[namespaces/NS/]PLURAL[/NAME]
         ?labelSelector=  (=, ==, !=, in, notin, exists, !exists)   ?fieldSelector=  (metadata.name|namespace)
-        ?limit= &continue=                                         a paged list
+        ?limit= &continue=                                         a paged list, consistent at the first
+                                                                   page's resourceVersion; 410 once compacted
         ?watch=true &resourceVersion=N                             replay after N, then live; "" or "0" starts
                                                                    with the current objects; N older than the
                                                                    last compaction gets an ERROR event (410)
@@ -14,7 +15,7 @@ It serves list and watch for any resource path, as the apiserver's watch cache d
 An object that stops or starts matching a watch's selector reaches it as DELETED or ADDED. Errors
 are `v1 Status` objects. Test hooks: `upsert()`/`delete()`, `compact()`, `send_bookmarks()`,
 `end_watches()` (clean end of stream), `abort_watches()` (connection dropped mid-stream),
-`unavailable = 503`, `stop()`/`start()` (connection refused, then back on the same port),
+`unavailable = 503` (or 429 with `retry_after`), `stop()`/`start()` (connection refused, then back on the same port),
 `token=` (bearer auth), `ssl_context=` (HTTPS), `deny()` (RBAC: 403 Forbidden naming the user, verb,
 resource and namespace), `rewind()` (an etcd restore: "Too large resource version"), `stall = True`
 (a black-holed server: requests are read and never answered), and the `requests` log.
@@ -30,6 +31,15 @@ Sources, which the behaviours follow:
   version: N, current: M", a cause of type ResourceVersionTooLarge and retryAfterSeconds 1; a watch gets
   it in-stream (200, then ERROR). It happens after an etcd restore and when an HA apiserver's cache lags.
   client-go's reflector relists with resourceVersion unset on it, as on "expired".
+- Kubernetes API concepts, "Retrieving large results sets in chunks", and the `continue` list option
+  (ListOptions in the API reference): every page of a chunked list is served from the first page's
+  resourceVersion; once that is compacted the server answers 410, reason Expired, "The provided continue
+  parameter is too old to display a consistent list result...", and a client that needs a consistent
+  list restarts it without `continue`.
+- API Priority and Fairness (https://kubernetes.io/docs/concepts/cluster-administration/flow-control/)
+  and the apiserver's max-in-flight filter (k8s.io/apiserver/pkg/server/filters, tooManyRequests): a
+  shed request is answered 429, reason TooManyRequests, "Too many requests, please try again later.",
+  with a `Retry-After` header (seconds) and the same in `details.retryAfterSeconds`.
 - RBAC (https://kubernetes.io/docs/reference/access-authn-authz/rbac/): a denied request is 403, reason
   Forbidden, message `PLURAL.GROUP is forbidden: User "USER" cannot VERB resource "PLURAL" in API group
   "GROUP" in the namespace "NS"`.
@@ -226,8 +236,10 @@ class FakeKubeAPI:
         self.ssl_context = ssl_context
         self.bookmark_interval = bookmark_interval
         self.history_limit = history_limit
-        #: When set (e.g. 503), every request is answered with this status.
+        #: When set (e.g. 503, or 429 for API Priority and Fairness), every request is answered with this status.
         self.unavailable: int | None = None
+        #: Seconds sent with `unavailable` as `Retry-After` and `details.retryAfterSeconds` (None: not sent).
+        self.retry_after: int | None = None
         #: When True, requests are accepted and never answered (a black-holed server), until stop().
         self.stall = False
         #: The user the requests authenticate as (named in 403 messages).
@@ -433,13 +445,37 @@ class FakeKubeAPI:
     def _error(self, code: int, reason: str, message: str) -> web.Response:
         return web.json_response(status_object(code, reason, message), status=code)
 
+    def _unavailable(self, code: int) -> web.Response:
+        """`unavailable`'s answer: 429 as API Priority and Fairness words it, else 503-style."""
+        if code == 429:
+            status = status_object(429, "TooManyRequests", "Too many requests, please try again later.")
+        else:
+            status = status_object(code, "ServiceUnavailable", "the server is currently unable to handle the request")
+        headers = {}
+        if self.retry_after is not None:
+            status["details"] = {"retryAfterSeconds": self.retry_after}
+            headers["Retry-After"] = str(self.retry_after)
+        return web.json_response(status, status=code, headers=headers)
+
+    def _objects_at(self, rv: int) -> dict[tuple[str, str | None, str], JsonObject]:
+        """The objects as they were at `rv` (>= the last compaction), undoing the history after it."""
+        objects = dict(self._objects)
+        for change in reversed(self._history):
+            if change.rv <= rv:
+                break
+            meta = (change.before or change.after or change.tombstone or {})["metadata"]
+            key = (change.resource, meta.get("namespace"), meta["name"])
+            if change.before is None:
+                objects.pop(key, None)
+            else:
+                objects[key] = change.before
+        return objects
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         query = dict(request.query)
         self.requests.append(LoggedRequest(request.method, request.path, query))
         if self.unavailable:
-            return self._error(
-                self.unavailable, "ServiceUnavailable", "the server is currently unable to handle the request"
-            )
+            return self._unavailable(self.unavailable)
         if self.stall:
             await asyncio.Event().wait()  # never answered; stop() cancels the handler
         if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
@@ -485,18 +521,36 @@ class FakeKubeAPI:
         return web.json_response(status, status=403)
 
     def _list(self, selected: _Query, query: Mapping[str, str]) -> web.Response:
+        # A continue token is "RV/OFFSET": later pages are served from the first page's resourceVersion.
+        rv, start = self._rv, 0
+        if token := query.get("continue"):
+            rv_text, _, offset = token.partition("/")
+            if not (rv_text.isdigit() and offset.isdigit()):
+                return self._error(400, "BadRequest", f"continue key is not valid: {token!r}")
+            rv, start = int(rv_text), int(offset)
+            if rv < self._compacted:
+                message = (
+                    "The provided continue parameter is too old to display a consistent list result. You can"
+                    " start a new list without the continue parameter, or use the continue token in this"
+                    " response to retrieve the remainder of the results. Continuing with the provided token"
+                    " results in an inconsistent list - objects that were created, modified, or deleted"
+                    " between the time the first chunk was returned and now may show up in the list."
+                )
+                status = status_object(410, "Expired", message)
+                status["metadata"] = {"continue": f"{self._rv}/{start}"}
+                return web.json_response(status, status=410)
+        objects = self._objects if rv == self._rv else self._objects_at(rv)
         items = sorted(
-            (obj for (resource, _, _), obj in self._objects.items() if resource == selected.resource),
+            (obj for (resource, _, _), obj in objects.items() if resource == selected.resource),
             key=lambda obj: (obj["metadata"].get("namespace") or "", obj["metadata"]["name"]),
         )
         items = [obj for obj in items if selected.matches(obj)]
-        meta: JsonObject = {"resourceVersion": str(self._rv)}
-        start = int(query["continue"]) if query.get("continue", "").isdigit() else 0
+        meta: JsonObject = {"resourceVersion": str(rv)}
         end = len(items)
         if query.get("limit", "").isdigit() and int(query["limit"]) > 0:
             end = min(start + int(query["limit"]), len(items))
             if end < len(items):
-                meta["continue"] = str(end)
+                meta["continue"] = f"{rv}/{end}"
                 meta["remainingItemCount"] = len(items) - end
         # Items of a list carry no kind or apiVersion, as in real responses.
         page = [{k: v for k, v in obj.items() if k not in ("kind", "apiVersion")} for obj in items[start:end]]
