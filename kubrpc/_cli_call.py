@@ -139,13 +139,19 @@ async def describe(args: argparse.Namespace) -> int:
         if text:
             print("    " + "\n    ".join(str(text).splitlines()))
         if args.name and "/" in args.name:  # one method: its schemas in full
-            print(_indent("request: " + _pretty(request)))
-            print(_indent("result: " + _pretty(result)))
+            print(f"    request: {_json(request)}")
+            print(f"    result: {_json(result)}")
     wanted = _referenced(document.get("paths", {}), components)
     if wanted:
         print("\nschemas:")
         for name in wanted:
-            print(_indent(f"{name}: {_pretty(components[name])}"))
+            schema = components[name]
+            if "properties" in schema:  # a dataclass, as its fields
+                fields = ", ".join(f"{k}: {type_text(v)}" for k, v in schema["properties"].items())
+                print(f"  {name}({fields})")
+            else:
+                print(f"  {name}: {type_text(schema)}")
+            print(f"    {_json(schema)}")
     return 0
 
 
@@ -309,9 +315,5 @@ def _referenced(paths: dict[str, Any], components: dict[str, Any]) -> list[str]:
     return [name for name in seen if name != "Error"]
 
 
-def _pretty(value: Any) -> str:
-    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
-
-
-def _indent(text: str) -> str:
-    return "    " + text.replace("\n", "\n    ")
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()

@@ -354,9 +354,11 @@ async def test_list_and_describe_over_both_transports(app_dir: Path) -> None:
             assert status == 0, err
             assert "  Arith/add(a: int, b: int) -> int\n" in out
             assert "lib.Loans/lend(book: str, days: int" in out and ") -> Loan\n" in out
-            assert '"book"' in out[out.index("schemas:") :]  # the dataclass's JSON schema
+            assert "  Loan(book: str, days: int)\n" in out[out.index("schemas:") :]  # the dataclass, and its schema
+            assert '"properties":{"book":{"type":"string"}' in out[out.index("schemas:") :]
             status, out, err = await kubrpc_run("describe", url, "lib.Loans/lend", cwd=app_dir)
-            assert status == 0 and "request: {" in out and '"required": [\n' in out and "result: {" in out
+            assert status == 0 and "    request: {" in out and '"required":["book"]' in out
+            assert '    result: {"$ref":"#/components/schemas/Loan"}' in out
             outputs.append(out)
             status, _, err = await kubrpc_run("describe", url, "lib.Loan", cwd=app_dir)
             assert status == 1 and "did you mean 'lib.Loans'?" in err and err.count("\n") == 1
