@@ -77,7 +77,7 @@ def _arguments(args: argparse.Namespace) -> bytes:
     except orjson.JSONDecodeError as exc:
         raise _Fail(f"arguments are not valid JSON: {exc}", 2) from None
     if type(value) is not dict:
-        raise _Fail('arguments must be a JSON object of named arguments, e.g. \'{"a": 1}\'', 2)
+        raise _Fail("arguments must be a JSON object of named arguments, e.g. '{\"a\": 1}'", 2)
     return data
 
 
@@ -172,17 +172,20 @@ async def _document(args: argparse.Namespace, name: str | None) -> dict[str, Any
                 )
             except RpcError as exc:
                 if exc.code is Status.UNIMPLEMENTED and REFLECTION_SERVICE in exc.message:
-                    raise _Fail(f"{args.target} does not serve {REFLECTION_SERVICE} (Server(reflection=False))") from None
+                    raise _Fail(
+                        f"{args.target} does not serve {REFLECTION_SERVICE} (Server(reflection=False))"
+                    ) from None
                 raise _Fail(f"{exc.code.name}: {exc.message}") from None
             return orjson.loads(result)
 
         names = [name] if name else await reflect("services", {})
-        document: dict[str, Any] = {"paths": {}, "components": {"schemas": {}}}
+        paths: dict[str, Any] = {}
+        schemas: dict[str, Any] = {}
         for each in names:
             part = await reflect("describe", {"name": each})
-            document["paths"].update(part.get("paths", {}))
-            document["components"]["schemas"].update(part.get("components", {}).get("schemas", {}))
-        return document
+            paths.update(part.get("paths", {}))
+            schemas.update(part.get("components", {}).get("schemas", {}))
+        return {"paths": paths, "components": {"schemas": schemas}}
 
 
 async def _openapi_over_http(args: argparse.Namespace, channel: Channel) -> dict[str, Any]:
@@ -190,7 +193,7 @@ async def _openapi_over_http(args: argparse.Namespace, channel: Channel) -> dict
     import aiohttp
 
     with anyio.move_on_after(args.timeout):
-        while not channel.endpoints:
+        while not channel.endpoints:  # noqa: ASYNC110 - a Channel has no event for its first snapshot
             await anyio.sleep(0.02)
     if not channel.endpoints:
         raise _Fail(f"no endpoint for {args.target} within {args.timeout:g} s")

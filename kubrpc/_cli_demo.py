@@ -10,7 +10,7 @@ from typing import Protocol
 import anyio
 import orjson
 
-from .client import connect
+from .client import Channel, connect
 from .endpoint import Endpoint
 from .interfaces import Balancer
 from .server import Server
@@ -81,6 +81,13 @@ def _expected(name: str, endpoint: str) -> str:
     return "-"
 
 
+async def _worker(channel: Channel, counts: collections.Counter[str], n: int, offset: int, keys: int) -> None:
+    """Make `n` calls, counting who answered; with `keys` (a stride), each call has a key out of 100 (ring_hash)."""
+    for i in range(n):
+        key = f"user-{(offset + i * keys) % 100}" if keys else None
+        counts[orjson.loads(await channel.call("Demo/whoami", b"{}", timeout=10, key=key))] += 1
+
+
 async def demo(calls: int, concurrency: int, transport: str) -> int:
     """Serve Demo three times (weights 1, 2, 5), call it through each balancer, and chart the shares."""
     async with AsyncExitStack() as stack:
@@ -106,16 +113,12 @@ async def demo(calls: int, concurrency: int, transport: str) -> int:
             async with connect(endpoints, transport=transport, balancer=balancer) as channel:
                 await channel.call("Demo/whoami", b"{}", timeout=10)  # connect before timing
 
-                async def worker(n: int, offset: int) -> None:
-                    for i in range(n):
-                        key = f"user-{(offset + i * concurrency) % 100}" if keyed else None
-                        counts[orjson.loads(await channel.call("Demo/whoami", b"{}", timeout=10, key=key))] += 1
-
                 started = time.perf_counter()
                 per_worker = calls // concurrency
                 async with anyio.create_task_group() as tg:
                     for i in range(concurrency):
-                        tg.start_soon(worker, per_worker + (1 if i < calls % concurrency else 0), i)
+                        n = per_worker + (1 if i < calls % concurrency else 0)
+                        tg.start_soon(_worker, channel, counts, n, i, concurrency if keyed else 0)
                 elapsed = time.perf_counter() - started
             print(f"\n{name}: {calls} calls in {elapsed:.2f} s = {calls / elapsed:,.0f} calls/s ({rule})")
             print("  endpoint  weight  calls   share   expected")

@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 import anyio
 
 from ._version import __version__
-from .errors import RpcError
 from .server import Server, event_loop_options
 
 __all__ = ("main",)
@@ -69,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     serve = command("serve", "serve MODULE:SERVER until SIGTERM/SIGINT, then drain")
-    serve.add_argument("server", help="import path of a kubrpc.Server, e.g. myapp.service:server (default attr: server)")
+    serve.add_argument(
+        "server", help="import path of a kubrpc.Server, e.g. myapp.service:server (default attr: server)"
+    )
     serve.add_argument(
         "--bind",
         action="append",
@@ -180,7 +181,9 @@ def _check_bind(url: str) -> None:
     except ValueError as exc:
         raise _Fail(f"bad --bind {url!r}: {exc}") from None
     if parts.scheme == "https":
-        raise _Fail(f"bad --bind {url!r}: https needs a TLS context; serve it from Python with server.serve(url, ssl=...)")
+        raise _Fail(
+            f"bad --bind {url!r}: https needs a TLS context; serve it from Python with server.serve(url, ssl=...)"
+        )
     if parts.scheme not in ("tcp", "http") or not parts.hostname or port is None or parts.path not in ("", "/"):
         raise _Fail(f"bad --bind {url!r}: expected tcp://HOST:PORT or http://HOST:PORT (port 0: any free port)")
 

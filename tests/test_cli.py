@@ -237,10 +237,9 @@ class Served:
         with anyio.fail_after(30):
             await self.process.wait()
         assert self.process.stderr is not None
-        chunks = []
+        chunks: list[bytes] = []
         with anyio.move_on_after(5):
-            async for chunk in self.process.stderr:
-                chunks.append(chunk)
+            chunks += [chunk async for chunk in self.process.stderr]
         self.stderr = b"".join(chunks).decode()
         await self.process.aclose()
 

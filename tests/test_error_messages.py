@@ -98,9 +98,9 @@ async def test_a_missing_stub_method_names_the_service() -> None:
     async with kubrpc.connect("tcp://127.0.0.1:9") as channel:
         arith = channel.stub(Arith)
         with pytest.raises(AttributeError, match=r"^Arith has no method 'ad'; did you mean 'add'\?$"):
-            arith.ad  # noqa: B018
+            arith.ad  # type: ignore[attr-defined]  # noqa: B018
         with pytest.raises(AttributeError, match=r"^Arith has no method 'multiply' \(known: add, div\)$"):
-            arith.multiply  # noqa: B018
+            arith.multiply  # type: ignore[attr-defined]  # noqa: B018
         assert not hasattr(arith, "__wrapped__")
 
 
@@ -187,5 +187,6 @@ async def test_listen_errors_name_the_url() -> None:
             with pytest.raises(OSError) as info:
                 async with make().serve(url):
                     pass
+            assert info.value.strerror is not None
             assert info.value.strerror.startswith(f"cannot listen on {url}: ")  # EADDRINUSE stays its errno
             assert info.value.errno is not None and "in use" in info.value.strerror.lower()
