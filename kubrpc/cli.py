@@ -36,6 +36,16 @@ class _Fail(Exception):
         self.status = status
 
 
+class _Help(argparse.HelpFormatter):
+    """Shows an option's default when it has one worth showing (not None, False or empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and "default" not in text and action.default not in (None, False, [], "==SUPPRESS=="):
+            text += " (default: %(default)s)"
+        return text
+
+
 def _parser() -> argparse.ArgumentParser:
     env = os.environ
     # -v and --log-level are accepted before and after the subcommand: SUPPRESS keeps a subcommand's
@@ -64,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
             help=help,
             description=help,
             parents=[common],
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_Help,
         )
 
     serve = command("serve", "serve MODULE:SERVER until SIGTERM/SIGINT, then drain")
@@ -166,6 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Fail as exc:
         print(f"kubrpc: {exc}", file=sys.stderr)
         return exc.status
+    except (BrokenPipeError, BaseExceptionGroup) as exc:  # `kubrpc demo | head`: stop quietly, as cat does
+        if isinstance(exc, BaseExceptionGroup) and exc.split(BrokenPipeError)[1] is not None:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
 
 
 def _env_binds() -> list[str]:
