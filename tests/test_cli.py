@@ -364,6 +364,11 @@ async def test_list_and_describe_over_both_transports(app_dir: Path) -> None:
             status, _, err = await kubrpc_run("describe", url, "lib.Loans/lent", cwd=app_dir)
             assert status == 1 and "did you mean 'lend'?" in err
         assert outputs[0] == outputs[1]  # the same from the reflection service and from /openapi.json
+        for url in served.urls:  # any target connect() takes: static://, with --transport and --balancer
+            scheme, address = url.split("://")
+            static = ("static://" + address, "--transport", scheme, "--balancer", "weighted_random")
+            assert await kubrpc_run("list", *static, cwd=app_dir) == (0, "Arith\nlib.Loans\n", "")
+            assert await kubrpc_run("call", *static, "Arith/add", '{"a": 2, "b": 2}', cwd=app_dir) == (0, "4\n", "")
 
 
 async def test_list_needs_reflection_over_tcp_and_headers_reach_it(app_dir: Path) -> None:
