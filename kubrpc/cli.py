@@ -1,9 +1,12 @@
-"""The `kubrpc` command: demo, serve, call, resolve."""
+"""The `kubrpc` command: serve, call, list, describe (grpcurl's trio), resolve, and a demo.
+
+Options also come from the environment (flags win): KUBRPC_BIND (serve's listen URLs, comma-separated),
+KUBRPC_LOG_LEVEL, KUBRPC_ACCESS_LOG (1: log every call), KUBRPC_TIMEOUT (seconds, for call, list and describe).
+"""
 
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import importlib
 import logging
@@ -11,89 +14,227 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import AsyncExitStack, aclosing
-from typing import Protocol
+from contextlib import aclosing
+from urllib.parse import urlsplit
 
 import anyio
-import orjson
 
-from .client import connect
-from .errors import RpcError
+from ._cli_call import _Fail
+from ._version import __version__
 from .server import Server, event_loop_options
 
 __all__ = ("main",)
 
+DEFAULT_BIND = "tcp://127.0.0.1:9000"
+_LEVELS = ("debug", "info", "warning", "error", "critical")
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="kubrpc", description="Typed asyncio RPC for Python services on Kubernetes.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="start 3 local servers (weights 1/2/5) and balance calls over them")
-    demo.add_argument("--calls", type=int, default=4000, help="calls per balancer (default 4000)")
-    demo.add_argument("--concurrency", type=int, default=32, help="calls in flight at once (default 32)")
-    demo.add_argument("--transport", default="tcp", choices=["tcp", "http"])
+class _Help(argparse.HelpFormatter):
+    """Shows an option's default when it has one worth showing (not None, False or empty)."""
 
-    serve = commands.add_parser("serve", help="serve MODULE:SERVER until SIGTERM/SIGINT")
-    serve.add_argument("server", help="import path of a kubrpc.Server, e.g. myapp.service:server")
-    serve.add_argument("--bind", action="append", default=[], help="tcp://HOST:PORT or http://HOST:PORT (repeatable)")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and "default" not in text and action.default not in (None, False, [], "==SUPPRESS=="):
+            text += " (default: %(default)s)"
+        return text
 
-    call = commands.add_parser("call", help="call one method and print the JSON result")
-    call.add_argument("target", help="tcp://HOST:PORT, http://HOST:PORT, static://..., k8s://SVC.NS:PORT")
-    call.add_argument("method", help="Service.method")
-    call.add_argument("arguments", nargs="?", default="{}", help="a JSON object of named arguments")
-    call.add_argument("--transport", choices=["tcp", "http"], default=None)
-    call.add_argument("--timeout", type=float, default=10.0)
 
-    resolve = commands.add_parser("resolve", help="print the live endpoint set of a target as it changes")
+def _parser() -> argparse.ArgumentParser:
+    env = os.environ
+    # -v and --log-level are accepted before and after the subcommand: SUPPRESS keeps a subcommand's
+    # default from overwriting what was given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO level")
+    common.add_argument(
+        "--log-level",
+        choices=_LEVELS,
+        type=str.lower,
+        default=argparse.SUPPRESS,
+        help="log level (default: $KUBRPC_LOG_LEVEL, else warning)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="kubrpc",
+        description="Typed asyncio RPC for Python services on Kubernetes.",
+        epilog="Environment: KUBRPC_BIND, KUBRPC_LOG_LEVEL, KUBRPC_ACCESS_LOG, KUBRPC_TIMEOUT (flags win).",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"kubrpc {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help,
+            description=help,
+            parents=[common],
+            formatter_class=_Help,
+        )
+
+    serve = command("serve", "serve MODULE:SERVER until SIGTERM/SIGINT, then drain")
+    serve.add_argument(
+        "server", help="import path of a kubrpc.Server, e.g. myapp.service:server (default attr: server)"
+    )
+    serve.add_argument(
+        "--bind",
+        action="append",
+        metavar="URL",
+        help=f"tcp://HOST:PORT or http://HOST:PORT, repeatable (default: $KUBRPC_BIND, else {DEFAULT_BIND}; "
+        "in a pod bind 0.0.0.0)",
+    )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        default=env.get("KUBRPC_ACCESS_LOG", "") not in ("", "0", "false", "no"),
+        help="log one line per call: peer, path, status, duration ($KUBRPC_ACCESS_LOG=1)",
+    )
+
+    try:
+        timeout = float(env.get("KUBRPC_TIMEOUT", "10"))
+    except ValueError:
+        timeout = 10.0  # checked again in main(), which says so
+    call = command("call", "call one method and print its JSON result")
+    _connection_options(call, timeout)
+    call.add_argument("method", metavar="METHOD", help="Service/method or Service.method (wire names)")
+    call.add_argument("arguments", nargs="?", default=None, metavar="JSON", help="a JSON object of named arguments")
+    call.add_argument("-d", "--data", help="the arguments: JSON, @FILE, or - for stdin (instead of JSON)")
+
+    listing = command("list", "list the services of a server, or the methods of one")
+    _connection_options(listing, timeout)
+    listing.add_argument("service", nargs="?", metavar="SERVICE")
+
+    describe = command("describe", "show the signatures and JSON schemas of a server's services or of one method")
+    _connection_options(describe, timeout)
+    describe.add_argument("name", nargs="?", metavar="SERVICE[/METHOD]")
+    describe.add_argument("--json", action="store_true", help="print the OpenAPI fragment as JSON")
+
+    resolve = command("resolve", "print the live endpoint set of a target as it changes")
     resolve.add_argument("target")
     resolve.add_argument("--count", type=int, default=0, help="stop after this many snapshots (0: never)")
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if args.command == "demo":
-        return anyio.run(_demo, args.calls, args.concurrency, args.transport, backend_options=event_loop_options())
-    if args.command == "serve":
-        return _serve(args.server, args.bind)
-    if args.command == "call":
-        return anyio.run(_call, args.target, args.method, args.arguments, args.transport, args.timeout)
-    return anyio.run(_resolve, args.target, args.count, args.verbose)
+    demo = command("demo", "start 3 local servers (weights 1/2/5) and draw how each balancer spreads calls")
+    demo.add_argument("--calls", type=int, default=4000, help="calls per balancer")
+    demo.add_argument("--concurrency", type=int, default=32, help="calls in flight at once")
+    demo.add_argument("--transport", default="tcp", choices=["tcp", "http", "inproc"])
+    return parser
 
 
-def _serve(spec: str, binds: list[str]) -> int:
-    module_name, _, attr = spec.partition(":")
-    sys.path.insert(0, os.getcwd())
-    server = getattr(importlib.import_module(module_name), attr or "server")
-    if not isinstance(server, Server):
-        print(f"kubrpc: {spec} is not a kubrpc.Server", file=sys.stderr)
+def _connection_options(parser: argparse.ArgumentParser, timeout: float) -> None:
+    parser.add_argument("target", help="tcp://HOST:PORT, http(s)://HOST:PORT, static://..., k8s://SVC.NS:PORT")
+    parser.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'KEY: VALUE'",
+        help="metadata (HTTP header or TCP frame metadata), repeatable: -H 'authorization: Bearer TOKEN'",
+    )
+    parser.add_argument("--transport", default=None, help="tcp or http (default: from the target's scheme, else tcp)")
+    parser.add_argument("--balancer", default="round_robin", help="balancer name")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds ($KUBRPC_TIMEOUT)")
+    parser.add_argument("--cacert", metavar="FILE", help="TLS: verify the server against this CA bundle")
+    parser.add_argument("--cert", metavar="FILE", help="TLS: client certificate (mutual TLS)")
+    parser.add_argument("--key", metavar="FILE", help="TLS: the client certificate's private key")
+    parser.add_argument("--insecure", action="store_true", help="TLS: do not verify the server's certificate")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    level = getattr(args, "log_level", None) or os.environ.get("KUBRPC_LOG_LEVEL", "").lower() or "warning"
+    if getattr(args, "verbose", False) and level == "warning":
+        level = "info"
+    if level not in _LEVELS:
+        print(f"kubrpc: bad KUBRPC_LOG_LEVEL {level!r}: expected one of {', '.join(_LEVELS)}", file=sys.stderr)
         return 2
+    try:
+        float(os.environ.get("KUBRPC_TIMEOUT", "10"))
+    except ValueError:
+        print(f"kubrpc: bad KUBRPC_TIMEOUT {os.environ['KUBRPC_TIMEOUT']!r}: expected seconds", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            return _serve(args.server, args.bind or _env_binds(), args.access_log)
+        if args.command in ("call", "list", "describe"):
+            from . import _cli_call
+
+            run = {"call": _cli_call.call, "list": _cli_call.list_services, "describe": _cli_call.describe}
+            return anyio.run(run[args.command], args)
+        if args.command == "demo":
+            from ._cli_demo import demo
+
+            options = event_loop_options()
+            return anyio.run(demo, args.calls, args.concurrency, args.transport, backend_options=options)
+        return anyio.run(_resolve, args.target, args.count, level in ("debug", "info"))
+    except _Fail as exc:
+        print(f"kubrpc: {exc}", file=sys.stderr)
+        return exc.status
+    except (BrokenPipeError, BaseExceptionGroup) as exc:  # `kubrpc demo | head`: stop quietly, as cat does
+        if isinstance(exc, BaseExceptionGroup) and exc.split(BrokenPipeError)[1] is not None:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
+
+
+def _env_binds() -> list[str]:
+    binds = os.environ.get("KUBRPC_BIND", "").replace(",", " ").split()
+    return binds or [DEFAULT_BIND]
+
+
+def _check_bind(url: str) -> None:
+    """A listen URL `kubrpc serve` can use, else _Fail saying what is wrong with it."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise _Fail(f"bad --bind {url!r}: {exc}") from None
+    if parts.scheme == "https":
+        raise _Fail(
+            f"bad --bind {url!r}: https needs a TLS context; serve it from Python with server.serve(url, ssl=...)"
+        )
+    if parts.scheme not in ("tcp", "http") or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise _Fail(f"bad --bind {url!r}: expected tcp://HOST:PORT or http://HOST:PORT (port 0: any free port)")
+
+
+def _load_server(spec: str) -> Server:
+    """The Server at MODULE:ATTR (ATTR defaults to `server`), imported from the current directory."""
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "server"
+    if not module_name or not attr.isidentifier():
+        raise _Fail(f"bad server {spec!r}: expected MODULE:ATTR, e.g. myapp.service:server")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise  # a module the user's module imports is missing: its traceback says where
+        raise _Fail(f"cannot import {module_name!r}: no module named {exc.name!r} (from {os.getcwd()})") from None
+    try:
+        server = getattr(module, attr)
+    except AttributeError:
+        raise _Fail(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(server, Server):
+        raise _Fail(f"{module_name}:{attr} is not a kubrpc.Server (its type is {type(server).__name__})")
+    return server
+
+
+def _serve(spec: str, binds: list[str], access_log: bool) -> int:
+    for url in binds:
+        _check_bind(url)
+    server = _load_server(spec)
+    if access_log:
+        from .access_log import AccessLog
+
+        logging.getLogger("kubrpc.access").setLevel(logging.INFO)
+        server.interceptors = (AccessLog(), *server.interceptors)  # first: it sees rejected calls too
 
     def ready(urls: list[str]) -> None:
         print("serving on " + " ".join(urls), flush=True)
 
-    serve = functools.partial(server.serve_forever, *(binds or ["tcp://0.0.0.0:9000"]), ready=ready)
-    anyio.run(serve, backend_options=event_loop_options())
-    return 0
-
-
-async def _call(target: str, method: str, arguments: str, transport: str | None, timeout: float) -> int:
-    service, dot, name = method.rpartition(".")
-    if not dot or not service:
-        print("kubrpc: METHOD must be Service.method", file=sys.stderr)
-        return 2
     try:
-        orjson.loads(arguments)
-    except orjson.JSONDecodeError as exc:
-        print(f"kubrpc: arguments are not valid JSON: {exc}", file=sys.stderr)
-        return 2
-    async with connect(target, transport=transport) as channel:
-        try:
-            result = await channel.call(f"{service}/{name}", arguments.encode(), timeout=timeout)
-        except RpcError as exc:
-            print(orjson.dumps(exc.to_json()).decode(), file=sys.stderr)
-            return 1
-    print(orjson.dumps(orjson.loads(result), option=orjson.OPT_INDENT_2).decode())
+        anyio.run(functools.partial(server.serve_forever, *binds, ready=ready), backend_options=event_loop_options())
+    except OSError as exc:  # address in use, no such host, permission denied
+        raise _Fail(str(exc.strerror or exc)) from None
     return 0
 
 
@@ -162,62 +303,3 @@ async def _resolve(target: str, count: int, verbose: bool = False) -> int:
     finally:
         await resolver.aclose()
     return status
-
-
-class Demo(Protocol):
-    """The demo's service: each server answers with its own name."""
-
-    async def whoami(self) -> str: ...
-
-
-class _DemoImpl:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    async def whoami(self) -> str:
-        return self.name
-
-
-async def _demo_worker(stub: Demo, counts: collections.Counter[str], n: int) -> None:
-    for _ in range(n):
-        counts[await stub.whoami()] += 1
-
-
-async def _demo(calls: int, concurrency: int, transport: str) -> int:
-    from .balancers import names as balancer_names
-    from .endpoint import Endpoint
-
-    weights = {"a": 1.0, "b": 2.0, "c": 5.0}
-    async with AsyncExitStack() as stack:
-        endpoints = []
-        for name, weight in weights.items():
-            server = Server()
-            server.register(Demo, _DemoImpl(name))
-            listener = await stack.enter_async_context(server.serve(f"{transport}://127.0.0.1:0"))
-            host, _, port = listener.url.partition("://")[2].rpartition(":")
-            endpoints.append(Endpoint(host, int(port), weight=weight, metadata={"name": name}))
-        total = sum(weights.values())
-        print(f"3 {transport} servers on 127.0.0.1, weights " + ", ".join(f"{n}={w:g}" for n, w in weights.items()))
-        available = balancer_names()
-        for balancer in [b for b in ("round_robin", "weighted_random", "smooth_weighted", "p2c") if b in available]:
-            counts: collections.Counter[str] = collections.Counter()
-            async with connect(endpoints, transport=transport, balancer=balancer) as channel:
-                stub = channel.stub(Demo, timeout=10)
-                await stub.whoami()  # connect before timing
-                started = time.perf_counter()
-                per_worker = calls // concurrency
-
-                async with anyio.create_task_group() as tg:
-                    for i in range(concurrency):
-                        tg.start_soon(_demo_worker, stub, counts, per_worker + (1 if i < calls % concurrency else 0))
-                elapsed = time.perf_counter() - started
-            print(f"\n{balancer}: {calls} calls in {elapsed:.2f} s = {calls / elapsed:,.0f} calls/s")
-            print("  endpoint  weight  calls   share   expected")
-            for name, weight in weights.items():
-                if balancer == "p2c":
-                    expected = "by load"  # p2c follows in-flight calls and latency, not weights
-                else:
-                    expected = f"{1 / len(weights) if balancer == 'round_robin' else weight / total:6.1%}"
-                share = counts[name] / calls
-                print(f"  {name:8}  {weight:6g}  {counts[name]:5d}  {share:6.1%}   {expected}")
-    return 0

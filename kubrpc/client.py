@@ -190,7 +190,7 @@ class Channel:
         spec = service_spec(iface)  # type: ignore[arg-type]
         if timeout is not None:
             timeout = _check_timeout(timeout)
-        stub = _Stub(f"<{spec.name} stub {self.target}>")
+        stub = _Stub(f"<{spec.name} stub {self.target}>", spec.protocol.__name__, list(spec.methods))
         for attr, m in spec.methods.items():
             setattr(
                 stub,
@@ -228,6 +228,8 @@ class Channel:
     ) -> bytes:
         """Send an encoded call to one endpoint and return the encoded result (the untyped API under stubs)."""
         if self._task_group is None or self._closed:
+            if self._closed:
+                raise RuntimeError(f"channel is closed ({self.target}): call while its `async with` block runs")
             raise RuntimeError("use the Channel as `async with kubrpc.connect(...) as channel:`")
         if timeout is not None and not timeout < _FOREVER:  # NaN, or so far off that it is no deadline
             timeout = _check_timeout(timeout)
@@ -462,8 +464,19 @@ class _Intercepted(dict[str, str]):
 class _Stub:
     """A typed client of one service; methods are attached per Protocol method."""
 
-    def __init__(self, description: str) -> None:
+    def __init__(self, description: str, service: str = "", methods: Sequence[str] = ()) -> None:
         self._description = description
+        self._service = service
+        self._methods = methods
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for attributes that are not there: say which service lacks it, and what is nearest.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        from .reflection import suggest
+
+        service, methods = self.__dict__.get("_service", ""), self.__dict__.get("_methods", ())
+        raise AttributeError(f"{service} has no method {name!r}{suggest(name, methods)}", name=name, obj=self)
 
     def __repr__(self) -> str:
         return self._description

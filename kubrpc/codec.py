@@ -279,7 +279,7 @@ def _bytes(value: Any, path: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise DecodeError(path, "expected base64 string, got invalid base64") from None
+        raise DecodeError(path, f"expected base64 string, got {_short(value)}") from None
 
 
 def _parsed(parse: Callable[[str], Any], expected: str) -> Decoder:
@@ -290,7 +290,7 @@ def _parsed(parse: Callable[[str], Any], expected: str) -> Decoder:
             try:
                 return parse(value)
             except ValueError:
-                pass
+                raise DecodeError(path, f"expected {expected}, got {_short(value)}") from None
         _fail(path, expected, value)
 
     return decode
@@ -798,7 +798,7 @@ def _tuple(args: tuple[object, ...], lenient: bool) -> Decoder:
         if type(value) is not list:
             _fail(path, f"array of {len(decoders)} items", value)
         if len(value) != len(decoders):
-            raise DecodeError(path, f"expected array of {len(decoders)} items, got {len(value)}")
+            raise DecodeError(path, f"expected array of {len(decoders)} items, got array of {len(value)}")
         return tuple(dec(v, f"{path}[{i}]") for i, (dec, v) in enumerate(zip(decoders, value, strict=True)))
 
     return fixed

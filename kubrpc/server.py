@@ -49,7 +49,8 @@ class Server:
     without a call before a TCP connection is sent away; None: never), `drain_timeout` (how long running
     calls may take to finish on shutdown), `shutdown_delay` (seconds `run()` keeps serving after SIGTERM
     with /readyz at 503, before draining: time for Kubernetes to take the pod out of its EndpointSlices),
-    `interceptors` (see kubrpc.interceptors), `metrics` (see kubrpc.metrics).
+    `interceptors` (see kubrpc.interceptors), `metrics` (see kubrpc.metrics), `reflection` (serve the
+    `kubrpc.Reflection` service that `kubrpc list` and `kubrpc describe` read over TCP; see kubrpc.reflection).
     HTTP only: `header_timeout` (seconds for a request's head to arrive, from the connection's opening or the
     head's first byte; then 408 or a close; over HTTPS, for the TLS handshake too), `body_timeout` (seconds
     for its body to arrive after the head, then 408; and for a peer that reads none of an answer waiting
@@ -74,6 +75,7 @@ class Server:
         body_timeout: float = 30.0,
         max_header_size: int = 16 * 1024,
         openapi: Info | None = None,
+        reflection: bool = True,
     ) -> None:
         self.limits = ServerLimits(
             max_message_size=max_message_size,
@@ -106,6 +108,10 @@ class Server:
         self._routes: dict[str, _Route] = {}
         self._app: ASGIApp | None = None
         self.draining = False
+        if reflection:  # routed like any service, but not in self.services (nor in /openapi.json)
+            from .reflection import Reflection, ReflectionService
+
+            self._add_routes(service_spec(Reflection), ReflectionService(self))
 
     @property
     def max_message_size(self) -> int:
@@ -151,11 +157,16 @@ class Server:
         spec = service_spec(iface)
         if spec.name in self.services:
             raise ValueError(f"service {spec.name!r} is already registered")
-        handlers = check_implementation(spec, impl)
+        if spec.name == "kubrpc.Reflection":
+            raise ValueError("'kubrpc.Reflection' is the built-in reflection service's name")
+        self._add_routes(spec, impl)
         self.services[spec.name] = spec
+        self._app = None
+
+    def _add_routes(self, spec: ServiceSpec, impl: object) -> None:
+        handlers = check_implementation(spec, impl)
         for attr, m in spec.methods.items():
             self._routes[m.path] = _Route(m, handlers[attr])
-        self._app = None
 
     def admit(self, size: int) -> bool:
         """For transports: may a request of `size` bytes start now? Counts it if so (release() when done).
@@ -297,7 +308,11 @@ class Server:
                 raise ValueError("an https:// listener needs ssl=SSLContext (with the server's certificate)")
             scheme = "http"
         transport = create(scheme, **options)
-        async with transport.listen(self, parts.hostname, parts.port or 0) as listener:
+        async with AsyncExitStack() as stack:
+            try:
+                listener = await stack.enter_async_context(transport.listen(self, parts.hostname, parts.port or 0))
+            except OSError as exc:  # say which URL: "address already in use" alone does not
+                raise OSError(exc.errno, f"cannot listen on {url}: {exc.strerror or exc}") from exc
             yield listener
 
     async def serve_forever(self, *urls: str, ready: Callable[[list[str]], None] | None = None) -> None:
@@ -372,7 +387,12 @@ def _failure(exc: BaseException, deadline: asyncio.Timeout | None, path: str) ->
 
 
 def _unimplemented(path: str, services: Mapping[str, ServiceSpec]) -> RpcError:
+    """UNIMPLEMENTED, naming the nearest service or method this server has ("did you mean lib.Loans?")."""
+    from .reflection import suggest
+
     service, _, name = path.partition("/")
-    if service not in services:
-        return RpcError(Status.UNIMPLEMENTED, f"unknown service {service!r}")
-    return RpcError(Status.UNIMPLEMENTED, f"unknown method {name!r} of service {service!r}")
+    spec = services.get(service)
+    if spec is None:
+        return RpcError(Status.UNIMPLEMENTED, f"unknown service {service!r}{suggest(service, services)}")
+    hint = suggest(name, [m.name for m in spec.methods.values()])
+    return RpcError(Status.UNIMPLEMENTED, f"unknown method {name!r} of service {service!r}{hint}")

@@ -119,10 +119,12 @@ async def test_unknown_service_or_method_is_unimplemented(served: tuple[str, kub
     async with kubrpc.connect(url) as channel:
         with pytest.raises(RpcError) as info:
             await channel.call("Nope/add", b"{}", timeout=5)
-        assert info.value == RpcError(Status.UNIMPLEMENTED, "unknown service 'Nope'")
+        assert info.value == RpcError(
+            Status.UNIMPLEMENTED, "unknown service 'Nope' (known: Arith, Control, test.Store)"
+        )
         with pytest.raises(RpcError) as info:
             await channel.call("Arith/mul", b"{}", timeout=5)
-        assert info.value == RpcError(Status.UNIMPLEMENTED, "unknown method 'mul' of service 'Arith'")
+        assert info.value == RpcError(Status.UNIMPLEMENTED, "unknown method 'mul' of service 'Arith' (known: add, div)")
 
 
 async def test_deadline_exceeded_cancels_the_handler(served: tuple[str, kubrpc.Server, object]) -> None:

@@ -35,6 +35,8 @@ def test_all_is_sorted_and_complete() -> None:
         "metrics",
         "tracing",
         "annotations",
+        "reflection",
+        "access_log",
     }
     assert public <= set(kubrpc.__all__)
     for name in ("Server", "connect", "Channel", "Endpoint", "RpcError", "Status", "interface", "method"):

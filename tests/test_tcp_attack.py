@@ -141,12 +141,12 @@ def test_the_decoder_counts_a_partial_frame_as_its_bytes_arrive() -> None:
         pytest.param(request(0, "Arith/add", {"a": 1, "b": 2}), id="request-on-stream-0"),
         pytest.param(request(1, "Control/sleep", {"seconds": 5}) * 2, id="stream-id-in-use"),
         pytest.param(b"KUBRPC2\n", id="wrong-preface"),
-        pytest.param(b"GET / HTTP/1.1\r\n\r\n", id="http-request"),
+        pytest.param(b"SSH-2.0-OpenSSH_9.6\r\n", id="another-protocol"),  # (HTTP gets an HTTP 400: test_error_messages)
     ],
 )
 async def test_malformed_input_closes_only_that_connection_and_releases_everything(wire: bytes) -> None:
     async with serving(max_message_size=1024) as (listener, server, open_raw):
-        bad_preface = wire.startswith((b"KUBRPC", b"GET"))
+        bad_preface = wire.startswith((b"KUBRPC", b"SSH"))
         raw: Raw = await open_raw(b"" if bad_preface else PREFACE)  # type: ignore[operator]
         await raw.stream.send(wire)
         assert await raw.closed()
@@ -402,7 +402,7 @@ async def test_the_client_survives_noise_and_refuses_servers_that_never_acknowle
         await anyio.sleep(2)  # accepts, reads nothing, sends nothing
 
     async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")  # (an HTTP answer is FAILED_PRECONDITION: test_error_messages)
         await anyio.sleep(1)
 
     async with fake_server(noisy) as endpoint:

@@ -142,7 +142,7 @@ async def test_oversized_request_body_is_resource_exhausted(tcp: tuple[Callable[
 @pytest.mark.parametrize(
     ("preface", "data", "reason"),
     [
-        (b"", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad preface"),
+        (b"", b"SSH-2.0-OpenSSH_9.6\r\n", "bad preface"),  # an HTTP request gets an HTTP 400 (test_error_messages)
         (PREFACE, struct.pack(">IBBI", 2**31, 1, 0, 1), "exceeds the limit"),
         (PREFACE, encode_frame(FrameType.REQUEST, 1, b"\x00\x01"), "truncated REQUEST"),
         (PREFACE, encode_request(0, "Arith/add", b"{}"), "stream id 0"),

@@ -42,6 +42,16 @@ _CLOSE_GRACE = 1.0
 _HELLO = PREFACE + encode_frame(_PING, 0, b"kubrpcok")
 
 
+def _speaks_http(endpoint: Endpoint, first: bytes) -> RpcError | None:
+    """The error for a server whose first bytes are an HTTP response ("HTTP" read as a frame length is 1.2 GB)."""
+    if not first.startswith(b"HTTP/"):
+        return None
+    return RpcError(
+        Status.FAILED_PRECONDITION,
+        f"{endpoint.address} speaks HTTP, not kubrpc's TCP protocol: use http://{endpoint.address} (or https://)",
+    )
+
+
 class TcpConnection(FrameWriter):
     """A client connection: calls multiplexed by stream id, answered in any order."""
 
@@ -241,7 +251,10 @@ class TcpConnection(FrameWriter):
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
-            log.warning("closing connection to %s: %s", self.endpoint.address, exc)
+            if self._ack is not None and not self._ack.done() and (wrong := _speaks_http(self.endpoint, data)):
+                self._ack.set_result(wrong)  # before any frame: not a kubrpc TCP server at all
+            else:
+                log.warning("closing connection to %s: %s", self.endpoint.address, exc)
             if self.transport is not None:
                 self.transport.abort()
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping
 from functools import partial
 from typing import TYPE_CHECKING, cast
@@ -53,6 +54,19 @@ _BUSY = RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
 # What max_pending_bytes counts for each metadata entry beyond its JSON: its key, lower-cased key and value as
 # str objects, and its dict slots (measured: 16 KiB of short entries held about 9 times their size).
 _METADATA_ENTRY = 128
+
+
+# The start of an HTTP request line: what a client of the wrong transport (curl, kubrpc's http) sends first.
+_HTTP_REQUEST = re.compile(rb"(GET|POST|PUT|HEAD|DELETE|OPTIONS|PATCH|CONNECT|TRACE|PRI) ")
+
+
+def _http_answer(sockname: object) -> bytes:
+    """An HTTP 400 whose body, a kubrpc error, tells an HTTP client that this port speaks kubrpc's TCP protocol."""
+    address = f"{format_host(sockname[0])}:{sockname[1]}" if isinstance(sockname, tuple) else "HOST:PORT"
+    message = f"this is a kubrpc TCP port, not HTTP: use tcp://{address}"
+    body = orjson.dumps({"code": Status.FAILED_PRECONDITION.wire_name, "message": message})
+    head = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d"
+    return head % len(body) + b"\r\n\r\n" + body
 
 
 def _error_frame(stream: int, error: RpcError) -> bytes:
@@ -251,10 +265,10 @@ class _ServerConnection(FrameWriter):
             self._preface += data
             if len(self._preface) < len(PREFACE):
                 if not PREFACE.startswith(self._preface):
-                    self._fail("bad preface: not a kubrpc client")
+                    self._bad_preface(self._preface)
                 return
             if not self._preface.startswith(PREFACE):
-                self._fail("bad preface: not a kubrpc client")
+                self._bad_preface(self._preface)
                 return
             data = self._preface[len(PREFACE) :]
             self._preface = None
@@ -443,6 +457,17 @@ class _ServerConnection(FrameWriter):
                 self.transport.abort()
             else:
                 self.transport.close()
+
+    def _bad_preface(self, first: bytes) -> None:
+        """Not a kubrpc client: an HTTP client (curl, kubrpc's http transport) gets an HTTP 400 that says so."""
+        if _HTTP_REQUEST.match(first) is None:
+            self._fail("bad preface: not a kubrpc client")
+            return
+        log.info("closing connection from %s: an HTTP request on a TCP port", self._peer())
+        self._going_away = True
+        assert self.transport is not None
+        self.write_now(_http_answer(self.transport.get_extra_info("sockname")))
+        self.close()
 
     def _fail(self, reason: str) -> None:
         log.info("closing connection from %s: %s", self._peer(), reason)

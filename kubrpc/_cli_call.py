@@ -1,0 +1,329 @@
+"""`kubrpc call`, `list` and `describe`: a server's methods from the command line, as grpcurl does it.
+
+list and describe read the server's OpenAPI document: over HTTP from GET /openapi.json, over TCP (and
+in-process) from the built-in `kubrpc.Reflection` service. Both print the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+import sys
+from typing import Any
+
+import anyio
+import orjson
+
+from .client import Channel, connect
+from .errors import RpcError
+from .reflection import REFLECTION_SERVICE
+from .status import Status
+
+_SCHEMAS = "#/components/schemas/"
+
+
+class _Fail(Exception):
+    """A one-line error for the user: printed as `kubrpc: message`, exit status `status`."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client's SSLContext from --cacert, --cert, --key and --insecure; None leaves the default."""
+    if args.key and not args.cert:
+        raise _Fail("--key needs --cert", 2)
+    if not (args.cacert or args.cert or args.insecure):
+        return None  # https:// still verifies against the system's CAs
+    try:
+        context = ssl.create_default_context(cafile=args.cacert)
+        if args.cert:
+            context.load_cert_chain(args.cert, args.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise _Fail(f"cannot load TLS files: {exc}", 2) from None
+    if args.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    metadata = {}
+    for header in args.header:
+        key, colon, value = header.partition(":")
+        if not colon or not key.strip():
+            raise _Fail(f"bad -H {header!r}: expected 'KEY: VALUE'", 2)
+        metadata[key.strip().lower()] = value.strip()
+    return metadata
+
+
+def _channel(args: argparse.Namespace) -> Channel:
+    try:
+        return connect(args.target, transport=args.transport, balancer=args.balancer, ssl=_tls(args))
+    except (ValueError, TypeError, LookupError) as exc:  # bad target, unknown transport or balancer
+        raise _Fail(str(exc), 2) from None
+
+
+def _arguments(args: argparse.Namespace) -> bytes:
+    """The JSON arguments: positional, or -d JSON / -d @FILE / -d - (stdin); `{}` when none."""
+    if args.arguments is not None and args.data is not None:
+        raise _Fail("give the arguments either as JSON or with -d, not both", 2)
+    text: str | bytes = args.arguments if args.arguments is not None else args.data or "{}"
+    if text == "-":
+        text = sys.stdin.buffer.read()
+    elif isinstance(text, str) and text.startswith("@"):
+        try:
+            with open(text[1:], "rb") as file:
+                text = file.read()
+        except OSError as exc:
+            raise _Fail(f"cannot read {text[1:]!r}: {exc.strerror or exc}", 2) from None
+    data = text.encode() if isinstance(text, str) else text
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise _Fail(f"arguments are not valid JSON: {exc}", 2) from None
+    if type(value) is not dict:
+        raise _Fail("arguments must be a JSON object of named arguments, e.g. '{\"a\": 1}'", 2)
+    return data
+
+
+def _path(method: str) -> str:
+    """`Service/method` from `Service/method`, `/Service/method` or `Service.method`."""
+    method = method.lstrip("/")
+    service, sep, name = method.rpartition("/") if "/" in method else method.rpartition(".")
+    if not sep or not service or not name:
+        raise _Fail(f"bad METHOD {method!r}: expected Service/method or Service.method", 2)
+    return f"{service}/{name}"
+
+
+async def call(args: argparse.Namespace) -> int:
+    """`kubrpc call`: print the result as JSON, or the error as JSON on stderr (exit 1)."""
+    path, payload, metadata = _path(args.method), _arguments(args), _headers(args)
+    async with _channel(args) as channel:
+        try:
+            result = await channel.call(path, payload, timeout=args.timeout, metadata=metadata)
+        except RpcError as exc:
+            print(orjson.dumps(exc.to_json()).decode(), file=sys.stderr)
+            return 1
+    print(orjson.dumps(orjson.loads(result), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+async def list_services(args: argparse.Namespace) -> int:
+    """`kubrpc list`: the services, or the methods of one (as Service/method)."""
+    document = await _document(args, args.service)
+    services: dict[str, list[str]] = {}
+    for path in document.get("paths", {}):
+        service, _, name = path[1:].rpartition("/")
+        services.setdefault(service, []).append(name)
+    if args.service is None:
+        for service in services:
+            print(service)
+    else:
+        for name in services.get(args.service, []):
+            print(f"{args.service}/{name}")
+    return 0
+
+
+async def describe(args: argparse.Namespace) -> int:
+    """`kubrpc describe`: each method's signature, then its request and result schemas (JSON Schema)."""
+    document = await _document(args, args.name)
+    if args.json:
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    components = document.get("components", {}).get("schemas", {})
+    service_shown = ""
+    for path, item in document.get("paths", {}).items():
+        operation = item.get("post", {})
+        service = path[1:].rpartition("/")[0]
+        if service != service_shown:
+            print(f"{'' if not service_shown else chr(10)}service {service}")
+            service_shown = service
+        request, result = _request_schema(operation, components), _result_schema(operation)
+        print(f"  {signature(path[1:], request, result)}")
+        text = operation.get("description") or operation.get("summary")
+        if text:
+            print("    " + "\n    ".join(str(text).splitlines()))
+        if args.name and "/" in args.name:  # one method: its schemas in full
+            print(f"    request: {_json(request)}")
+            print(f"    result: {_json(result)}")
+    wanted = _referenced(document.get("paths", {}), components)
+    if wanted:
+        print("\nschemas:")
+        for name in wanted:
+            schema = components[name]
+            if "properties" in schema:  # a dataclass, as its fields
+                fields = ", ".join(f"{k}: {type_text(v)}" for k, v in schema["properties"].items())
+                print(f"  {name}({fields})")
+            else:
+                print(f"  {name}: {type_text(schema)}")
+            print(f"    {_json(schema)}")
+    return 0
+
+
+async def _document(args: argparse.Namespace, name: str | None) -> dict[str, Any]:
+    """The server's OpenAPI document, narrowed to `name` (a service or Service/method) if given."""
+    async with _channel(args) as channel:
+        if channel.transport_name == "http":
+            document = await _openapi_over_http(args, channel)
+            if name:
+                document = _narrow(document, name)
+            return document
+        metadata = _headers(args)
+
+        async def reflect(method: str, arguments: dict[str, str]) -> Any:
+            try:
+                result = await channel.call(
+                    f"{REFLECTION_SERVICE}/{method}", orjson.dumps(arguments), timeout=args.timeout, metadata=metadata
+                )
+            except RpcError as exc:
+                if exc.code is Status.UNIMPLEMENTED and REFLECTION_SERVICE in exc.message:
+                    raise _Fail(
+                        f"{args.target} does not serve {REFLECTION_SERVICE} (Server(reflection=False))"
+                    ) from None
+                raise _Fail(f"{exc.code.name}: {exc.message}") from None
+            return orjson.loads(result)
+
+        names = [name] if name else await reflect("services", {})
+        paths: dict[str, Any] = {}
+        schemas: dict[str, Any] = {}
+        for each in names:
+            part = await reflect("describe", {"name": each})
+            paths.update(part.get("paths", {}))
+            schemas.update(part.get("components", {}).get("schemas", {}))
+        return {"paths": paths, "components": {"schemas": schemas}}
+
+
+async def _openapi_over_http(args: argparse.Namespace, channel: Channel) -> dict[str, Any]:
+    """GET /openapi.json from one of the channel's endpoints (the first, once resolved)."""
+    import aiohttp
+
+    with anyio.move_on_after(args.timeout):
+        while not channel.endpoints:  # noqa: ASYNC110 - a Channel has no event for its first snapshot
+            await anyio.sleep(0.02)
+    if not channel.endpoints:
+        raise _Fail(f"no endpoint for {args.target} within {args.timeout:g} s")
+    tls = _tls(args)
+    secure = tls is not None or args.target.startswith("https://")
+    url = f"{'https' if secure else 'http'}://{channel.endpoints[0].address}/openapi.json"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout)) as session:
+            async with session.get(url, headers=_headers(args), ssl=tls if tls is not None else secure) as response:
+                body = await response.read()
+                if response.status != 200:
+                    text = body[:200].decode("utf-8", "replace")
+                    raise _Fail(f"GET {url}: HTTP {response.status}: {text}")
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise _Fail(f"GET {url}: {exc or type(exc).__name__}") from None
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise _Fail(f"GET {url}: not a JSON document") from None
+    return document if isinstance(document, dict) else {}
+
+
+def _narrow(document: dict[str, Any], name: str) -> dict[str, Any]:
+    """The paths of one service or method, as the reflection service answers; _Fail (with a hint) if unknown."""
+    from .reflection import suggest
+
+    service, slash, method = name.partition("/")
+    paths = document.get("paths", {})
+    services = {p[1:].rpartition("/")[0] for p in paths}
+    if service not in services:
+        raise _Fail(f"NOT_FOUND: unknown service {service!r}{suggest(service, services)}")
+    mine = {p: item for p, item in paths.items() if p[1:].rpartition("/")[0] == service}
+    if slash:
+        methods = [p.rpartition("/")[2] for p in mine]
+        if method not in methods:
+            raise _Fail(f"NOT_FOUND: unknown method {method!r} of service {service!r}{suggest(method, methods)}")
+        mine = {f"/{service}/{method}": mine[f"/{service}/{method}"]}
+    return {"paths": mine, "components": document.get("components", {})}
+
+
+def _request_schema(operation: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+    schema: dict[str, Any] = (
+        operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+    )
+    ref = schema.get("$ref", "")
+    if ref.startswith(_SCHEMAS):  # a request body kept under components
+        schema = components.get(ref[len(_SCHEMAS) :], {})
+    return schema
+
+
+def _result_schema(operation: dict[str, Any]) -> dict[str, Any]:
+    ok: dict[str, Any] = operation.get("responses", {}).get("200", {})
+    return dict(ok.get("content", {}).get("application/json", {}).get("schema", {}))
+
+
+def signature(path: str, request: dict[str, Any], result: dict[str, Any]) -> str:
+    """`Service/method(a: int, b: int = 0) -> int`, read from the JSON schemas of its request and result."""
+    required = set(request.get("required", []))
+    params = []
+    for name, schema in request.get("properties", {}).items():
+        text = f"{name}: {type_text(schema)}"
+        if name not in required:
+            text += f" = {orjson.dumps(schema['default']).decode()}" if "default" in schema else " = ..."
+        params.append(text)
+    return f"{path}({', '.join(params)}) -> {type_text(result)}"
+
+
+_FORMATS = {"date-time": "datetime", "date": "date", "uuid": "UUID"}
+_TYPES = {"integer": "int", "number": "float", "boolean": "bool", "null": "None", "string": "str"}
+
+
+def type_text(schema: Any) -> str:
+    """A JSON schema written as the Python annotation it came from (`list[int]`, `Point | None`, ...)."""
+    if not isinstance(schema, dict) or not schema:
+        return "Any"
+    if "$ref" in schema:
+        return str(schema["$ref"]).rpartition("/")[2].removesuffix("-Input")
+    if "anyOf" in schema:
+        options = schema["anyOf"]
+        if {"type": "number"} in options and any(o.get("enum") == ["NaN", "Infinity", "-Infinity"] for o in options):
+            return "float"  # a float: a number or one of the spelled non-finite values
+        return " | ".join(type_text(o) for o in options)
+    if "enum" in schema:
+        return f"Literal[{', '.join(orjson.dumps(v).decode() for v in schema['enum'])}]"
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return " | ".join(type_text({**schema, "type": k}) for k in kind)
+    if kind == "string":
+        if schema.get("contentEncoding") == "base64":
+            return "bytes"
+        return _FORMATS.get(schema.get("format", ""), "str")
+    if kind == "array":
+        if "prefixItems" in schema:
+            return f"tuple[{', '.join(type_text(s) for s in schema['prefixItems'])}]"
+        outer = "set" if schema.get("uniqueItems") else "list"
+        return f"{outer}[{type_text(schema['items'])}]" if "items" in schema else outer
+    if kind == "object":
+        values = schema.get("additionalProperties")
+        return f"dict[str, {type_text(values)}]" if isinstance(values, dict) else "dict"
+    return _TYPES.get(str(kind), "Any")
+
+
+def _referenced(paths: dict[str, Any], components: dict[str, Any]) -> list[str]:
+    """The component schemas `paths` refer to, directly or through each other, in order of first use."""
+    seen: dict[str, None] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            ref = value.get("$ref")
+            if isinstance(ref, str) and ref.startswith(_SCHEMAS):
+                name = ref[len(_SCHEMAS) :]
+                if name not in seen and name in components:
+                    seen[name] = None
+                    walk(components[name])
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(paths)
+    return [name for name in seen if name != "Error"]
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()

@@ -1,0 +1,86 @@
+"""The reflection service every Server serves (unless `Server(reflection=False)`): what does this server serve?
+
+`kubrpc list` and `kubrpc describe` read it over TCP (over HTTP they read /openapi.json). Its wire name is
+`kubrpc.Reflection`; it goes through the server's interceptors like any call (a `BearerAuth` token needs
+`kubrpc.Reflection/*` to use it), and it is not listed in /openapi.json or `server.services`.
+
+    services() -> ["arith.Arith", ...]                        the wire names of the registered services
+    describe("arith.Arith") or describe("arith.Arith/add")     an OpenAPI 3.1 fragment: the `paths` of the
+                                                              service's (or that method's) operations and the
+                                                              `components` they refer to, as /openapi.json has them
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .errors import RpcError
+from .interface import interface, method
+from .status import Status
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ("REFLECTION_SERVICE", "Reflection", "ReflectionService")
+
+REFLECTION_SERVICE = "kubrpc.Reflection"
+
+
+@interface(name=REFLECTION_SERVICE)
+class Reflection(Protocol):
+    """The wire contract of the reflection service."""
+
+    @method(idempotent=True)
+    async def services(self) -> list[str]:
+        """The wire names of the services the server serves (reflection itself left out)."""
+        ...
+
+    @method(idempotent=True)
+    async def describe(self, name: str) -> dict[str, Any]:
+        """`Service` or `Service/method`: its OpenAPI paths and components; NOT_FOUND (with a suggestion) if unknown."""
+        ...
+
+
+class ReflectionService:
+    """The implementation of `Reflection` for one Server; the schemas come from kubrpc.openapi."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    async def services(self) -> list[str]:
+        """The wire names of the registered services."""
+        return list(self._server.services)
+
+    async def describe(self, name: str) -> dict[str, Any]:
+        """The OpenAPI paths of `name` (a service or a `Service/method`) with the components they use."""
+        from .openapi import openapi_document
+
+        service, slash, method_name = name.partition("/")
+        spec = self._server.services.get(service)
+        if spec is None:
+            raise RpcError(Status.NOT_FOUND, f"unknown service {service!r}{suggest(service, self._server.services)}")
+        names = [m.name for m in spec.methods.values()]
+        if slash and method_name not in names:
+            raise RpcError(
+                Status.NOT_FOUND, f"unknown method {method_name!r} of service {service!r}{suggest(method_name, names)}"
+            )
+        document = openapi_document(self._server)
+        wanted = {f"/{service}/{m}" for m in ([method_name] if slash else names)}
+        paths = {path: item for path, item in document.get("paths", {}).items() if path in wanted}
+        return {"paths": paths, "components": document.get("components", {})}
+
+
+def suggest(name: str, known: Iterable[str]) -> str:
+    """'; did you mean 'x'?' for the nearest of `known` names, else '; known: a, b' (a few), else ''."""
+    names = sorted(known)
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if not close:  # `Loans` for `lib.Loans`: the last dotted part alone
+        close = [n for n in names if n.rpartition(".")[2].lower() == name.rpartition(".")[2].lower()][:1]
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        return f" (known: {shown})"
+    return ""
