@@ -444,7 +444,7 @@ async def test_a_draining_server_refuses_new_calls_and_finishes_running_ones() -
                 tg.start_soon(running)
                 await wait_until(lambda: gate.started == 1)
                 stop.set()  # leave the serve block: drain
-                await wait_until(lambda: listener.draining)
+                await wait_until(lambda: listener.closing)
                 with pytest.raises(NotDeliveredError, match=r"inproc://drain is shutting down"):
                     await stub.hold("new")
                 assert gate.started == 1  # the refused call never ran
@@ -461,7 +461,7 @@ async def test_a_new_server_may_take_the_name_while_the_old_one_drains() -> None
                 tg.start_soon(channel.stub(Gate, timeout=30).hold, "old")
                 await wait_until(lambda: old_gate.started == 1)
                 stop.set()
-                await wait_until(lambda: listener.draining)
+                await wait_until(lambda: listener.closing)
                 async with new.serve("inproc://rolling"):
                     assert await channel.stub(Control, timeout=5).whoami() == "new"
                     old_gate.release.set()

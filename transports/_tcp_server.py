@@ -89,7 +89,7 @@ class TcpListener:
         self.preface_timeout = preface_timeout
         self.frame_timeout = frame_timeout
         self.connections: set[_ServerConnection] = set()
-        self.draining = False
+        self.closing = False  # this listener is draining its connections (the server's state is core.draining)
         self._orphans: set[asyncio.Task[None]] = set()
         self._idle: anyio.Event | None = None
 
@@ -105,7 +105,7 @@ class TcpListener:
         has read the GOAWAY), for at most `_LINGER` s: closing first would reset requests the client
         sent before it read the GOAWAY, and the client could not tell that they never ran.
         """
-        self.draining = True
+        self.closing = True
         for conn in list(self.connections):
             conn.go_away("server shutting down")
         with anyio.move_on_after(timeout):
@@ -193,7 +193,7 @@ class _ServerConnection(FrameWriter):
         listener = self.listener
         listener.connections.add(self)
         self._preface_timer = self._loop.call_later(listener.preface_timeout, self._no_preface)
-        if listener.draining:
+        if listener.closing:
             self.go_away("server shutting down")
         elif len(listener.connections) > listener.server.limits.max_connections:
             log.warning("refusing a connection from %s: over max_connections", self.peer)
@@ -438,7 +438,7 @@ class _ServerConnection(FrameWriter):
         if not self._going_away:
             self._going_away = True
             self.write(encode_goaway(self._last_stream, reason))
-            if not self.listener.draining:  # drain() closes what is left when it ends
+            if not self.listener.closing:  # drain() closes what is left when it ends
                 self._linger_timer = self._loop.call_later(_LINGER, self._close_when_quiet)
 
     def _close_when_quiet(self) -> None:

@@ -135,7 +135,7 @@ class InprocListener:
         self.max_message_size = max_message_size
         self.connections: set[InprocConnection] = set()
         self.calls: set[asyncio.Task[None]] = set()
-        self.draining = False
+        self.closing = False  # this listener is draining its connections (the server's state is core.draining)
         self.loop = asyncio.get_running_loop()
         self.context = contextvars.copy_context()  # handlers run in copies of it, as on a server elsewhere
         self._changed: asyncio.Event | None = None
@@ -147,7 +147,7 @@ class InprocListener:
 
     async def aclose(self, drain_timeout: float) -> None:
         """Free the name, refuse new calls, let running ones finish (at most `drain_timeout` s), cancel the rest."""
-        self.draining = True
+        self.closing = True
         if _listeners.get(self.name) is self:
             del _listeners[self.name]
         _draining[self.name] = self
@@ -199,7 +199,7 @@ class InprocConnection:
     @property
     def usable(self) -> bool:
         """False once closed, or once the server has started draining: new calls must go elsewhere."""
-        return not self._closed and not self.listener.draining
+        return not self._closed and not self.listener.closing
 
     @property
     def in_flight(self) -> int:
@@ -213,7 +213,7 @@ class InprocConnection:
     async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
         """Run one call on the server and return its encoded result; cancelling the wait cancels the handler."""
         listener = self.listener
-        if self._closed or listener.draining:
+        if self._closed or listener.closing:
             raise NotDeliveredError(f"{listener.url} is shutting down" if not self._closed else "connection closed")
         if len(payload) > self.max_message_size:
             raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
@@ -311,5 +311,5 @@ class InprocConnection:
             task.cancel()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "going away" if self.listener.draining else "open"
+        state = "closed" if self._closed else "going away" if self.listener.closing else "open"
         return f"<InprocConnection {self.listener.url} [{state}, {len(self._calls)} in flight]>"
