@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -61,6 +62,16 @@ class ArithImpl:
     async def add(self, a: int, b: int) -> int:
         """a + b."""
         return a + b
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how often each peer is measured (by bench_unary.py and bench_inproc.py)."""
+
+    rounds: int
+    warmup: float
+    duration: float
+    concurrencies: tuple[int, ...]
 
 
 # --- servers: each yields the URL it is bound to --------------------------------------------------------------

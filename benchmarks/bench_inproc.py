@@ -16,46 +16,19 @@ import importlib.util
 import platform
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import anyio
+from _peers import Arith, ArithImpl, Call, Settings
 
 import kubrpc
 
 RESULT = Path(__file__).resolve().parent / "results" / "inproc.md"
 PEERS = ("direct await", "kubrpc inproc", "kubrpc TCP")
 BASELINE = "kubrpc TCP"
-
-Call = Callable[[], Awaitable[int]]
-
-
-class Arith(Protocol):
-    """The benchmarked service."""
-
-    async def add(self, a: int, b: int) -> int: ...
-
-
-class ArithImpl:
-    """add(a, b) = a + b."""
-
-    async def add(self, a: int, b: int) -> int:
-        """a + b."""
-        return a + b
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How long and how often each peer is measured."""
-
-    rounds: int
-    warmup: float
-    duration: float
-    concurrencies: tuple[int, ...]
-
 
 FULL = Settings(rounds=3, warmup=0.3, duration=1.0, concurrencies=(1, 64))
 QUICK = Settings(rounds=1, warmup=0.1, duration=0.3, concurrencies=(1, 64))

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _peers import BASELINE, EXTRA_PEERS, PEERS
+from _peers import BASELINE, EXTRA_PEERS, PEERS, Settings
 
 HERE = Path(__file__).resolve().parent
 PEERS_SCRIPT = HERE / "_peers.py"
@@ -37,16 +37,6 @@ CLIENT_CPU = 1
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 HAVE_PROC = os.path.exists("/proc/self/stat")  # for the server's CPU usage
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How long and how often each peer is measured."""
-
-    rounds: int
-    warmup: float
-    duration: float
-    concurrencies: tuple[int, ...]
 
 
 FULL = Settings(rounds=5, warmup=1.0, duration=2.5, concurrencies=(1, 64))

@@ -8,6 +8,9 @@ from services import make_server
 
 import kubrpc
 
+# The Kubernetes resolver tests' fixtures (kube, no_service_account).
+pytest_plugins = ["kube_fixtures"]
+
 
 @pytest.fixture
 def anyio_backend() -> str:

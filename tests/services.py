@@ -6,7 +6,8 @@ import asyncio
 import datetime
 import enum
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -145,6 +146,30 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
     with anyio.fail_after(timeout):
         while not predicate():
             await anyio.sleep(0.005)
+
+
+@asynccontextmanager
+async def foreign_http(response: bytes) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """An HTTP/1.1 server on 127.0.0.1 that is not kubrpc: per connection it reads one request whole, writes the
+    raw bytes `response` and closes. Yields its port and the heads of the requests it has read."""
+    heads: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lengths = (int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+        await reader.readexactly(next(lengths, 0))
+        heads.append(head)
+        writer.write(response)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], heads
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def make_server(name: str = "server", **options: object) -> tuple[kubrpc.Server, ControlImpl]:

@@ -23,8 +23,17 @@ import anyio
 import pytest
 from faultproxy import FaultProxy, Mode
 from hypothesis import HealthCheck, given, settings, strategies as st
-from services import Arith, make_server
-from test_client_faults import Counter, CounterImpl, CountingHttp, CountingTcp, FakeClock, closed_port, counter_server
+from services import Arith, foreign_http, make_server
+from test_client_faults import (
+    Counter,
+    CounterImpl,
+    CountingHttp,
+    CountingTcp,
+    FakeClock,
+    closed_port,
+    counter_server,
+    failing_peeks,
+)
 from test_codec_exactness import echo_protocol, echo_server, echo_spec, same
 
 import kubrpc
@@ -167,15 +176,7 @@ async def test_after_its_backoff_a_down_endpoint_gets_one_attempt_not_a_herd(tra
     dead = closed_port()
     transport: Any = CountingTcp() if transport_name == "tcp" else CountingHttp()
     async with kubrpc.connect([Endpoint("127.0.0.1", dead)], transport=transport) as channel:
-        stub = channel.stub(Counter, timeout=10)
-        outcomes: list[Status] = []
-
-        async def call() -> None:
-            try:
-                await stub.peek()
-            except RpcError as exc:
-                outcomes.append(exc.code)
-
+        call, outcomes = failing_peeks(channel.stub(Counter, timeout=10))
         for _ in range(5):
             with anyio.fail_after(20):
                 while channel._down and next(iter(channel._down.values()))[0] > time.monotonic():
@@ -298,33 +299,16 @@ async def test_random_type_trees_round_trip_exactly_over_both_transports(case: t
 
 @pytest.mark.parametrize("body", [b'{"error": "upstream timeout"}', b"{}", b"[1]", b'"slow"'])
 async def test_a_foreign_json_error_body_names_the_status_and_the_endpoint(body: bytes) -> None:
-    requests = 0
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal requests
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
-        await reader.readexactly(length)
-        requests += 1
-        writer.write(b"HTTP/1.1 504 Gateway Timeout\r\ncontent-type: application/json\r\n")
-        writer.write(b"content-length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-        writer.close()
-        await writer.wait_closed()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    answer = b"HTTP/1.1 504 Gateway Timeout\r\ncontent-type: application/json\r\n"
+    answer += b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    async with foreign_http(answer) as (port, requests):
         async with kubrpc.connect([Endpoint("127.0.0.1", port)], transport="http") as channel:
             with anyio.fail_after(10), pytest.raises(RpcError) as info:
                 await channel.stub(Counter, timeout=5).bump()
-    finally:
-        server.close()
-        await server.wait_closed()
     # Old code: UNAVAILABLE "malformed error body", which named neither the status nor who answered.
     assert info.value.code is Status.UNAVAILABLE
     assert info.value.message.startswith(f"HTTP 504 from 127.0.0.1:{port} (not kubrpc)")
-    assert requests == 1  # not idempotent: never sent again
+    assert len(requests) == 1  # not idempotent: never sent again
 
 
 # ---- p2c: an endpoint that fails fast with a server error does not draw the calls --------------------------------
@@ -463,34 +447,20 @@ async def test_a_gzip_bomb_answer_is_not_inflated_past_the_limit() -> None:
     squeeze = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip
     megabyte = b"1" * (1 << 20)
     bomb = b"".join(squeeze.compress(megabyte) for _ in range(64)) + squeeze.flush()  # 64 MiB in ~65 KB
-    heads: list[bytes] = []
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
-        await reader.readexactly(length)
-        heads.append(head.lower())
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s" % (len(bomb), bomb))
-        await writer.drain()
-        writer.close()
-        await writer.wait_closed()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    tracemalloc.start()
-    try:
-        async with kubrpc.connect([Endpoint("127.0.0.1", port)], transport="http") as channel:
-            with anyio.fail_after(20), pytest.raises(RpcError) as info:
-                await channel.stub(Counter, timeout=10).peek()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-        server.close()
-        await server.wait_closed()
+    answer = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s" % (len(bomb), bomb)
+    async with foreign_http(answer) as (port, heads):
+        tracemalloc.start()
+        try:
+            async with kubrpc.connect([Endpoint("127.0.0.1", port)], transport="http") as channel:
+                with anyio.fail_after(20), pytest.raises(RpcError) as info:
+                    await channel.stub(Counter, timeout=10).peek()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
     # Old code: aiohttp asked for gzip and inflated all 64 MiB (a 4 MiB limit counts the 65 KB on the wire).
     assert peak < 16 * 1024 * 1024
     assert info.value.code is Status.INTERNAL  # not JSON: kubrpc servers never compress
-    assert b"accept-encoding" not in heads[0]
+    assert b"accept-encoding" not in heads[0].lower()
 
 
 # ---- a slow link: deadlines hold, a call runs at most once, and the connection stays usable ------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Protocol
 
@@ -67,6 +67,19 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def failing_peeks(stub: Counter) -> tuple[Callable[[], Awaitable[None]], list[Status]]:
+    """A call to start in many tasks, which peeks through `stub`, and the list of the codes its calls failed with."""
+    outcomes: list[Status] = []
+
+    async def call() -> None:
+        try:
+            await stub.peek()
+        except RpcError as exc:
+            outcomes.append(exc.code)
+
+    return call, outcomes
 
 
 class CountingHttp(HttpTransport):
@@ -253,15 +266,7 @@ async def test_concurrent_calls_to_a_refused_endpoint_back_off_once(scheme: str)
     dead = closed_port()
     transport = CountingTcp() if scheme == "tcp" else CountingHttp()
     async with kubrpc.connect([Endpoint("127.0.0.1", dead)], transport=transport) as channel:
-        stub = channel.stub(Counter, timeout=10)
-        outcomes: list[Status] = []
-
-        async def call() -> None:
-            try:
-                await stub.peek()
-            except RpcError as exc:
-                outcomes.append(exc.code)
-
+        call, outcomes = failing_peeks(channel.stub(Counter, timeout=10))
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
                 for _ in range(32):

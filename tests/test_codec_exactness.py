@@ -21,7 +21,7 @@ import httpx
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
-from services import Control
+from services import Control, foreign_http
 
 import kubrpc
 from kubrpc import RpcError, Status, codec
@@ -550,27 +550,12 @@ def test_error_bodies_with_code_ok_or_an_unknown_code_are_unknown(body: dict[str
 @pytest.mark.parametrize("code", [b"ok", b"teapot"])
 async def test_http_client_maps_code_ok_or_unknown_from_a_foreign_server_to_unknown(code: bytes) -> None:
     body = b'{"code": "%s", "message": "m"}' % code
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(
-            b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(body), body)
-        )
-        await writer.drain()
-        writer.close()
-        await writer.wait_closed()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    answer = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    async with foreign_http(answer % (len(body), body)) as (port, _):
         async with kubrpc.connect(f"static://127.0.0.1:{port}", transport="http") as channel:
             with anyio.fail_after(10), pytest.raises(RpcError) as info:
                 await channel.call("Control/whoami", b"{}", timeout=5)
         assert info.value == RpcError(Status.UNKNOWN, "m")
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,9 @@ import orjson
 import pytest
 from aiohttp import web
 from follower import Follower
+from kube_fixtures import following, resolver_factory
 from kubernetes_asyncio.client import Configuration
-from test_k8s_edges import RecordingBackoff, first_call_error, following
+from test_k8s_edges import RecordingBackoff, first_call_error
 
 import kubrpc
 from kubrpc.resolvers import _k8s_watch
@@ -45,25 +46,10 @@ FAST: dict[str, Any] = {"min_backoff": 0.001, "max_backoff": 0.004, "read_timeou
 
 
 @pytest.fixture
-async def kube() -> AsyncIterator[FakeKubeAPI]:
-    async with FakeKubeAPI() as api:
-        yield api
-
-
-@pytest.fixture
-async def make(tmp_path: Path) -> AsyncIterator[Callable[..., KubernetesResolver]]:
-    made: list[KubernetesResolver] = []
-
-    def factory(url: str, **options: Any) -> KubernetesResolver:
-        options = {"configuration": Configuration(host=url), "service_account_dir": tmp_path, **FAST, **options}
-        resolver = KubernetesResolver("arith", "rpc", "default", **options)
-        made.append(resolver)
-        return resolver
-
-    yield factory
-    for resolver in made:
-        await resolver.aclose()
-    assert active_watches() == []
+async def make(no_service_account: Path) -> AsyncIterator[Callable[..., KubernetesResolver]]:
+    """make(url, **options): resolvers for the API server at `url`, with a quick backoff; closed at the end."""
+    async with resolver_factory(None, no_service_account, **FAST) as factory:
+        yield lambda url, **options: factory(url=url, **options)
 
 
 WatchHandler = Callable[[web.StreamResponse], Awaitable[None]]
@@ -142,7 +128,7 @@ class TestNoHotLoop:
 
         async with RawAPI(handler) as api:
             resolver = make(api.url)
-            async with following(resolver) as follower:
+            async with following(resolver, close=False) as follower:
                 await follower.wait_for_hosts("10.0.0.1")
                 with anyio.fail_after(10):
                     while api.watches < 8:
@@ -165,7 +151,7 @@ class TestNoHotLoop:
 
         async with RawAPI(handler) as api:
             resolver = make(api.url)
-            async with following(resolver) as follower:
+            async with following(resolver, close=False) as follower:
                 await follower.wait_for_hosts("10.0.0.1")
                 with anyio.fail_after(10):
                     while not RecordingBackoff.made or RecordingBackoff.made[0].resets < 1:
@@ -188,7 +174,7 @@ class TestRetryAfter:
     ) -> None:
         kube.unavailable, kube.retry_after = 429, 20
         resolver = make(kube.url)
-        async with following(resolver):
+        async with following(resolver, close=False):
             delay = await self._first_delay(caplog)
             assert delay == 20.0  # not max_backoff's 0.004: the server asked for 20 s
             assert len(kube.requests) == 1
@@ -203,7 +189,7 @@ class TestRetryAfter:
         status["details"] = {"retryAfterSeconds": 10_000}
         kube.watch_error = status
         resolver = make(kube.url)
-        async with following(resolver) as follower:
+        async with following(resolver, close=False) as follower:
             await follower.wait_for_hosts("10.0.0.1")
             assert await self._first_delay(caplog) == MAX_RETRY_AFTER  # capped
 
@@ -244,7 +230,7 @@ class TestChunkedLists:
         monkeypatch.setattr(kube, "_list", list_then_compact)
         resolver = make(kube.url)
         resolver._options = dataclasses.replace(resolver._options, page_size=2)
-        async with following(resolver) as follower:
+        async with following(resolver, close=False) as follower:
             await follower.wait_for_hosts("10.0.0.0", "10.0.0.1", "10.0.0.2", "10.0.0.3")
         lists = [r for r in kube.requests if not r.is_watch]
         assert [("continue" in r.query) for r in lists] == [False, True, False, True]
@@ -278,7 +264,7 @@ class TestStreamsNoApiserverSends:
 
         async with RawAPI(handler) as api:
             resolver = make(api.url)
-            async with following(resolver) as follower:
+            async with following(resolver, close=False) as follower:
                 await follower.wait_for_hosts("10.0.0.1")
                 with anyio.fail_after(10):
                     while api.watches < 3:
@@ -349,7 +335,7 @@ class TestCredentials:
             monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
             monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
             async with KubernetesResolver("arith", "rpc", "default", service_account_dir=tmp_path, **FAST) as resolver:
-                async with following(resolver) as follower:
+                async with following(resolver, close=False) as follower:
                     await follower.wait_for_hosts("10.0.0.1")
                     kube.token = "second"  # the old token is now refused; the plugin hands out the new one
                     token_file.write_text("second")
@@ -408,7 +394,7 @@ class TestWrongServer:
 
         async with RawAPI(trickle) as api:
             resolver = make(api.url, watch_timeout=1.0, read_timeout=0.5)
-            async with following(resolver) as follower:
+            async with following(resolver, close=False) as follower:
                 await follower.wait_for_hosts("10.0.0.1")
                 with anyio.fail_after(20):
                     while api.watches < 3:
@@ -433,7 +419,7 @@ class TestWhatHolds:
 
         async with RawAPI(handler) as api:
             resolver = make(api.url)
-            async with following(resolver) as follower:
+            async with following(resolver, close=False) as follower:
                 await follower.wait_for_hosts("10.0.0.3")
                 seen = [[ep.host for ep in s] for s in follower.snapshots]
                 assert all(hosts in (["10.0.0.1"], ["10.0.0.2"], ["10.0.0.3"]) for hosts in seen)  # never the ghost
@@ -457,11 +443,11 @@ class TestWhatHolds:
         unnamed["ports"] = [{"name": None, "port": 9000}, {"name": "", "port": 9001}, {"name": "rpc", "port": None}]
         kube.upsert_slice(unnamed)
         resolver = make(kube.url)
-        async with following(resolver) as follower:
+        async with following(resolver, close=False) as follower:
             snapshot = await follower.wait_for_hosts("10.0.0.5", "10.0.0.6")
             assert all(ep.ready and ep.port == 9000 for ep in snapshot)
         by_number = KubernetesResolver("arith", 9001, "default", configuration=Configuration(host=kube.url), **FAST)
-        async with by_number, following(by_number) as follower:
+        async with by_number, following(by_number, close=False) as follower:
             assert [(ep.host, ep.port) for ep in await follower.wait_for_hosts("10.0.0.8")] == [("10.0.0.8", 9001)]
 
     async def test_a_slice_relabelled_to_another_service_leaves(
@@ -469,7 +455,7 @@ class TestWhatHolds:
     ) -> None:
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-b", "10.0.0.2"))
-        async with following(make(kube.url)) as follower:
+        async with following(make(kube.url), close=False) as follower:
             await follower.wait_for_hosts("10.0.0.1", "10.0.0.2")
             with anyio.fail_after(5):
                 await kube.wait_for_watches(1)
@@ -483,7 +469,7 @@ class TestWhatHolds:
     ) -> None:
         kube.stall = True
         resolver = make(kube.url)
-        async with following(resolver):
+        async with following(resolver, close=False):
             with anyio.fail_after(5):
                 while not kube.requests:
                     await anyio.sleep(0.01)

@@ -6,14 +6,13 @@ import logging
 import random
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
 import pytest
-from follower import Follower
+from kube_fixtures import following, resolver_factory
 from kubernetes_asyncio.client import Configuration
 
 import kubrpc
@@ -21,8 +20,7 @@ from kubrpc import Endpoint
 from kubrpc._backoff import Backoff
 from kubrpc.errors import RpcError
 from kubrpc.resolvers import _k8s_watch
-from kubrpc.resolvers._k8s_watch import active_watches
-from kubrpc.resolvers.k8s import KubernetesResolver, ResolverOptions
+from kubrpc.resolvers.k8s import KubernetesResolver
 from kubrpc.status import Status
 from kubrpc.testing.kube import (
     ENDPOINTSLICES,
@@ -35,53 +33,14 @@ from kubrpc.testing.kube import (
 
 pytestmark = pytest.mark.anyio
 
-FAST: ResolverOptions = {"min_backoff": 0.02, "max_backoff": 0.2, "read_timeout": 10.0, "watch_timeout": 30.0}
 KUBRPC = [sys.executable, "-m", "kubrpc"]
 
 
 @pytest.fixture
-async def kube() -> AsyncIterator[FakeKubeAPI]:
-    async with FakeKubeAPI() as api:
-        yield api
-
-
-@pytest.fixture
-def no_service_account(tmp_path: Path) -> Path:
-    path = tmp_path / "serviceaccount"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 async def make(kube: FakeKubeAPI, no_service_account: Path) -> AsyncIterator[Callable[..., KubernetesResolver]]:
-    made: list[KubernetesResolver] = []
-
-    def factory(
-        service: str = "arith", port: int | str = "rpc", namespace: str = "default", **options: Any
-    ) -> KubernetesResolver:
-        options = {
-            "configuration": Configuration(host=kube.url),
-            "service_account_dir": no_service_account,
-            **FAST,
-            **options,
-        }
-        resolver = KubernetesResolver(service, port, namespace, **options)
-        made.append(resolver)
-        return resolver
-
-    yield factory
-    for resolver in made:
-        await resolver.aclose()
-    assert active_watches() == []
-
-
-@asynccontextmanager
-async def following(resolver: KubernetesResolver) -> AsyncIterator[Follower]:
-    follower = Follower(resolver)
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(follower.run)
-        yield follower
-        tasks.cancel_scope.cancel()
+    """Resolvers for the fake API server, closed at the end of the test."""
+    async with resolver_factory(kube.url, no_service_account) as factory:
+        yield factory
 
 
 async def first_call_error(resolver: KubernetesResolver, *, wait: float = 30.0) -> RpcError:
@@ -120,7 +79,7 @@ class TestResourceVersionTooLarge:
     ) -> None:
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
         resolver = make()
-        async with following(resolver) as follower:
+        async with following(resolver, close=False) as follower:
             await follower.wait_for_hosts("10.0.0.1")
             with anyio.fail_after(5):
                 await kube.wait_for_watches(1)
@@ -164,7 +123,7 @@ class TestBackoff:
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
         kube.watch_error = status_object(410, "Expired", "too old resource version: 1 (2)")
         resolver = make(min_backoff=0.001, max_backoff=0.004)
-        async with following(resolver) as follower:
+        async with following(resolver, close=False) as follower:
             await follower.wait_for_hosts("10.0.0.1")
             with anyio.fail_after(10):
                 while resolver.stats is None or resolver.stats.lists < 8:
@@ -204,7 +163,7 @@ class TestErrorsReachTheCaller:
         kube.deny("watch", ENDPOINTSLICES)
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
         resolver = make()
-        async with following(resolver) as follower:
+        async with following(resolver, close=False) as follower:
             await follower.wait_for_hosts("10.0.0.1")  # the list worked: endpoints are served
             with anyio.fail_after(5):
                 while resolver.stats is None or resolver.stats.last_error is None:
@@ -218,7 +177,7 @@ class TestErrorsReachTheCaller:
         kube.deny("list", ENDPOINTSLICES)
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
         resolver = make()
-        async with following(resolver) as follower:
+        async with following(resolver, close=False) as follower:
             with anyio.fail_after(5):
                 while not resolver.problem_is_permanent:
                     await anyio.sleep(0.01)
@@ -309,7 +268,7 @@ class TestEmptyResultsExplainThemselves:
     ) -> None:
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1", port=9000))
         resolver = make(port=80)  # the Service's port; the slices carry the target port
-        async with following(resolver) as follower:
+        async with following(resolver, close=False) as follower:
             await follower.wait_for(lambda s: s == [])
         assert resolver.problem is not None
         assert "has TCP port 80 (they have: rpc (9000))" in resolver.problem
@@ -318,7 +277,7 @@ class TestEmptyResultsExplainThemselves:
     async def test_none_ready(self, kube: FakeKubeAPI, make: Callable[..., KubernetesResolver]) -> None:
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1", ready=False))
         resolver = make()
-        async with following(resolver) as follower:
+        async with following(resolver, close=False) as follower:
             await follower.wait_for(lambda s: len(s) == 1)
             assert resolver.problem is not None
             assert "none of the 1 endpoints of Service default/arith" in resolver.problem
@@ -330,7 +289,7 @@ class TestListTimeouts:
     ) -> None:
         kube.stall = True
         resolver = make(read_timeout=0.2)  # list_timeout stays at its default
-        async with following(resolver):
+        async with following(resolver, close=False):
             with anyio.fail_after(20):  # before: 61 s, whatever read_timeout said
                 while resolver.stats is None or resolver.stats.errors < 1:
                     await anyio.sleep(0.02)
@@ -342,7 +301,7 @@ class TestListTimeouts:
     ) -> None:
         kube.stall = True
         resolver = make(read_timeout=300.0, list_timeout=0.2)
-        async with following(resolver):
+        async with following(resolver, close=False):
             with anyio.fail_after(20):
                 while resolver.stats is None or resolver.stats.errors < 1:
                     await anyio.sleep(0.02)
@@ -359,7 +318,7 @@ class TestTerminatingFallback:
         old = slice_endpoint("10.0.0.1", ready=False, serving=True, terminating=True, pod="arith-old")
         gone = slice_endpoint("10.0.0.3", ready=False, serving=False, terminating=True)
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", old, gone))
-        async with following(make()) as follower:
+        async with following(make(), close=False) as follower:
             snapshot = await follower.wait_for(lambda s: len(s) == 2)
             by_host = {ep.host: ep for ep in snapshot}
             assert by_host["10.0.0.1"].ready and not by_host["10.0.0.3"].ready
@@ -376,7 +335,7 @@ class TestTerminatingFallback:
     ) -> None:
         endpoint: JsonObject = {"addresses": ["10.0.0.1"], "conditions": {"ready": False}}
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", endpoint))
-        async with following(make()) as follower:
+        async with following(make(), close=False) as follower:
             [found] = await follower.wait_for(lambda s: len(s) == 1)
         assert not found.ready and found.metadata["serving"] == "false"
 
@@ -388,7 +347,7 @@ class TestAddressTypes:
         caplog.set_level(logging.WARNING, "kubrpc.resolvers.k8s")
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-fqdn", "db.example.com", address_type="FQDN"))
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
-        async with following(make()) as follower:
+        async with following(make(), close=False) as follower:
             await follower.wait_for_hosts("10.0.0.1")
             kube.upsert_slice(endpoint_slice("arith", "default", "arith-fqdn", "db2.example.com", address_type="FQDN"))
             kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1", "10.0.0.2"))
@@ -417,7 +376,7 @@ class TestAddressTypes:
     ) -> None:
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-v4", "10.0.0.1", "10.0.0.2"))
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-v6", "fd00::1", "fd00::2", address_type="IPv6"))
-        async with following(make(address_family=family)) as follower:
+        async with following(make(address_family=family), close=False) as follower:
             snapshot = await follower.wait_for(lambda s: hosts(s) == expected)
         assert hosts(snapshot) == expected
 
@@ -425,7 +384,7 @@ class TestAddressTypes:
         self, kube: FakeKubeAPI, make: Callable[..., KubernetesResolver]
     ) -> None:
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-v6", "fd00::1", address_type="IPv6"))
-        async with following(make()) as follower:
+        async with following(make(), close=False) as follower:
             await follower.wait_for_hosts("fd00::1")
 
     def test_address_family_in_the_target(self) -> None:
@@ -452,7 +411,7 @@ class TestTopologyHints:
                 slice_endpoint("10.0.0.3", zone="zone-b", for_zones=["zone-b"]),
             )
         )
-        async with following(make()) as follower:
+        async with following(make(), close=False) as follower:
             snapshot = await follower.wait_for(lambda s: len(s) == 3)
         assert {ep.host: ep.metadata["for_zones"] for ep in snapshot}["10.0.0.2"] == "zone-b"
         balancer = ZoneAware(zone="zone-b")
@@ -487,7 +446,7 @@ class TestScale:
 
         for name in slices:
             publish(name)
-        async with following(make()) as follower:
+        async with following(make(), close=False) as follower:
             await follower.wait_for(lambda s: len(s) == 1000)
             for step in range(60):
                 name = rng.choice(sorted(slices))
@@ -528,7 +487,7 @@ class TestAttack:
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
         kube.watch_error = status_object(500, "InternalError", "line one\nline two\r\n" + "x" * 5000)
         resolver = make()
-        async with following(resolver):
+        async with following(resolver, close=False):
             with anyio.fail_after(5):
                 while resolver.stats is None or resolver.stats.last_error is None:
                     await anyio.sleep(0.01)
@@ -541,7 +500,7 @@ class TestAttack:
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
         kube.watch_error = {"code": "not a number", "details": {"causes": "nope"}}
         resolver = make()
-        async with following(resolver) as follower:
+        async with following(resolver, close=False) as follower:
             await follower.wait_for_hosts("10.0.0.1")
             with anyio.fail_after(5):
                 while resolver.stats is None or resolver.stats.errors < 2:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import random
 import shutil
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from follower import Follower
+from kube_fixtures import FAST, following, resolver_factory
 from kubernetes_asyncio.client import ApiClient, Configuration
-from services import Arith, Control
+from services import Arith, Control, wait_until
 
 import kubrpc
 from kubrpc import Endpoint
@@ -34,63 +33,12 @@ from kubrpc.testing.kube import (
 
 pytestmark = pytest.mark.anyio
 
-FAST: ResolverOptions = {"min_backoff": 0.02, "max_backoff": 0.2, "read_timeout": 10.0, "watch_timeout": 30.0}
-
-
-@pytest.fixture
-async def kube() -> AsyncIterator[FakeKubeAPI]:
-    async with FakeKubeAPI() as api:
-        yield api
-
-
-@pytest.fixture
-def no_service_account(tmp_path: Path) -> Path:
-    """An empty service-account folder: no pod namespace, no in-cluster credentials."""
-    path = tmp_path / "serviceaccount"
-    path.mkdir()
-    return path
-
 
 @pytest.fixture
 async def make(kube: FakeKubeAPI, no_service_account: Path) -> AsyncIterator[Callable[..., KubernetesResolver]]:
     """Resolvers for the fake API server, closed at the end of the test."""
-    made: list[KubernetesResolver] = []
-
-    def factory(
-        service: str = "arith", port: int | str = "rpc", namespace: str = "default", **options: Any
-    ) -> KubernetesResolver:
-        options = {
-            "configuration": Configuration(host=kube.url),
-            "service_account_dir": no_service_account,
-            **FAST,
-            **options,
-        }
-        resolver = KubernetesResolver(service, port, namespace, **options)
-        made.append(resolver)
-        return resolver
-
-    yield factory
-    for resolver in made:
-        await resolver.aclose()
-    assert active_watches() == []
-
-
-@asynccontextmanager
-async def following(resolver: KubernetesResolver) -> AsyncIterator[Follower]:
-    follower = Follower(resolver)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(follower.run)
-        try:
-            yield follower
-        finally:
-            await resolver.aclose()
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait (at most 5 s) for a condition on counters that have no event to wait on."""
-    with anyio.fail_after(5):
-        while not condition():
-            await anyio.sleep(0.01)
+    async with resolver_factory(kube.url, no_service_account) as factory:
+        yield factory
 
 
 def lists(kube: FakeKubeAPI) -> list[LoggedRequest]:
@@ -267,7 +215,7 @@ class TestWatchRecovery:
                 await follower.wait_for_hosts("10.0.0.1")
                 kube.unavailable = 410  # every request, the watch too, now answers 410 Gone
                 kube.abort_watches()
-                await until(lambda: len(lists(kube)) >= 2)
+                await wait_until(lambda: len(lists(kube)) >= 2)
                 kube.unavailable = None
                 kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.5"))
                 await follower.wait_for_hosts("10.0.0.5")
@@ -281,7 +229,7 @@ class TestWatchRecovery:
             await follower.wait_for_hosts("10.0.0.1", "10.0.0.2")
             kube.unavailable = 503
             kube.abort_watches()
-            await until(lambda: resolver.stats is not None and resolver.stats.errors >= 3)
+            await wait_until(lambda: resolver.stats is not None and resolver.stats.errors >= 3)
             assert resolver.stats is not None and resolver.stats.last_error is not None
             assert "503" in resolver.stats.last_error
             assert len(follower.snapshots) == 1
@@ -298,7 +246,7 @@ class TestWatchRecovery:
         async with following(resolver := make()) as follower:
             await follower.wait_for_hosts("10.0.0.1")
             await kube.stop()
-            await until(lambda: resolver.stats is not None and resolver.stats.errors >= 3)
+            await wait_until(lambda: resolver.stats is not None and resolver.stats.errors >= 3)
             assert len(follower.snapshots) == 1
             kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1", "10.0.0.2"))
             await kube.start()
@@ -312,7 +260,7 @@ class TestWatchRecovery:
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
         resolver = make(configuration=Configuration(host=kube.url))
         async with following(resolver) as follower:
-            await until(lambda: resolver.stats is not None and resolver.stats.errors >= 2)
+            await wait_until(lambda: resolver.stats is not None and resolver.stats.errors >= 2)
             assert follower.snapshots == []
             assert "listing" in repr(resolver)
             async with kube:
@@ -329,7 +277,7 @@ class TestWatchRecovery:
             with anyio.fail_after(5):
                 await kube.wait_for_watches()
             kube.send_bookmarks()
-            await until(lambda: resolver.stats is not None and resolver.stats.bookmarks == 1)
+            await wait_until(lambda: resolver.stats is not None and resolver.stats.bookmarks == 1)
             bookmarked = kube.resource_version
             kube.compact()  # an older resourceVersion would now be 410
             kube.abort_watches()
@@ -345,7 +293,7 @@ class TestWatchRecovery:
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
         async with following(resolver := make(read_timeout=0.2)) as follower:
             await follower.wait_for_hosts("10.0.0.1")
-            await until(lambda: len(watches(kube)) >= 3)
+            await wait_until(lambda: len(watches(kube)) >= 3)
             assert resolver.stats is not None and resolver.stats.dropped >= 2
         assert len(lists(kube)) == 1
 
@@ -376,7 +324,7 @@ class TestSharing:
         assert active_watches() == []
         assert len(lists(kube)) == 2  # arith once, other once
         assert [r.query["labelSelector"] for r in watches(kube)].count("kubernetes.io/service-name=arith") == 1
-        await until(lambda: kube.watch_count == 0)
+        await wait_until(lambda: kube.watch_count == 0)
 
     async def test_explicit_api_client_is_used_and_left_open(self, kube: FakeKubeAPI, no_service_account: Path) -> None:
         kube.upsert_slice(endpoint_slice("arith", "default", "arith-a", "10.0.0.1"))
@@ -416,7 +364,7 @@ class TestEndToEnd:
             kube.upsert_slice(
                 endpoint_slice("arith", "default", "arith-1", "127.0.0.3", port=ports["127.0.0.3"], ready=False)
             )
-            await until(lambda: any(not e.ready for e in channel.endpoints))
+            await wait_until(lambda: any(not e.ready for e in channel.endpoints))
             assert await served_by() == {"127.0.0.2", "127.0.0.4"}
 
             kube.abort_watches()  # dropped watch: calls go on
@@ -426,7 +374,7 @@ class TestEndToEnd:
             kube.delete_slice("default", "arith-0")
             kube.compact()  # ...and when it is back, the resolver's version is gone: 410, relist
             await kube.start()
-            await until(lambda: len(channel.endpoints) == 2)
+            await wait_until(lambda: len(channel.endpoints) == 2)
             assert await served_by() == {"127.0.0.4"}
             assert len(lists(kube)) == 2
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-import anyio
 import follower
+import kube_fixtures
 import pytest
-from kubernetes_asyncio.client import Configuration
-from services import Control
+from kube_fixtures import resolver_factory
+from services import Control, wait_until
 
 import kubrpc
 from kubrpc import Endpoint
@@ -19,12 +20,11 @@ from kubrpc.resolvers import create as create_resolver
 from kubrpc.resolvers._k8s_pods import WEIGHT_ANNOTATION, PodWatch, WeightedView, parse_weight
 from kubrpc.resolvers._k8s_slices import EndpointView, compact_slice
 from kubrpc.resolvers._k8s_watch import WatchOptions, active_watches
-from kubrpc.resolvers.k8s import KubernetesResolver, ResolverOptions, target_options
+from kubrpc.resolvers.k8s import KubernetesResolver, target_options
 from kubrpc.testing.kube import FakeKubeAPI, JsonObject, LoggedRequest, endpoint_slice, slice_endpoint
 
 pytestmark = pytest.mark.anyio
 
-FAST: ResolverOptions = {"min_backoff": 0.02, "max_backoff": 0.2, "read_timeout": 10.0, "watch_timeout": 30.0}
 PODS = "v1/pods"
 
 
@@ -55,32 +55,10 @@ def pod_requests(kube: FakeKubeAPI) -> list[LoggedRequest]:
 
 
 @pytest.fixture
-async def kube() -> AsyncIterator[FakeKubeAPI]:
-    async with FakeKubeAPI() as api:
-        yield api
-
-
-@pytest.fixture
-async def make(kube: FakeKubeAPI, tmp_path: Path) -> AsyncIterator[Callable[..., KubernetesResolver]]:
+async def make(kube: FakeKubeAPI, no_service_account: Path) -> AsyncIterator[Callable[..., KubernetesResolver]]:
     """Resolvers for the fake API server (weights from pods unless told otherwise), closed at the end."""
-    made: list[KubernetesResolver] = []
-
-    def factory(service: str = "arith", port: int | str = "rpc", **options: Any) -> KubernetesResolver:
-        options = {
-            "configuration": Configuration(host=kube.url),
-            "service_account_dir": tmp_path,
-            "weights_from_pods": True,
-            **FAST,
-            **options,
-        }
-        resolver = KubernetesResolver(service, port, "default", **options)
-        made.append(resolver)
-        return resolver
-
-    yield factory
-    for resolver in made:
-        await resolver.aclose()
-    assert active_watches() == []
+    async with resolver_factory(kube.url, no_service_account, weights_from_pods=True) as factory:
+        yield factory
 
 
 class Follower(follower.Follower):
@@ -90,34 +68,15 @@ class Follower(follower.Follower):
         return await self.wait_for(lambda snapshot: weights(snapshot) == expected)
 
 
-class following:
+def following(resolver: KubernetesResolver) -> AbstractAsyncContextManager[Follower]:
     """`async with following(resolver) as follower`: follow it in a task; close it on the way out."""
-
-    def __init__(self, resolver: KubernetesResolver) -> None:
-        self.follower = Follower(resolver)
-        self._tg = anyio.create_task_group()
-
-    async def __aenter__(self) -> Follower:
-        await self._tg.__aenter__()
-        self._tg.start_soon(self.follower.run)
-        return self.follower
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.follower.resolver.aclose()
-        await self._tg.__aexit__(None, None, None)
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait (at most 5 s) for a condition that has no event to wait on."""
-    with anyio.fail_after(5):
-        while not condition():
-            await anyio.sleep(0.01)
+    return kube_fixtures.following(resolver, Follower)
 
 
 async def settle(kube: FakeKubeAPI) -> None:
     """Wait until the pod watches have seen every change made so far (a marker pod is their last event)."""
     kube.upsert(PODS, pod("settle-marker"))
-    await until(
+    await wait_until(
         lambda: all(w.resource_version == kube.resource_version for w in active_watches() if isinstance(w, PodWatch))
     )
 
@@ -218,7 +177,7 @@ class TestWeights:
             expected = {"arith-a": 3.0, "arith-b": 1.0, "arith-c": 0.5, "10.0.1.1": 1.0}
             await follower.wait_for_weights(expected)
             assert len(follower.snapshots) == 1  # the first snapshot waited for the pods: no unweighted one
-            await until(lambda: len(pod_requests(kube)) == 2)  # a list, then a watch, of every pod
+            await wait_until(lambda: len(pod_requests(kube)) == 2)  # a list, then a watch, of every pod
             assert [(r.is_watch, r.query.get("labelSelector")) for r in pod_requests(kube)] == [
                 (False, None),
                 (True, None),
@@ -266,7 +225,7 @@ class TestWeights:
             kube.upsert(PODS, pod("arith-a", "heavy", phase="Pending"))  # same bad value: no second warning
             kube.compact()  # and a relist (410) sees them all again: still no second warning
             kube.abort_watches()
-            await until(lambda: resolver.pod_stats is not None and resolver.pod_stats.lists == 2)
+            await wait_until(lambda: resolver.pod_stats is not None and resolver.pod_stats.lists == 2)
             kube.upsert(PODS, pod("arith-d", "oops"))  # a good weight turned bad: 1.0, and a warning
             await follower.wait_for_weights({"arith-a": 1.0, "arith-b": 1.0, "arith-c": 1.0, "arith-d": 1.0})
             assert warned() == ["default/arith-a:", "default/arith-b:", "default/arith-c:", "default/arith-d:"]
@@ -297,7 +256,7 @@ class TestWeights:
         async with following(resolver) as follower:
             await follower.wait_for_weights({"arith-a": 1.0})
             kube.upsert(PODS, pod("arith-a", "5"))
-            await until(lambda: kube.watch_count == 1)
+            await wait_until(lambda: kube.watch_count == 1)
             assert resolver.pod_stats is None and len(active_watches()) == 1
         assert pod_requests(kube) == []
         assert kube.requests  # it did talk to the API server, about EndpointSlices only
@@ -370,7 +329,7 @@ class TestPodWatch:
 
             await kube.stop()  # API server down: the last weights stay, nothing is yielded
             count = len(follower.snapshots)
-            await until(lambda: stats.errors >= 2)
+            await wait_until(lambda: stats.errors >= 2)
             assert len(follower.snapshots) == count and weights(follower.snapshots[-1]) == {"arith-a": 5.0}
             kube.upsert(PODS, pod("arith-a", "6"))
             kube.compact()  # ...and back with the resolver's version gone: 410, relist
@@ -426,8 +385,8 @@ class TestEndToEnd:
 
             kube.upsert(PODS, pod("arith-0", "0"))
             kube.upsert(PODS, pod("arith-2", "5"))
-            await until(lambda: {e.host: e.weight for e in channel.endpoints}["127.0.0.4"] == 5.0)
-            await until(lambda: {e.host: e.weight for e in channel.endpoints}["127.0.0.2"] == 0.0)
+            await wait_until(lambda: {e.host: e.weight for e in channel.endpoints}["127.0.0.4"] == 5.0)
+            await wait_until(lambda: {e.host: e.weight for e in channel.endpoints}["127.0.0.2"] == 0.0)
             assert await served_by() == {"127.0.0.3", "127.0.0.4"}
         assert any(r.path == "/api/v1/namespaces/default/pods" for r in kube.requests)
         assert active_watches() == []

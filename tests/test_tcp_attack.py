@@ -14,8 +14,9 @@ from contextlib import asynccontextmanager
 import anyio
 import orjson
 import pytest
+from rawtcp import RawClient
 from services import Arith, wait_until
-from test_tcp_hardening import Raw, request, serving
+from test_tcp_hardening import request, serving
 
 import kubrpc
 from kubrpc import Status
@@ -43,7 +44,7 @@ def big_request(stream: int, size: int) -> bytes:
     return encode_request(stream, "Arith/add", b" " * size + _BODY)
 
 
-async def reset(raw: Raw) -> None:
+async def reset(raw: RawClient) -> None:
     """Reset the connection (RST, not FIN), as a crashed peer or a proxy would."""
     sock = raw.stream.extra(anyio.abc.SocketAttribute.raw_socket)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -63,7 +64,7 @@ async def test_frame_headers_alone_cannot_reserve_the_servers_budget() -> None:
     size = 1 << 18
     async with serving(max_message_size=size, max_pending_bytes=1 << 20) as (listener, server, open_raw):
         header = PREFACE + big_request(1, size - 100)[:20]
-        peers: list[Raw] = [await open_raw(header) for _ in range(4)]  # type: ignore[operator]
+        peers: list[RawClient] = [await open_raw(header) for _ in range(4)]  # type: ignore[operator]
         await wait_until(lambda: sum(c._decoder.buffered for c in listener.connections) == 4 * 20)
         assert server._pending_bytes <= 4 * 20  # what they sent, not what they announced
         assert await add(listener.url) == 3
@@ -75,14 +76,14 @@ async def test_frame_headers_alone_cannot_reserve_the_servers_budget() -> None:
 
 async def test_a_frame_that_stalls_is_cut_off_after_the_frame_timeout_and_its_bytes_released() -> None:
     async with serving(max_message_size=1 << 18, listen_frame_timeout=0.3) as (listener, server, open_raw):
-        raw: Raw = await open_raw(PREFACE + big_request(1, 100_000)[:50_000])  # type: ignore[operator]
+        raw: RawClient = await open_raw(PREFACE + big_request(1, 100_000)[:50_000])  # type: ignore[operator]
         await wait_until(lambda: server._pending_bytes >= 50_000)
         assert await raw.closed()
         goaway = [f for f in raw.frames if f.type == FrameType.GOAWAY]
         assert goaway and b"frame not received within 0.3 s" in goaway[0].payload
         await wait_until(lambda: server._pending_bytes == 0 and not listener.connections)
         # A frame that keeps arriving in time is not cut off, however it is sliced.
-        slow: Raw = await open_raw()  # type: ignore[operator]
+        slow: RawClient = await open_raw()  # type: ignore[operator]
         wire = big_request(2, 20_000)
         for at in range(0, len(wire), 4000):
             await slow.stream.send(wire[at : at + 4000])
@@ -147,7 +148,7 @@ def test_the_decoder_counts_a_partial_frame_as_its_bytes_arrive() -> None:
 async def test_malformed_input_closes_only_that_connection_and_releases_everything(wire: bytes) -> None:
     async with serving(max_message_size=1024) as (listener, server, open_raw):
         bad_preface = wire.startswith((b"KUBRPC", b"SSH"))
-        raw: Raw = await open_raw(b"" if bad_preface else PREFACE)  # type: ignore[operator]
+        raw: RawClient = await open_raw(b"" if bad_preface else PREFACE)  # type: ignore[operator]
         await raw.stream.send(wire)
         assert await raw.closed()
         assert [f.type for f in raw.frames][-1] == FrameType.GOAWAY
@@ -157,7 +158,7 @@ async def test_malformed_input_closes_only_that_connection_and_releases_everythi
 
 async def test_harmless_frames_are_ignored_and_the_connection_goes_on() -> None:
     async with serving(max_message_size=1024) as (_, server, open_raw):
-        raw: Raw = await open_raw()  # type: ignore[operator]
+        raw: RawClient = await open_raw()  # type: ignore[operator]
         noise = b"".join(
             [
                 encode_frame(99, 0, b"unknown type"),
@@ -182,7 +183,7 @@ async def test_harmless_frames_are_ignored_and_the_connection_goes_on() -> None:
 
 async def test_a_preface_trickled_byte_by_byte_is_accepted() -> None:
     async with serving() as (_, _server, open_raw):
-        raw: Raw = await open_raw(b"")  # type: ignore[operator]
+        raw: RawClient = await open_raw(b"")  # type: ignore[operator]
         for byte in PREFACE + request(1, "Arith/add", {"a": 1, "b": 2}):
             await raw.stream.send(bytes([byte]))
         assert (await raw.frame()).type == FrameType.SETTINGS
@@ -200,13 +201,13 @@ async def test_every_way_a_connection_can_end_returns_the_budget_and_runs_each_c
         sleep = request(1, "Control/sleep", {"seconds": 0.2}, {"x": "y" * 8000})
         cuts = [10, len(PREFACE) + 5, len(PREFACE) + 2000, len(PREFACE) + len(sleep)]
         for cut in cuts:  # reset mid-preface, mid-header, mid-frame, and with the call running
-            raw: Raw = await open_raw(b"")  # type: ignore[operator]
+            raw: RawClient = await open_raw(b"")  # type: ignore[operator]
             await raw.stream.send((PREFACE + sleep)[:cut])
             await anyio.sleep(0.05)
             await reset(raw)
-        idle: Raw = await open_raw(PREFACE + sleep[:3000])  # type: ignore[operator]  # cut off by frame_timeout
-        silent: Raw = await open_raw(b"")  # type: ignore[operator]  # cut off by the preface timeout
-        done: Raw = await open_raw(PREFACE + sleep)  # type: ignore[operator]  # answered, then idle: GOAWAY
+        idle: RawClient = await open_raw(PREFACE + sleep[:3000])  # type: ignore[operator]  # cut off by frame_timeout
+        silent: RawClient = await open_raw(b"")  # type: ignore[operator]  # cut off by the preface timeout
+        done: RawClient = await open_raw(PREFACE + sleep)  # type: ignore[operator]  # answered, then idle: GOAWAY
         for peer in (idle, silent, done):
             assert await peer.closed()
         await wait_until(lambda: not listener.connections and not listener.active_calls)
@@ -222,7 +223,7 @@ async def test_max_pending_bytes_bounds_the_memory_of_calls_with_many_small_meta
     metadata = orjson.dumps({f"k{i}": "" for i in range(1450)})
     budget = 8 << 20
     async with serving(max_message_size=1 << 20, max_pending_bytes=budget) as (listener, server, open_raw):
-        raw: Raw = await open_raw()  # type: ignore[operator]
+        raw: RawClient = await open_raw()  # type: ignore[operator]
         assert (await raw.frame()).type == FrameType.SETTINGS
         calls = b"".join(encode_request(s, "Control/sleep", b'{"seconds": 5}', 0, metadata) for s in range(1, 301))
         gc.collect()
@@ -249,7 +250,7 @@ async def test_max_pending_bytes_bounds_the_memory_of_calls_with_many_small_meta
 async def test_a_drain_answers_every_call_up_to_last_stream_and_refuses_later_ones_unrun() -> None:
     async with serving(max_message_size=1 << 18) as (listener, server, open_raw):
         control = server._routes["Control/sleep"].handler.__self__  # type: ignore[attr-defined]
-        raw: Raw = await open_raw()  # type: ignore[operator]
+        raw: RawClient = await open_raw()  # type: ignore[operator]
         assert (await raw.frame()).type == FrameType.SETTINGS
         await raw.stream.send(b"".join(request(s, "Control/sleep", {"seconds": 0.3}) for s in (1, 2, 3)))
         await wait_until(lambda: control.started == 3)
@@ -283,7 +284,7 @@ def held_frames(conn: object) -> int:
 async def test_frames_read_before_a_pause_wait_as_bytes_not_objects() -> None:
     """The old code kept the rest of a read as Frame objects: 200 KB of CANCELs held 2.8 MB on a paused connection."""
     async with serving() as (listener, _, open_raw):
-        raw: Raw = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
+        raw: RawClient = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
         assert (await raw.frame()).type == FrameType.SETTINGS
         raw.stop_reading()
         (conn,) = listener.connections
@@ -452,7 +453,7 @@ async def test_keepalive_fails_calls_on_a_server_that_went_silent() -> None:
 
 async def test_a_non_reading_peer_that_resets_with_answers_held_returns_everything() -> None:
     async with serving() as (listener, server, open_raw):
-        raw: Raw = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
+        raw: RawClient = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
         assert (await raw.frame()).type == FrameType.SETTINGS
         raw.stop_reading()
         (conn,) = listener.connections
@@ -467,7 +468,7 @@ async def test_a_non_reading_peer_that_resets_with_answers_held_returns_everythi
 
 async def test_time_the_server_spends_not_reading_does_not_count_against_a_frame() -> None:
     async with serving(listen_frame_timeout=0.5) as (listener, _, open_raw):
-        raw: Raw = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
+        raw: RawClient = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
         assert (await raw.frame()).type == FrameType.SETTINGS
         raw.stop_reading()
         (conn,) = listener.connections

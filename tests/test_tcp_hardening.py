@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import cast
@@ -12,7 +10,8 @@ from typing import cast
 import anyio
 import orjson
 import pytest
-from anyio.abc import SocketStream
+from faultproxy import FaultProxy
+from rawtcp import RawClient, raw_opener
 from services import Arith, make_server, wait_until
 
 import kubrpc
@@ -40,34 +39,6 @@ pytestmark = pytest.mark.anyio
 SLACK = 512 * 1024
 
 
-class Raw:
-    """A hand-driven client socket: send bytes, read frames."""
-
-    def __init__(self, stream: SocketStream) -> None:
-        self.stream = stream
-        self.decoder = FrameDecoder(1 << 24)
-        self.frames: list[Frame] = []
-
-    def stop_reading(self) -> None:
-        """Read nothing more from the socket until the next frame() (anyio reads ahead otherwise)."""
-        self.stream._transport.pause_reading()  # type: ignore[attr-defined]
-
-    async def frame(self, timeout: float = 10) -> Frame:
-        with anyio.fail_after(timeout):
-            while not self.frames:
-                self.frames += self.decoder.feed(await self.stream.receive())
-        return self.frames.pop(0)
-
-    async def closed(self, timeout: float = 10) -> bool:
-        """True once the server closed the connection."""
-        with anyio.fail_after(timeout):
-            while True:
-                try:
-                    self.frames += self.decoder.feed(await self.stream.receive())
-                except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
-                    return True
-
-
 @asynccontextmanager
 async def serving(**options: object) -> AsyncIterator[tuple[TcpListener, kubrpc.Server, Callable[..., object]]]:
     """A test server on tcp://127.0.0.1; `listen_*` options go to the transport. Yields a raw-socket opener."""
@@ -77,18 +48,7 @@ async def serving(**options: object) -> AsyncIterator[tuple[TcpListener, kubrpc.
         listener = await stack.enter_async_context(server.serve("tcp://127.0.0.1:0", **listen))
         assert isinstance(listener, TcpListener)
         port = int(listener.url.rsplit(":", 1)[1])
-
-        async def open_raw(preface: bytes = PREFACE, rcvbuf: int | None = None) -> Raw:
-            stream = await stack.enter_async_context(await anyio.connect_tcp("127.0.0.1", port))
-            if rcvbuf is not None:
-                stream.extra(anyio.abc.SocketAttribute.raw_socket).setsockopt(
-                    socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf
-                )
-            if preface:
-                await stream.send(preface)
-            return Raw(stream)
-
-        yield listener, server, open_raw
+        yield listener, server, raw_opener(stack, "127.0.0.1", port)
 
 
 def request(stream: int, path: str, args: dict[str, object], metadata: dict[str, str] | None = None) -> bytes:
@@ -100,7 +60,7 @@ def request(stream: int, path: str, args: dict[str, object], metadata: dict[str,
 
 async def test_the_server_acknowledges_a_good_preface_with_settings_first() -> None:
     async with serving() as (_, _, open_raw):
-        raw: Raw = await open_raw(PREFACE + request(1, "Arith/add", {"a": 1, "b": 2}))  # type: ignore[operator]
+        raw: RawClient = await open_raw(PREFACE + request(1, "Arith/add", {"a": 1, "b": 2}))  # type: ignore[operator]
         assert await raw.frame() == Frame(FrameType.SETTINGS, 0, 0, b"")
         assert await raw.frame() == Frame(FrameType.RESPONSE, 0, 1, b"3")
         # The exact bytes docs/protocol.md gives for it.
@@ -113,35 +73,13 @@ async def test_the_server_acknowledges_a_good_preface_with_settings_first() -> N
         assert await raw.frame() == Frame(FrameType.RESPONSE, 0, 1, b"3")
 
 
-@asynccontextmanager
-async def accept_then_reset() -> AsyncIterator[tuple[int, list[int]]]:
-    """A fault listener, as a mesh sidecar in front of a crashed app: accept, then reset at once.
-
-    Yields its port and a one-element list counting the connections it has accepted.
-    """
-    accepted = [0]
-
-    class Reset(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            accepted[0] += 1
-            sock = transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            transport.abort()  # SO_LINGER 0: the close is a RST
-
-    server = await asyncio.get_running_loop().create_server(Reset, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1], accepted
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
 async def test_an_endpoint_that_accepts_then_resets_costs_a_connect_failure_not_a_call() -> None:
     async with AsyncExitStack() as stack:
         good = [await stack.enter_async_context(serving()) for _ in range(2)]
-        bad_port, accepted = await stack.enter_async_context(accept_then_reset())
+        # A mesh sidecar in front of a crashed app: it accepts, then resets at once.
+        bad = await stack.enter_async_context(FaultProxy(mode="accept_then_reset"))
         endpoints = [Endpoint("127.0.0.1", int(listener.url.rsplit(":", 1)[1])) for listener, _, _ in good]
-        endpoints.insert(1, Endpoint("127.0.0.1", bad_port))
+        endpoints.insert(1, Endpoint("127.0.0.1", bad.port))
         async with kubrpc.connect(endpoints, transport="tcp", balancer="round_robin") as channel:
             arith = channel.stub(Arith, timeout=10)  # Arith.add is not idempotent: only "not delivered" retries
             failures = 0
@@ -153,20 +91,20 @@ async def test_an_endpoint_that_accepts_then_resets_costs_a_connect_failure_not_
         assert failures == 0
         # Each reset is a connect failure: the endpoint gets the connect backoff (0.05 s doubling to 5 s), not
         # a reconnect per call (the old code: one per call that picked it, a third of them failing).
-        assert 1 <= accepted[0] <= 30
+        assert 1 <= bad.accepted <= 30
 
 
 async def test_a_connection_is_not_ready_until_the_server_acknowledges_it() -> None:
-    async with accept_then_reset() as (port, accepted):
+    async with FaultProxy(mode="accept_then_reset") as bad:
         transport = TcpTransport(connect_timeout=5)
         with pytest.raises(kubrpc.errors.NotDeliveredError, match="lost before the server acknowledged"):
-            await transport.connect(Endpoint("127.0.0.1", port))
-        assert accepted[0] == 1
+            await transport.connect(Endpoint("127.0.0.1", bad.port))
+        assert bad.accepted == 1
 
 
 async def test_a_connection_sent_away_before_it_is_acknowledged_is_a_connect_failure() -> None:
     async with serving(max_connections=1) as (listener, _, open_raw):
-        first: Raw = await open_raw()  # type: ignore[operator]
+        first: RawClient = await open_raw()  # type: ignore[operator]
         assert (await first.frame()).type == FrameType.SETTINGS
         endpoint = Endpoint("127.0.0.1", int(listener.url.rsplit(":", 1)[1]))
         with pytest.raises(kubrpc.errors.NotDeliveredError, match="too many connections"):
@@ -178,8 +116,8 @@ async def test_a_connection_sent_away_before_it_is_acknowledged_is_a_connect_fai
 
 async def test_silent_connections_are_closed_after_the_preface_timeout_and_free_their_slots() -> None:
     async with serving(max_connections=3, listen_preface_timeout=0.3) as (listener, _, open_raw):
-        silent: list[Raw] = [await open_raw(b"") for _ in range(2)]  # type: ignore[operator]
-        half: Raw = await open_raw(PREFACE[:3])  # type: ignore[operator]
+        silent: list[RawClient] = [await open_raw(b"") for _ in range(2)]  # type: ignore[operator]
+        half: RawClient = await open_raw(PREFACE[:3])  # type: ignore[operator]
         for raw in [*silent, half]:
             assert await raw.closed()
         goaway = [f for f in half.frames if f.type == FrameType.GOAWAY]
@@ -200,7 +138,7 @@ def test_the_preface_timeout_must_be_positive() -> None:
 async def test_a_peer_that_never_reads_gets_a_bounded_write_buffer_and_then_every_answer() -> None:
     size = 100_000  # each answer ~133 KiB of base64: 300 of them are ~40 MiB
     async with serving() as (listener, _, open_raw):
-        raw: Raw = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
+        raw: RawClient = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
         assert (await raw.frame()).type == FrameType.SETTINGS
         raw.stop_reading()
         blob = b"".join(request(s, "test.Store/blob", {"size": size}) for s in range(1, 151))
@@ -229,7 +167,7 @@ async def test_a_peer_that_never_reads_gets_a_bounded_write_buffer_and_then_ever
 
 async def test_a_peer_that_never_reads_is_closed_after_the_idle_timeout_even_with_calls_held() -> None:
     async with serving(idle_timeout=0.5) as (listener, _, open_raw):
-        raw: Raw = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
+        raw: RawClient = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
         assert (await raw.frame()).type == FrameType.SETTINGS
         raw.stop_reading()
         await raw.stream.send(b"".join(request(s, "test.Store/blob", {"size": 100_000}) for s in range(1, 101)))
@@ -241,7 +179,7 @@ async def test_a_peer_that_never_reads_is_closed_after_the_idle_timeout_even_wit
 
 async def test_a_peer_flooding_pings_without_reading_gets_a_bounded_write_buffer() -> None:
     async with serving() as (listener, _, open_raw):
-        raw: Raw = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
+        raw: RawClient = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
         assert (await raw.frame()).type == FrameType.SETTINGS
         raw.stop_reading()
         (conn,) = listener.connections
@@ -259,7 +197,7 @@ async def test_a_peer_flooding_pings_without_reading_gets_a_bounded_write_buffer
 
 async def test_max_pending_bytes_counts_metadata() -> None:
     async with serving(max_message_size=4096, max_pending_bytes=64 * 1024) as (_, _, open_raw):
-        raw: Raw = await open_raw()  # type: ignore[operator]
+        raw: RawClient = await open_raw()  # type: ignore[operator]
         assert (await raw.frame()).type == FrameType.SETTINGS
         metadata = {"x-big": "m" * 15_000}
         await raw.stream.send(b"".join(request(s, "Control/sleep", {"seconds": 30}, metadata) for s in range(1, 41)))
@@ -277,8 +215,8 @@ async def test_max_pending_bytes_counts_frames_still_arriving() -> None:
     whole = encode_request(1, "Arith/add", body)
     frame = whole[:-16]  # all but 16 bytes: the server holds it until the rest arrives
     async with serving(max_message_size=1 << 20, max_pending_bytes=1 << 20) as (listener, _, open_raw):
-        peers: list[Raw] = [await open_raw(PREFACE + frame) for _ in range(8)]  # type: ignore[operator]
-        refused: list[Raw] = []
+        peers: list[RawClient] = [await open_raw(PREFACE + frame) for _ in range(8)]  # type: ignore[operator]
+        refused: list[RawClient] = []
         for raw in peers:
             with anyio.move_on_after(1):  # the one admitted waits for its last bytes: no answer yet
                 assert (await raw.frame()).type == FrameType.SETTINGS

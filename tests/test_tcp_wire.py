@@ -11,14 +11,13 @@ from pathlib import Path
 import anyio
 import orjson
 import pytest
-from anyio.abc import SocketStream
+from rawtcp import RawClient, raw_opener
 from services import Arith, ControlImpl, wait_until
 
 import kubrpc
 from kubrpc.transports._frames import (
     PREFACE,
     Frame,
-    FrameDecoder,
     FrameType,
     encode_frame,
     encode_request,
@@ -28,48 +27,12 @@ from kubrpc.transports._frames import (
 pytestmark = pytest.mark.anyio
 
 
-class RawClient:
-    """A hand-driven client: send bytes, read frames."""
-
-    def __init__(self, stream: SocketStream) -> None:
-        self.stream = stream
-        self.decoder = FrameDecoder(1 << 24)
-        self.frames: list[Frame] = []
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send(data)
-
-    async def frame(self, timeout: float = 5) -> Frame:
-        """The next frame after the server's SETTINGS acknowledgement (tests/test_tcp_hardening.py checks it)."""
-        with anyio.fail_after(timeout):
-            while not self.frames:
-                received = self.decoder.feed(await self.stream.receive())
-                self.frames += [f for f in received if f.type != FrameType.SETTINGS]
-        return self.frames.pop(0)
-
-    async def closed(self, timeout: float = 5) -> bool:
-        """True once the server closed the connection (frames before that are kept)."""
-        with anyio.fail_after(timeout):
-            while True:
-                try:
-                    self.frames += self.decoder.feed(await self.stream.receive())
-                except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError):
-                    return True
-
-
 @pytest.fixture
 async def tcp(start_server: Callable[..., object]) -> AsyncIterator[tuple[Callable[..., object], ControlImpl, str]]:
     url, _, control = await start_server("tcp", max_message_size=1024)  # type: ignore[operator]
     host, port = url.removeprefix("tcp://").rsplit(":", 1)
     async with AsyncExitStack() as stack:
-
-        async def open_raw(preface: bytes = PREFACE) -> RawClient:
-            stream = await stack.enter_async_context(await anyio.connect_tcp(host, int(port)))
-            if preface:
-                await stream.send(preface)
-            return RawClient(stream)
-
-        yield open_raw, control, url
+        yield raw_opener(stack, host, int(port), skip_settings=True), control, url
 
 
 async def test_request_response_and_error_frames(tcp: tuple[Callable[..., object], object, str]) -> None:
@@ -246,11 +209,8 @@ async def test_connections_over_the_limit_are_turned_away(start_server: Callable
     url, _, _ = await start_server("tcp", max_connections=2)  # type: ignore[operator]
     host, port = url.removeprefix("tcp://").rsplit(":", 1)
     async with AsyncExitStack() as stack:
-        clients = []
-        for _ in range(3):
-            stream = await stack.enter_async_context(await anyio.connect_tcp(host, int(port)))
-            await stream.send(PREFACE)
-            clients.append(RawClient(stream))
+        open_raw = raw_opener(stack, host, int(port), skip_settings=True)
+        clients = [await open_raw() for _ in range(3)]
         third = clients[2]
         goaway = await third.frame()
         assert goaway.type == FrameType.GOAWAY and parse_goaway(goaway.payload) == (0, "too many connections")
@@ -277,7 +237,7 @@ async def test_calls_cancelled_before_they_start_are_forgotten(start_server: Cal
     url, _, _ = await start_server("tcp", max_concurrent_calls=3)  # type: ignore[operator]
     host, port = url.removeprefix("tcp://").rsplit(":", 1)
     async with await anyio.connect_tcp(host, int(port)) as stream:
-        client = RawClient(stream)
+        client = RawClient(stream, skip_settings=True)
         # REQUEST and CANCEL in one read: the call's task is cancelled before its first step.
         burst = b"".join(
             encode_request(s, "Control/sleep", b'{"seconds": 5}') + encode_frame(FrameType.CANCEL, s) for s in (1, 3, 5)
