@@ -58,6 +58,12 @@ _METADATA_ENTRY = 128
 
 # The start of an HTTP request line: what a client of the wrong transport (curl, kubrpc's http) sends first.
 _HTTP_REQUEST = re.compile(rb"(GET|POST|PUT|HEAD|DELETE|OPTIONS|PATCH|CONNECT|TRACE|PRI) ")
+_HTTP_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ", b"PRI ")
+
+
+def _may_be_http(first: bytes) -> bool:
+    """Could `first`, a few bytes that are not the preface, still grow into an HTTP request line? (TCP can split it.)"""
+    return len(first) < len(b"OPTIONS ") and any(m.startswith(first) for m in _HTTP_METHODS)
 
 
 def _http_answer(sockname: object) -> bytes:
@@ -264,7 +270,9 @@ class _ServerConnection(FrameWriter):
         if self._preface is not None:
             self._preface += data
             if len(self._preface) < len(PREFACE):
-                if not PREFACE.startswith(self._preface):
+                # Not the preface: an HTTP client's method split across reads ("G", "ET ...") waits for its
+                # space (a few bytes, within preface_timeout) so that it gets its HTTP 400; anything else goes.
+                if not PREFACE.startswith(self._preface) and not _may_be_http(self._preface):
                     self._bad_preface(self._preface)
                 return
             if not self._preface.startswith(PREFACE):
