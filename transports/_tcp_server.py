@@ -54,6 +54,8 @@ _BUSY = RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
 # What max_pending_bytes counts for each metadata entry beyond its JSON: its key, lower-cased key and value as
 # str objects, and its dict slots (measured: 16 KiB of short entries held about 9 times their size).
 _METADATA_ENTRY = 128
+# At most this much of an HTTP request is read (and dropped) after its 400, so that the client gets the answer.
+_HTTP_DISCARD = 1024 * 1024
 
 
 # The start of an HTTP request line: what a client of the wrong transport (curl, kubrpc's http) sends first.
@@ -171,6 +173,7 @@ class _ServerConnection(FrameWriter):
         server = listener.server
         self._decoder = FrameDecoder(listener.max_message_size + FRAME_OVERHEAD, server.admit, server.release)
         self._preface: bytes | None = b""
+        self._discard = 0  # bytes of an HTTP request still to be read and dropped after its 400 (_bad_preface)
         self._preface_timer: asyncio.TimerHandle | None = None
         self._frame_timer: asyncio.TimerHandle | None = None  # times the partial frame counted in the budget
         self._frame_begun = 0  # which one (FrameDecoder.begun)
@@ -267,6 +270,11 @@ class _ServerConnection(FrameWriter):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self._discard:  # the rest of an HTTP request answered with the 400
+            self._discard -= min(len(data), self._discard)
+            if not self._discard and self.transport is not None:
+                self.transport.abort()
+            return
         if self._preface is not None:
             self._preface += data
             if len(self._preface) < len(PREFACE):
@@ -473,9 +481,22 @@ class _ServerConnection(FrameWriter):
             return
         log.info("closing connection from %s: an HTTP request on a TCP port", self._peer())
         self._going_away = True
-        assert self.transport is not None
-        self.write_now(_http_answer(self.transport.get_extra_info("sockname")))
-        self.close()
+        transport = self.transport
+        assert transport is not None
+        self.write_now(_http_answer(transport.get_extra_info("sockname")))
+        if not transport.can_write_eof():
+            self.close()
+            return
+        # A close with the rest of the request unread (a large body, a long line) would send a reset, and the
+        # client could lose the 400 before reading it: say we are done, and read and drop what still comes,
+        # for at most _LINGER s and _HTTP_DISCARD bytes, until the client closes.
+        transport.write_eof()  # nothing may be written after it: no timer of this connection may fire now
+        for timer in (self._preface_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._preface_timer = self._idle_timer = None
+        self._discard = _HTTP_DISCARD
+        self._linger_timer = self._loop.call_later(_LINGER, transport.abort)
 
     def _fail(self, reason: str) -> None:
         log.info("closing connection from %s: %s", self._peer(), reason)
