@@ -244,7 +244,7 @@ async def _openapi_over_http(args: argparse.Namespace, channel: Channel) -> dict
 
 def _narrow(document: dict[str, Any], name: str) -> dict[str, Any]:
     """The paths of one service or method, as the reflection service answers; _Fail (with a hint) if unknown."""
-    from .reflection import suggest
+    from .reflection import _used, suggest
 
     service, slash, method = name.partition("/")
     paths = document.get("paths", {})
@@ -257,7 +257,8 @@ def _narrow(document: dict[str, Any], name: str) -> dict[str, Any]:
         if method not in methods:
             raise _Fail(f"NOT_FOUND: unknown method {method!r} of service {service!r}{suggest(method, methods)}")
         mine = {f"/{service}/{method}": mine[f"/{service}/{method}"]}
-    return {"paths": mine, "components": document.get("components", {})}
+    schemas = document.get("components", {}).get("schemas", {})
+    return {"paths": mine, "components": {"schemas": {n: schemas[n] for n in _used(mine, schemas)}}}  # as reflection
 
 
 def _request_schema(operation: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import difflib
 import os
 import socket
@@ -372,3 +374,44 @@ async def test_inproc_names_are_checked_and_another_loop_is_told_so() -> None:
 
         message = await anyio.to_thread.run_sync(other_loop)
         assert "served on another event loop" in message
+
+
+# ---- reflection -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Tree:
+    """A recursive type: its schema refers to itself."""
+
+    value: int
+    children: list[Tree]
+
+
+@kubrpc.interface(name="forest.Trees")
+class Trees(Protocol):
+    async def grow(self, tree: Tree) -> Tree: ...
+
+
+class TreesImpl:
+    async def grow(self, tree: Tree) -> Tree:
+        return tree
+
+
+async def test_describe_answers_one_services_schemas_recursive_ones_included(
+    capsys: pytest.CaptureFixture[str], scheme: str
+) -> None:
+    # Broke: describe("admin.Secrets") answered the components of every service on the server (a `kubrpc list`
+    # of N services fetched N times all of them), and made the whole OpenAPI document again on every call.
+    server = kubrpc.Server()
+    server.register(Secrets, SecretsImpl())
+    server.register(Trees, TreesImpl())
+    async with server.serve(f"{scheme}://127.0.0.1:0") as listener, kubrpc.connect(listener.url) as channel:
+        reflect = channel.stub(Reflection)
+        assert sorted((await reflect.describe("admin.Secrets"))["components"]["schemas"]) == ["Error"]
+        trees = await reflect.describe("forest.Trees/grow")
+        assert sorted(trees["components"]["schemas"]) == ["Error", "Tree", "Tree-Input"]
+        status, out, err = await cli(capsys, "describe", listener.url, "forest.Trees", "--json")
+        assert status == 0, err
+        assert sorted(json.loads(out)["components"]["schemas"]) == ["Error", "Tree", "Tree-Input"]
+        status, out, err = await cli(capsys, "describe", listener.url, "forest.Trees")
+        assert status == 0 and "Tree(value: int, children: list[Tree])" in out, err
