@@ -66,7 +66,8 @@ class ReflectionService:
         names = [m.name for m in spec.methods.values()]
         if slash and method_name not in names:
             raise RpcError(
-                Status.NOT_FOUND, f"unknown method {quoted(method_name)} of service {service!r}{suggest(method_name, names)}"
+                Status.NOT_FOUND,
+                f"unknown method {quoted(method_name)} of service {service!r}{suggest(method_name, names)}",
             )
         # Made once per set of services, not per call: 200 services cost 3 ms of the event loop per document.
         registered = tuple(self._server.services)

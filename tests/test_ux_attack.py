@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import difflib
+import json
 import os
 import socket
 import subprocess
@@ -240,7 +240,7 @@ async def test_d_dash_without_a_stdin_is_a_usage_error(tmp_path: Path) -> None:
             capture_output=True,
             timeout=60,
             cwd=tmp_path,
-            preexec_fn=(lambda: os.close(0)) if close else None,  # noqa: PLW1509 - only closes fd 0
+            preexec_fn=(lambda: os.close(0)) if close else None,
         )
 
     closed = await anyio.to_thread.run_sync(run, None, True)
@@ -325,7 +325,7 @@ class _Returns:
 
 
 class _AsyncPick(_Returns):
-    async def pick(self) -> Any:  # type: ignore[override]
+    async def pick(self) -> Any:
         return self.value
 
 
@@ -336,7 +336,7 @@ def test_assert_distribution_says_what_a_pick_returned_instead_of_an_endpoint() 
 
     a = Endpoint("10.0.0.1", 1)
     with pytest.raises(AssertionError, match=r"pick\(\) returned \['10.0.0.1'\], not an Endpoint at pick 1"):
-        assert_distribution(_Returns(["10.0.0.1"]), {a: 1}, picks=10)  # type: ignore[arg-type]
+        assert_distribution(_Returns(["10.0.0.1"]), {a: 1}, picks=10)
     with pytest.raises(AssertionError, match="must be a plain method"):
         assert_distribution(_AsyncPick(a), {a: 1}, picks=10)  # type: ignore[arg-type]
 

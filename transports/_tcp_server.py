@@ -59,8 +59,9 @@ _HTTP_DISCARD = 1024 * 1024
 
 
 # The start of an HTTP request line: what a client of the wrong transport (curl, kubrpc's http) sends first.
-_HTTP_REQUEST = re.compile(rb"(GET|POST|PUT|HEAD|DELETE|OPTIONS|PATCH|CONNECT|TRACE|PRI) ")
-_HTTP_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ", b"PRI ")
+_HTTP_METHODS: tuple[bytes, ...] = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ")
+_HTTP_METHODS += (b"CONNECT ", b"TRACE ", b"PRI ")
+_HTTP_REQUEST = re.compile(b"|".join(_HTTP_METHODS))
 
 
 def _may_be_http(first: bytes) -> bool:

@@ -375,7 +375,8 @@ class _Run:
             raise self.fail(NO_RAISE if ready else UNAVAILABLE, f"{call} raised {exc!r}") from exc
         self.steps.append(f"{call} -> {got!r}")
         if not isinstance(got, Endpoint):
-            raise self.fail(ABSENT if self.last is not None else UNAVAILABLE, f"{call} returned {_not_an_endpoint(got)}")
+            rule = ABSENT if self.last is not None else UNAVAILABLE
+            raise self.fail(rule, f"{call} returned {_not_an_endpoint(got)}")
         if self.last is None:
             raise self.fail(UNAVAILABLE, f"{call} returned {got!r} before any update")
         if got not in self.last:
