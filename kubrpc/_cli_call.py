@@ -125,7 +125,12 @@ async def call(args: argparse.Namespace) -> int:
         except RpcError as exc:
             print(orjson.dumps(exc.to_json()).decode(), file=sys.stderr)
             return 1
-    print(orjson.dumps(orjson.loads(result), option=orjson.OPT_INDENT_2).decode())
+    try:
+        value = orjson.loads(result)
+    except orjson.JSONDecodeError:  # not a kubrpc server (a web server that answers any POST with 200)
+        start = result[:60].decode("utf-8", "replace")  # repr() escapes its control characters
+        raise _Fail(f"the answer is not JSON ({len(result)} bytes: {start!r}...): is {args.target} a kubrpc server?")
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

@@ -415,3 +415,23 @@ async def test_describe_answers_one_services_schemas_recursive_ones_included(
         assert sorted(json.loads(out)["components"]["schemas"]) == ["Error", "Tree", "Tree-Input"]
         status, out, err = await cli(capsys, "describe", listener.url, "forest.Trees")
         assert status == 0 and "Tree(value: int, children: list[Tree])" in out, err
+
+
+async def test_call_says_when_the_answer_is_not_json(capsys: pytest.CaptureFixture[str]) -> None:
+    # Broke: a web server that answers any POST with 200 and HTML gave an orjson traceback.
+    async def web_server(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await stream.receive()
+            body = b"<html>hello\x1b[2J</html>"
+            head = b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+            await stream.send(head % len(body) + body)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tasks:
+        tasks.start_soon(listener.serve, web_server)
+        status, out, err = await cli(capsys, "call", f"http://127.0.0.1:{port}", "A/b", "{}")
+        tasks.cancel_scope.cancel()
+    assert (status, out) == (1, "")
+    assert err.startswith("kubrpc: the answer is not JSON (22 bytes: '<html>hello\\x1b[2J</html>'...)"), err
+    assert "a kubrpc server?" in err and err.count("\n") == 1 and "\x1b" not in err
