@@ -331,22 +331,19 @@ def type_text(schema: Any) -> str:
 def _referenced(paths: dict[str, Any], components: dict[str, Any]) -> list[str]:
     """The component schemas `paths` refer to, directly or through each other, in order of first use."""
     seen: dict[str, None] = {}
-
-    def walk(value: Any) -> None:
+    todo: list[Any] = [paths]
+    while todo:  # depth first, as a recursive walk would go, but with no recursion: a server's JSON can be deep
+        value = todo.pop()
         if isinstance(value, dict):
+            todo.extend(reversed(value.values()))
             ref = value.get("$ref")
             if isinstance(ref, str) and ref.startswith(_SCHEMAS):
                 name = ref[len(_SCHEMAS) :]
                 if name not in seen and name in components:
                     seen[name] = None
-                    walk(components[name])
-            for v in value.values():
-                walk(v)
+                    todo.append(components[name])
         elif isinstance(value, list):
-            for v in value:
-                walk(v)
-
-    walk(paths)
+            todo.extend(reversed(value))
     return [name for name in seen if name != "Error"]
 
 

@@ -435,3 +435,28 @@ async def test_call_says_when_the_answer_is_not_json(capsys: pytest.CaptureFixtu
     assert (status, out) == (1, "")
     assert err.startswith("kubrpc: the answer is not JSON (22 bytes: '<html>hello\\x1b[2J</html>'...)"), err
     assert "a kubrpc server?" in err and err.count("\n") == 1 and "\x1b" not in err
+
+
+async def test_describe_survives_a_deeply_nested_document(capsys: pytest.CaptureFixture[str]) -> None:
+    # Broke: the walk for the schemas a path uses recursed once per JSON level: a server's document 1,000
+    # levels deep (orjson reads up to 1,024) was a RecursionError traceback.
+    deep = "[" * 1000 + '{"$ref": "#/components/schemas/Leaf"}' + "]" * 1000  # written out: json.dumps recurses
+    paths = '{"/a.B/c": {"post": {"x": ' + deep + "}}}"
+    body = ('{"paths": ' + paths + ', "components": {"schemas": {"Leaf": {"type": "integer"}}}}').encode()
+
+    async def web_server(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await stream.receive()
+            head = (
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+            )
+            await stream.send(head % len(body) + body)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tasks:
+        tasks.start_soon(listener.serve, web_server)
+        status, out, err = await cli(capsys, "describe", f"http://127.0.0.1:{port}")
+        tasks.cancel_scope.cancel()
+    assert status == 0, err
+    assert "service a.B\n  a.B/c() -> Any\n" in out and "  Leaf: int\n" in out
