@@ -129,7 +129,8 @@ async def call(args: argparse.Namespace) -> int:
         value = orjson.loads(result)
     except orjson.JSONDecodeError:  # not a kubrpc server (a web server that answers any POST with 200)
         start = result[:60].decode("utf-8", "replace")  # repr() escapes its control characters
-        raise _Fail(f"the answer is not JSON ({len(result)} bytes: {start!r}...): is {args.target} a kubrpc server?")
+        problem = f"the answer is not JSON ({len(result)} bytes: {start!r}...): is {args.target} a kubrpc server?"
+        raise _Fail(problem) from None
     print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
     return 0
 
