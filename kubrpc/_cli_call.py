@@ -14,12 +14,21 @@ from typing import Any
 import anyio
 import orjson
 
+from ._limits import DEFAULT_MAX_MESSAGE_SIZE
 from .client import Channel, connect
+from .codec import check_metadata
 from .errors import RpcError
 from .reflection import REFLECTION_SERVICE
 from .status import Status
 
 _SCHEMAS = "#/components/schemas/"
+# C0 controls (newlines included), DEL and C1: what a server's text could use to rewrite the user's terminal.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def _one_line(text: str) -> str:
+    """`text` with control characters escaped: one line, and no terminal escape sequence from a server's text."""
+    return text.translate(_CONTROLS)
 
 
 class _Fail(Exception):
@@ -49,12 +58,17 @@ def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 
 def _headers(args: argparse.Namespace) -> dict[str, str]:
+    """The -H metadata, checked as the library checks a call's (no reserved names, no CR/LF): else _Fail."""
     metadata = {}
     for header in args.header:
         key, colon, value = header.partition(":")
         if not colon or not key.strip():
             raise _Fail(f"bad -H {header!r}: expected 'KEY: VALUE'", 2)
         metadata[key.strip().lower()] = value.strip()
+    try:  # here too for list and describe over HTTP, whose GET /openapi.json does not go through Channel.call
+        check_metadata(metadata)
+    except ValueError as exc:
+        raise _Fail(f"bad -H: {exc}", 2) from None
     return metadata
 
 
@@ -70,15 +84,20 @@ def _arguments(args: argparse.Namespace) -> bytes:
     if args.arguments is not None and args.data is not None:
         raise _Fail("give the arguments either as JSON or with -d, not both", 2)
     text: str | bytes = args.arguments if args.arguments is not None else args.data or "{}"
+    limit = DEFAULT_MAX_MESSAGE_SIZE  # what the channel sends at most: read one byte more, never the whole of it
     if text == "-":
-        text = sys.stdin.buffer.read()
+        if sys.stdin is None:
+            raise _Fail("-d - reads the arguments from stdin, and there is none", 2)
+        text = sys.stdin.buffer.read(limit + 1)
     elif isinstance(text, str) and text.startswith("@"):
         try:
             with open(text[1:], "rb") as file:
-                text = file.read()
+                text = file.read(limit + 1)
         except OSError as exc:
             raise _Fail(f"cannot read {text[1:]!r}: {exc.strerror or exc}", 2) from None
     data = text.encode() if isinstance(text, str) else text
+    if len(data) > limit:
+        raise _Fail(f"arguments over the maximum message size of {limit} bytes", 2)
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -106,7 +125,13 @@ async def call(args: argparse.Namespace) -> int:
         except RpcError as exc:
             print(orjson.dumps(exc.to_json()).decode(), file=sys.stderr)
             return 1
-    print(orjson.dumps(orjson.loads(result), option=orjson.OPT_INDENT_2).decode())
+    try:
+        value = orjson.loads(result)
+    except orjson.JSONDecodeError:  # not a kubrpc server (a web server that answers any POST with 200)
+        start = result[:60].decode("utf-8", "replace")  # repr() escapes its control characters
+        problem = f"the answer is not JSON ({len(result)} bytes: {start!r}...): is {args.target} a kubrpc server?"
+        raise _Fail(problem) from None
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
@@ -119,10 +144,10 @@ async def list_services(args: argparse.Namespace) -> int:
         services.setdefault(service, []).append(name)
     if args.service is None:
         for service in services:
-            print(service)
+            print(_one_line(service))
     else:
         for name in services.get(args.service, []):
-            print(f"{args.service}/{name}")
+            print(_one_line(f"{args.service}/{name}"))
     return 0
 
 
@@ -138,13 +163,13 @@ async def describe(args: argparse.Namespace) -> int:
         operation = item.get("post", {})
         service = path[1:].rpartition("/")[0]
         if service != service_shown:
-            print(f"{'' if not service_shown else chr(10)}service {service}")
+            print(f"{'' if not service_shown else chr(10)}service {_one_line(service)}")
             service_shown = service
         request, result = _request_schema(operation, components), _result_schema(operation)
-        print(f"  {signature(path[1:], request, result)}")
+        print(f"  {_one_line(signature(path[1:], request, result))}")
         text = operation.get("description") or operation.get("summary")
         if text:
-            print("    " + "\n    ".join(str(text).splitlines()))
+            print("    " + "\n    ".join(_one_line(line) for line in str(text).splitlines()))
         if args.name and "/" in args.name:  # one method: its schemas in full
             print(f"    request: {_json(request)}")
             print(f"    result: {_json(result)}")
@@ -155,9 +180,9 @@ async def describe(args: argparse.Namespace) -> int:
             schema = components[name]
             if "properties" in schema:  # a dataclass, as its fields
                 fields = ", ".join(f"{k}: {type_text(v)}" for k, v in schema["properties"].items())
-                print(f"  {name}({fields})")
+                print(_one_line(f"  {name}({fields})"))
             else:
-                print(f"  {name}: {type_text(schema)}")
+                print(_one_line(f"  {name}: {type_text(schema)}"))
             print(f"    {_json(schema)}")
     return 0
 
@@ -225,7 +250,7 @@ async def _openapi_over_http(args: argparse.Namespace, channel: Channel) -> dict
 
 def _narrow(document: dict[str, Any], name: str) -> dict[str, Any]:
     """The paths of one service or method, as the reflection service answers; _Fail (with a hint) if unknown."""
-    from .reflection import suggest
+    from .reflection import _used, suggest
 
     service, slash, method = name.partition("/")
     paths = document.get("paths", {})
@@ -238,7 +263,8 @@ def _narrow(document: dict[str, Any], name: str) -> dict[str, Any]:
         if method not in methods:
             raise _Fail(f"NOT_FOUND: unknown method {method!r} of service {service!r}{suggest(method, methods)}")
         mine = {f"/{service}/{method}": mine[f"/{service}/{method}"]}
-    return {"paths": mine, "components": document.get("components", {})}
+    schemas = document.get("components", {}).get("schemas", {})
+    return {"paths": mine, "components": {"schemas": {n: schemas[n] for n in _used(mine, schemas)}}}  # as reflection
 
 
 def _request_schema(operation: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
@@ -306,22 +332,19 @@ def type_text(schema: Any) -> str:
 def _referenced(paths: dict[str, Any], components: dict[str, Any]) -> list[str]:
     """The component schemas `paths` refer to, directly or through each other, in order of first use."""
     seen: dict[str, None] = {}
-
-    def walk(value: Any) -> None:
+    todo: list[Any] = [paths]
+    while todo:  # depth first, as a recursive walk would go, but with no recursion: a server's JSON can be deep
+        value = todo.pop()
         if isinstance(value, dict):
+            todo.extend(reversed(value.values()))
             ref = value.get("$ref")
             if isinstance(ref, str) and ref.startswith(_SCHEMAS):
                 name = ref[len(_SCHEMAS) :]
                 if name not in seen and name in components:
                     seen[name] = None
-                    walk(components[name])
-            for v in value.values():
-                walk(v)
+                    todo.append(components[name])
         elif isinstance(value, list):
-            for v in value:
-                walk(v)
-
-    walk(paths)
+            todo.extend(reversed(value))
     return [name for name in seen if name != "Error"]
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from ._cli_call import _Fail
+from ._cli_call import _Fail, _one_line
 from ._version import __version__
 from .server import Server, event_loop_options
 
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(demo, args.calls, args.concurrency, args.transport, backend_options=options)
         return anyio.run(_resolve, args.target, args.count, level in ("debug", "info"))
     except _Fail as exc:
-        print(f"kubrpc: {exc}", file=sys.stderr)
+        print(f"kubrpc: {_one_line(str(exc))}", file=sys.stderr)
         return exc.status
     except (BrokenPipeError, BaseExceptionGroup) as exc:  # `kubrpc demo | head`: stop quietly, as cat does
         if isinstance(exc, BaseExceptionGroup) and exc.split(BrokenPipeError)[1] is not None:

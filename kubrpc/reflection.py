@@ -48,6 +48,7 @@ class ReflectionService:
 
     def __init__(self, server: Server) -> None:
         self._server = server
+        self._document: tuple[tuple[str, ...], dict[str, Any]] | None = None  # for the services it was made for
 
     async def services(self) -> list[str]:
         """The wire names of the registered services."""
@@ -60,24 +61,69 @@ class ReflectionService:
         service, slash, method_name = name.partition("/")
         spec = self._server.services.get(service)
         if spec is None:
-            raise RpcError(Status.NOT_FOUND, f"unknown service {service!r}{suggest(service, self._server.services)}")
+            hint = suggest(service, self._server.services)
+            raise RpcError(Status.NOT_FOUND, f"unknown service {quoted(service)}{hint}")
         names = [m.name for m in spec.methods.values()]
         if slash and method_name not in names:
             raise RpcError(
-                Status.NOT_FOUND, f"unknown method {method_name!r} of service {service!r}{suggest(method_name, names)}"
+                Status.NOT_FOUND,
+                f"unknown method {quoted(method_name)} of service {service!r}{suggest(method_name, names)}",
             )
-        document = openapi_document(self._server)
+        # Made once per set of services, not per call: 200 services cost 3 ms of the event loop per document.
+        registered = tuple(self._server.services)
+        if self._document is None or self._document[0] != registered:
+            self._document = (registered, openapi_document(self._server))
+        document = self._document[1]
         wanted = {f"/{service}/{m}" for m in ([method_name] if slash else names)}
         paths = {path: item for path, item in document.get("paths", {}).items() if path in wanted}
-        return {"paths": paths, "components": document.get("components", {})}
+        # Only the schemas these paths use: not every other service's (an answer per service stays its own size).
+        schemas = document.get("components", {}).get("schemas", {})
+        return {"paths": paths, "components": {"schemas": {name: schemas[name] for name in _used(paths, schemas)}}}
+
+
+def _used(value: Any, schemas: dict[str, Any]) -> list[str]:
+    """The component schemas `value` refers to, directly or through each other (recursive types included)."""
+    seen: dict[str, None] = {}
+    todo = [value]
+    while todo:  # no recursion: a deep schema cannot exhaust the stack
+        item = todo.pop()
+        if isinstance(item, dict):
+            ref = item.get("$ref")
+            if isinstance(ref, str) and ref.startswith(_SCHEMAS) and ref[len(_SCHEMAS) :] in schemas:
+                name = ref[len(_SCHEMAS) :]
+                if name not in seen:
+                    seen[name] = None
+                    todo.append(schemas[name])
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return sorted(seen)
+
+
+_SCHEMAS = "#/components/schemas/"
+#: Names longer than this are cut short where an error repeats them (a caller's name can be megabytes long).
+_SHOWN = 120
+#: Beyond this many known names, or for a name longer than _SHOWN, no fuzzy match is tried: difflib's cost
+#: grows with both (5,000 services: 90 ms of the event loop per unknown call), and a caller picks them.
+_FUZZY_NAMES = 1000
+
+
+def quoted(name: str) -> str:
+    """`name` as repr() writes it (control characters escaped), cut to _SHOWN characters: safe to echo back."""
+    if len(name) <= _SHOWN:
+        return repr(name)
+    return f"{name[:_SHOWN]!r}... ({len(name)} characters)"
 
 
 def suggest(name: str, known: Iterable[str]) -> str:
     """'; did you mean 'x'?' for the nearest of `known` names, else '; known: a, b' (a few), else ''."""
     names = sorted(known)
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    close: list[str] = []
+    if len(name) <= _SHOWN and len(names) <= _FUZZY_NAMES:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
     if not close:  # `Loans` for `lib.Loans`: the last dotted part alone
-        close = [n for n in names if n.rpartition(".")[2].lower() == name.rpartition(".")[2].lower()][:1]
+        last = name.rpartition(".")[2].lower()
+        close = [n for n in names if n.rpartition(".")[2].lower() == last][:1]
     if close:
         return f"; did you mean {close[0]!r}?"
     if names:

@@ -108,6 +108,7 @@ class Server:
         self._routes: dict[str, _Route] = {}
         self._app: ASGIApp | None = None
         self.draining = False
+        self._reflection = reflection  # also: may an unknown call's error name the services there are?
         if reflection:  # routed like any service, but not in self.services (nor in /openapi.json)
             from .reflection import Reflection, ReflectionService
 
@@ -207,7 +208,7 @@ class Server:
         if route is None:
             if self.metrics is not None:
                 self.metrics.record_unimplemented(path, self.services)
-            raise _unimplemented(path, self.services)
+            raise _unimplemented(path, self.services, hints=self._reflection)
         limit = route.spec.options.timeout
         if limit is not None and (timeout is None or limit < timeout):
             timeout = limit
@@ -386,13 +387,18 @@ def _failure(exc: BaseException, deadline: asyncio.Timeout | None, path: str) ->
     return RpcError(Status.INTERNAL, "internal error")
 
 
-def _unimplemented(path: str, services: Mapping[str, ServiceSpec]) -> RpcError:
-    """UNIMPLEMENTED, naming the nearest service or method this server has ("did you mean lib.Loans?")."""
-    from .reflection import suggest
+def _unimplemented(path: str, services: Mapping[str, ServiceSpec], *, hints: bool = True) -> RpcError:
+    """UNIMPLEMENTED, naming the nearest service or method this server has ("did you mean lib.Loans?").
+
+    Without `hints` (a server with `reflection=False`, which chose not to describe itself) the error names
+    nothing the caller did not send: the suggestions would list the services to anyone.
+    """
+    from .reflection import quoted, suggest
 
     service, _, name = path.partition("/")
     spec = services.get(service)
     if spec is None:
-        return RpcError(Status.UNIMPLEMENTED, f"unknown service {service!r}{suggest(service, services)}")
-    hint = suggest(name, [m.name for m in spec.methods.values()])
-    return RpcError(Status.UNIMPLEMENTED, f"unknown method {name!r} of service {service!r}{hint}")
+        hint = suggest(service, services) if hints else ""
+        return RpcError(Status.UNIMPLEMENTED, f"unknown service {quoted(service)}{hint}")
+    hint = suggest(name, [m.name for m in spec.methods.values()]) if hints else ""
+    return RpcError(Status.UNIMPLEMENTED, f"unknown method {quoted(name)} of service {service!r}{hint}")

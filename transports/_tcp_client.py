@@ -73,6 +73,7 @@ class TcpConnection(FrameWriter):
         self._owed_ack: bytes | None = None  # the last PING received while writes were paused
         # Resolved by the server's first frame (None) or by a failure before it (the error).
         self._ack: asyncio.Future[RpcError | None] | None = None
+        self._first = b""  # the server's first bytes until its first frame, for _speaks_http (TCP can split them)
         self._closed = False
         self._lost: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -248,10 +249,12 @@ class TcpConnection(FrameWriter):
         if self._keepalive is not None:
             self._last_received = self._loop.time()
             self._ping_sent = False
+        if self._ack is not None and len(self._first) < 5:  # before the first frame: keep what _speaks_http reads
+            self._first += data[: 5 - len(self._first)]
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
-            if self._ack is not None and not self._ack.done() and (wrong := _speaks_http(self.endpoint, data)):
+            if self._ack is not None and not self._ack.done() and (wrong := _speaks_http(self.endpoint, self._first)):
                 self._ack.set_result(wrong)  # before any frame: not a kubrpc TCP server at all
             else:
                 log.warning("closing connection to %s: %s", self.endpoint.address, exc)

@@ -54,10 +54,19 @@ _BUSY = RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
 # What max_pending_bytes counts for each metadata entry beyond its JSON: its key, lower-cased key and value as
 # str objects, and its dict slots (measured: 16 KiB of short entries held about 9 times their size).
 _METADATA_ENTRY = 128
+# At most this much of an HTTP request is read (and dropped) after its 400, so that the client gets the answer.
+_HTTP_DISCARD = 1024 * 1024
 
 
 # The start of an HTTP request line: what a client of the wrong transport (curl, kubrpc's http) sends first.
-_HTTP_REQUEST = re.compile(rb"(GET|POST|PUT|HEAD|DELETE|OPTIONS|PATCH|CONNECT|TRACE|PRI) ")
+_HTTP_METHODS: tuple[bytes, ...] = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ")
+_HTTP_METHODS += (b"CONNECT ", b"TRACE ", b"PRI ")
+_HTTP_REQUEST = re.compile(b"|".join(_HTTP_METHODS))
+
+
+def _may_be_http(first: bytes) -> bool:
+    """Could `first`, a few bytes that are not the preface, still grow into an HTTP request line? (TCP can split it.)"""
+    return len(first) < len(b"OPTIONS ") and any(m.startswith(first) for m in _HTTP_METHODS)
 
 
 def _http_answer(sockname: object) -> bytes:
@@ -165,6 +174,7 @@ class _ServerConnection(FrameWriter):
         server = listener.server
         self._decoder = FrameDecoder(listener.max_message_size + FRAME_OVERHEAD, server.admit, server.release)
         self._preface: bytes | None = b""
+        self._discard = 0  # bytes of an HTTP request still to be read and dropped after its 400 (_bad_preface)
         self._preface_timer: asyncio.TimerHandle | None = None
         self._frame_timer: asyncio.TimerHandle | None = None  # times the partial frame counted in the budget
         self._frame_begun = 0  # which one (FrameDecoder.begun)
@@ -261,10 +271,17 @@ class _ServerConnection(FrameWriter):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self._discard:  # the rest of an HTTP request answered with the 400
+            self._discard -= min(len(data), self._discard)
+            if not self._discard and self.transport is not None:
+                self.transport.abort()
+            return
         if self._preface is not None:
             self._preface += data
             if len(self._preface) < len(PREFACE):
-                if not PREFACE.startswith(self._preface):
+                # Not the preface: an HTTP client's method split across reads ("G", "ET ...") waits for its
+                # space (a few bytes, within preface_timeout) so that it gets its HTTP 400; anything else goes.
+                if not PREFACE.startswith(self._preface) and not _may_be_http(self._preface):
                     self._bad_preface(self._preface)
                 return
             if not self._preface.startswith(PREFACE):
@@ -465,9 +482,22 @@ class _ServerConnection(FrameWriter):
             return
         log.info("closing connection from %s: an HTTP request on a TCP port", self._peer())
         self._going_away = True
-        assert self.transport is not None
-        self.write_now(_http_answer(self.transport.get_extra_info("sockname")))
-        self.close()
+        transport = self.transport
+        assert transport is not None
+        self.write_now(_http_answer(transport.get_extra_info("sockname")))
+        if not transport.can_write_eof():
+            self.close()
+            return
+        # A close with the rest of the request unread (a large body, a long line) would send a reset, and the
+        # client could lose the 400 before reading it: say we are done, and read and drop what still comes,
+        # for at most _LINGER s and _HTTP_DISCARD bytes, until the client closes.
+        transport.write_eof()  # nothing may be written after it: no timer of this connection may fire now
+        for timer in (self._preface_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._preface_timer = self._idle_timer = None
+        self._discard = _HTTP_DISCARD
+        self._linger_timer = self._loop.call_later(_LINGER, transport.abort)
 
     def _fail(self, reason: str) -> None:
         log.info("closing connection from %s: %s", self._peer(), reason)

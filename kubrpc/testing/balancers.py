@@ -228,6 +228,8 @@ def assert_distribution(
             got = balancer.pick()
         except RpcError as exc:
             raise AssertionError(f"pick() raised {exc!r} at pick {n + 1} of {picks}; balancer: {balancer!r}") from exc
+        if not isinstance(got, Endpoint):  # before counting it: it may not even be hashable
+            raise AssertionError(f"pick() returned {_not_an_endpoint(got)} at pick {n + 1}; balancer: {balancer!r}")
         observed[got] += 1
         if shares.get(got, 0.0) <= 0:
             table = _table(shares, observed, n + 1)
@@ -244,6 +246,14 @@ def assert_distribution(
             "that update() kept every endpoint, and that the expected shares are right for this balancer"
         )
     return p
+
+
+def _not_an_endpoint(got: object) -> str:
+    """Says what a pick returned instead of an Endpoint (closing a coroutine, so that it does not warn)."""
+    if inspect.iscoroutine(got):
+        got.close()
+        return f"{got!r}, not an Endpoint: pick() must be a plain method (`def`), not `async def`"
+    return f"{got!r}, not an Endpoint"
 
 
 def _table(shares: Mapping[Endpoint, float], observed: Counter[Endpoint], total: int) -> str:
@@ -364,9 +374,12 @@ class _Run:
         except Exception as exc:
             raise self.fail(NO_RAISE if ready else UNAVAILABLE, f"{call} raised {exc!r}") from exc
         self.steps.append(f"{call} -> {got!r}")
+        if not isinstance(got, Endpoint):
+            rule = ABSENT if self.last is not None else UNAVAILABLE
+            raise self.fail(rule, f"{call} returned {_not_an_endpoint(got)}")
         if self.last is None:
             raise self.fail(UNAVAILABLE, f"{call} returned {got!r} before any update")
-        if not isinstance(got, Endpoint) or got not in self.last:
+        if got not in self.last:
             raise self.fail(ABSENT, f"{call} returned {got!r}")
         if not got.ready:
             raise self.fail(READY, f"{call} returned {got!r}")
