@@ -33,12 +33,12 @@ A refused connection gets a JSON error (400, 408, 431 or 503, `connection: close
 under way on it; then the bytes that still arrive are dropped for a moment (so that the peer can read the
 answer before the close) and it is closed.
 
-uvicorn internals this relies on (tests/test_http_hardening.py and tests/test_http_attack.py fail if they
+uvicorn internals this relies on (tests/test_http_hardening.py, test_http_attack.py, test_http_drain.py fail if they
 change): the parser callbacks `on_message_begin`, `on_headers_complete`, `on_body`, `on_message_complete`,
 and `on_response_complete`; `pause_writing`, `resume_writing`, `timeout_keep_alive_handler` and
 `_unset_keepalive_if_required`, `shutdown` (called by uvicorn's Server.shutdown); the protocol's `app`,
-`parser`, `cycle`, `pipeline`, `tasks`, `flow`, `url`, `headers`, `limit_concurrency`; and the cycle's `body`, `more_body`, `keep_alive`, `response_started`,
-`response_complete`, `disconnected` and `message_event`. `data_received` is replaced (`_feed`).
+`parser`, `cycle`, `pipeline`, `tasks`, `flow`, `url`, `headers`, `limit_concurrency`; and the cycle's `body`,
+`more_body`, `keep_alive`, `response_started`, `response_complete`, `disconnected` and `message_event`. `data_received` is replaced (`_feed`).
 """
 
 from __future__ import annotations
