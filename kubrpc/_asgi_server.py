@@ -38,7 +38,8 @@ change): the parser callbacks `on_message_begin`, `on_headers_complete`, `on_bod
 and `on_response_complete`; `pause_writing`, `resume_writing`, `timeout_keep_alive_handler` and
 `_unset_keepalive_if_required`, `shutdown` (called by uvicorn's Server.shutdown); the protocol's `app`,
 `parser`, `cycle`, `pipeline`, `tasks`, `flow`, `url`, `headers`, `limit_concurrency`; and the cycle's `body`,
-`more_body`, `keep_alive`, `response_started`, `response_complete`, `disconnected` and `message_event`. `data_received` is replaced (`_feed`).
+`more_body`, `keep_alive`, `response_started`, `response_complete`, `disconnected` and
+`message_event`. `data_received` is replaced (`_feed`).
 """
 
 from __future__ import annotations
