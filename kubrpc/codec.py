@@ -28,17 +28,21 @@ import types
 import typing
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from contextvars import ContextVar
+from typing import Annotated, Any
 
 import orjson
 
 __all__ = (
     "MAX_DEPTH",
+    "MAX_ERRORS",
     "RESERVED_METADATA",
+    "AwareDatetime",
     "DecodeError",
     "Decoder",
     "check_depth",
     "check_metadata",
+    "collect_errors",
     "decoder",
     "dumps",
     "dumps_floats",
@@ -64,6 +68,59 @@ class DecodeError(ValueError):
         super().__init__(f"{path}: {message}" if path else message)
         self.path = path
         self.reason = message
+
+
+MAX_ERRORS = 100
+"""The most errors collect_errors() reports for one value (an error report stays small)."""
+
+
+class _Reported(DecodeError):
+    """A container's items or fields failed, and their errors are recorded already (collect_errors)."""
+
+
+_collected: ContextVar[list[DecodeError] | None] = ContextVar("kubrpc_decode_errors", default=None)
+
+
+def _record(exc: DecodeError) -> None:
+    """An item or field failed: in collect_errors(), record `exc` and go on to the next; otherwise raise it.
+
+    Only failures get here, so the success path pays nothing for collecting.
+    """
+    errors = _collected.get()
+    if errors is None:
+        raise exc
+    if type(exc) is not _Reported:
+        errors.append(exc)
+    if len(errors) >= MAX_ERRORS:
+        raise _Reported("", "too many errors")
+
+
+def collect_errors(dec: Decoder, value: Any, path: str) -> list[DecodeError]:
+    """Every error of decoding `value` (each with its field path, at most MAX_ERRORS), not just the first.
+
+    A second, slower pass for error reports: decoders stop at the first error.
+    """
+    errors: list[DecodeError] = []
+    token = _collected.set(errors)
+    try:
+        dec(value, path)
+    except DecodeError as exc:
+        if type(exc) is not _Reported:
+            errors.append(exc)
+    finally:
+        _collected.reset(token)
+    return errors
+
+
+class _Aware:
+    """Annotated metadata: a datetime that must carry a UTC offset."""
+
+    def __repr__(self) -> str:
+        return "aware"
+
+
+AwareDatetime = Annotated[datetime.datetime, _Aware()]
+"""A datetime with a UTC offset: a naive value (no offset) is refused with INVALID_ARGUMENT, not passed on."""
 
 
 _DATETIME, _UTC, _Fragment, _dumps = datetime.datetime, datetime.UTC, orjson.Fragment, orjson.dumps
@@ -298,6 +355,15 @@ def _parsed(parse: Callable[[str], Any], expected: str) -> Decoder:
 
 _datetime = _parsed(datetime.datetime.fromisoformat, "ISO 8601 date-time string")
 _date = _parsed(datetime.date.fromisoformat, "ISO 8601 date string")
+
+
+def _aware_datetime(value: Any, path: str) -> datetime.datetime:
+    out: datetime.datetime = _datetime(value, path)
+    if out.tzinfo is None:
+        raise DecodeError(path, f"naive datetime {_short(value)}: give a UTC offset (e.g. Z or +00:00)")
+    return out
+
+
 _uuid = _parsed(uuid.UUID, "UUID string")
 
 
@@ -352,6 +418,8 @@ def _build(tp: object, lenient: bool) -> Decoder:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Annotated:
+        if args[0] is datetime.datetime and any(isinstance(m, _Aware) for m in tp.__metadata__):  # type: ignore[attr-defined]
+            return _aware_datetime
         return decoder(args[0], ignore_unknown=lenient)
     if isinstance(tp, typing.NewType):
         return decoder(tp.__supertype__, ignore_unknown=lenient)
@@ -725,11 +793,15 @@ def _dataclasses(tp: object, members: list[_Member], expected: str, lenient: boo
         if len(decs) == 1:
             return decs[0](value, path)
         found, error = [], None
-        for dec in decs:
-            try:
-                found.append(dec(value, path))
-            except DecodeError as exc:
-                error = exc
+        token = _collected.set(None)  # trials: a member's errors are not the value's
+        try:
+            for dec in decs:
+                try:
+                    found.append(dec(value, path))
+                except DecodeError as exc:
+                    error = exc
+        finally:
+            _collected.reset(token)
         if len(found) == 1:
             return found[0]
         if found:
@@ -776,10 +848,38 @@ def _list(item: Decoder, container: type) -> Decoder:
     def items(value: Any, path: str) -> Any:
         if type(value) is not list:
             _fail(path, "array", value)
-        out = [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        try:
+            out = [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        except DecodeError:
+            if _collected.get() is None:
+                raise
+            out = _each(item, enumerate(value), path, "[{}]")
         return out if container is list else _as_set(container, out, path)
 
     return items
+
+
+def _each(dec: Decoder | list[Decoder], items: typing.Iterable[tuple[Any, Any]], path: str, sub: str) -> list[Any]:
+    """In collect_errors(), decode the items again after one failed, recording every item's errors.
+
+    The failed item's errors, recorded by the first try, are dropped first: everything recorded since that try
+    began is under this container's path (the items before it succeeded).
+    """
+    errors = _collected.get() or []
+    prefix = path + sub[0] if path or sub[0] == "[" else ""
+    while errors and errors[-1].path.startswith(prefix):
+        errors.pop()
+    out, failed = [], False
+    for n, (key, v) in enumerate(items):
+        where = sub.format(key) if path or sub[0] == "[" else str(key)
+        try:
+            out.append((dec[n] if isinstance(dec, list) else dec)(v, path + where))
+        except DecodeError as exc:
+            _record(exc)
+            failed = True
+    if failed:
+        raise _Reported(path, "invalid items")
+    return out
 
 
 def _tuple(args: tuple[object, ...], lenient: bool) -> Decoder:
@@ -799,7 +899,12 @@ def _tuple(args: tuple[object, ...], lenient: bool) -> Decoder:
             _fail(path, f"array of {len(decoders)} items", value)
         if len(value) != len(decoders):
             raise DecodeError(path, f"expected array of {len(decoders)} items, got array of {len(value)}")
-        return tuple(dec(v, f"{path}[{i}]") for i, (dec, v) in enumerate(zip(decoders, value, strict=True)))
+        try:
+            return tuple([dec(v, f"{path}[{i}]") for i, (dec, v) in enumerate(zip(decoders, value, strict=True))])
+        except DecodeError:
+            if _collected.get() is None:
+                raise
+            return tuple(_each(decoders, enumerate(value), path, "[{}]"))
 
     return fixed
 
@@ -810,7 +915,12 @@ def _dict(item: Decoder) -> Decoder:
             _fail(path, "object", value)
         if item is _any:
             return value
-        return {k: item(v, f"{path}.{k}" if path else k) for k, v in value.items()}
+        try:
+            return {k: item(v, f"{path}.{k}" if path else k) for k, v in value.items()}
+        except DecodeError:
+            if _collected.get() is None:
+                raise
+            return dict(zip(value, _each(item, value.items(), path, ".{}"), strict=True))
 
     return mapping
 
@@ -855,45 +965,38 @@ def _dataclass(cls: type, lenient: bool) -> Decoder:
     # lose them. Lenient (results): they are skipped, so a newer server may add fields.
     known = frozenset(f.name for f in dataclasses.fields(cls))
 
-    def exact(value: Any, path: str) -> Any:
+    def instance(value: Any, path: str) -> Any:
         if type(value) is not dict:
             _fail(path, f"object ({cls.__name__})", value)
         kwargs = {}
+        failed = False
         for name, dec, required in plan:
             sub = f"{path}.{name}" if path else name
             if name in value:
-                kwargs[name] = dec(value[name], sub)
+                try:
+                    kwargs[name] = dec(value[name], sub)
+                except DecodeError as exc:
+                    _record(exc)
+                    failed = True
             elif required:
-                raise DecodeError(sub, "missing field")
-        if len(kwargs) != len(value):
-            unknown = sorted(k for k in value if k not in known)
-            if unknown:
-                raise DecodeError(path, f"unexpected field {_short(unknown[0])} in {cls.__name__}")
+                _record(DecodeError(sub, "missing field"))
+                failed = True
+        # Strict: an unknown key is refused (the receiver would lose it); lenient: skipped.
+        if not lenient and (failed or len(kwargs) != len(value)):
+            for unknown in sorted(k for k in value if k not in known):
+                _record(DecodeError(path, f"unexpected field {_short(unknown)} in {cls.__name__}"))
+                failed = True
+        if failed:
+            raise _Reported(path, f"invalid {cls.__name__}")
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
             raise DecodeError(path, f"invalid {cls.__name__}: {exc}") from None
 
-    def tolerant(value: Any, path: str) -> Any:  # exact() without the unknown-key check
-        if type(value) is not dict:
-            _fail(path, f"object ({cls.__name__})", value)
-        kwargs = {}
-        for name, dec, required in plan:
-            sub = f"{path}.{name}" if path else name
-            if name in value:
-                kwargs[name] = dec(value[name], sub)
-            elif required:
-                raise DecodeError(sub, "missing field")
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise DecodeError(path, f"invalid {cls.__name__}: {exc}") from None
-
-    instance = tolerant if lenient else exact
     key = (lenient, cls)
     _cache[key] = instance  # before the fields: a dataclass may refer to itself
     try:
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
         for f in dataclasses.fields(cls):
             if f.init:
                 required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
