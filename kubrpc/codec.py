@@ -268,49 +268,56 @@ def _spell_non_finite(value: object) -> object:
     return value
 
 
-def may_hold_float(tp: object, _seen: set[object] | None = None) -> bool:
+def may_hold_float(tp: object) -> bool:
     """Can a value of this annotation contain a float (so NaN or an infinity)?"""
-    if tp is float or tp is typing.Any or tp is object:
-        return True
-    seen = _seen if _seen is not None else set()
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if tp in seen:
-            return False
-        seen.add(tp)
-        hints = typing.get_type_hints(tp)
-        return any(may_hold_float(hints[f.name], seen) for f in dataclasses.fields(tp))
-    if isinstance(tp, typing.NewType):
-        return may_hold_float(tp.__supertype__, seen)
-    if tp in (list, tuple, dict, set, frozenset):
-        return True  # unparametrised: items of any type
-    return any(may_hold_float(arg, seen) for arg in typing.get_args(tp) if arg is not Ellipsis)
+    return _anywhere(tp, _holds_float, set())
 
 
-def needs_exact_ints(tp: object, _seen: set[object] | None = None) -> bool:
+def needs_exact_ints(tp: object) -> bool:
     """Could a JSON integer beyond 64 bits pass this annotation as a float? Then loads() must check.
 
     Any, object and unparametrised containers keep whatever orjson parsed; a union of int and float
     would take the float. An int refuses a float anyway, and a float is any JSON number.
     """
+    return _anywhere(tp, _takes_big_ints, set())
+
+
+def _holds_float(tp: object) -> bool | None:
+    if tp is float or tp is typing.Any or tp is object or tp in (list, tuple, dict, set, frozenset):
+        return True  # (an unparametrised container: items of any type)
+    return None
+
+
+def _takes_big_ints(tp: object) -> bool | None:
     if tp is typing.Any or tp is object or tp in (list, tuple, dict, set, frozenset):
         return True
-    seen = _seen if _seen is not None else set()
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = {_unwrap(a) for a in typing.get_args(tp)}
+        if int in members and float in members:
+            return True
+    if origin is typing.Literal:
+        return False
+    return None
+
+
+def _anywhere(tp: object, test: Callable[[object], bool | None], seen: set[object]) -> bool:
+    """Does `test` hold for `tp` or anything inside it (dataclass fields, NewType, type arguments)?
+
+    `test` answers True or False for an annotation it decides, None to look inside it.
+    """
+    verdict = test(tp)
+    if verdict is not None:
+        return verdict
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if tp in seen:
             return False
         seen.add(tp)
         hints = typing.get_type_hints(tp)
-        return any(needs_exact_ints(hints[f.name], seen) for f in dataclasses.fields(tp))
+        return any(_anywhere(hints[f.name], test, seen) for f in dataclasses.fields(tp))
     if isinstance(tp, typing.NewType):
-        return needs_exact_ints(tp.__supertype__, seen)
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        members = {_unwrap(a) for a in args}
-        if int in members and float in members:
-            return True
-    if typing.get_origin(tp) is typing.Literal:
-        return False
-    return any(needs_exact_ints(arg, seen) for arg in args if arg is not Ellipsis)
+        return _anywhere(tp.__supertype__, test, seen)
+    return any(_anywhere(arg, test, seen) for arg in typing.get_args(tp) if arg is not Ellipsis)
 
 
 def _str(value: Any, path: str) -> str:
