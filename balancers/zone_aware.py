@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import enum
+import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final, Literal
 
 from kubrpc.endpoint import Endpoint
 from kubrpc.interfaces import Balancer
@@ -11,7 +13,32 @@ from kubrpc.interfaces import Balancer
 from ._eligible import eligible
 from ._wrapped import Wrapper
 
-__all__ = ("ZoneAware",)
+__all__ = ("FROM_ENV", "ZONE_ENV", "ZoneAware", "zone_from_env")
+
+ZONE_ENV: Final = "KUBRPC_ZONE"
+"""The environment variable that names the client's zone (deploy/ sets it from the downward API)."""
+
+
+class _Zone(enum.Enum):
+    FROM_ENV = "from the environment"
+
+
+FROM_ENV: Final = _Zone.FROM_ENV
+"""`ZoneAware(zone=FROM_ENV)`, the default: the zone is read from `$KUBRPC_ZONE`."""
+
+
+def zone_from_env() -> str:
+    """The client's zone from `$KUBRPC_ZONE`; ValueError that says how to set it if it is unset or empty."""
+    zone = os.environ.get(ZONE_ENV, "").strip()
+    if not zone:
+        raise ValueError(
+            f"zone_aware: the client's zone is unknown (${ZONE_ENV} is unset or empty). In a pod, set it from "
+            "the downward API: env KUBRPC_ZONE, valueFrom.fieldRef.fieldPath "
+            "\"metadata.labels['topology.kubernetes.io/zone']\" (Kubernetes 1.35+, or 1.33+ with the "
+            "PodTopologyLabelsAdmission feature gate), as deploy/client.yaml does; or set the zone's name; "
+            "or pass ZoneAware(zone='eu-west-1a') (zone=None: no zone preference)"
+        )
+    return zone
 
 
 class ZoneAware(Wrapper):
@@ -20,7 +47,11 @@ class ZoneAware(Wrapper):
     The zone is used when at least `min_ready` of its endpoints are ready and they are at least
     `min_fraction` of the zone's endpoints in the update (counted by address), so a zone that has
     lost most of its instances does not take all its clients' traffic on the few that remain.
-    Endpoints without a zone are never local. `zone=None` disables the preference.
+    Endpoints without a zone are never local. `zone=None` disables the preference; by default (`FROM_ENV`,
+    also what `balancer="zone_aware"` gets) the zone is read from `$KUBRPC_ZONE`, and a ValueError that says
+    how to set it is raised if it is unset.
+
+    A call's `key=` is passed through to the inner balancer (`ring_hash` hashes it; others ignore it).
 
     Topology hints (Topology Aware Routing): when every endpoint of the update carries a
     `for_zones` hint (the Kubernetes resolver copies EndpointSlice `hints.forZones` into the
@@ -33,7 +64,7 @@ class ZoneAware(Wrapper):
     def __init__(
         self,
         *,
-        zone: str | None,
+        zone: str | None | Literal[_Zone.FROM_ENV] = FROM_ENV,
         inner: str | Balancer = "round_robin",
         inner_options: Mapping[str, Any] | None = None,
         min_ready: int = 1,
@@ -41,8 +72,12 @@ class ZoneAware(Wrapper):
     ) -> None:
         if min_ready < 1 or not 0.0 <= min_fraction <= 1.0:
             raise ValueError("min_ready must be >= 1 and min_fraction in [0, 1]")
+        if zone is FROM_ENV:
+            zone = zone_from_env()
+        elif zone is not None and (not isinstance(zone, str) or not zone.strip()):
+            raise ValueError(f"zone must be a zone's name, None (no preference) or FROM_ENV, not {zone!r}")
         super().__init__(inner, inner_options)
-        self.zone = zone
+        self.zone: str | None = zone
         self._min_ready = min_ready
         self._min_fraction = min_fraction
         self._local_ready = 0

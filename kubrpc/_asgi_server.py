@@ -22,6 +22,10 @@ and counts idle connections against `limit_concurrency`. `_HttpProtocol` adds, p
   reads into a queue, ~600 bytes of objects for a 30-byte request, with no bound; the next one gets 503
   "not started" and the connection closes (the requests after it are dropped unparsed into objects);
 - a client that hangs up while a pipelined request runs cancels it (uvicorn tells only the newest request);
+- graceful shutdown (drain) does not close an idle kept-alive connection at once: a client may be sending a
+  request on it at that very moment, and could not tell whether it ran. A request that arrives on it during
+  the drain gets 503 "not started" with `connection: close` (the client retries it elsewhere, safely), and
+  the connection closes once answered, or idle after `min(_DRAIN_GRACE, drain_timeout)` seconds;
 - a malformed request gets a JSON 400 with the parser's reason (uvicorn: text, and a warning logged for each);
   an `Upgrade` request (h2c, WebSocket; the parser stops at it for good) is the connection's last.
 
@@ -29,12 +33,13 @@ A refused connection gets a JSON error (400, 408, 431 or 503, `connection: close
 under way on it; then the bytes that still arrive are dropped for a moment (so that the peer can read the
 answer before the close) and it is closed.
 
-uvicorn internals this relies on (tests/test_http_hardening.py and tests/test_http_attack.py fail if they
+uvicorn internals this relies on (tests/test_http_hardening.py, test_http_attack.py, test_http_drain.py fail if they
 change): the parser callbacks `on_message_begin`, `on_headers_complete`, `on_body`, `on_message_complete`,
 and `on_response_complete`; `pause_writing`, `resume_writing`, `timeout_keep_alive_handler` and
-`_unset_keepalive_if_required`; the protocol's `app`, `parser`, `cycle`, `pipeline`, `tasks`, `flow`, `url`,
-`headers`, `limit_concurrency`; and the cycle's `body`, `more_body`, `keep_alive`, `response_started`,
-`response_complete`, `disconnected` and `message_event`. `data_received` is replaced (`_feed`).
+`_unset_keepalive_if_required`, `shutdown` (called by uvicorn's Server.shutdown); the protocol's `app`,
+`parser`, `cycle`, `pipeline`, `tasks`, `flow`, `url`, `headers`, `limit_concurrency`; and the cycle's `body`,
+`more_body`, `keep_alive`, `response_started`, `response_complete`, `disconnected` and
+`message_event`. `data_received` is replaced (`_feed`).
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ __all__ = ("NOT_STARTED", "protocol_class", "serve_uvicorn")
 
 # On a 503 that the server sends before the call could start, so that a client knows it is safe to retry.
 NOT_STARTED = (b"kubrpc-not-started", b"1")
+_DRAIN_GRACE = 1.0  # seconds an idle connection of a draining server stays open to refuse late requests
 _LINGER = 2.0  # seconds a refused connection is still read (the bytes dropped) before it closes
 _CHUNK_FRAMING = 32  # bytes allowed per chunk of a chunked body for its size line and CRLFs
 _MAX_PIPELINE = 64  # requests queued on a connection behind the running one
@@ -135,6 +141,7 @@ class _HttpProtocol(HttpToolsProtocol):
         # The connection's last request (refused for a too deep pipeline, or followed by bytes that are not HTTP):
         # what follows it is dropped.
         self._overflow: RequestResponseCycle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None  # set once shutdown() left the connection open
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -142,6 +149,8 @@ class _HttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
@@ -258,6 +267,8 @@ class _HttpProtocol(HttpToolsProtocol):
         app = self._app
         if self._max_requests is not None and len(self.tasks) >= self._max_requests:
             app = self._busy
+        if self._drain_timer is not None:  # the server drains: this request is not started
+            app = self._draining
         if self._measure_head and _head_size(self.url, self.headers) > self._max_header_size:
             app = self._headers_too_large
         pipeline = self.pipeline
@@ -348,7 +359,29 @@ class _HttpProtocol(HttpToolsProtocol):
         self._head_room = None
         super().handle_websocket_upgrade()
 
+    def shutdown(self) -> None:
+        """The server drains: a response under way closes the connection (uvicorn); an idle connection stays
+        open for a short grace, so that a request already on its way is refused "not started", not lost."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False
+            return
+        grace = min(_DRAIN_GRACE, self.limits.drain_timeout)
+        if grace <= 0 or self._lingering or self.transport.is_closing():
+            self.transport.close()
+            return
+        self._drain_timer = self.loop.call_later(grace, self._drain_close)
+
+    def _drain_close(self) -> None:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:  # idle: close (a request under way closes when answered)
+            self.transport.close()
+
     # Refusals
+
+    async def _draining(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = "server is shutting down; the call did not start"
+        await send_error(send, 503, Status.UNAVAILABLE, message, NOT_STARTED)
 
     async def _busy(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"server busy: {self._max_requests} requests in progress (max_connections); the call did not start"

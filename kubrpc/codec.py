@@ -28,17 +28,21 @@ import types
 import typing
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from contextvars import ContextVar
+from typing import Annotated, Any
 
 import orjson
 
 __all__ = (
     "MAX_DEPTH",
+    "MAX_ERRORS",
     "RESERVED_METADATA",
+    "AwareDatetime",
     "DecodeError",
     "Decoder",
     "check_depth",
     "check_metadata",
+    "collect_errors",
     "decoder",
     "dumps",
     "dumps_floats",
@@ -64,6 +68,59 @@ class DecodeError(ValueError):
         super().__init__(f"{path}: {message}" if path else message)
         self.path = path
         self.reason = message
+
+
+MAX_ERRORS = 100
+"""The most errors collect_errors() reports for one value (an error report stays small)."""
+
+
+class _Reported(DecodeError):
+    """A container's items or fields failed, and their errors are recorded already (collect_errors)."""
+
+
+_collected: ContextVar[list[DecodeError] | None] = ContextVar("kubrpc_decode_errors", default=None)
+
+
+def _record(exc: DecodeError) -> None:
+    """An item or field failed: in collect_errors(), record `exc` and go on to the next; otherwise raise it.
+
+    Only failures get here, so the success path pays nothing for collecting.
+    """
+    errors = _collected.get()
+    if errors is None:
+        raise exc
+    if type(exc) is not _Reported:
+        errors.append(exc)
+    if len(errors) >= MAX_ERRORS:
+        raise _Reported("", "too many errors")
+
+
+def collect_errors(dec: Decoder, value: Any, path: str) -> list[DecodeError]:
+    """Every error of decoding `value` (each with its field path, at most MAX_ERRORS), not just the first.
+
+    A second, slower pass for error reports: decoders stop at the first error.
+    """
+    errors: list[DecodeError] = []
+    token = _collected.set(errors)
+    try:
+        dec(value, path)
+    except DecodeError as exc:
+        if type(exc) is not _Reported:
+            errors.append(exc)
+    finally:
+        _collected.reset(token)
+    return errors
+
+
+class _Aware:
+    """Annotated metadata: a datetime that must carry a UTC offset."""
+
+    def __repr__(self) -> str:
+        return "aware"
+
+
+AwareDatetime = Annotated[datetime.datetime, _Aware()]
+"""A datetime with a UTC offset: a naive value (no offset) is refused with INVALID_ARGUMENT, not passed on."""
 
 
 _DATETIME, _UTC, _Fragment, _dumps = datetime.datetime, datetime.UTC, orjson.Fragment, orjson.dumps
@@ -211,49 +268,56 @@ def _spell_non_finite(value: object) -> object:
     return value
 
 
-def may_hold_float(tp: object, _seen: set[object] | None = None) -> bool:
+def may_hold_float(tp: object) -> bool:
     """Can a value of this annotation contain a float (so NaN or an infinity)?"""
-    if tp is float or tp is typing.Any or tp is object:
-        return True
-    seen = _seen if _seen is not None else set()
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if tp in seen:
-            return False
-        seen.add(tp)
-        hints = typing.get_type_hints(tp)
-        return any(may_hold_float(hints[f.name], seen) for f in dataclasses.fields(tp))
-    if isinstance(tp, typing.NewType):
-        return may_hold_float(tp.__supertype__, seen)
-    if tp in (list, tuple, dict, set, frozenset):
-        return True  # unparametrised: items of any type
-    return any(may_hold_float(arg, seen) for arg in typing.get_args(tp) if arg is not Ellipsis)
+    return _anywhere(tp, _holds_float, set())
 
 
-def needs_exact_ints(tp: object, _seen: set[object] | None = None) -> bool:
+def needs_exact_ints(tp: object) -> bool:
     """Could a JSON integer beyond 64 bits pass this annotation as a float? Then loads() must check.
 
     Any, object and unparametrised containers keep whatever orjson parsed; a union of int and float
     would take the float. An int refuses a float anyway, and a float is any JSON number.
     """
+    return _anywhere(tp, _takes_big_ints, set())
+
+
+def _holds_float(tp: object) -> bool | None:
+    if tp is float or tp is typing.Any or tp is object or tp in (list, tuple, dict, set, frozenset):
+        return True  # (an unparametrised container: items of any type)
+    return None
+
+
+def _takes_big_ints(tp: object) -> bool | None:
     if tp is typing.Any or tp is object or tp in (list, tuple, dict, set, frozenset):
         return True
-    seen = _seen if _seen is not None else set()
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = {_unwrap(a) for a in typing.get_args(tp)}
+        if int in members and float in members:
+            return True
+    if origin is typing.Literal:
+        return False
+    return None
+
+
+def _anywhere(tp: object, test: Callable[[object], bool | None], seen: set[object]) -> bool:
+    """Does `test` hold for `tp` or anything inside it (dataclass fields, NewType, type arguments)?
+
+    `test` answers True or False for an annotation it decides, None to look inside it.
+    """
+    verdict = test(tp)
+    if verdict is not None:
+        return verdict
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if tp in seen:
             return False
         seen.add(tp)
         hints = typing.get_type_hints(tp)
-        return any(needs_exact_ints(hints[f.name], seen) for f in dataclasses.fields(tp))
+        return any(_anywhere(hints[f.name], test, seen) for f in dataclasses.fields(tp))
     if isinstance(tp, typing.NewType):
-        return needs_exact_ints(tp.__supertype__, seen)
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        members = {_unwrap(a) for a in args}
-        if int in members and float in members:
-            return True
-    if typing.get_origin(tp) is typing.Literal:
-        return False
-    return any(needs_exact_ints(arg, seen) for arg in args if arg is not Ellipsis)
+        return _anywhere(tp.__supertype__, test, seen)
+    return any(_anywhere(arg, test, seen) for arg in typing.get_args(tp) if arg is not Ellipsis)
 
 
 def _str(value: Any, path: str) -> str:
@@ -298,6 +362,15 @@ def _parsed(parse: Callable[[str], Any], expected: str) -> Decoder:
 
 _datetime = _parsed(datetime.datetime.fromisoformat, "ISO 8601 date-time string")
 _date = _parsed(datetime.date.fromisoformat, "ISO 8601 date string")
+
+
+def _aware_datetime(value: Any, path: str) -> datetime.datetime:
+    out: datetime.datetime = _datetime(value, path)
+    if out.tzinfo is None:
+        raise DecodeError(path, f"naive datetime {_short(value)}: give a UTC offset (e.g. Z or +00:00)")
+    return out
+
+
 _uuid = _parsed(uuid.UUID, "UUID string")
 
 
@@ -352,6 +425,8 @@ def _build(tp: object, lenient: bool) -> Decoder:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Annotated:
+        if args[0] is datetime.datetime and any(isinstance(m, _Aware) for m in tp.__metadata__):  # type: ignore[attr-defined]
+            return _aware_datetime
         return decoder(args[0], ignore_unknown=lenient)
     if isinstance(tp, typing.NewType):
         return decoder(tp.__supertype__, ignore_unknown=lenient)
@@ -725,11 +800,15 @@ def _dataclasses(tp: object, members: list[_Member], expected: str, lenient: boo
         if len(decs) == 1:
             return decs[0](value, path)
         found, error = [], None
-        for dec in decs:
-            try:
-                found.append(dec(value, path))
-            except DecodeError as exc:
-                error = exc
+        token = _collected.set(None)  # trials: a member's errors are not the value's
+        try:
+            for dec in decs:
+                try:
+                    found.append(dec(value, path))
+                except DecodeError as exc:
+                    error = exc
+        finally:
+            _collected.reset(token)
         if len(found) == 1:
             return found[0]
         if found:
@@ -776,10 +855,38 @@ def _list(item: Decoder, container: type) -> Decoder:
     def items(value: Any, path: str) -> Any:
         if type(value) is not list:
             _fail(path, "array", value)
-        out = [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        try:
+            out = [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        except DecodeError:
+            if _collected.get() is None:
+                raise
+            out = _each(item, enumerate(value), path, "[{}]")
         return out if container is list else _as_set(container, out, path)
 
     return items
+
+
+def _each(dec: Decoder | list[Decoder], items: typing.Iterable[tuple[Any, Any]], path: str, sub: str) -> list[Any]:
+    """In collect_errors(), decode the items again after one failed, recording every item's errors.
+
+    The failed item's errors, recorded by the first try, are dropped first: everything recorded since that try
+    began is under this container's path (the items before it succeeded).
+    """
+    errors = _collected.get() or []
+    prefix = path + sub[0] if path or sub[0] == "[" else ""
+    while errors and errors[-1].path.startswith(prefix):
+        errors.pop()
+    out, failed = [], False
+    for n, (key, v) in enumerate(items):
+        where = sub.format(key) if path or sub[0] == "[" else str(key)
+        try:
+            out.append((dec[n] if isinstance(dec, list) else dec)(v, path + where))
+        except DecodeError as exc:
+            _record(exc)
+            failed = True
+    if failed:
+        raise _Reported(path, "invalid items")
+    return out
 
 
 def _tuple(args: tuple[object, ...], lenient: bool) -> Decoder:
@@ -799,7 +906,12 @@ def _tuple(args: tuple[object, ...], lenient: bool) -> Decoder:
             _fail(path, f"array of {len(decoders)} items", value)
         if len(value) != len(decoders):
             raise DecodeError(path, f"expected array of {len(decoders)} items, got array of {len(value)}")
-        return tuple(dec(v, f"{path}[{i}]") for i, (dec, v) in enumerate(zip(decoders, value, strict=True)))
+        try:
+            return tuple([dec(v, f"{path}[{i}]") for i, (dec, v) in enumerate(zip(decoders, value, strict=True))])
+        except DecodeError:
+            if _collected.get() is None:
+                raise
+            return tuple(_each(decoders, enumerate(value), path, "[{}]"))
 
     return fixed
 
@@ -810,7 +922,12 @@ def _dict(item: Decoder) -> Decoder:
             _fail(path, "object", value)
         if item is _any:
             return value
-        return {k: item(v, f"{path}.{k}" if path else k) for k, v in value.items()}
+        try:
+            return {k: item(v, f"{path}.{k}" if path else k) for k, v in value.items()}
+        except DecodeError:
+            if _collected.get() is None:
+                raise
+            return dict(zip(value, _each(item, value.items(), path, ".{}"), strict=True))
 
     return mapping
 
@@ -855,45 +972,38 @@ def _dataclass(cls: type, lenient: bool) -> Decoder:
     # lose them. Lenient (results): they are skipped, so a newer server may add fields.
     known = frozenset(f.name for f in dataclasses.fields(cls))
 
-    def exact(value: Any, path: str) -> Any:
+    def instance(value: Any, path: str) -> Any:
         if type(value) is not dict:
             _fail(path, f"object ({cls.__name__})", value)
         kwargs = {}
+        failed = False
         for name, dec, required in plan:
             sub = f"{path}.{name}" if path else name
             if name in value:
-                kwargs[name] = dec(value[name], sub)
+                try:
+                    kwargs[name] = dec(value[name], sub)
+                except DecodeError as exc:
+                    _record(exc)
+                    failed = True
             elif required:
-                raise DecodeError(sub, "missing field")
-        if len(kwargs) != len(value):
-            unknown = sorted(k for k in value if k not in known)
-            if unknown:
-                raise DecodeError(path, f"unexpected field {_short(unknown[0])} in {cls.__name__}")
+                _record(DecodeError(sub, "missing field"))
+                failed = True
+        # Strict: an unknown key is refused (the receiver would lose it); lenient: skipped.
+        if not lenient and (failed or len(kwargs) != len(value)):
+            for unknown in sorted(k for k in value if k not in known):
+                _record(DecodeError(path, f"unexpected field {_short(unknown)} in {cls.__name__}"))
+                failed = True
+        if failed:
+            raise _Reported(path, f"invalid {cls.__name__}")
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
             raise DecodeError(path, f"invalid {cls.__name__}: {exc}") from None
 
-    def tolerant(value: Any, path: str) -> Any:  # exact() without the unknown-key check
-        if type(value) is not dict:
-            _fail(path, f"object ({cls.__name__})", value)
-        kwargs = {}
-        for name, dec, required in plan:
-            sub = f"{path}.{name}" if path else name
-            if name in value:
-                kwargs[name] = dec(value[name], sub)
-            elif required:
-                raise DecodeError(sub, "missing field")
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise DecodeError(path, f"invalid {cls.__name__}: {exc}") from None
-
-    instance = tolerant if lenient else exact
     key = (lenient, cls)
     _cache[key] = instance  # before the fields: a dataclass may refer to itself
     try:
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
         for f in dataclasses.fields(cls):
             if f.init:
                 required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

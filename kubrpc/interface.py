@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import orjson
 
 from . import codec
-from .errors import RpcError
+from .errors import RpcError, bad_request
 from .status import Status
 
 __all__ = ("MethodOptions", "MethodSpec", "ServiceSpec", "interface", "method", "service_spec")
@@ -22,6 +22,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 _NAME_ATTR = "__kubrpc_name__"
 _DEEP_SIZE = 2 * codec.MAX_DEPTH  # the shortest body that can nest deeper than the encoder writes
 _OPTIONS_ATTR = "__kubrpc_method__"
+
+
+_LISTED = 10  # errors spelled out in an INVALID_ARGUMENT message; all of them are in its details
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,15 +122,46 @@ class MethodSpec:
                 if p.name in obj:
                     kwargs[p.name] = p.decode(obj[p.name], p.name)
                 elif p.required:
-                    raise RpcError(Status.INVALID_ARGUMENT, f"missing argument {p.name!r}")
-        except codec.DecodeError as exc:
-            raise RpcError(Status.INVALID_ARGUMENT, f"invalid argument {exc.path!r}: {exc.reason}") from None
+                    raise self._invalid(obj)
+        except codec.DecodeError:
+            raise self._invalid(obj) from None
         except RecursionError:
             raise RpcError(Status.INVALID_ARGUMENT, "arguments are nested too deeply") from None
         if len(kwargs) != len(obj):
-            unknown = sorted(set(obj) - {p.name for p in self.params})
-            raise RpcError(Status.INVALID_ARGUMENT, f"unexpected argument {unknown[0]!r}")
+            raise self._invalid(obj)
         return kwargs
+
+    def _invalid(self, obj: dict[str, Any]) -> RpcError:
+        """INVALID_ARGUMENT listing every error of the arguments, as a `google.rpc.BadRequest` detail.
+
+        Run only once decoding failed: it decodes again, collecting the errors that decoding stops at.
+        """
+        errors: list[tuple[str, str, str]] = []  # (field path, description, the one-error message)
+        try:
+            for p in self.params:
+                if p.name in obj:
+                    errors.extend(
+                        (exc.path, exc.reason, f"invalid argument {exc.path!r}: {exc.reason}")
+                        for exc in codec.collect_errors(p.decode, obj[p.name], p.name)
+                    )
+                elif p.required:
+                    errors.append((p.name, "missing argument", f"missing argument {p.name!r}"))
+        except RecursionError:
+            return RpcError(Status.INVALID_ARGUMENT, "arguments are nested too deeply")
+        names = {p.name for p in self.params}
+        unknown = sorted(set(obj) - names)
+        errors.extend((name, "unexpected argument", f"unexpected argument {name!r}") for name in unknown)
+        del errors[codec.MAX_ERRORS :]  # the report stays small
+        if not errors:  # (decoding failed, but collecting found nothing: not expected)
+            return RpcError(Status.INVALID_ARGUMENT, "invalid arguments")
+        if len(errors) == 1:
+            message = errors[0][2]
+        else:
+            listed = "; ".join(f"{path}: {reason}" if path else reason for path, reason, _ in errors[:_LISTED])
+            more = f"; and {len(errors) - _LISTED} more (see the error details)" if len(errors) > _LISTED else ""
+            at_least = "at least " if len(errors) == codec.MAX_ERRORS else ""
+            message = f"{at_least}{len(errors)} invalid arguments: {listed}{more}"
+        return RpcError(Status.INVALID_ARGUMENT, message, [bad_request((path, why) for path, why, _ in errors)])
 
     def encode_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
         """Client side: bind a Python call to named arguments and encode them (TypeError like Python's)."""
@@ -210,10 +244,15 @@ def _rpc_names(protocol: type) -> list[str]:
     return list(names)
 
 
+def _bare(tp: object) -> object:
+    """`tp` without an outer Annotated (an implementation may declare `datetime` for `AwareDatetime`)."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
+
+
 def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]) -> MethodSpec:
     where = f"{protocol.__name__}.{attr}"
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # Annotated kept: AwareDatetime
     except Exception as exc:
         raise TypeError(f"cannot resolve the annotations of {where}: {exc}") from None
     params = []
@@ -285,7 +324,7 @@ def check_implementation(spec: ServiceSpec, impl: object) -> dict[str, Callable[
         except Exception:
             impl_hints = {}
         for p in m.params:
-            if p.name in impl_hints and impl_hints[p.name] != p.annotation:
+            if p.name in impl_hints and impl_hints[p.name] not in (p.annotation, _bare(p.annotation)):
                 raise TypeError(
                     f"{type(impl).__name__}.{attr}: parameter {p.name!r} is {impl_hints[p.name]!r}, "
                     f"but {proto}.{attr} declares {p.annotation!r}"

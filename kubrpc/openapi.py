@@ -158,6 +158,13 @@ def openapi_document(server: ServerCore, *, root_path: str = "") -> dict[str, An
             "properties": {
                 "code": {"type": "string", "enum": sorted({s.wire_name for s in Status if s is not Status.OK})},
                 "message": {"type": "string"},
+                "details": {  # Connect error details: INVALID_ARGUMENT lists its field violations
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"type": {"type": "string"}, "value": {"type": "string"}, "debug": {}},
+                    },
+                },
             },
             "required": ["code", "message"],
         }

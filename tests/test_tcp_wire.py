@@ -43,7 +43,8 @@ async def test_request_response_and_error_frames(tcp: tuple[Callable[..., object
     await client.send(encode_request(2, "Arith/add", b'{"a": true, "b": 2}'))
     frame = await client.frame()
     assert (frame.type, frame.stream) == (FrameType.ERROR, 2)
-    assert orjson.loads(frame.payload) == {
+    assert orjson.loads(frame.payload) | {"details": None} == {
+        "details": None,  # (the field violations: tests/test_validation_details.py)
         "code": "invalid_argument",
         "message": "invalid argument 'a': expected integer, got boolean",
     }
