@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import anyio
+import anyio.abc
 
 import kubrpc
 from kubrpc import RpcError, Status
@@ -185,3 +186,49 @@ def make_server(name: str = "server", **options: object) -> tuple[kubrpc.Server,
 # For `kubrpc serve services:server` in a subprocess (tests/test_cli.py).
 server, _control = make_server("subprocess", drain_timeout=10)
 delayed_server, _ = make_server("delayed", drain_timeout=10, shutdown_delay=1.0)
+
+
+class Instance:
+    """A server a test can restart, as a pod of a rolling restart: run() serves until restart() drains it, then,
+    after `down` seconds, serves again on the same port."""
+
+    def __init__(self, make: Callable[[], kubrpc.Server], scheme: str = "tcp", *, down: float = 0.2) -> None:
+        self.make = make
+        self.scheme = scheme
+        self.down = down
+        self.port = 0
+        self.restarts = 0
+        self._restart = anyio.Event()
+        self._stop = False
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until stop(); the first time, report started once the port is known."""
+        first = True
+        while not self._stop:
+            async with self.make().serve(f"{self.scheme}://127.0.0.1:{self.port}") as listener:
+                self.port = int(listener.url.rsplit(":", 1)[1])
+                if first:
+                    task_status.started()
+                    first = False
+                await self._restart.wait()
+                self._restart = anyio.Event()
+            # Drained and closed: down for a moment, as a pod would be.
+            self.restarts += 1
+            await anyio.sleep(self.down)
+
+    def restart(self) -> None:
+        """Drain the server now; run() starts a new one on the same port."""
+        self._restart.set()
+
+    async def restarted(self) -> None:
+        """restart(), then wait (a hang guard of 20 s) until the drain is over."""
+        before = self.restarts
+        self.restart()
+        with anyio.fail_after(20):
+            while self.restarts == before:
+                await anyio.sleep(0.01)
+
+    def stop(self) -> None:
+        """End run() after the current server drains."""
+        self._stop = True
+        self._restart.set()

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from functools import partial
 from typing import Protocol
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 import pytest
+from services import Instance
 
 import kubrpc
 from kubrpc import Endpoint
@@ -33,48 +35,16 @@ class LedgerImpl:
         return call_id
 
 
-class Instance:
-    """An HTTP server that can be drained and restarted on the same port (a pod of a rolling restart)."""
-
-    def __init__(self, runs: Counter[int], drain_timeout: float) -> None:
-        self.runs = runs
-        self.drain_timeout = drain_timeout
-        self.port = 0
-        self.restarts = 0
-        self._restart = anyio.Event()
-        self._stop = False
-
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        first = True
-        while not self._stop:
-            server = kubrpc.Server(drain_timeout=self.drain_timeout, header_timeout=1.0)
-            server.register(Ledger, LedgerImpl(self.runs))
-            async with server.serve(f"http://127.0.0.1:{self.port}") as listener:
-                self.port = int(listener.url.rsplit(":", 1)[1])
-                if first:
-                    task_status.started()
-                    first = False
-                await self._restart.wait()
-                self._restart = anyio.Event()
-            self.restarts += 1
-            await anyio.sleep(0.05)
-
-    async def restart(self) -> None:
-        before = self.restarts
-        self._restart.set()
-        with anyio.fail_after(20):  # a hang guard
-            while self.restarts == before:
-                await anyio.sleep(0.01)
-
-    def stop(self) -> None:
-        self._stop = True
-        self._restart.set()
+def ledger_server(runs: Counter[int], drain_timeout: float) -> kubrpc.Server:
+    server = kubrpc.Server(drain_timeout=drain_timeout, header_timeout=1.0)
+    server.register(Ledger, LedgerImpl(runs))
+    return server
 
 
 @pytest.mark.parametrize("drain_timeout", [5.0, 0.5])
 async def test_rolling_http_drains_run_each_non_idempotent_call_exactly_once(drain_timeout: float) -> None:
     runs: Counter[int] = Counter()
-    instances = [Instance(runs, drain_timeout) for _ in range(3)]
+    instances = [Instance(partial(ledger_server, runs, drain_timeout), "http", down=0.05) for _ in range(3)]
     ids = itertools.count()
     answered: list[int] = []
     failed: list[tuple[int, BaseException]] = []
@@ -101,7 +71,7 @@ async def test_rolling_http_drains_run_each_non_idempotent_call_exactly_once(dra
                     load.start_soon(caller)
                 for round_ in range(12):  # a rolling restart, four times over
                     await anyio.sleep(0.05)
-                    await instances[round_ % 3].restart()
+                    await instances[round_ % 3].restarted()
                 await anyio.sleep(0.05)
                 done.set()
         restarted = [i.restarts for i in instances]
