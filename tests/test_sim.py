@@ -18,7 +18,7 @@ from kubrpc.balancers.round_robin import RoundRobin
 from kubrpc.balancers.zone_aware import ZoneAware
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from _sim import BALANCERS, Result, Scenario, make_balancer, run  # noqa: E402
+from _sim import BALANCERS, Result, Scenario, make_balancer, run
 
 # 20 clients × 5 servers: server 0 is 10× slower, server 1 fails fast, server 2 has GC pauses, server 3
 # degrades, server 4 leaves at 0.9 s and server 5 joins at 1.5 s. About 3,300 calls in 3 s simulated.
