@@ -116,9 +116,11 @@ class Result:
     latencies: list[float] = field(default_factory=list)  # successful calls, seconds
     picks: dict[int, int] = field(default_factory=dict)  # server id -> calls sent to it
     imbalance: float = 0.0  # mean over samples of max/mean in-flight over the live servers
+    imbalance_rest: float = 0.0  # the same without the slow server (whose queue dominates max)
     new_share_first_second: float = 0.0  # new servers' share of picks in their first second, over a fair share
     new_time_to_half: float = math.inf  # seconds until a 100 ms bin gave the new servers half their fair share
     new_picks: int = 0
+    per_second: list[list[int]] = field(default_factory=list)  # per simulated second: [calls, to server 0, to 1]
     dead_picks: int = 0  # calls sent to a server after its removal was published (must stay 0)
     feedback: bool = False
 
@@ -128,6 +130,12 @@ class Result:
         if not data:
             return math.nan
         return data[min(len(data) - 1, max(0, math.ceil(q * len(data)) - 1))]
+
+    def share_during(self, server: int, start: int, stop: int) -> float:
+        """The fraction of the calls issued in simulated seconds [start, stop) sent to server 0 or 1."""
+        rows = self.per_second[start:stop]
+        total = sum(row[0] for row in rows)
+        return sum(row[server + 1] for row in rows) / total if total else 0.0
 
     def share(self, server: int) -> float:
         """The fraction of all calls sent to `server`."""
@@ -269,9 +277,13 @@ def run(scenario: Scenario, name: str) -> Result:
     workers = sc.workers
     gc_period, gc_pause = sc.gc_period, sc.gc_pause
     picks: dict[int, int] = {}
+    per_second = result.per_second
+    per_second.extend([0, 0, 0] for _ in range(math.ceil(sc.duration) + 1))
     latencies = result.latencies
     imbalance_sum = 0.0
     imbalance_n = 0
+    rest_sum = 0.0
+    rest_n = 0
     new_servers: list[_Server] = []
     added_at = math.inf
     bins_total: dict[int, int] = {}
@@ -323,6 +335,10 @@ def run(scenario: Scenario, name: str) -> Result:
                 continue
             server = by_endpoint[endpoint]
             picks[server.id] = picks.get(server.id, 0) + 1
+            row = per_second[int(t)]
+            row[0] += 1
+            if server.id < 2:
+                row[server.id + 1] += 1
             if not server.live:
                 result.dead_picks += 1
             if t >= added_at:
@@ -369,6 +385,11 @@ def run(scenario: Scenario, name: str) -> Result:
             if mean > 0:
                 imbalance_sum += max(loads) / mean
                 imbalance_n += 1
+            rest = [s.in_flight for s in servers if s.live and s.id != 0]
+            mean = sum(rest) / len(rest) if rest else 0.0
+            if mean > 0:
+                rest_sum += max(rest) / mean
+                rest_n += 1
         elif payload == "remove":
             for s in churn_out:
                 s.live = False
@@ -388,6 +409,7 @@ def run(scenario: Scenario, name: str) -> Result:
     latencies.sort()
     result.picks = picks
     result.imbalance = imbalance_sum / imbalance_n if imbalance_n else math.nan
+    result.imbalance_rest = rest_sum / rest_n if rest_n else math.nan
     result.new_picks = sum(picks.get(s.id, 0) for s in new_servers)
     if new_servers and live_at_add:
         fair = len(new_servers) / live_at_add

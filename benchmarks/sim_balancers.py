@@ -42,17 +42,21 @@ def report(scenario: Scenario, results: list[Result], wall: dict[str, float]) ->
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in scenario.describe()),
         "",
-        "Latencies are of successful calls (queueing + service + round trip), in ms. *slow* and *failing* are "
-        "the shares of all calls sent to server 0 (10× slower) and server 1 (fails fast); a fair share is "
-        f"{1 / scenario.servers:.1%}. *imbalance* is the mean over samples every "
-        f"{scenario.sample_every * 1e3:g} ms of max/mean in-flight calls (queued + in service) over the live "
-        "servers. *new: 1st s* is the added servers' share of calls in their first second, as a fraction of a "
-        "fair share; *new: ½ share* is how long until a 100 ms window first gave them half a fair share.",
+        "Latencies are of successful calls (queueing + service + round trip), in ms. *slow* and *failing* "
+        "are the shares of all calls sent to server 0 (10× slower) and server 1 (fails fast); a fair share "
+        f"is {1 / scenario.servers:.1%}, and server 0 can only serve about a tenth of that. *slow, last ⅓* is "
+        "server 0's share in the last third of the run, once the balancers have had time to learn. "
+        f"*imbalance* is the mean over samples every {scenario.sample_every * 1e3:g} ms of max/mean in-flight "
+        "calls (queued + in service) over the live servers; *w/o slow* is the same without server 0, whose "
+        "queue otherwise sets the maximum. *new: 1st s* is the added servers' share of calls in their first "
+        "second, as a fraction of a fair share; *new: ½ share* is how long until a 100 ms window first gave "
+        "them half a fair share.",
         "",
-        "| balancer | calls | mean | p50 | p99 | p999 | errors | slow | failing | imbalance "
-        "| new: 1st s | new: ½ share | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| balancer | calls | mean | p50 | p99 | p999 | errors | slow | slow, last ⅓ | failing | imbalance "
+        "| w/o slow | new: 1st s | new: ½ share | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    end = math.ceil(scenario.duration)
     for r in results:
         mean = sum(r.latencies) / len(r.latencies) if r.latencies else math.nan
         half = "never" if math.isinf(r.new_time_to_half) else f"{r.new_time_to_half:.1f} s"
@@ -63,8 +67,10 @@ def report(scenario: Scenario, results: list[Result], wall: dict[str, float]) ->
             name = "ring_hash (random keys)"
         lines.append(
             f"| {name} | {r.calls:,} | {_ms(mean)} | {_ms(r.percentile(0.5))} | {_ms(r.percentile(0.99))} "
-            f"| {_ms(r.percentile(0.999))} | {r.errors / r.calls:.2%} | {r.share(0):.2%} | {r.share(1):.2%} "
-            f"| {r.imbalance:.1f} | {r.new_share_first_second:.2f} | {half} | {wall[r.balancer]:.0f} |"
+            f"| {_ms(r.percentile(0.999))} | {r.errors / r.calls:.2%} | {r.share(0):.2%} "
+            f"| {r.share_during(0, 2 * end // 3, end):.2%} | {r.share(1):.2%} "
+            f"| {r.imbalance:.1f} | {r.imbalance_rest:.1f} | {r.new_share_first_second:.2f} | {half} "
+            f"| {wall[r.balancer]:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
