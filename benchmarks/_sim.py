@@ -116,6 +116,7 @@ class Result:
     latencies: list[float] = field(default_factory=list)  # successful calls, seconds
     picks: dict[int, int] = field(default_factory=dict)  # server id -> calls sent to it
     imbalance: float = 0.0  # mean over samples of max/mean in-flight over the live servers
+    mean_in_flight: float = 0.0  # mean over samples of the mean in-flight per live server
     imbalance_rest: float = 0.0  # the same without the slow server (whose queue dominates max)
     new_share_first_second: float = 0.0  # new servers' share of picks in their first second, over a fair share
     new_time_to_half: float = math.inf  # seconds until a 100 ms bin gave the new servers half their fair share
@@ -283,6 +284,8 @@ def run(scenario: Scenario, name: str) -> Result:
     imbalance_sum = 0.0
     imbalance_n = 0
     rest_sum = 0.0
+    in_flight_sum = 0.0
+    in_flight_n = 0
     rest_n = 0
     new_servers: list[_Server] = []
     added_at = math.inf
@@ -382,6 +385,8 @@ def run(scenario: Scenario, name: str) -> Result:
                 push(t + sc.sample_every, _SAMPLE, None)
             loads = [s.in_flight for s in servers if s.live]
             mean = sum(loads) / len(loads) if loads else 0.0
+            in_flight_sum += mean
+            in_flight_n += 1
             if mean > 0:
                 imbalance_sum += max(loads) / mean
                 imbalance_n += 1
@@ -409,6 +414,7 @@ def run(scenario: Scenario, name: str) -> Result:
     latencies.sort()
     result.picks = picks
     result.imbalance = imbalance_sum / imbalance_n if imbalance_n else math.nan
+    result.mean_in_flight = in_flight_sum / in_flight_n if in_flight_n else math.nan
     result.imbalance_rest = rest_sum / rest_n if rest_n else math.nan
     result.new_picks = sum(picks.get(s.id, 0) for s in new_servers)
     if new_servers and live_at_add:

@@ -48,13 +48,14 @@ def report(scenario: Scenario, results: list[Result], wall: dict[str, float]) ->
         "server 0's share in the last third of the run, once the balancers have had time to learn. "
         f"*imbalance* is the mean over samples every {scenario.sample_every * 1e3:g} ms of max/mean in-flight "
         "calls (queued + in service) over the live servers; *w/o slow* is the same without server 0, whose "
-        "queue otherwise sets the maximum. *new: 1st s* is the added servers' share of calls in their first "
-        "second, as a fraction of a fair share; *new: ½ share* is how long until a 100 ms window first gave "
+        "queue otherwise sets the maximum; *in flight* is the mean in-flight per server (queueing shows here: "
+        f"{scenario.workers} would be every worker busy). *new: 1st s* is the added servers' share of calls "
+        "in their first second, as a fraction of a fair share; *new: ½ share* is how long until a 100 ms window first gave "
         "them half a fair share.",
         "",
-        "| balancer | calls | mean | p50 | p99 | p999 | errors | slow | slow, last ⅓ | failing | imbalance "
-        "| w/o slow | new: 1st s | new: ½ share | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| balancer | calls | mean | p50 | p99 | p999 | errors | slow | slow, last ⅓ | failing | in flight "
+        "| imbalance | w/o slow | new: 1st s | new: ½ share | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     end = math.ceil(scenario.duration)
     for r in results:
@@ -69,8 +70,8 @@ def report(scenario: Scenario, results: list[Result], wall: dict[str, float]) ->
             f"| {name} | {r.calls:,} | {_ms(mean)} | {_ms(r.percentile(0.5))} | {_ms(r.percentile(0.99))} "
             f"| {_ms(r.percentile(0.999))} | {r.errors / r.calls:.2%} | {r.share(0):.2%} "
             f"| {r.share_during(0, 2 * end // 3, end):.2%} | {r.share(1):.2%} "
-            f"| {r.imbalance:.1f} | {r.imbalance_rest:.1f} | {r.new_share_first_second:.2f} | {half} "
-            f"| {wall[r.balancer]:.0f} |"
+            f"| {r.mean_in_flight:.1f} | {r.imbalance:.1f} | {r.imbalance_rest:.1f} "
+            f"| {r.new_share_first_second:.2f} | {half} | {wall[r.balancer]:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
