@@ -50,8 +50,8 @@ def report(scenario: Scenario, results: list[Result], wall: dict[str, float]) ->
         "calls (queued + in service) over the live servers; *w/o slow* is the same without server 0, whose "
         "queue otherwise sets the maximum; *in flight* is the mean in-flight per server (queueing shows here: "
         f"{scenario.workers} would be every worker busy). *new: 1st s* is the added servers' share of calls "
-        "in their first second, as a fraction of a fair share; *new: ½ share* is how long until a 100 ms window first gave "
-        "them half a fair share.",
+        "in their first second, as a fraction of a fair share; *new: ½ share* is how long until a 100 ms "
+        "window first gave them half a fair share.",
         "",
         "| balancer | calls | mean | p50 | p99 | p999 | errors | slow | slow, last ⅓ | failing | in flight "
         "| imbalance | w/o slow | new: 1st s | new: ½ share | wall s |",
