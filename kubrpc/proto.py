@@ -203,7 +203,8 @@ class _File:
         if origin is typing.Literal:
             return self._literal(tp, args)
         if tp in (list, set, frozenset, tuple, dict):
-            raise TypeError(f"bare {_name(tp)} has no protobuf type: give its items' type, e.g. {_name(tp)}[int]")
+            example = {dict: "dict[str, int]", tuple: "tuple[int, ...]"}.get(typing.cast(type, tp), f"{_name(tp)}[int]")
+            raise TypeError(f"bare {_name(tp)} has no protobuf type: give its items' type, e.g. {example}")
         if origin in (list, set, frozenset) or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
             return _REPEATED, self._item(tp, args[0], "List")
         if origin is tuple:
