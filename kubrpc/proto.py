@@ -203,7 +203,8 @@ class _File:
         if origin is typing.Literal:
             return self._literal(tp, args)
         if tp in (list, set, frozenset, tuple, dict):
-            example = {dict: "dict[str, int]", tuple: "tuple[int, ...]"}.get(typing.cast(type, tp), f"{_name(tp)}[int]")
+            examples: dict[object, str] = {dict: "dict[str, int]", tuple: "tuple[int, ...]"}
+            example = examples.get(tp, f"{_name(tp)}[int]")
             raise TypeError(f"bare {_name(tp)} has no protobuf type: give its items' type, e.g. {example}")
         if origin in (list, set, frozenset) or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
             return _REPEATED, self._item(tp, args[0], "List")
@@ -268,7 +269,8 @@ class _File:
         name = "Or".join(_camel(t) for _, t, _ in fields)
         if self.claim(name, ("oneof", tuple(t for _, t, _ in fields))):
             body = "".join(f"    {t} {n} = {i};\n" for n, t, i in fields)
-            self.defs[name] = f"message {name} {{\n  oneof value {{\n{body}  }}\n}}\n"
+            oneof = "kind" if "value" in names else "value"  # (a dataclass named Value)
+            self.defs[name] = f"message {name} {{\n  oneof {oneof} {{\n{body}  }}\n}}\n"
         return name
 
     def _literal(self, tp: object, args: tuple[Any, ...]) -> tuple[str, str]:
@@ -289,8 +291,8 @@ class _File:
             prefix = _upper_snake(name)
             lines = [_comment(_doc(tp), ""), f"enum {name} {{\n", f"  {prefix}_UNSPECIFIED = 0;\n"]
             for i, member in enumerate(tp, 1):
-                value = f"{prefix}_{member.name.upper()}"
-                if member.name.upper() == "UNSPECIFIED" or not _IDENT.match(value):
+                value = f"{prefix}_{_upper_snake(member.name)}"
+                if value == f"{prefix}_UNSPECIFIED" or not _IDENT.match(value):
                     raise TypeError(f"{tp.__qualname__}.{member.name}: cannot be the protobuf enum value {value}")
                 lines.append(f"  {value} = {i};\n")
             self.defs[name] = "".join(lines) + "}\n"

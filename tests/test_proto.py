@@ -7,7 +7,6 @@ import enum
 import os
 import subprocess
 import sys
-import typing
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +114,7 @@ class Orders(Protocol):
 
     async def pets(self, names: list[str]) -> dict[str, Cat | Dog]: ...
 
-    async def anything(self, value: Any, values: list[Any]) -> Any: ...
+    async def anything(self, value: Any, values: list[Any], maybe: Any | None) -> Any: ...
 
     async def maybe(self, id: uuid.UUID) -> Order | None: ...
 
@@ -253,11 +252,16 @@ def test_every_row_of_the_table(tmp_path: Path) -> None:
         ("ORDER_STATE_UNSPECIFIED", 0),
         ("ORDER_STATE_NEW", 1),
         ("ORDER_STATE_PAID", 2),
-        ("ORDER_STATE_SHIPPEDOUT", 3),
+        ("ORDER_STATE_SHIPPED_OUT", 3),
     ]
     assert fields(pool.FindMessageTypeByName("shop.v1.CreateRequest")) == {
         "order": (1, "shop.v1.Order", ""),
         "dry_run": (2, "bool", "optional"),
+    }
+    assert fields(pool.FindMessageTypeByName("shop.v1.AnythingRequest")) == {
+        "value": (1, "google.protobuf.Value", ""),
+        "values": (2, "google.protobuf.Value", "repeated"),
+        "maybe": (3, "google.protobuf.Value", ""),  # a Value holds null itself
     }
     assert fields(pool.FindMessageTypeByName("shop.v1.CountRequest")) == {
         "state": (1, "shop.v1.OrderState", "optional"),
