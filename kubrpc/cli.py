@@ -243,10 +243,13 @@ def _proto(spec: str, out: str | None) -> int:
         files = proto.render_files(target)
     except (TypeError, ValueError) as exc:
         raise _Fail(f"cannot render {where} as protobuf: {exc}") from None
-    os.makedirs(out, exist_ok=True)
     for name, text in files.items():
-        with open(os.path.join(out, name), "w", encoding="utf-8") as file:
-            file.write(text)
+        try:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, name), "w", encoding="utf-8") as file:
+                file.write(text)
+        except OSError as exc:
+            raise _Fail(f"cannot write {os.path.join(out, name)}: {exc.strerror or exc}") from None
         print(os.path.join(out, name))
     return 0
 

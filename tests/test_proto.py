@@ -314,6 +314,9 @@ def test_cli_prints_the_schema(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert main(["proto", f"{__name__}:Orders", "--out", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out == f"{tmp_path / 'out' / 'shop.v1.proto'}\n"
     assert (tmp_path / "out" / "shop.v1.proto").read_text() == proto.render(Orders)
+    (tmp_path / "file").write_text("")
+    assert main(["proto", f"{__name__}:Orders", "--out", str(tmp_path / "file")]) == 1
+    assert capsys.readouterr().err == f"kubrpc: cannot write {tmp_path / 'file' / 'shop.v1.proto'}: File exists\n"
 
 
 def test_cli_errors_are_one_line() -> None:
