@@ -1,4 +1,4 @@
-"""The `kubrpc` command: serve, call, list, describe (grpcurl's trio), resolve, and a demo.
+"""The `kubrpc` command: serve, call, list, describe (grpcurl's trio), resolve, proto, and a demo.
 
 Options also come from the environment (flags win): KUBRPC_BIND (serve's listen URLs, comma-separated),
 KUBRPC_LOG_LEVEL, KUBRPC_ACCESS_LOG (1: log every call), KUBRPC_TIMEOUT (seconds, for call, list and describe).
@@ -111,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
     resolve.add_argument("target")
     resolve.add_argument("--count", type=int, default=0, help="stop after this many snapshots (0: never)")
 
+    proto = command("proto", "print the proto3 schema of MODULE:ATTR, a kubrpc.Server or a service Protocol")
+    proto.add_argument("target", metavar="MODULE:ATTR", help="e.g. myapp.service:server (default attr: server)")
+    proto.add_argument("-o", "--out", metavar="DIR", help="write one PACKAGE.proto per protobuf package into DIR")
+
     demo = command("demo", "start 3 local servers (weights 1/2/5) and draw how each balancer spreads calls")
     demo.add_argument("--calls", type=int, default=4000, help="calls per balancer")
     demo.add_argument("--concurrency", type=int, default=32, help="calls in flight at once")
@@ -160,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run = {"call": _cli_call.call, "list": _cli_call.list_services, "describe": _cli_call.describe}
             return anyio.run(run[args.command], args)
+        if args.command == "proto":
+            return _proto(args.target, args.out)
         if args.command == "demo":
             from ._cli_demo import demo
 
@@ -198,6 +204,14 @@ def _check_bind(url: str) -> None:
 
 def _load_server(spec: str) -> Server:
     """The Server at MODULE:ATTR (ATTR defaults to `server`), imported from the current directory."""
+    where, server = _load(spec)
+    if not isinstance(server, Server):
+        raise _Fail(f"{where} is not a kubrpc.Server (its type is {type(server).__name__})")
+    return server
+
+
+def _load(spec: str) -> tuple[str, object]:
+    """`MODULE:ATTR` (ATTR defaults to `server`) and the object there, imported from the current directory."""
     module_name, _, attr = spec.partition(":")
     attr = attr or "server"
     if not module_name or not attr.isidentifier():
@@ -210,12 +224,34 @@ def _load_server(spec: str) -> Server:
             raise  # a module the user's module imports is missing: its traceback says where
         raise _Fail(f"cannot import {module_name!r}: no module named {exc.name!r} (from {os.getcwd()})") from None
     try:
-        server = getattr(module, attr)
+        return f"{module_name}:{attr}", getattr(module, attr)
     except AttributeError:
         raise _Fail(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(server, Server):
-        raise _Fail(f"{module_name}:{attr} is not a kubrpc.Server (its type is {type(server).__name__})")
-    return server
+
+
+def _proto(spec: str, out: str | None) -> int:
+    """Print the proto3 schema of a Server or a Protocol, or write one file per package into `out`."""
+    from . import proto
+
+    where, target = _load(spec)
+    if not isinstance(target, Server | type):
+        raise _Fail(f"{where} is not a kubrpc.Server or a service Protocol (its type is {type(target).__name__})")
+    try:
+        if out is None:
+            print(proto.render(target), end="")
+            return 0
+        files = proto.render_files(target)
+    except (TypeError, ValueError) as exc:
+        raise _Fail(f"cannot render {where} as protobuf: {exc}") from None
+    for name, text in files.items():
+        try:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, name), "w", encoding="utf-8") as file:
+                file.write(text)
+        except OSError as exc:
+            raise _Fail(f"cannot write {os.path.join(out, name)}: {exc.strerror or exc}") from None
+        print(os.path.join(out, name))
+    return 0
 
 
 def _serve(spec: str, binds: list[str], access_log: bool) -> int:
