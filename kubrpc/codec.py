@@ -49,6 +49,7 @@ __all__ = (
     "loads",
     "may_hold_float",
     "needs_exact_ints",
+    "unwrap",
 )
 
 MAX_DEPTH = 254
@@ -293,7 +294,7 @@ def _takes_big_ints(tp: object) -> bool | None:
         return True
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        members = {_unwrap(a) for a in typing.get_args(tp)}
+        members = {unwrap(a) for a in typing.get_args(tp)}
         if int in members and float in members:
             return True
     if origin is typing.Literal:
@@ -559,7 +560,8 @@ class _Member:
     shapes: dict[type, object]  # JSON type -> _ALL | frozenset of values | format name | the annotation
 
 
-def _unwrap(tp: object) -> object:
+def unwrap(tp: object) -> object:
+    """`tp` without Annotated and NewType wrappers (AwareDatetime is a datetime), as values travel."""
     while True:
         if typing.get_origin(tp) is typing.Annotated:
             tp = typing.get_args(tp)[0]
@@ -609,7 +611,7 @@ def _union(tp: object, lenient: bool) -> Decoder:
                 nulls.append(_Member(None, _none, "None", "null", {}))
             continue
         dec = decoder(m, ignore_unknown=lenient)
-        shapes = _shapes(_unwrap(m))
+        shapes = _shapes(unwrap(m))
         member = _Member(m, dec, _type_name(m), _name(m), shapes)
         if shapes.get(type(None)):
             nullable = True
@@ -659,7 +661,7 @@ def _union(tp: object, lenient: bool) -> Decoder:
 def _flatten(tp: object) -> list[object]:
     out: list[object] = []
     for m in typing.get_args(tp):
-        inner = _unwrap(m)
+        inner = unwrap(m)
         if typing.get_origin(inner) in (typing.Union, types.UnionType):
             out.extend(_flatten(inner))
         else:
@@ -742,7 +744,7 @@ def _tags(cls: type) -> dict[str, frozenset[object]]:
     out = {}
     for f in dataclasses.fields(cls):
         try:
-            shapes = _shapes(_unwrap(hints[f.name]))
+            shapes = _shapes(unwrap(hints[f.name]))
         except TypeError:  # an Enum with values JSON cannot carry: no tag
             continue
         if shapes and all(isinstance(s, frozenset) for s in shapes.values()):
@@ -756,7 +758,7 @@ def _dataclasses(tp: object, members: list[_Member], expected: str, lenient: boo
     Lenient (results), the keys that no member declares are left out first: a newer sender's additions.
     Ambiguity is judged on the declared fields alone, so both modes refuse the same unions.
     """
-    classes = [typing.cast(type, _unwrap(m.tp)) for m in members]
+    classes = [typing.cast(type, unwrap(m.tp)) for m in members]
     tags = [_tags(c) for c in classes]
     keys = [_wire_fields(c) for c in classes]
     for i, a in enumerate(members):
@@ -823,7 +825,7 @@ def _dataclasses(tp: object, members: list[_Member], expected: str, lenient: boo
 
 def _check_hashable(item: object, tp: object) -> None:
     """TypeError now if no value of `item` can be in a set: a set of them could never be decoded."""
-    inner = _unwrap(item)
+    inner = unwrap(item)
     origin = typing.get_origin(inner) or inner
     unhashable = origin in (list, dict, set) or (
         isinstance(inner, type) and dataclasses.is_dataclass(inner) and inner.__hash__ is None

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._version import __version__
+from .codec import unwrap
 from .interface import MethodSpec, ServiceSpec, service_spec
 from .openapi import _doc
 
@@ -174,7 +175,7 @@ class _File:
                 label = _OPTIONAL  # absent is not the zero value: the server applies the default
             fields.append(f"  {label}{t} {p.name} = {i};\n")
         self.defs[request] = f"message {request} {{\n{''.join(fields)}}}\n"
-        returns = _bare(m.returns)
+        returns = unwrap(m.returns)
         if returns is None or returns is type(None):
             self.imports.add(_IMPORTS[_EMPTY])
             return request, _EMPTY
@@ -191,7 +192,7 @@ class _File:
 
     def field(self, tp: object) -> tuple[str, str]:
         """(label, proto type) of a field of Python type `tp`: label "", "optional " or "repeated "."""
-        tp = _bare(tp)
+        tp = unwrap(tp)
         if tp in _SIMPLE:
             t = _SIMPLE[tp]
             if t in _IMPORTS:
@@ -316,17 +317,6 @@ class _File:
             fields.append(f"  {label}{t} {f.name} = {i};\n")
         self.defs[name] = f"{_comment(_doc(tp), '')}message {name} {{\n{''.join(fields)}}}\n"
         return name
-
-
-def _bare(tp: object) -> object:
-    """`tp` without Annotated and NewType (AwareDatetime is a datetime)."""
-    while True:
-        if typing.get_origin(tp) is typing.Annotated:
-            tp = typing.get_args(tp)[0]
-        elif isinstance(tp, typing.NewType):
-            tp = tp.__supertype__
-        else:
-            return tp
 
 
 def _owner(owner: object) -> str:
