@@ -83,7 +83,7 @@ class ConnectionPool:
                     if exc.unreachable is None:  # unless the transport says (inproc: a name lookup, no backoff)
                         exc.unreachable = True  # the caller marks the endpoint down
                     raise
-                self.down.pop(key, None)
+                self.answered(endpoint)
                 if (probe := self._probing.get(key)) is not None:  # connected: the calls waiting on it may go
                     self.end_probe(key, probe)
                 if self._closed:
@@ -105,6 +105,10 @@ class ConnectionPool:
         down = self.down.get((endpoint.host, endpoint.port))
         if down is not None and (wait := down[0] - time.monotonic()) > 0:
             raise NotDeliveredError(f"{endpoint.address} is unreachable, next attempt in {wait:.2f} s: {down[2]}")
+
+    def answered(self, endpoint: Endpoint) -> None:
+        """`endpoint` is reachable (a connection opened, or it answered a call): its connect backoff starts over."""
+        self.down.pop((endpoint.host, endpoint.port), None)
 
     def mark_down(self, key: Address, reason: str) -> None:
         """An endpoint could not be reached: avoid it for a jittered, growing while; calls picked to it

@@ -269,7 +269,7 @@ class Channel:
                 else:
                     result = await self._call_with_feedback(endpoint, path, payload, remaining, metadata)
                 if self._down:  # it answered: its connect backoff starts over
-                    self._down.pop((endpoint.host, endpoint.port), None)
+                    self._pool.answered(endpoint)
                 return result
             except NotDeliveredError as exc:
                 # Never reached a server, so a retry adds no load there: not charged to the budget.
@@ -281,7 +281,7 @@ class Channel:
                 if type(exc) is UnreachableError:  # maybe delivered: back off, but retry only if idempotent
                     self._pool.mark_down((endpoint.host, endpoint.port), exc.message)
                 elif self._down and exc.code not in _NO_ANSWER:  # the endpoint answered: reachable again
-                    self._down.pop((endpoint.host, endpoint.port), None)
+                    self._pool.answered(endpoint)
                 retryable = idempotent and exc.code is Status.UNAVAILABLE
                 if not retryable or attempt >= self.max_attempts or not budget.withdraw():
                     raise
