@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
 import math
 import socket
 from collections.abc import AsyncIterator
@@ -64,6 +63,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 from ._limits import ServerLimits
+from .errors import error_response
 from .status import Status
 
 __all__ = ("NOT_STARTED", "protocol_class", "serve_uvicorn")
@@ -82,21 +82,17 @@ def protocol_class(limits: ServerLimits) -> type[HttpToolsProtocol]:
     return cast("type[HttpToolsProtocol]", type("HttpProtocol", (_HttpProtocol,), {"limits": limits}))
 
 
-def error_response(status: int, code: Status, message: str, *extra: tuple[bytes, bytes]) -> bytes:
-    """A whole HTTP/1.1 error response with a kubrpc JSON body, closing the connection."""
-    body = orjson.dumps({"code": code.wire_name, "message": message})
-    head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n".encode()
-    head += b"".join(b"%s: %s\r\n" % header for header in extra)
-    return b"%scontent-length: %d\r\nconnection: close\r\n\r\n%s" % (head, len(body), body)
+async def send_json(send: Send, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Answer an ASGI request with the JSON `body` (and `extra` headers)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def send_error(send: Send, status: int, code: Status, message: str, *extra: tuple[bytes, bytes]) -> None:
     """Answer an ASGI request with a kubrpc JSON error and close the connection."""
     body = orjson.dumps({"code": code.wire_name, "message": message})
-    length = b"%d" % len(body)
-    headers = [(b"content-type", b"application/json"), (b"content-length", length), (b"connection", b"close"), *extra]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, status, body, ((b"connection", b"close"), *extra))
 
 
 def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:

@@ -9,12 +9,15 @@ ProtocolError                      a peer broke the wire format (internal; close
 from __future__ import annotations
 
 import base64
+import http
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
+
 from .status import Status
 
-__all__ = ("NotDeliveredError", "ProtocolError", "RpcError", "UnreachableError")
+__all__ = ("NotDeliveredError", "ProtocolError", "RpcError", "UnreachableError", "error_response")
 
 
 class RpcError(Exception):
@@ -137,3 +140,11 @@ def bad_request(violations: Iterable[tuple[str, str]]) -> dict[str, Any]:
         "value": base64.b64encode(message).decode().rstrip("="),
         "debug": {"fieldViolations": [{"field": f, "description": d} for f, d in pairs]},
     }
+
+
+def error_response(status: int, code: Status, message: str, *extra: tuple[bytes, bytes]) -> bytes:
+    """A whole HTTP/1.1 error response with a kubrpc JSON body, closing the connection (written on a raw socket)."""
+    body = orjson.dumps({"code": code.wire_name, "message": message})
+    head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n".encode()
+    head += b"".join(b"%s: %s\r\n" % header for header in extra)
+    return b"%scontent-length: %d\r\nconnection: close\r\n\r\n%s" % (head, len(body), body)

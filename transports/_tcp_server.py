@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, cast
 import anyio
 import orjson
 
-from kubrpc.errors import NotDeliveredError, ProtocolError, RpcError
+from kubrpc.errors import NotDeliveredError, ProtocolError, RpcError, error_response
 from kubrpc.status import Status
 
 from ._deadlines import Deadlines
@@ -67,15 +67,6 @@ _HTTP_REQUEST = re.compile(b"|".join(_HTTP_METHODS))
 def _may_be_http(first: bytes) -> bool:
     """Could `first`, a few bytes that are not the preface, still grow into an HTTP request line? (TCP can split it.)"""
     return len(first) < len(b"OPTIONS ") and any(m.startswith(first) for m in _HTTP_METHODS)
-
-
-def _http_answer(sockname: object) -> bytes:
-    """An HTTP 400 whose body, a kubrpc error, tells an HTTP client that this port speaks kubrpc's TCP protocol."""
-    address = f"{format_host(sockname[0])}:{sockname[1]}" if isinstance(sockname, tuple) else "HOST:PORT"
-    message = f"this is a kubrpc TCP port, not HTTP: use tcp://{address}"
-    body = orjson.dumps({"code": Status.FAILED_PRECONDITION.wire_name, "message": message})
-    head = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d"
-    return head % len(body) + b"\r\n\r\n" + body
 
 
 def _error_frame(stream: int, error: RpcError) -> bytes:
@@ -484,7 +475,10 @@ class _ServerConnection(FrameWriter):
         self._going_away = True
         transport = self.transport
         assert transport is not None
-        self.write_now(_http_answer(transport.get_extra_info("sockname")))
+        sockname = transport.get_extra_info("sockname")
+        address = f"{format_host(sockname[0])}:{sockname[1]}" if isinstance(sockname, tuple) else "HOST:PORT"
+        message = f"this is a kubrpc TCP port, not HTTP: use tcp://{address}"
+        self.write_now(error_response(400, Status.FAILED_PRECONDITION, message))
         if not transport.can_write_eof():
             self.close()
             return

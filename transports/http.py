@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kubrpc._asgi_server import NOT_STARTED, serve_uvicorn
+from kubrpc._asgi_server import NOT_STARTED, send_json, serve_uvicorn
 from kubrpc._idle import IdleSignal
 from kubrpc._limits import DEFAULT_MAX_MESSAGE_SIZE
 from kubrpc.endpoint import Endpoint
@@ -44,7 +44,6 @@ TIMEOUT_HEADER = "connect-timeout-ms"
 #: limit): the client retries it elsewhere. A 503 without it (a proxy's, a sidecar's) may come after the call ran.
 NOT_STARTED_HEADER = NOT_STARTED[0].decode()  # on a 503: the call never started, so it may go elsewhere
 _DEFAULT_LIMIT = DEFAULT_MAX_MESSAGE_SIZE
-_CONTENT_TYPE = (b"content-type", b"application/json")
 
 
 def build_app(server: ServerCore) -> ASGIApp:
@@ -106,7 +105,7 @@ class _App:
         body: bytes | None
         if scope["method"] != "POST":  # an HTTP-level error, as Connect servers answer it: 405 with Allow
             body = orjson.dumps({"code": Status.UNIMPLEMENTED.wire_name, "message": "RPC methods are called with POST"})
-            await _send(send, 405, body, ((b"allow", b"POST"),))
+            await send_json(send, 405, body, ((b"allow", b"POST"),))
             return
         server = self.server
         held = 0  # request bytes counted by server.admit()
@@ -157,10 +156,10 @@ class _App:
         except RpcError as exc:
             # A deadline that passed while the body was still arriving: the rest of it is not worth waiting for.
             close = body is None and exc.code is Status.DEADLINE_EXCEEDED
-            await _send(send, exc.code.http_status, orjson.dumps(exc.to_json()), _CLOSE if close else ())
+            await send_json(send, exc.code.http_status, orjson.dumps(exc.to_json()), _CLOSE if close else ())
             return
         if result is not None:
-            await _send(send, 200, result)
+            await send_json(send, 200, result)
 
     def _head(self, scope: Scope) -> tuple[float | None, dict[str, str], int | None]:
         """The request's deadline, metadata and Content-Length, from its headers."""
@@ -324,17 +323,6 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
     while (await receive())["type"] != "http.disconnect":
         pass
     scope.cancel()
-
-
-async def _send(send: Send, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [_CONTENT_TYPE, (b"content-length", b"%d" % len(body)), *extra],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 class HttpListener:
