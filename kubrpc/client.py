@@ -15,12 +15,23 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._pool import ConnectionPool
+from ._streaming import StreamCall, record, stream_stub
 from .codec import check_metadata
 from .endpoint import Endpoint
 from .errors import NotDeliveredError, RpcError, UnreachableError
 from .interceptors import ClientCall, ClientInterceptor, Proceed
-from .interface import MethodSpec, service_spec
-from .interfaces import Balancer, CallFeedback, Connection, KeyedBalancer, Resolver, ResolverDiagnostics, Transport
+from .interface import CallKind, MethodSpec, service_spec
+from .interfaces import (
+    Balancer,
+    CallFeedback,
+    Connection,
+    KeyedBalancer,
+    Resolver,
+    ResolverDiagnostics,
+    StreamingConnection,
+    StreamRecorder,
+    Transport,
+)
 from .status import Status
 
 if TYPE_CHECKING:
@@ -104,6 +115,7 @@ class Channel:
             self._interceptors = (metrics, *self._interceptors)
         # An interceptor that watches endpoints too (kubrpc.metrics.ClientMetrics) gets every snapshot.
         self._on_endpoints += tuple(i.observe_endpoints for i in self._interceptors if isinstance(i, EndpointObserver))
+        self._recorders = tuple(i for i in self._interceptors if isinstance(i, StreamRecorder))
         self.balancer_name = balancer if isinstance(balancer, str) else type(balancer).__name__
         self.balancer = create_balancer(balancer) if isinstance(balancer, str) else balancer
         self._feedback = self.balancer if isinstance(self.balancer, CallFeedback) else None
@@ -204,6 +216,13 @@ class Channel:
     ) -> Callable[..., Any]:
         if m.options.timeout is not None and (timeout is None or m.options.timeout < timeout):
             timeout = m.options.timeout
+        if m.kind is not CallKind.UNARY:
+            stub = stream_stub(
+                m, partial(self._open_for_stub, m.path, m.kind, timeout, m.options.idempotent, key, metadata)
+            )
+            stub.__name__ = m.attr
+            stub.__qualname__ = f"{m.service}.{m.attr}"
+            return stub
         path, idempotent, encode, decode = m.path, m.options.idempotent, m.encode_call, m.decode_result
 
         async def call(*args: Any, **kwargs: Any) -> Any:
@@ -291,6 +310,161 @@ class Channel:
             if tried is None:
                 tried = set()
             tried.add(endpoint)
+
+    async def _open_for_stub(
+        self,
+        path: str,
+        kind: CallKind,
+        timeout: float | None,
+        idempotent: bool,
+        key: str | None,
+        metadata: Mapping[str, str],
+        payload: bytes,
+    ) -> StreamCall:
+        return await self.open_stream(
+            path, payload, kind=kind, timeout=timeout, idempotent=idempotent, key=key, metadata=metadata
+        )
+
+    async def open_stream(
+        self,
+        path: str,
+        payload: bytes,
+        *,
+        kind: CallKind,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        key: str | None = None,
+        metadata: Mapping[str, str] = _EMPTY,
+    ) -> StreamCall:
+        """Open a stream call on one endpoint (the untyped API under streaming stubs).
+
+        The balancer picks the endpoint once; the stream stays there. A stream the server refused without running
+        it (draining, unreachable) is opened elsewhere, within `max_attempts`; nothing else is retried, since
+        messages may have been read. `timeout` covers the whole stream.
+        """
+        if self._task_group is None or self._closed:
+            if self._closed:
+                raise RuntimeError(f"channel is closed ({self.target}): call while its `async with` block runs")
+            raise RuntimeError("use the Channel as `async with kubrpc.connect(...) as channel:`")
+        if timeout is not None and not timeout < _FOREVER:
+            timeout = _check_timeout(timeout)
+        if self._interceptors and type(metadata) is not _Intercepted:
+            return await self._intercept_stream(path, payload, kind, timeout, idempotent, key, metadata)
+        if metadata:
+            try:
+                check_metadata(metadata)
+            except ValueError as exc:
+                raise RpcError(Status.INVALID_ARGUMENT, str(exc)) from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        tried: set[Endpoint] | None = None
+        while True:
+            attempt += 1
+            remaining = None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
+            endpoint = self._pick(key, tried) if self.endpoints else await self._first_pick(key, remaining)
+            probe: anyio.Event | None = None
+            feedback = self._feedback
+            started = False
+            try:
+                if self._down and (endpoint.host, endpoint.port) in self._down:
+                    probe = await self._pool.admit(endpoint, remaining)
+                if feedback is not None:
+                    feedback.on_start(endpoint)
+                    started = True
+                conn = self._connections.get((endpoint.host, endpoint.port))
+                if conn is None or not conn.usable:
+                    conn = await self._pool.get(endpoint, remaining)
+                if not isinstance(conn, StreamingConnection):
+                    raise RpcError(
+                        Status.UNIMPLEMENTED, f"the {self.transport_name} transport does not carry stream calls"
+                    )
+                stream = await conn.open_stream(path, payload, kind=kind, timeout=remaining, metadata=metadata)
+                if self._down:
+                    self._pool.answered(endpoint)
+                started = False  # the StreamCall reports the outcome to the balancer from here
+                return StreamCall(stream, path, partial(self._stream_ended, endpoint))
+            except NotDeliveredError as exc:
+                if started and feedback is not None:
+                    feedback.on_finish(endpoint, status=Status.UNAVAILABLE, latency=0.0)
+                    started = False
+                if exc.unreachable:
+                    self._pool.mark_down((endpoint.host, endpoint.port), exc.message)
+                if attempt >= self.max_attempts:
+                    raise
+            except RpcError as exc:
+                if started and feedback is not None:
+                    feedback.on_finish(endpoint, status=exc.code, latency=0.0)
+                    started = False
+                if type(exc) is UnreachableError:
+                    self._pool.mark_down((endpoint.host, endpoint.port), exc.message)
+                raise
+            finally:
+                if started and feedback is not None:  # cancelled while opening
+                    feedback.on_finish(endpoint, status=Status.CANCELLED, latency=0.0)
+                if probe is not None:
+                    self._pool.end_probe((endpoint.host, endpoint.port), probe)
+            if tried is None:
+                tried = set()
+            tried.add(endpoint)
+
+    def _stream_ended(self, endpoint: Endpoint, call: StreamCall) -> None:
+        """A stream call ended: tell the balancer (if it learns from calls) and the stream recorders (metrics)."""
+        assert call.status is not None
+        if self._feedback is not None:
+            self._feedback.on_finish(endpoint, status=call.status, latency=call.seconds)
+        if self._recorders:
+            record(self._recorders, call)
+
+    async def _intercept_stream(
+        self,
+        path: str,
+        payload: bytes,
+        kind: CallKind,
+        timeout: float | None,
+        idempotent: bool,
+        key: str | None,
+        metadata: Mapping[str, str],
+    ) -> StreamCall:
+        """open_stream() through the client interceptors: they run once, around the opening of the stream."""
+        service, _, method = path.partition("/")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        outgoing = {k.lower(): v for k, v in metadata.items()}
+        call = ClientCall(service, method, path, outgoing, deadline, idempotent, self.target, kind)
+        opened: list[StreamCall] = []
+
+        async def send() -> bytes:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            opened.append(
+                await self.open_stream(
+                    path,
+                    payload,
+                    kind=kind,
+                    timeout=remaining,
+                    idempotent=idempotent,
+                    key=key,
+                    metadata=_Intercepted(call.metadata),
+                )
+            )
+            return b""
+
+        proceed: Proceed = send
+        for interceptor in reversed(self._interceptors):
+            proceed = partial(interceptor, call, proceed)
+        try:
+            await proceed()
+        except BaseException:
+            for stream in opened:
+                stream.cancel()
+            raise
+        if not opened:
+            raise RpcError(Status.INTERNAL, f"a client interceptor of {path} did not call proceed()")
+        for extra in opened[:-1]:  # an interceptor that proceeded twice: only the last stream is used
+            extra.cancel()
+        return opened[-1]
 
     async def _intercept(
         self,

@@ -8,6 +8,9 @@ serve with `current_call()`.
 
 Client side, `connect(..., interceptors=[...])`: each interceptor gets a `ClientCall` whose `metadata` it may
 add to (sent as HTTP headers or TCP frame metadata) and a `proceed()` that sends the call, retries included.
+
+A stream is one call to the interceptors (`kind` says which): on the server `proceed()` runs the whole stream and
+returns the encoded result of a client stream (b"" for a stream of results); on the client it opens the stream.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from .interface import CallKind
 
 if TYPE_CHECKING:
     from .interface import MethodSpec
@@ -43,6 +48,8 @@ class CallInfo:
     """The client's address, `host:port` (empty when the transport does not know it)."""
     deadline: float | None
     """When the call times out, on the `time.monotonic()` clock; None without a deadline."""
+    kind: CallKind = CallKind.UNARY
+    """Unary, or which kind of stream: an interceptor runs once per stream, around all of it."""
 
     def time_remaining(self) -> float | None:
         """Seconds left until the deadline (negative once passed); None without a deadline."""
@@ -67,6 +74,9 @@ class ClientCall:
     """Whether the method may be retried."""
     target: str
     """The channel's target."""
+    kind: CallKind = CallKind.UNARY
+    """Unary, or which kind of stream. For a stream, `proceed()` opens it and returns b"" once the server
+    accepted it; the messages flow after the interceptors have returned."""
 
 
 class ServerInterceptor(Protocol):

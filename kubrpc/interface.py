@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections.abc
+import enum
 import inspect
 import typing
 from collections.abc import Callable, Mapping
@@ -14,7 +16,7 @@ from . import codec
 from .errors import RpcError, bad_request
 from .status import Status
 
-__all__ = ("MethodOptions", "MethodSpec", "ServiceSpec", "interface", "method", "service_spec")
+__all__ = ("CallKind", "MethodOptions", "MethodSpec", "Param", "ServiceSpec", "interface", "method", "service_spec")
 
 C = TypeVar("C", bound=type)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,6 +27,29 @@ _OPTIONS_ATTR = "__kubrpc_method__"
 
 
 _LISTED = 10  # errors spelled out in an INVALID_ARGUMENT message; all of them are in its details
+
+
+class CallKind(enum.Enum):
+    """What a method sends and receives, read from its annotations."""
+
+    UNARY = "unary"
+    """One request, one result."""
+    SERVER_STREAM = "server_stream"
+    """One request; the result is a stream: the method is `def m(...) -> AsyncIterator[T]`."""
+    CLIENT_STREAM = "client_stream"
+    """A stream of requests (one `AsyncIterable[T]` parameter) and one result."""
+    BIDI_STREAM = "bidi_stream"
+    """A stream each way: an `AsyncIterable[T]` parameter and an `AsyncIterator[R]` result."""
+
+    @property
+    def streams_requests(self) -> bool:
+        """True when the client sends a stream of messages (client and bidirectional streaming)."""
+        return self is CallKind.CLIENT_STREAM or self is CallKind.BIDI_STREAM
+
+    @property
+    def streams_results(self) -> bool:
+        """True when the server sends a stream of messages (server and bidirectional streaming)."""
+        return self is CallKind.SERVER_STREAM or self is CallKind.BIDI_STREAM
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +107,23 @@ class MethodSpec:
     name: str
     attr: str
     params: tuple[Param, ...]
+    """The ordinary arguments, sent in the request (a client stream's `AsyncIterable` parameter is `stream`)."""
     returns: object
+    """The result type; for a stream of results, the type of each message (`T` of `AsyncIterator[T]`)."""
     options: MethodOptions
     decode_result_value: codec.Decoder
     """Client side: the result plan, which ignores unknown keys (Param.decode, for arguments, refuses them)."""
     positional: tuple[str, ...] = field(default=())
+    kind: CallKind = CallKind.UNARY
+    stream: Param | None = None
+    """The `AsyncIterable[T]` parameter of a client or bidirectional stream; its `annotation` is `T`."""
+    declared: tuple[tuple[str, bool], ...] = ()
+    """Every parameter as (name, keyword-only), in order, the stream parameter included."""
+    declared_returns: object = None
+    """The return annotation as declared (`AsyncIterator[T]` for a stream of results)."""
+    encode_message: Callable[[object], bytes] = codec.dumps
+    """Client side: one message of the request stream as JSON bytes."""
+    parse_message: Callable[[bytes], Any] = orjson.loads
     encode_result: Callable[[object], bytes] = codec.dumps
     """Server side: the result as JSON bytes (floats-aware when the return type may hold floats)."""
     encode_arguments: Callable[[object], bytes] = codec.dumps
@@ -166,9 +203,12 @@ class MethodSpec:
     def encode_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
         """Client side: bind a Python call to named arguments and encode them (TypeError like Python's)."""
         if args:
-            if len(args) > len(self.positional):
-                raise TypeError(f"{self.attr}() takes {len(self.positional)} positional arguments, got {len(args)}")
-            named = dict(zip(self.positional, args, strict=False))
+            positional = self.positional
+            if self.stream is not None:
+                positional = tuple(name for name in positional if name != self.stream.name)
+            if len(args) > len(positional):
+                raise TypeError(f"{self.attr}() takes {len(positional)} positional arguments, got {len(args)}")
+            named = dict(zip(positional, args, strict=False))
             for key, value in kwargs.items():
                 if key in named:
                     raise TypeError(f"{self.attr}() got multiple values for argument {key!r}")
@@ -187,6 +227,36 @@ class MethodSpec:
         except TypeError as exc:
             reason = exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc  # orjson wraps default()'s
             raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {reason}") from None
+
+    def decode_message(self, data: bytes, index: int) -> Any:
+        """Server side: parse and validate message `index` (from 0) of the request stream (RpcError on bad input)."""
+        assert self.stream is not None
+        where = f"{self.stream.name}[{index}]"
+        try:
+            return self.stream.decode(self.parse_message(data), where)
+        except orjson.JSONDecodeError:
+            raise RpcError(Status.INVALID_ARGUMENT, f"message {where} is not valid JSON") from None
+        except codec.DecodeError as exc:
+            raise RpcError(Status.INVALID_ARGUMENT, f"invalid message {exc.path!r}: {exc.reason}") from None
+        except RecursionError:
+            raise RpcError(Status.INVALID_ARGUMENT, f"message {where} is nested too deeply") from None
+
+    def split_stream(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[bytes, Any]:
+        """Client side: a client stream's call as (the encoded ordinary arguments, the stream argument)."""
+        assert self.stream is not None
+        name = self.stream.name
+        if name in kwargs:
+            stream = kwargs[name]
+            kwargs = {k: v for k, v in kwargs.items() if k != name}
+        else:
+            at = self.positional.index(name) if name in self.positional else len(args)
+            if at >= len(args):
+                raise TypeError(f"{self.attr}() missing required argument {name!r}")
+            stream = args[at]
+            args = args[:at] + args[at + 1 :]
+        if not isinstance(stream, collections.abc.AsyncIterable):
+            raise TypeError(f"{self.attr}() argument {name!r} must be an async iterable, not {type(stream).__name__}")
+        return self.encode_call(args, kwargs), stream
 
     def decode_result(self, data: bytes) -> Any:
         """Client side: parse a result body back into the annotated return type."""
@@ -220,8 +290,6 @@ def service_spec(protocol: type) -> ServiceSpec:
     methods = {}
     for attr in _rpc_names(protocol):
         fn = inspect.getattr_static(protocol, attr)
-        if not inspect.iscoroutinefunction(fn):
-            raise TypeError(f"{protocol.__name__}.{attr} must be declared `async def`")
         methods[attr] = _method_spec(name, protocol, attr, fn)
     if not methods:
         raise TypeError(f"{protocol.__name__} declares no methods")
@@ -249,45 +317,100 @@ def _bare(tp: object) -> object:
     return typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
 
 
+def _streamed(tp: object, origins: tuple[object, ...]) -> object | None:
+    """T if `tp` is one of `origins`[T] (AsyncIterator[T], AsyncIterable[T], ...), else None."""
+    if typing.get_origin(tp) in origins:
+        args = typing.get_args(tp)
+        if not args:
+            raise TypeError(f"{tp!r} needs the type of its messages, e.g. AsyncIterator[int]")
+        item: object = args[0]
+        return item
+    return None
+
+
+_RESULT_STREAMS = (collections.abc.AsyncIterator, collections.abc.AsyncGenerator)
+_REQUEST_STREAMS = (collections.abc.AsyncIterable, collections.abc.AsyncIterator)
+
+
 def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]) -> MethodSpec:
     where = f"{protocol.__name__}.{attr}"
     try:
         hints = typing.get_type_hints(fn, include_extras=True)  # Annotated kept: AwareDatetime
     except Exception as exc:
         raise TypeError(f"cannot resolve the annotations of {where}: {exc}") from None
+    if "return" not in hints:
+        raise TypeError(f"{where} has no return annotation")
+    try:
+        result_item = _streamed(hints["return"], _RESULT_STREAMS)
+    except TypeError as exc:
+        raise TypeError(f"{where}: return type: {exc}") from None
+    if result_item is None and not inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"{where} must be declared `async def` (or `def {attr}(...) -> AsyncIterator[T]` for a stream of results)"
+        )
+    if result_item is not None and inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"{where} returns a stream: declare it `def {attr}(...) -> AsyncIterator[...]`, without `async`, since "
+            "an `async def` without `yield` is a coroutine that returns an iterator (`async for x in await ...`)"
+        )
     params = []
     positional = []
+    declared = []
+    stream: Param | None = None
     for p in list(inspect.signature(fn).parameters.values())[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise TypeError(f"{where}: *args and **kwargs cannot be sent over the wire")
         if p.name not in hints:
             raise TypeError(f"{where}: parameter {p.name!r} has no annotation")
+        declared.append((p.name, p.kind is p.KEYWORD_ONLY))
+        if p.kind is not p.KEYWORD_ONLY:
+            positional.append(p.name)
+        try:
+            item = _streamed(hints[p.name], _REQUEST_STREAMS)
+        except TypeError as exc:
+            raise TypeError(f"{where}: parameter {p.name!r}: {exc}") from None
+        if item is not None:
+            if stream is not None:
+                raise TypeError(
+                    f"{where}: parameters {stream.name!r} and {p.name!r} are both streams; a method takes at most "
+                    "one AsyncIterable parameter (send one stream of a dataclass that holds both)"
+                )
+            if p.default is not p.empty:
+                raise TypeError(f"{where}: the stream parameter {p.name!r} cannot have a default")
+            try:
+                stream = Param(p.name, item, True, None, codec.decoder(item))
+            except TypeError as exc:
+                raise TypeError(f"{where}: parameter {p.name!r}: messages: {exc}") from None
+            continue
         try:
             decode = codec.decoder(hints[p.name])
         except TypeError as exc:
             raise TypeError(f"{where}: parameter {p.name!r}: {exc}") from None
         required = p.default is p.empty
         params.append(Param(p.name, hints[p.name], required, None if required else p.default, decode))
-        if p.kind is not p.KEYWORD_ONLY:
-            positional.append(p.name)
-    if "return" not in hints:
-        raise TypeError(f"{where} has no return annotation")
+    returns = hints["return"] if result_item is None else result_item
     try:
         # A result ignores unknown keys at every level (a newer server may add fields); arguments refuse them.
-        decode_result = codec.decoder(hints["return"], ignore_unknown=True)
+        decode_result = codec.decoder(returns, ignore_unknown=True)
     except TypeError as exc:
         raise TypeError(f"{where}: return type: {exc}") from None
+    if stream is None:
+        kind = CallKind.UNARY if result_item is None else CallKind.SERVER_STREAM
+    else:
+        kind = CallKind.CLIENT_STREAM if result_item is None else CallKind.BIDI_STREAM
     options = getattr(fn, _OPTIONS_ATTR, None) or MethodOptions()
-    result_floats = codec.may_hold_float(hints["return"])
+    result_floats = codec.may_hold_float(returns)
     argument_floats = any(codec.may_hold_float(p.annotation) for p in params)
-    exact_result = codec.needs_exact_ints(hints["return"])
+    exact_result = codec.needs_exact_ints(returns)
     exact_arguments = any(codec.needs_exact_ints(p.annotation) for p in params)
+    message_floats = stream is not None and codec.may_hold_float(stream.annotation)
+    exact_messages = stream is not None and codec.needs_exact_ints(stream.annotation)
     return MethodSpec(
         service=service,
         name=options.name or attr,
         attr=attr,
         params=tuple(params),
-        returns=hints["return"],
+        returns=returns,
         options=options,
         decode_result_value=decode_result,
         positional=tuple(positional),
@@ -295,6 +418,12 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
         encode_arguments=codec.dumps_floats if argument_floats else codec.dumps,
         parse_arguments=codec.loads if exact_arguments else orjson.loads,
         parse_result=codec.loads if exact_result else orjson.loads,
+        kind=kind,
+        stream=stream,
+        declared=tuple(declared),
+        declared_returns=hints["return"],
+        encode_message=codec.dumps_floats if message_floats else codec.dumps,
+        parse_message=codec.loads if exact_messages else orjson.loads,
     )
 
 
@@ -306,33 +435,52 @@ def check_implementation(spec: ServiceSpec, impl: object) -> dict[str, Callable[
         fn = getattr(impl, attr, None)
         if fn is None or not callable(fn):
             raise TypeError(f"{type(impl).__name__} does not implement {proto}.{attr}")
-        if not inspect.iscoroutinefunction(fn):
+        if m.kind.streams_results:
+            if not inspect.isasyncgenfunction(fn):
+                raise TypeError(
+                    f"{type(impl).__name__}.{attr} must be an async generator (`async def` that `yield`s each message) "
+                    f"to implement the stream of results of {proto}.{attr}"
+                )
+        elif not inspect.iscoroutinefunction(fn):
             raise TypeError(f"{type(impl).__name__}.{attr} must be `async def` to implement {proto}.{attr}")
         try:
             sig = inspect.signature(fn)
         except (TypeError, ValueError):
             raise TypeError(f"cannot inspect the signature of {type(impl).__name__}.{attr}") from None
         got = [(p.name, p.kind is p.KEYWORD_ONLY) for p in sig.parameters.values()]
-        want = [(p.name, p.name not in m.positional) for p in m.params]
+        want = list(m.declared) or [(p.name, p.name not in m.positional) for p in m.params]
         if got != want:
             raise TypeError(
                 f"{type(impl).__name__}.{attr}{sig} does not match {proto}.{attr}: "
-                f"expected parameters ({', '.join(p.name for p in m.params)})"
+                f"expected parameters ({', '.join(name for name, _ in want)})"
             )
         try:
             impl_hints = typing.get_type_hints(fn)
         except Exception:
             impl_hints = {}
-        for p in m.params:
+        for p in m.params if m.stream is None else (*m.params, m.stream):
+            if p is m.stream and p.name in impl_hints:
+                if _streamed(impl_hints[p.name], _REQUEST_STREAMS) not in (p.annotation, _bare(p.annotation)):
+                    raise TypeError(
+                        f"{type(impl).__name__}.{attr}: parameter {p.name!r} is {impl_hints[p.name]!r}, "
+                        f"but {proto}.{attr} declares a stream of {p.annotation!r}"
+                    )
+                continue
             if p.name in impl_hints and impl_hints[p.name] not in (p.annotation, _bare(p.annotation)):
                 raise TypeError(
                     f"{type(impl).__name__}.{attr}: parameter {p.name!r} is {impl_hints[p.name]!r}, "
                     f"but {proto}.{attr} declares {p.annotation!r}"
                 )
-        if "return" in impl_hints and impl_hints["return"] != m.returns:
+        returns = m.declared_returns if m.declared_returns is not None else m.returns
+        if "return" in impl_hints and impl_hints["return"] != returns and not _same_stream(impl_hints["return"], m):
             raise TypeError(
                 f"{type(impl).__name__}.{attr} returns {impl_hints['return']!r}, "
-                f"but {proto}.{attr} declares {m.returns!r}"
+                f"but {proto}.{attr} declares {returns!r}"
             )
         handlers[attr] = fn
     return handlers
+
+
+def _same_stream(declared: object, m: MethodSpec) -> bool:
+    """An implementation may declare AsyncIterator[T] or AsyncGenerator[T, None] for the Protocol's AsyncIterator[T]."""
+    return m.kind.streams_results and _streamed(declared, _RESULT_STREAMS) in (m.returns, _bare(m.returns))

@@ -13,16 +13,19 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ._limits import ServerLimits
 from .endpoint import Endpoint
+from .interface import CallKind
 from .status import Status
 
 if TYPE_CHECKING:
-    from .interface import ServiceSpec
+    from .interface import MethodSpec, ServiceSpec
     from .openapi import Info
 
 __all__ = (
     "AsgiTransport",
     "Balancer",
     "CallFeedback",
+    "CallKind",
+    "ClientStream",
     "Connection",
     "KeyedBalancer",
     "Listener",
@@ -31,6 +34,8 @@ __all__ = (
     "ResolverDiagnostics",
     "ServerCore",
     "ServerLimits",
+    "StreamRecorder",
+    "StreamingConnection",
     "Transport",
 )
 
@@ -156,6 +161,69 @@ class Connection(Protocol):
         ...
 
 
+class ClientStream(Protocol):
+    """The client's end of one open stream call (`StreamingConnection.open_stream`).
+
+    One deadline (open_stream's `timeout`) covers the whole stream: once it passes, the call is cancelled on
+    the server and `send()`/`receive()` raise RpcError(DEADLINE_EXCEEDED). Flow control: `send()` waits while
+    the server has not read what was sent before (within the window the transport allows), so a slow reader
+    slows the writer and memory stays bounded; the transport likewise lets the server send only as far as
+    `receive()` keeps up.
+    """
+
+    async def send(self, message: bytes, /) -> bool:
+        """Send one encoded message, waiting for flow control; False (nothing sent) once the call has ended.
+
+        A call may end before the client has sent everything: the server answered without reading it all. A
+        sender stops at False; it learns how the call ended from `receive()`.
+        """
+        ...
+
+    async def close_send(self) -> None:
+        """Half-close: no more messages from the client (the server's request iterator ends)."""
+        ...
+
+    async def receive(self) -> bytes | None:
+        """The next encoded message from the server; None once the stream ended without error.
+
+        RpcError with the call's status if it ended with one: after the messages sent before the error.
+        """
+        ...
+
+    def cancel(self) -> None:
+        """Cancel the call on the server unless it has ended; free the stream. Idempotent, never blocks."""
+        ...
+
+
+@runtime_checkable
+class StreamingConnection(Protocol):
+    """Optional: a Connection that carries stream calls (every built-in transport does)."""
+
+    async def open_stream(
+        self, path: str, payload: bytes, *, kind: CallKind, timeout: float | None, metadata: Mapping[str, str]
+    ) -> ClientStream:
+        """Start a stream call of `kind` with the ordinary arguments `payload`; return once the server accepted it.
+
+        NotDeliveredError if the server refused it without running anything (draining, over its limits before
+        admission): the channel then opens it elsewhere. Other failures are RpcError, as for `Connection.call`.
+        """
+        ...
+
+
+@runtime_checkable
+class StreamRecorder(Protocol):
+    """Optional: an interceptor (server or client) that counts the messages of stream calls (kubrpc.metrics).
+
+    Called once per stream call when it ends, with its final status and duration in seconds.
+    """
+
+    def record_stream(
+        self, path: str, /, *, status: Status, seconds: float, received: int, sent: int, client: bool
+    ) -> None:
+        """A stream call at `path` ended: `received` and `sent` count messages, from this side's point of view."""
+        ...
+
+
 @runtime_checkable
 class MetricsExposition(Protocol):
     """Optional: a server interceptor that records metrics and can show them (kubrpc.metrics.ServerMetrics).
@@ -187,6 +255,11 @@ class ServerCore(Protocol):
     - `draining` turns True when the server starts shutting down (SIGTERM): health checks answer 503
       from then on. It is the server's state, not a listener's: each listener drains its own connections
       when its `listen()` context exits.
+    - `method(path)` says what a call at `path` is (its `kind`: unary or which stream), None if unknown;
+      `dispatch_stream()` runs a stream call: `messages` yields the client's encoded messages (client and
+      bidirectional streams; the transport grants the client credit as they are read), `send` writes each
+      encoded message of the server's stream and waits for flow control. It returns the encoded result of a
+      client stream, None for a stream of results, or raises RpcError (after the messages already sent).
     """
 
     @property
@@ -225,6 +298,25 @@ class ServerCore(Protocol):
         deadline_enforced: bool = False,
     ) -> bytes:
         """Run the call at `path` and return its encoded result, or raise RpcError."""
+        ...
+
+    async def dispatch_stream(
+        self,
+        path: str,
+        payload: bytes,
+        *,
+        messages: AsyncIterator[bytes] | None,
+        send: Callable[[bytes], Awaitable[None]],
+        timeout: float | None,
+        metadata: Mapping[str, str],
+        peer: str = "",
+        deadline_enforced: bool = False,
+    ) -> bytes | None:
+        """Run the stream call at `path`: the result of a client stream, None for a stream of results."""
+        ...
+
+    def method(self, path: str, /) -> MethodSpec | None:
+        """The method served at `path` (`Service/method`), None if there is none."""
         ...
 
     def admit(self, size: int, /) -> bool:

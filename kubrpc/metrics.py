@@ -43,6 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .endpoint import Endpoint
 from .errors import RpcError
 from .interceptors import CallInfo, ClientCall, Proceed
+from .interface import CallKind
 from .status import Status
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ class _ServerCollectors:
     calls: Counter
     seconds: Histogram
     in_flight: Gauge
+    messages: Counter
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,16 @@ class _ClientCollectors:
     calls: Counter
     seconds: Histogram
     endpoints: Gauge
+    messages: Counter
+
+
+def _messages(side: str, registry: CollectorRegistry) -> Counter:
+    return Counter(
+        f"kubrpc_{side}_stream_messages_total",
+        "Messages of stream calls, by direction (received or sent, as this side sees them).",
+        ("service", "method", "direction"),
+        registry=registry,
+    )
 
 
 # One set of metrics per registry: prometheus-client refuses to register a metric name twice.
@@ -119,6 +131,7 @@ def _server_metrics_of(registry: CollectorRegistry, buckets: Sequence[float]) ->
                 ("service", "method"),
                 registry=registry,
             ),
+            _messages("server", registry),
         )
         _server_collectors[registry] = found
     return found
@@ -147,6 +160,7 @@ def _client_metrics_of(registry: CollectorRegistry, buckets: Sequence[float]) ->
                 ("target", "state"),
                 registry=registry,
             ),
+            _messages("client", registry),
         )
         _client_collectors[registry] = found
     return found
@@ -216,6 +230,7 @@ class ServerMetrics:
         self._calls = collectors.calls
         self._seconds = collectors.seconds
         self._in_flight = collectors.in_flight
+        self._messages = collectors.messages
         self._methods: dict[str, tuple[_PerMethod, Gauge]] = {}
 
     async def __call__(self, call: CallInfo, proceed: Proceed, /) -> bytes:
@@ -232,6 +247,12 @@ class ServerMetrics:
             return await per.record(proceed, call.deadline)
         finally:
             in_flight.dec()
+
+    def record_stream(
+        self, path: str, /, *, status: Status, seconds: float, received: int, sent: int, client: bool
+    ) -> None:
+        """Count the messages of a stream call that ended (the call itself was counted around it)."""
+        _count_messages(self._messages, path, received, sent)
 
     def record_unimplemented(self, path: str, services: Mapping[str, ServiceSpec]) -> None:
         """Count a call of an unknown service or method (as `unknown`, never under the path it named)."""
@@ -263,14 +284,34 @@ class ClientMetrics:
         self._calls = collectors.calls
         self._seconds = collectors.seconds
         self._endpoints = collectors.endpoints
+        self._messages = collectors.messages
         self._methods: dict[str, _PerMethod] = {}
 
     async def __call__(self, call: ClientCall, proceed: Proceed, /) -> bytes:
         """Send the call, counting it by method and final status (after retries) and timing it."""
-        per = self._methods.get(call.path)
-        if per is None:
-            per = self._methods[call.path] = _PerMethod(self._calls, self._seconds, call.service, call.method)
+        per = self._per_method(call.path)
+        if call.kind is not CallKind.UNARY:  # a stream is counted when it ends (record_stream)
+            return await proceed()
         return await per.record(proceed, call.deadline)
+
+    def _per_method(self, path: str) -> _PerMethod:
+        per = self._methods.get(path)
+        if per is None:
+            service, _, method = path.partition("/")
+            per = self._methods[path] = _PerMethod(self._calls, self._seconds, service, method)
+        return per
+
+    def record_stream(
+        self, path: str, /, *, status: Status, seconds: float, received: int, sent: int, client: bool
+    ) -> None:
+        """Count a stream call that ended: the call under its final status, its duration and its messages."""
+        per = self._per_method(path)
+        if status is Status.OK:
+            per.ok.inc()
+        else:
+            per.failed(status.name)
+        per.seconds.observe(seconds)
+        _count_messages(self._messages, path, received, sent)
 
     def observe_endpoints(self, channel: Channel, endpoints: Sequence[Endpoint]) -> None:
         """A Channel's `on_endpoints` hook: set the endpoint gauges of its target (remove them once it is closed)."""
@@ -289,6 +330,14 @@ class ClientMetrics:
 
     def __repr__(self) -> str:
         return f"<ClientMetrics {len(self._methods)} methods>"
+
+
+def _count_messages(counter: Counter, path: str, received: int, sent: int) -> None:
+    service, _, method = path.partition("/")
+    if received:
+        counter.labels(service, method, "received").inc(received)
+    if sent:
+        counter.labels(service, method, "sent").inc(sent)
 
 
 def _exposition(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:

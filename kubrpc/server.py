@@ -7,8 +7,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -19,8 +19,8 @@ import anyio
 from ._limits import DEFAULT_MAX_MESSAGE_SIZE, ServerLimits
 from .errors import RpcError
 from .interceptors import CallInfo, Proceed, ServerInterceptor, _current
-from .interface import MethodSpec, ServiceSpec, check_implementation, service_spec
-from .interfaces import AsgiTransport, Listener, MetricsExposition
+from .interface import CallKind, MethodSpec, ServiceSpec, check_implementation, service_spec
+from .interfaces import AsgiTransport, Listener, MetricsExposition, StreamRecorder
 from .status import Status
 
 if TYPE_CHECKING:
@@ -104,6 +104,7 @@ class Server:
             (i for i in self.interceptors if isinstance(i, MetricsExposition)), None
         )
         """The interceptor recording this server's calls that can show them (kubrpc.metrics), if any."""
+        self._recorders = tuple(i for i in self.interceptors if isinstance(i, StreamRecorder))
         self.services: dict[str, ServiceSpec] = {}
         self._routes: dict[str, _Route] = {}
         self._app: ASGIApp | None = None
@@ -205,10 +206,8 @@ class Server:
         TCP transport does, with one timer for all its calls); dispatch then only reports the deadline.
         """
         route = self._routes.get(path)
-        if route is None:
-            if self.metrics is not None:
-                self.metrics.record_unimplemented(path, self.services)
-            raise _unimplemented(path, self.services, hints=self._reflection)
+        if route is None or route.spec.kind is not CallKind.UNARY:
+            raise self._not_served(path, route, unary=True)
         limit = route.spec.options.timeout
         if limit is not None and (timeout is None or limit < timeout):
             timeout = limit
@@ -273,6 +272,89 @@ class Server:
             log.error("an interceptor of %s returned %s, not the encoded result", path, type(result).__name__)
             raise RpcError(Status.INTERNAL, "internal error")
         return result
+
+    async def dispatch_stream(
+        self,
+        path: str,
+        payload: bytes,
+        *,
+        messages: AsyncIterator[bytes] | None,
+        send: Callable[[bytes], Awaitable[None]],
+        timeout: float | None,
+        metadata: Mapping[str, str],
+        peer: str = "",
+        deadline_enforced: bool = False,
+    ) -> bytes | None:
+        """Run one stream call (kubrpc.interfaces.ServerCore): the result of a client stream, else None.
+
+        The handler's arguments are decoded from `payload`; a client stream's messages come from `messages`,
+        each validated as it is read (a bad one is INVALID_ARGUMENT and ends the call); each message the handler
+        yields is encoded and given to `send`. The deadline, interceptors and errors work as for dispatch(),
+        around the whole stream.
+        """
+        route = self._routes.get(path)
+        if route is None or route.spec.kind is CallKind.UNARY:
+            raise self._not_served(path, route, unary=False)
+        spec = route.spec
+        limit = spec.options.timeout
+        if limit is not None and (timeout is None or limit < timeout):
+            timeout = limit
+            deadline_enforced = False
+        start = time.monotonic()
+        at = None if timeout is None else start + timeout
+        call = CallInfo(spec.service, spec.name, path, metadata, peer, at, spec.kind)
+        counts = [0, 0]  # messages received, sent
+        proceed: Proceed = partial(_run_stream, route, payload, messages, send, counts)
+        for interceptor in reversed(self.interceptors):
+            proceed = partial(interceptor, call, proceed)
+        context = _current.set(call)
+        deadline: asyncio.Timeout | None = None
+        status = Status.CANCELLED
+        try:
+            if timeout is None or deadline_enforced:
+                result = await proceed()
+            else:
+                async with asyncio.timeout(timeout) as deadline:
+                    result = await proceed()
+            status = Status.OK
+        except RpcError as exc:
+            status = exc.code
+            raise
+        except BaseException as exc:
+            failure = _failure(exc, deadline, path)
+            if isinstance(failure, RpcError):
+                status = failure.code
+            raise failure from None
+        finally:
+            _current.reset(context)
+            for recorder in self._recorders:
+                recorder.record_stream(
+                    path,
+                    status=status,
+                    seconds=time.monotonic() - start,
+                    received=counts[0],
+                    sent=counts[1],
+                    client=False,
+                )
+        if type(result) is not bytes:
+            log.error("an interceptor of %s returned %s, not the encoded result", path, type(result).__name__)
+            raise RpcError(Status.INTERNAL, "internal error")
+        return None if spec.kind.streams_results else result
+
+    def _not_served(self, path: str, route: _Route | None, *, unary: bool) -> RpcError:
+        """UNIMPLEMENTED for an unknown path, or for a method called as the wrong kind (a stream as unary, ...)."""
+        if route is None:
+            if self.metrics is not None:
+                self.metrics.record_unimplemented(path, self.services)
+            return _unimplemented(path, self.services, hints=self._reflection)
+        kind = route.spec.kind.value.replace("_", " ")
+        if unary:
+            return RpcError(
+                Status.UNIMPLEMENTED,
+                f"{path} is a {kind} call: call it with a streaming client (a kubrpc stub, or a Connect client "
+                "over HTTP with Content-Type application/connect+json), not as a unary call",
+            )
+        return RpcError(Status.UNIMPLEMENTED, f"{path} is a unary call, not a stream: call it as one")
 
     def asgi(self) -> ASGIApp:
         """The HTTP/JSON transport as an ASGI app: `uvicorn mymodule:app` serves it."""
@@ -354,6 +436,48 @@ async def _run_handler(route: _Route, payload: bytes) -> bytes:
     """The innermost step of an interceptor chain: decode the arguments, run the handler, encode its result."""
     result = await route.handler(**route.spec.decode_args(payload))
     return route.spec.encode_result(result)
+
+
+async def _run_stream(
+    route: _Route,
+    payload: bytes,
+    messages: AsyncIterator[bytes] | None,
+    send: Callable[[bytes], Awaitable[None]],
+    counts: list[int],
+) -> bytes:
+    """The innermost step of a stream call: decode, run the handler, stream or encode what it gives."""
+    spec = route.spec
+    kwargs = spec.decode_args(payload)
+    requests = None
+    if spec.stream is not None:
+        if messages is None:
+            raise RpcError(Status.INTERNAL, "internal error: the transport gave no request stream")
+        requests = kwargs[spec.stream.name] = _requests(spec, messages, counts)
+    try:
+        if not spec.kind.streams_results:
+            return spec.encode_result(await route.handler(**kwargs))
+        encode = spec.encode_result
+        async with aclosing(route.handler(**kwargs)) as results:
+            async for item in results:
+                try:
+                    data = encode(item)
+                except TypeError:
+                    log.exception("a message of %s cannot be encoded", spec.path)
+                    raise RpcError(Status.INTERNAL, "internal error") from None
+                await send(data)
+                counts[1] += 1
+        return b""
+    finally:
+        if requests is not None:
+            await requests.aclose()
+
+
+async def _requests(spec: MethodSpec, messages: AsyncIterator[bytes], counts: list[int]) -> AsyncGenerator[Any, None]:
+    """The client's messages, each decoded and validated as the handler reads it."""
+    async for data in messages:
+        item = spec.decode_message(data, counts[0])
+        counts[0] += 1
+        yield item
 
 
 def event_loop_options() -> dict[str, Any]:

@@ -41,14 +41,28 @@ from kubrpc.status import Status
 
 from ._deadlines import Deadlines
 from ._frames import encode_metadata
+from ._streams import Inbox
 
 if TYPE_CHECKING:
+    from kubrpc.interface import CallKind
     from kubrpc.interfaces import ServerCore
 
-__all__ = ("INPROC_PORT", "InprocConnection", "InprocListener", "InprocTransport", "parse_name", "resolver")
+__all__ = (
+    "INPROC_PORT",
+    "STREAM_WINDOW",
+    "InprocConnection",
+    "InprocListener",
+    "InprocStream",
+    "InprocTransport",
+    "parse_name",
+    "resolver",
+)
 
 #: The port of every inproc endpoint (`Endpoint(NAME, INPROC_PORT)`); it means nothing, an Endpoint needs one.
 INPROC_PORT = 1
+
+#: Bytes a stream's writer may send ahead of its reader, each way (a message larger than it still goes alone).
+STREAM_WINDOW = 64 * 1024
 
 log = logging.getLogger("kubrpc.inproc")
 
@@ -190,6 +204,7 @@ class InprocConnection:
         self._dispatch = listener.server.dispatch
         self._loop = listener.loop
         self._calls: dict[int, tuple[asyncio.Task[None], asyncio.Future[bytes]]] = {}
+        self._streams: dict[int, InprocStream] = {}
         self._next = 1
         self._waiting = 0  # callers waiting for an answer (a handler may run on a little after its caller left)
         self._idle = IdleSignal()
@@ -210,8 +225,8 @@ class InprocConnection:
         """Return once no call is in flight on this connection."""
         await self._idle.wait(lambda: self._waiting > 0)
 
-    async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
-        """Run one call on the server and return its encoded result; cancelling the wait cancels the handler."""
+    def _admit(self, payload: bytes, metadata: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
+        """The checks and admission of a new call (as on the wire), and what the server gets of it."""
         listener = self.listener
         if self._closed or listener.closing:
             raise NotDeliveredError(f"{listener.url} is shutting down" if not self._closed else "connection closed")
@@ -231,6 +246,12 @@ class InprocConnection:
             raise RpcError(Status.RESOURCE_EXHAUSTED, "too many concurrent calls on this connection")
         if not server.admit(len(payload)):
             raise RpcError(Status.RESOURCE_EXHAUSTED, "server busy")
+        return payload, dict(metadata)
+
+    async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
+        """Run one call on the server and return its encoded result; cancelling the wait cancels the handler."""
+        listener = self.listener
+        payload, metadata = self._admit(payload, metadata)
         if timeout == math.inf:
             timeout = None
         stream = self._next
@@ -285,7 +306,69 @@ class InprocConnection:
         if not answer.done():
             answer.set_result(result)
 
+    async def open_stream(
+        self, path: str, payload: bytes, *, kind: CallKind, timeout: float | None, metadata: Mapping[str, str]
+    ) -> InprocStream:
+        """Start a stream call on the server (kubrpc.interfaces.StreamingConnection)."""
+        listener = self.listener
+        payload, metadata = self._admit(payload, metadata)
+        if timeout == math.inf:
+            timeout = None
+        stream = InprocStream(self, kind)
+        key = self._next
+        self._next = key + 1
+        answer: asyncio.Future[bytes] = self._loop.create_future()  # only for the bookkeeping of _call_done
+        answer.set_result(b"")
+        task = self._loop.create_task(
+            self._run_stream(path, payload, timeout, metadata, stream), context=listener.context.copy()
+        )
+        stream.task = task
+        self._calls[key] = (task, answer)
+        self._streams[key] = stream
+        listener.calls.add(task)
+        task.add_done_callback(partial(self._call_done, key, len(payload), answer))
+        if timeout is not None:
+            self._deadlines.add(key, timeout)
+        self._waiting += 1
+        return stream
+
+    async def _run_stream(
+        self, path: str, payload: bytes, timeout: float | None, metadata: Mapping[str, str], stream: InprocStream
+    ) -> None:
+        requests = stream.requests
+        try:
+            result = await self.listener.server.dispatch_stream(
+                path,
+                payload,
+                messages=requests,
+                send=stream.server_send,
+                timeout=timeout,
+                metadata=metadata,
+                deadline_enforced=True,
+            )
+            if result is not None:
+                stream.server_send_now(result)
+            stream.results.end()
+        except RpcError as exc:  # code and message only, as the wire carries them
+            stream.results.end(RpcError.from_json(exc.to_json()))
+        except Exception:
+            log.exception("inproc stream %s failed", path)
+            stream.results.end(RpcError(Status.INTERNAL, "internal error"))
+        except asyncio.CancelledError:
+            raise  # _call_done ends the stream, if the client is still reading
+        except BaseException:
+            stream.results.end(RpcError(Status.INTERNAL, "internal error"))
+            raise
+        finally:
+            requests.abort(RpcError(Status.CANCELLED, "the call has ended"))
+
     def _call_done(self, stream: int, size: int, answer: asyncio.Future[bytes], task: asyncio.Task[None]) -> None:
+        inproc_stream = self._streams.pop(stream, None)
+        if inproc_stream is not None:
+            reason = "connection closed" if self._closed else f"{self.listener.url} stopped"
+            inproc_stream.results.end(RpcError(Status.UNAVAILABLE, f"{reason} before the call finished"))
+            inproc_stream.requests.abort(RpcError(Status.CANCELLED, "the call has ended"))
+            inproc_stream.finished()
         del self._calls[stream]
         self._deadlines.discard(stream)
         self.listener.server.release(size)
@@ -295,6 +378,9 @@ class InprocConnection:
             answer.set_exception(RpcError(Status.UNAVAILABLE, f"{reason} before the call finished"))
 
     def _deadline_passed(self, stream: int) -> None:
+        inproc_stream = self._streams.get(stream)
+        if inproc_stream is not None:
+            inproc_stream.results.abort(RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded"))
         entry = self._calls.get(stream)
         if entry is not None:
             task, answer = entry
@@ -313,3 +399,68 @@ class InprocConnection:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "going away" if self.listener.closing else "open"
         return f"<InprocConnection {self.listener.url} [{state}, {len(self._calls)} in flight]>"
+
+
+class InprocStream:
+    """A stream call in this process: two inboxes, each writer waiting while STREAM_WINDOW bytes are unread."""
+
+    def __init__(self, connection: InprocConnection, kind: CallKind) -> None:
+        self.connection = connection
+        self.kind = kind
+        self.requests = Inbox()
+        """The client's messages, read by the handler."""
+        self.results = Inbox()
+        """The server's messages and how the call ended, read by the client."""
+        self.task: asyncio.Task[None] | None = None
+        self._counted = True  # in the connection's in-flight count until finished()
+
+    async def server_send(self, data: bytes) -> None:
+        """The handler yielded `data`: wait for the client to have read enough, then pass it on."""
+        self._check_size(data, "response")
+        await self.results.room(STREAM_WINDOW)
+        self.results.put(data)
+
+    def server_send_now(self, data: bytes) -> None:
+        """The one result of a client stream."""
+        self._check_size(data, "response")
+        self.results.put(data)
+
+    def _check_size(self, data: bytes, what: str) -> None:
+        conn = self.connection
+        if len(data) > conn.listener.max_message_size or len(data) > conn.max_message_size:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, f"{what} exceeds the maximum message size")
+
+    async def send(self, message: bytes, /) -> bool:
+        """Send one message to the handler, once it has read enough of the earlier ones; False once it ended."""
+        if len(message) > self.connection.max_message_size or len(message) > self.connection.listener.max_message_size:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
+        await self.requests.room(STREAM_WINDOW)
+        if self.results.ended or self.requests.ended:
+            return False
+        self.requests.put(message if type(message) is bytes else bytes(message))
+        return True
+
+    async def close_send(self) -> None:
+        """No more messages: the handler's iterator ends."""
+        self.requests.end()
+
+    async def receive(self) -> bytes | None:
+        """The handler's next message, None at the end, or the call's error."""
+        return await self.results.get()
+
+    def cancel(self) -> None:
+        """Cancel the handler unless the call has ended."""
+        if not self.results.ended:
+            self.results.abort(RpcError(Status.CANCELLED, "cancelled by the client"))
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self.finished()
+
+    def finished(self) -> None:
+        """The call no longer counts as in flight on its connection."""
+        if self._counted:
+            self._counted = False
+            conn = self.connection
+            conn._waiting -= 1
+            if not conn._waiting:
+                conn._idle.notify()
