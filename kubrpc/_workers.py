@@ -46,10 +46,10 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 import anyio
@@ -110,12 +110,14 @@ def supervise(
     *,
     ready: Callable[[list[str]], None] | None = None,
     expected: tuple[type[BaseException], ...] = (OSError,),
+    backend_options: Mapping[str, Any] | None = None,
 ) -> int:
     """Serve the Server that `load()` returns (called in each worker) from `workers` forked processes.
 
     Binds `urls` here, calls `ready(urls)` with the bound URLs once every worker serves, and returns once all
     have exited after SIGTERM/SIGINT: 0, or 1 if one failed. Errors of the `expected` types, raised by `load()`
-    or while a worker starts, are reported by their message alone, others with their traceback too.
+    or while a worker starts, are reported by their message alone, others with their traceback too. Each worker
+    runs its event loop with anyio.run's `backend_options` (kubrpc.server.event_loop_options()).
     """
     if not hasattr(os, "fork"):
         raise RuntimeError("workers > 1 need os.fork (Unix)")
@@ -125,9 +127,8 @@ def supervise(
         raise ValueError("give at least one URL to listen on, e.g. tcp://0.0.0.0:9000")
     socks: list[socket.socket] = []
     try:
-        for url in urls:
-            socks.append(bind(url))
-        return _Supervisor(load, list(urls), socks, workers, ready, expected).run()
+        socks.extend(bind(url) for url in urls)  # one at a time: those bound before a failure are closed
+        return _Supervisor(load, list(urls), socks, workers, ready, expected, dict(backend_options or {})).run()
     finally:
         for sock in socks:
             sock.close()
@@ -161,8 +162,10 @@ class _Supervisor:
         count: int,
         ready: Callable[[list[str]], None] | None,
         expected: tuple[type[BaseException], ...],
+        backend_options: dict[str, Any],
     ) -> None:
         self.load = load
+        self.backend_options = backend_options
         self.urls = urls
         self.socks = socks
         self.ready = ready
@@ -176,7 +179,7 @@ class _Supervisor:
         self.status = 0
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
-        self.mask: set[signal.Signals] = set()
+        self.mask: set[int | signal.Signals] = set()
 
     def run(self) -> int:
         for fd in (self.wake_r, self.wake_w):
@@ -265,14 +268,14 @@ class _Supervisor:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
             self._close_fds()
-            code = _serve_worker(self.load, self.urls, self.socks, status, self.expected)
-        except BaseException:  # noqa: S110 - reported by _serve_worker; the status says the rest
+            code = _serve_worker(self.load, self.urls, self.socks, status, self.expected, self.backend_options)
+        except BaseException:  # reported by _serve_worker; the status says the rest
             pass
         finally:
             for stream in (sys.stdout, sys.stderr):
                 try:
                     stream.flush()
-                except Exception:  # noqa: S110 - a closed stream: nothing to flush
+                except Exception:  # a closed stream: nothing to flush
                     pass
             os._exit(code)
 
@@ -382,10 +385,9 @@ def _serve_worker(
     socks: Sequence[socket.socket],
     status: int,
     expected: tuple[type[BaseException], ...],
+    backend_options: dict[str, Any],
 ) -> int:
     """A worker's life: load the Server, serve until SIGTERM, drain; returns the exit status."""
-    from .server import event_loop_options
-
     served = False
 
     def ready(bound: list[str]) -> None:
@@ -397,7 +399,7 @@ def _serve_worker(
     try:
         server = load()
         listens = [(url, {"sock": sock}) for url, sock in zip(urls, socks, strict=True)]
-        anyio.run(partial(_serve, server, listens, ready, os.getppid()), backend_options=event_loop_options())
+        anyio.run(partial(_serve, server, listens, ready, os.getppid()), backend_options=backend_options)
     except BaseException as exc:
         if isinstance(exc, expected):
             message = str(exc)
@@ -426,7 +428,7 @@ async def _serve(
 
 
 async def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
+    while os.getppid() == parent:  # noqa: ASYNC110 - nothing tells a process that its parent died; poll
         await anyio.sleep(1.0)
     log.warning("the supervisor (pid %d) is gone; draining", parent)
     os.kill(os.getpid(), signal.SIGTERM)

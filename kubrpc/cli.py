@@ -1,7 +1,8 @@
 """The `kubrpc` command: serve, call, list, describe (grpcurl's trio), resolve, proto, and a demo.
 
 Options also come from the environment (flags win): KUBRPC_BIND (serve's listen URLs, comma-separated),
-KUBRPC_WORKERS (serve's worker processes), KUBRPC_LOG_LEVEL, KUBRPC_ACCESS_LOG (1: log every call), KUBRPC_TIMEOUT (seconds, for call, list and describe).
+KUBRPC_WORKERS (serve's worker processes), KUBRPC_LOG_LEVEL, KUBRPC_ACCESS_LOG (1: log every call),
+KUBRPC_TIMEOUT (seconds, for call, list and describe).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubrpc",
         description="Typed asyncio RPC for Python services on Kubernetes.",
-        epilog="Environment: KUBRPC_BIND, KUBRPC_WORKERS, KUBRPC_LOG_LEVEL, KUBRPC_ACCESS_LOG, KUBRPC_TIMEOUT (flags win).",
+        epilog="Environment: KUBRPC_BIND, KUBRPC_WORKERS, KUBRPC_LOG_LEVEL, KUBRPC_ACCESS_LOG, KUBRPC_TIMEOUT "
+        "(flags win).",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"kubrpc {__version__}")
@@ -302,7 +304,8 @@ def _serve(spec: str, binds: list[str], access_log: bool, workers: int = 1) -> i
 
         load = functools.partial(_serving, spec, access_log)
         try:
-            return supervise(load, binds, workers, ready=ready, expected=(_Fail, OSError))
+            options = event_loop_options()
+            return supervise(load, binds, workers, ready=ready, expected=(_Fail, OSError), backend_options=options)
         except WorkerStartupError as exc:
             raise _Fail(f"a worker failed to start: {_one_line(str(exc))}") from None
         except OSError as exc:  # address in use, no such host, permission denied

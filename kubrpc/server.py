@@ -359,7 +359,7 @@ class Server:
         if workers != 1:
             from ._workers import supervise
 
-            status = supervise(lambda: self, urls, workers)
+            status = supervise(lambda: self, urls, workers, backend_options=event_loop_options())
             if status:
                 raise SystemExit(status)
             return

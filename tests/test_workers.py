@@ -140,10 +140,12 @@ def children(pid: int) -> set[int]:
 
 
 async def wait_for_file(path: Path) -> str:
+    """The text of `path`, once something has written it."""
+    file = anyio.Path(path)
     with anyio.fail_after(60):
-        while not path.exists() or not path.read_text():
+        while not await file.exists() or not await file.read_text():
             await anyio.sleep(0.02)
-    return path.read_text()
+    return await file.read_text()
 
 
 async def read_until(stream: anyio.abc.ByteReceiveStream, text: str, seen: bytearray) -> None:
@@ -170,11 +172,7 @@ async def test_two_workers_share_each_port_over_tcp_and_http(app: Path, tmp_path
             started, release = tmp_path / f"started{n}", tmp_path / f"release{n}"
             held: list[int] = []
             async with kubrpc.connect(url) as first, anyio.create_task_group() as tasks:
-
-                async def hold() -> None:
-                    held.append(await first.stub(Workers, timeout=60).hold(str(started), str(release)))
-
-                tasks.start_soon(hold)
+                tasks.start_soon(_hold, first, started, release, held)
                 blocked = int(await wait_for_file(started))
                 async with kubrpc.connect(url) as second:
                     other = await second.stub(Workers, timeout=20).pid()
@@ -297,7 +295,9 @@ async def test_an_address_in_use_fails_before_any_worker_starts(app: Path) -> No
         ([], {"KUBRPC_WORKERS": "many"}, "kubrpc: bad KUBRPC_WORKERS: expected a number of worker processes >= 1"),
     ],
 )
-async def test_a_bad_worker_count_is_a_usage_error(app: Path, args: list[str], env: dict[str, str], message: str) -> None:
+async def test_a_bad_worker_count_is_a_usage_error(
+    app: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
     command = [KUBRPC, "serve", "app:server", "--bind", "tcp://127.0.0.1:0", *args]
     with anyio.fail_after(60):
         result = await anyio.run_process(command, cwd=app.parent, env=_env(app, **env), check=False)
@@ -347,9 +347,12 @@ async def test_serve_takes_an_already_bound_socket() -> None:
         async with server.serve(f"{scheme}://127.0.0.1:9", sock=sock) as listener:  # the URL's port is not used
             assert listener.url == f"{scheme}://127.0.0.1:{port}"
             async with kubrpc.connect(listener.url) as channel:
-
                 assert await channel.stub(Arith, timeout=10).add(1, 2) == 3
         assert sock.fileno() == -1  # the listener took it over and closed it
+
+
+async def _hold(channel: kubrpc.Channel, started: Path, release: Path, held: list[int]) -> None:
+    held.append(await channel.stub(Workers, timeout=60).hold(str(started), str(release)))
 
 
 async def _rest(stream: anyio.abc.ByteReceiveStream) -> bytes:
