@@ -180,6 +180,7 @@ class _Supervisor:
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
         self.mask: set[int | signal.Signals] = set()
+        self.handlers: dict[signal.Signals, Callable[[int, Any], Any] | int] = {}
 
     def run(self) -> int:
         for fd in (self.wake_r, self.wake_w):
@@ -187,6 +188,7 @@ class _Supervisor:
         self.selector.register(self.wake_r, selectors.EVENT_READ)
         old_wakeup = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (*_SIGNALS, signal.SIGCHLD)}
+        self.handlers = {sig: signal.SIG_DFL if handler is None else handler for sig, handler in old_handlers.items()}
         try:
             if threading.active_count() > 1:
                 log.warning(
@@ -202,8 +204,11 @@ class _Supervisor:
             for pid in self.workers:  # only after an error here: stop what was started
                 _kill(pid, signal.SIGKILL)
             for pid in self.workers:
-                os.waitpid(pid, 0)
-            for sig, handler in old_handlers.items():
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+            for sig, handler in self.handlers.items():
                 signal.signal(sig, handler)
             signal.set_wakeup_fd(old_wakeup)
             self._close_fds()
@@ -263,9 +268,8 @@ class _Supervisor:
         code = 1
         try:
             signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for sig, handler in self.handlers.items():  # as this process had them: serve_forever sets its own
+                signal.signal(sig, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
             self._close_fds()
             code = _serve_worker(self.load, self.urls, self.socks, status, self.expected, self.backend_options)
