@@ -257,6 +257,26 @@ async def test_a_killed_worker_is_restarted(app: Path) -> None:
         assert f"worker 0 (pid {victim}) was killed by SIGKILL; restarting it in" in stderr
 
 
+async def test_workers_whose_supervisor_was_killed_drain_and_exit(app: Path) -> None:
+    async with serving(app, "--workers", "2", "--bind", "tcp://127.0.0.1:0") as (process, _):
+        workers = children(process.pid)
+        assert len(workers) == 2
+        process.kill()  # SIGKILL: no chance to forward anything
+        await process.wait()
+        with anyio.fail_after(60):
+            while any(alive(pid) for pid in workers):
+                await anyio.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """Is `pid` running (not gone, not a zombie)?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 @pytest.mark.parametrize(
     ("target", "message"),
     [
