@@ -93,8 +93,8 @@ def bind(url: str) -> socket.socket:
         raise OSError(exc.errno, f"cannot listen on {url}: {exc.strerror or exc}") from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:  # as asyncio's create_server: IPv6 only, an IPv4 URL binds its own
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if family == socket.AF_INET6 and parts.scheme == "tcp":  # as each transport binds: tcp's create_server is
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # IPv6 only, http's [::] dual-stack
         sock.bind(address)
         sock.listen(_BACKLOG)
     except OSError as exc:
