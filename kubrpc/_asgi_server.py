@@ -512,24 +512,29 @@ async def serve_uvicorn(
     port: int,
     *,
     ssl: SSLContext | None = None,
+    sock: socket.socket | None = None,
     limits: ServerLimits | None = None,
     **options: Any,
 ) -> AsyncIterator[tuple[str, uvicorn.Server]]:
     """Run `app` with uvicorn on host:port (0: any) inside the block; yields the bound URL and the server.
 
     Connections are held to `limits` (header and body timeouts, header size; the defaults if None), and
-    uvicorn's `limit_concurrency` counts requests in progress, not connections.
+    uvicorn's `limit_concurrency` counts requests in progress, not connections. `sock`: serve this bound
+    socket instead (it is closed when the block exits).
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
+    if sock is None:
+        sock = socket.socket(
+            socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        )  # asyncio sets TCP_NODELAY only then
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+        except BaseException:
+            sock.close()
+            raise
+    sock.setblocking(False)
+    family = sock.family
     bound = sock.getsockname()
     options.setdefault("http", protocol_class(limits or ServerLimits()))
     options.setdefault("ws", "none")  # no WebSocket routes: an Upgrade request is plain HTTP/1.1, then the close

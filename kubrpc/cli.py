@@ -1,7 +1,8 @@
 """The `kubrpc` command: serve, call, list, describe (grpcurl's trio), resolve, proto, and a demo.
 
 Options also come from the environment (flags win): KUBRPC_BIND (serve's listen URLs, comma-separated),
-KUBRPC_LOG_LEVEL, KUBRPC_ACCESS_LOG (1: log every call), KUBRPC_TIMEOUT (seconds, for call, list and describe).
+KUBRPC_WORKERS (serve's worker processes), KUBRPC_LOG_LEVEL, KUBRPC_ACCESS_LOG (1: log every call),
+KUBRPC_TIMEOUT (seconds, for call, list and describe).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubrpc",
         description="Typed asyncio RPC for Python services on Kubernetes.",
-        epilog="Environment: KUBRPC_BIND, KUBRPC_LOG_LEVEL, KUBRPC_ACCESS_LOG, KUBRPC_TIMEOUT (flags win).",
+        epilog="Environment: KUBRPC_BIND, KUBRPC_WORKERS, KUBRPC_LOG_LEVEL, KUBRPC_ACCESS_LOG, KUBRPC_TIMEOUT "
+        "(flags win).",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"kubrpc {__version__}")
@@ -86,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         default=env.get("KUBRPC_ACCESS_LOG", "") not in ("", "0", "false", "no"),
         help="log one line per call: peer, path, status, duration ($KUBRPC_ACCESS_LOG=1)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=None,
+        metavar="N",
+        help="serve from N processes that share the ports; SIGTERM drains them all (default: $KUBRPC_WORKERS, else 1)",
     )
 
     try:
@@ -158,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
-            return _serve(args.server, args.bind or _env_binds(), args.access_log)
+            workers = args.workers or _env_workers()
+            return _serve(args.server, args.bind or _env_binds(), args.access_log, workers)
         if args.command in ("call", "list", "describe"):
             from . import _cli_call
 
@@ -185,6 +195,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _env_binds() -> list[str]:
     binds = os.environ.get("KUBRPC_BIND", "").replace(",", " ").split()
     return binds or [DEFAULT_BIND]
+
+
+def _worker_count(text: str) -> int:
+    """--workers: a whole number >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of worker processes >= 1, not {text!r}")
+    return int(text)
+
+
+def _env_workers() -> int:
+    text = os.environ.get("KUBRPC_WORKERS", "").strip()
+    if not text:
+        return 1
+    try:
+        return _worker_count(text)
+    except argparse.ArgumentTypeError as exc:
+        raise _Fail(f"bad KUBRPC_WORKERS: {exc}", 2) from None
 
 
 def _check_bind(url: str) -> None:
@@ -254,19 +281,36 @@ def _proto(spec: str, out: str | None) -> int:
     return 0
 
 
-def _serve(spec: str, binds: list[str], access_log: bool) -> int:
-    for url in binds:
-        _check_bind(url)
+def _serving(spec: str, access_log: bool) -> Server:
+    """The Server at `spec`, with the access log if asked for."""
     server = _load_server(spec)
     if access_log:
         from .access_log import AccessLog
 
         logging.getLogger("kubrpc.access").setLevel(logging.INFO)
         server.interceptors = (AccessLog(), *server.interceptors)  # first: it sees rejected calls too
+    return server
+
+
+def _serve(spec: str, binds: list[str], access_log: bool, workers: int = 1) -> int:
+    for url in binds:
+        _check_bind(url)
 
     def ready(urls: list[str]) -> None:
         print("serving on " + " ".join(urls), flush=True)
 
+    if workers > 1:  # each worker imports the module itself (kubrpc._workers); the supervisor never does
+        from ._workers import WorkerStartupError, supervise
+
+        load = functools.partial(_serving, spec, access_log)
+        try:
+            options = event_loop_options()
+            return supervise(load, binds, workers, ready=ready, expected=(_Fail, OSError), backend_options=options)
+        except WorkerStartupError as exc:
+            raise _Fail(f"a worker failed to start: {_one_line(str(exc))}") from None
+        except OSError as exc:  # address in use, no such host, permission denied
+            raise _Fail(str(exc.strerror or exc)) from None
+    server = _serving(spec, access_log)
     try:
         anyio.run(functools.partial(server.serve_forever, *binds, ready=ready), backend_options=event_loop_options())
     except OSError as exc:  # address in use, no such host, permission denied

@@ -400,9 +400,15 @@ class Server:
 
     async def serve_forever(self, *urls: str, ready: Callable[[list[str]], None] | None = None) -> None:
         """Serve on every URL until SIGTERM or SIGINT, then drain and return."""
+        await self._serve_forever([(url, {}) for url in urls], ready)
+
+    async def _serve_forever(
+        self, listens: Sequence[tuple[str, Mapping[str, Any]]], ready: Callable[[list[str]], None] | None
+    ) -> None:
+        """serve_forever() on each (URL, serve() options) pair: a pre-fork worker passes `sock=` (kubrpc._workers)."""
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with AsyncExitStack() as stack:
-                listeners = [await stack.enter_async_context(self.serve(url)) for url in urls]
+                listeners = [await stack.enter_async_context(self.serve(url, **options)) for url, options in listens]
                 bound = [listener.url for listener in listeners]
                 log.info("serving on %s", ", ".join(bound))
                 if ready is not None:
@@ -422,10 +428,23 @@ class Server:
                     log.info("draining")
                     break
 
-    def run(self, *urls: str) -> None:
-        """Serve on every URL until SIGTERM/SIGINT, then drain: the blocking entry point of a service."""
+    def run(self, *urls: str, workers: int = 1) -> None:
+        """Serve on every URL until SIGTERM/SIGINT, then drain: the blocking entry point of a service.
+
+        `workers=N` (N > 1) serves from N processes forked from this one, which share the listening sockets
+        bound here; SIGTERM/SIGINT drains them all, a worker that dies is restarted (see kubrpc._workers).
+        Each worker holds its own connections and limits. Raises SystemExit(1) if a worker failed while
+        draining, and kubrpc._workers.WorkerStartupError if one failed before it served.
+        """
         if not urls:
             raise ValueError("give at least one URL to listen on, e.g. tcp://0.0.0.0:9000")
+        if workers != 1:
+            from ._workers import supervise
+
+            status = supervise(lambda: self, urls, workers, backend_options=event_loop_options())
+            if status:
+                raise SystemExit(status)
+            return
         anyio.run(self.serve_forever, *urls, backend_options=event_loop_options())
 
     def __repr__(self) -> str:

@@ -344,6 +344,9 @@ class HttpTransport:
     HTTP/1.1 has no ping, so a client bounds silence two ways: TCP keepalive probes (`keepalive_interval` seconds
     idle, then probes for `keepalive_timeout` seconds; None: off) close connections whose peer host is gone, and a
     call without a deadline fails with UNAVAILABLE once it has waited `read_timeout` seconds for a response byte.
+
+    `sock=` (server side) serves an already bound socket instead of binding host:port, as the workers of
+    `Server.run(workers=N)` share their supervisor's; the listener takes it over and closes it when done.
     """
 
     def __init__(
@@ -357,6 +360,7 @@ class HttpTransport:
         read_timeout: float = 300.0,
         ssl: SSLContext | None = None,
         server_hostname: str | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         if keepalive_interval is not None and not keepalive_interval > 0:
             raise ValueError("keepalive_interval must be > 0 or None")
@@ -369,6 +373,7 @@ class HttpTransport:
         self.read_timeout = read_timeout
         self.ssl = ssl
         self.server_hostname = server_hostname
+        self.sock = sock
 
     async def connect(self, endpoint: Endpoint, /) -> HttpConnection:
         """A connection pool to `endpoint` (connections open lazily, on the first call)."""
@@ -387,6 +392,7 @@ class HttpTransport:
             host,
             port,
             ssl=self.ssl,
+            sock=self.sock,
             limits=limits,
             timeout_graceful_shutdown=math.ceil(limits.drain_timeout) or 1,
             # Requests in progress at once; beyond it a 503 that says the call did not start: clients retry elsewhere.

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from ssl import SSLContext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -34,6 +35,9 @@ class TcpTransport:
     `connect_timeout`; any failure before that is a connect failure (NotDeliveredError). A server closes a
     connection that has not sent the preface within `preface_timeout` seconds, and one whose frame (over 1 KiB)
     has begun arriving and is not complete within `frame_timeout` seconds.
+
+    `sock=` (server side) serves an already bound socket instead of binding host:port, as the workers of
+    `Server.run(workers=N)` share their supervisor's; the listener takes it over and closes it when done.
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class TcpTransport:
         server_hostname: str | None = None,
         preface_timeout: float = 10.0,
         frame_timeout: float = 30.0,
+        sock: socket.socket | None = None,
     ) -> None:
         if keepalive_interval is not None and not keepalive_interval > 0:
             raise ValueError("keepalive_interval must be > 0 or None")
@@ -61,6 +66,7 @@ class TcpTransport:
         self.keepalive = None if keepalive_interval is None else (keepalive_interval, keepalive_timeout)
         self.ssl = ssl
         self.server_hostname = server_hostname
+        self.sock = sock
 
     async def connect(self, endpoint: Endpoint, /) -> TcpConnection:
         """Open a connection to `endpoint`; NotDeliveredError if it cannot be reached."""
@@ -95,10 +101,10 @@ class TcpTransport:
         loop = asyncio.get_running_loop()
         limit = self.max_message_size or server.limits.max_message_size
         listener = TcpListener(server, limit, self.preface_timeout, self.frame_timeout)
+        where: dict[str, Any] = {"host": host, "port": port} if self.sock is None else {"sock": self.sock}
         aserver = await loop.create_server(
             lambda: _ServerConnection(listener),
-            host,
-            port,
+            **where,
             ssl=self.ssl,
             ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT if self.ssl is not None else None,
         )
