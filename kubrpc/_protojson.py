@@ -32,8 +32,7 @@ from typing import Any
 
 import orjson
 
-from .codec import DecodeError, decoder, unwrap
-from .codec import _wire_value as wire_value
+from .codec import DecodeError, _wire_value as wire_value, decoder, unwrap
 from .errors import RpcError, bad_request
 from .interface import MethodSpec
 from .proto import _SCALARS, _camel, _pascal, _upper_snake
@@ -99,6 +98,7 @@ class _Conv:
     zero: Any = _MISSING  # the native value of an absent plain field
     message = False  # a message type: it has presence, and an absent field is unset, not zero
     null = False  # `null` is a value of the type (google.protobuf.Value), not "absent"
+    hint = ""  # what a required field of this type must hold, for "missing field" errors
 
     def emit(self, value: Any) -> Any:
         """A native JSON value as proto3 JSON."""
@@ -173,8 +173,9 @@ class _Double(_Conv):
 class _String(_Conv):
     proto, zero = "string", ""
 
-    def __init__(self, zero: Any = "") -> None:
+    def __init__(self, zero: Any = "", hint: str = "") -> None:
         self.zero = zero
+        self.hint = hint
 
     def parse(self, value: Any, path: str) -> Any:
         if type(value) is str:
@@ -282,6 +283,7 @@ class _Enum(_Conv):
             self.values[name] = native
             self.values[number] = native
         self.expected = "one of " + ", ".join(n for n in self.values if type(n) is str)
+        self.hint = self.expected
 
     def emit(self, value: Any) -> Any:
         try:
@@ -455,8 +457,8 @@ class _Message(_Conv):
                 if absent is _OMIT:
                     continue
                 if absent is _MISSING:
-                    why = "a message field" if f.conv.message else f"its zero value is no valid {f.conv.proto}"
-                    raise ProtoJsonError(_sub(path, given.get(f.name, f.json)), f"missing field (required; {why})")
+                    hint = f.conv.hint or f"a {f.conv.proto}"
+                    raise ProtoJsonError(_sub(path, given.get(f.name, f.json)), f"missing field: give {hint}")
                 out[f.name] = absent.copy() if isinstance(absent, list | dict) else absent
         return out
 
@@ -490,7 +492,9 @@ class _Oneof(_Conv):
         for key, v in value.items():
             f = self.by_key.get(key)
             if f is None:
-                raise ProtoJsonError(_sub(path, key), f"unexpected field {_short(key)} in {self.proto}: give {self.expected}")
+                raise ProtoJsonError(
+                    _sub(path, key), f"unexpected field {_short(key)} in {self.proto}: give {self.expected}"
+                )
             if v is None and not f.conv.null:
                 continue
             if chosen is not None:
@@ -509,8 +513,8 @@ _SIMPLE: dict[object, Callable[[], _Conv]] = {
     bytes: _Bytes,
     bool: _Bool,
     datetime.datetime: _Timestamp,
-    datetime.date: lambda: _String(_MISSING),  # an RFC 3339 full-date: "" is none
-    uuid.UUID: lambda: _String(_MISSING),
+    datetime.date: lambda: _String(_MISSING, "a date string (2024-05-01)"),  # "" is no date
+    uuid.UUID: lambda: _String(_MISSING, "a UUID string"),
     typing.Any: _Value,
     object: _Value,
 }
@@ -565,8 +569,10 @@ def _build(tp: object) -> tuple[str, _Conv]:
         if issubclass(kind, enum.Enum):
             return label, _Enum(kind)
         conv = _SIMPLE[kind]()
-        if conv.zero not in [wire_value(v)[1] for v in values]:
+        wire = [wire_value(v)[1] for v in values]
+        if not any(conv.is_default(w) for w in wire):
             conv.zero = _MISSING
+            conv.hint = "one of " + ", ".join(repr(w) for w in wire)
         return label, conv
     if origin in (list, set, frozenset) or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
         return "repeated", _List(_item(args[0]))
@@ -655,7 +661,9 @@ def _loads(data: bytes, what: str) -> Any:
     try:
         value = orjson.loads(data) if data else {}
     except orjson.JSONDecodeError as exc:
-        raise ProtoJsonError("", f"the body is not valid JSON ({exc}); send the {what} message in proto3 JSON") from None
+        raise ProtoJsonError(
+            "", f"the body is not valid JSON ({exc}); send the {what} message in proto3 JSON"
+        ) from None
     if type(value) is not dict:
         raise ProtoJsonError("", f"the body must be a JSON object: the {what} message in proto3 JSON")
     return value
@@ -759,7 +767,7 @@ def _json_path(path: str) -> str:
 
     Best effort: a map key with an underscore is renamed too.
     """
-    parts = []
+    parts: list[str] = []
     for segment in _SEGMENT.findall(path):
         parts.append(segment if segment[0] == "[" else ("." if parts else "") + json_name(segment))
     return "".join(parts)

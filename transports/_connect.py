@@ -27,8 +27,8 @@ from kubrpc.errors import RpcError
 from kubrpc.status import Status
 
 if TYPE_CHECKING:
-    from kubrpc.interface import ServiceSpec
     from kubrpc._limits import ServerLimits
+    from kubrpc.interface import ServiceSpec
     from kubrpc.interfaces import MetricsExposition, ServerCore
     from kubrpc.openapi import Info
 
@@ -149,9 +149,7 @@ class ConnectCore:
                     try:
                         found = method_codec(m)
                     except TypeError as exc:  # a type with no protobuf form: `kubrpc proto` refuses it too
-                        raise RpcError(
-                            Status.UNIMPLEMENTED, f"{path} cannot be called with Connect: {exc}"
-                        ) from None
+                        raise RpcError(Status.UNIMPLEMENTED, f"{path} cannot be called with Connect: {exc}") from None
         if len(self.codecs) < 10_000:
             self.codecs[path] = found
         return found

@@ -33,6 +33,7 @@ from kubrpc._limits import DEFAULT_MAX_MESSAGE_SIZE
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, RpcError, UnreachableError
 from kubrpc.status import Status
+
 from . import _connect
 
 if TYPE_CHECKING:
