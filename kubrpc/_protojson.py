@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from .codec import DecodeError, _wire_value as wire_value, decoder, unwrap
+from .codec import MAX_DEPTH, DecodeError, _wire_value as wire_value, decoder, unwrap
 from .errors import RpcError, bad_request
 from .interface import MethodSpec
 from .proto import _SCALARS, _camel, _pascal, _upper_snake
@@ -698,7 +698,13 @@ class TypeCodec:
             raise _invalid(exc) from None
         except RecursionError:
             raise RpcError(Status.INVALID_ARGUMENT, f"the {self.name} message is nested too deeply") from None
-        return orjson.dumps(value)
+        try:
+            return orjson.dumps(value)
+        except orjson.JSONEncodeError:  # nested deeper than the encoder writes (in a google.protobuf.Value)
+            raise RpcError(
+                Status.INVALID_ARGUMENT,
+                f"the {self.name} message is nested deeper than {MAX_DEPTH} levels, the most kubrpc can carry",
+            ) from None
 
 
 _types: dict[tuple[object, str], TypeCodec] = {}

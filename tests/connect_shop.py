@@ -3,6 +3,7 @@ Timestamps, dates, UUIDs, unions (oneof) and Any, and failures that carry detail
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import enum
 import uuid
@@ -88,6 +89,10 @@ class Shop(Protocol):
         """The value back, with the blob's length and the states."""
         ...
 
+    async def wait(self, seconds: float) -> float:
+        """Sleep, then say how long."""
+        ...
+
 
 class ShopImpl:
     async def place_order(self, order: Order, dry_run: bool = False) -> Order:
@@ -120,6 +125,10 @@ class ShopImpl:
 
     async def echo_any(self, value: Any, blob: bytes, states: list[OrderState]) -> Any:
         return {"value": value, "blob": len(blob), "states": [s.name for s in states]}
+
+    async def wait(self, seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        return seconds
 
 
 def make_shop_server(**options: Any) -> kubrpc.Server:

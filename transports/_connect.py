@@ -75,10 +75,10 @@ async def serve(rpc: Rpc, path: str, scope: Scope, receive: Receive, send: Send)
         return
     if scope["method"] == "POST" and media != "application/json":
         if media is not None and media.startswith("application/connect+"):
-            message = f"Content-Type {media}: Connect streaming calls are not served here (unary calls only); "
+            message = f"Content-Type {media}: Connect streaming calls are not served here (unary calls only)"
         else:
-            message = f"Content-Type {media or '(none)'} is not supported: " if media else "no Content-Type: "
-        await _error(send, 415, Status.UNIMPLEMENTED, message + _CODEC_HELP, *_ACCEPT_POST)
+            message = (f"Content-Type {media} is not supported: " if media else "no Content-Type: ") + _CODEC_HELP
+        await _error(send, 415, Status.UNIMPLEMENTED, message, *_ACCEPT_POST)
         return
     if encoding not in (None, b"identity"):
         shown = encoding.decode("latin-1")[:40]
@@ -181,6 +181,6 @@ class ConnectCore:
             raise
         try:
             return codec.response_to_proto(result)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             log.exception("the result of %s cannot be written as its proto3 JSON message", path)
             raise RpcError(Status.INTERNAL, "internal error") from None
