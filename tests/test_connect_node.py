@@ -108,6 +108,8 @@ async def test_unary_call_with_nested_messages_enums_optional_repeated_int64_tim
         "labels": {"gift": "yes", "total": "9007199254741008"},
         "bigNumber": "-9223372036854775808",
         "matrix": [{"items": ["1", "2"]}, {}, {"items": ["3"]}],
+        "discount": 0,
+        "due": "2024-06-01",
         "extra": None,
     }
     assert got["stateIsPaid"] is True
@@ -115,7 +117,7 @@ async def test_unary_call_with_nested_messages_enums_optional_repeated_int64_tim
     assert got["secondUnits"] == "9007199254740993"
     assert got["placedAtMs"] == 1714564800250
     assert got["attachment"] == [0, 1, 2, 250, 251, 255]
-    assert (got["hasNote"], got["hasDiscount"], got["hasDue"]) == (True, False, False)  # optional: presence
+    assert (got["hasNote"], got["hasDiscount"], got["hasDue"]) == (True, True, True)  # optional: presence
 
 
 async def test_scalar_results_oneof_and_empty(results: dict[str, Any]) -> None:
@@ -126,6 +128,12 @@ async def test_scalar_results_oneof_and_empty(results: dict[str, Any]) -> None:
     assert ok(results, "describeNone") == "NoneType:None"  # an absent optional field is None
     assert ok(results, "shift") == "2024-05-01T13:00:00.250Z"
     assert ok(results, "count") == {"A": "2", "B": "1"}  # map<string, int64>
+    # google.protobuf.Value both ways, bytes and repeated enums in a request.
+    assert ok(results, "echoAny") == {
+        "value": {"a": [1.5, "x", None, True], "b": {}},
+        "blob": 3,
+        "states": ["PAID", "ShippedOut"],
+    }
 
 
 async def test_failures_carry_connect_codes_messages_and_details(results: dict[str, Any]) -> None:

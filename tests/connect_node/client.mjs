@@ -3,8 +3,8 @@
 // tests/test_connect_node.py asserts on it. Exits 0 whatever the calls did (the Python test judges them).
 import { createClient, ConnectError, Code } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
-import { create, toJson } from "@bufbuild/protobuf";
-import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { create, fromJson, toJson } from "@bufbuild/protobuf";
+import { ValueSchema, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { pathToFileURL } from "node:url";
 import path from "node:path";
 
@@ -53,6 +53,8 @@ const order = {
   labels: { gift: "yes" },
   bigNumber: -9223372036854775808n,
   matrix: [{ items: [1n, 2n] }, { items: [] }, { items: [3n] }],
+  discount: 0, // optional: set, though zero
+  due: "2024-06-01",
 };
 
 await run("placeOrder", async () => {
@@ -82,6 +84,14 @@ await run("shift", async () => {
 await run("count", async () => {
   const res = await client.count({ words: ["a", "b", "A"], mode: "upper" });
   return Object.fromEntries(Object.entries(res.result).map(([k, v]) => [k, v.toString()]));
+});
+await run("echoAny", async () => {
+  const res = await client.echo_any({
+    value: fromJson(ValueSchema, { a: [1.5, "x", null, true], b: {} }),
+    blob: new Uint8Array([1, 2, 3]),
+    states: [OrderState.PAID, OrderState.SHIPPED_OUT],
+  });
+  return toJson(ValueSchema, res.result);
 });
 // Failures: a handler's NOT_FOUND, the native codec's INVALID_ARGUMENT with details, a handler's
 // FAILED_PRECONDITION, a deadline, and a method the server does not have.
