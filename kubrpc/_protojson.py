@@ -468,21 +468,23 @@ class _Oneof(_Conv):
 
     message = True
 
-    def __init__(self, members: list[tuple[object, _Field]]) -> None:
+    def __init__(self, union: object, members: list[tuple[object, _Field]]) -> None:
         self.members = members
         self.proto = "Or".join(_camel(f.conv.proto) for _, f in members)
         self.by_key = {k: f for _, f in members for k in (f.name, f.json)}
-        # Which member a native value is: the member whose (native) decoder takes it, in order.
-        self.decoders = [(decoder(tp, ignore_unknown=True), f) for tp, f in members]
+        # Which member a native value is: what the native codec decodes it to (it picks one member exactly, by
+        # JSON type, tag or key set), then the member that value is an instance of. Responses only.
+        self.union = union
         self.expected = "one of the fields " + ", ".join(f.json for _, f in members)
 
     def emit(self, value: Any) -> Any:
-        for dec, f in self.decoders:
-            try:
-                dec(value, "")
-            except DecodeError:
-                continue
-            return {f.json: f.conv.emit(value)}
+        try:
+            decoded = decoder(self.union)(value, "")
+        except DecodeError:
+            raise TypeError(f"{_short(value)} is no value of {self.proto}") from None
+        for tp, f in self.members:
+            if _is_member(decoded, tp):
+                return {f.json: f.conv.emit(value)}
         raise TypeError(f"{_short(value)} is no member of {self.proto}")
 
     def parse(self, value: Any, path: str) -> Any:
@@ -504,6 +506,21 @@ class _Oneof(_Conv):
             raise ProtoJsonError(path, f"{self.proto} has no value: set {self.expected}")
         key, f = chosen
         return f.conv.parse(value[key], _sub(path, key))
+
+
+def _is_member(value: object, tp: object) -> bool:
+    """Is a decoded value (as the native codec returns it) a value of the union member `tp`?"""
+    tp = unwrap(tp)
+    if tp is typing.Any or tp is object:
+        return True
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return any(type(value) is type(v) and value == v for v in typing.get_args(tp))
+    if origin is not None:
+        return isinstance(value, origin)
+    if tp in (int, float, str, bool, bytes, datetime.date, datetime.datetime, uuid.UUID):
+        return type(value) is tp  # exactly: a bool is no int, a datetime no date
+    return isinstance(tp, type) and isinstance(value, tp)  # an Enum, a dataclass
 
 
 _SIMPLE: dict[object, Callable[[], _Conv]] = {
@@ -561,7 +578,7 @@ def _build(tp: object) -> tuple[str, _Conv]:
             base = _upper_snake(_camel(conv.proto)).lower()
             name = f"{base}_value" if conv.proto in _SCALARS else base
             fields.append((member, _Field(name, json_name(name), conv, True, _OMIT)))
-        return ("optional" if nullable else ""), _Oneof(fields)
+        return ("optional" if nullable else ""), _Oneof(typing.Union[tuple(members)], fields)  # noqa: UP007
     if origin is typing.Literal:
         values = [a for a in args if a is not None]
         label = "optional" if len(values) < len(args) else ""

@@ -11,6 +11,7 @@ import datetime
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -329,3 +330,28 @@ def test_json_names_as_protoc_makes_them() -> None:
 def test_plans_are_built_once() -> None:
     assert codec_of("place_order") is codec_of("place_order")
     assert type_codec(Order, "x") is type_codec(Order, "x")
+
+
+@dataclass
+class Cat:
+    name: str
+    lives: int = 9
+
+
+@dataclass
+class Dog:
+    name: str
+    good: bool = True
+
+
+def test_a_oneof_member_is_the_one_the_native_codec_picks() -> None:
+    """Dog's fields are a subset of nothing here, but a lenient Dog would take a Cat's JSON (ignoring `lives`)."""
+    pets = type_codec(Dog | Cat, "PetResponse")
+    assert orjson.loads(pets.to_proto(codec.dumps(Cat("Tom")))) == {"result": {"cat": {"name": "Tom", "lives": "9"}}}
+    assert orjson.loads(pets.to_proto(codec.dumps(Dog("Rex")))) == {"result": {"dog": {"name": "Rex", "good": True}}}
+    when = type_codec(datetime.date | datetime.datetime | int | bool, "W")
+    assert orjson.loads(when.to_proto(codec.dumps(datetime.date(2024, 5, 1)))) == {
+        "result": {"stringValue": "2024-05-01"}
+    }
+    assert orjson.loads(when.to_proto(codec.dumps(True))) == {"result": {"boolValue": True}}
+    assert orjson.loads(when.to_proto(codec.dumps(0))) == {"result": {"int64Value": "0"}}  # a oneof member: written
