@@ -115,6 +115,7 @@ class _Conv:
 
 class _Int64(_Conv):
     proto, zero = "int64", 0
+    _decimal = re.compile(r"-?[0-9]{1,19}\Z")
     _number = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
 
     def emit(self, value: Any) -> Any:
@@ -129,13 +130,18 @@ class _Int64(_Conv):
                 raise ProtoJsonError(path, f"expected an integer, got {value!r}")
             number = int(value)
         elif kind is str:
-            if value.lstrip("-").isdigit() and value.isascii():
+            if self._decimal.match(value):
                 number = int(value)
             elif self._number.match(value):
                 exact = decimal.Decimal(value)
-                if exact != exact.to_integral_value() or abs(exact) > 2**64:
+                if exact.copy_abs() > INT64_MAX + 1:  # (copy_abs: exact, whatever the exponent)
+                    number = INT64_MAX + 1  # out of range: said below
+                elif exact.is_zero():
+                    number = 0
+                elif exact.adjusted() < 0 or exact != exact.to_integral_value():
                     raise ProtoJsonError(path, f"expected an integer, got {_short(value)}")
-                number = int(exact)
+                else:
+                    number = int(exact)
             else:
                 raise ProtoJsonError(path, f"expected an int64 (a number or a decimal string), got {_short(value)}")
         else:

@@ -86,6 +86,13 @@ async def test_a_body_that_is_no_json_message(
         ("total", {"lines": "x"}, "lines", "expected an array, got string"),
         ("total", {"lines": [{**LINE, "sku": 5}]}, "lines[0].sku", "expected a string, got number"),
         ("total", {"lines": [{**LINE, "quantity": "12abc"}]}, "lines[0].quantity", "expected an int64"),
+        ("total", {"lines": [{**LINE, "quantity": "--5"}]}, "lines[0].quantity", "expected an int64"),
+        ("total", {"lines": [{**LINE, "quantity": "\u00b2"}]}, "lines[0].quantity", "expected an int64"),
+        ("total", {"lines": [{**LINE, "quantity": "1" * 5000}]}, "lines[0].quantity", "outside the int64 range"),
+        ("total", {"lines": [{**LINE, "quantity": "1e999999999"}]}, "lines[0].quantity", "outside the int64 range"),
+        ("total", {"lines": [{**LINE, "quantity": "1e-999999999"}]}, "lines[0].quantity", "expected an integer"),
+        ("total", {"lines": [{**LINE, "quantity": "1.5"}]}, "lines[0].quantity", "expected an integer"),
+        ("total", {"lines": [{**LINE, "quantity": " 5"}]}, "lines[0].quantity", "expected an int64"),
         ("total", {"lines": [{**LINE, "quantity": "99999999999999999999"}]}, "lines[0].quantity", "outside the int64"),
         ("total", {"lines": [{**LINE, "quantity": 1e300}]}, "lines[0].quantity", "outside the int64"),
         ("total", {"lines": [{**LINE, "quantity": [1]}]}, "lines[0].quantity", "expected an int64"),
@@ -117,6 +124,14 @@ async def test_bad_fields_are_invalid_argument_naming_the_field_as_sent(
     assert details[0]["type"] == "google.rpc.BadRequest"
     assert details[0]["debug"]["fieldViolations"][0]["field"] == field
     assert details[0]["value"]  # the binary google.rpc.BadRequest, base64 (connect-es decodes it: test_connect_node)
+
+
+async def test_a_charset_parameter_and_an_empty_body(client: httpx.AsyncClient) -> None:
+    headers = {**CONNECT, "content-type": "application/json; charset=utf-8"}
+    response = await call(client, "total", {"lines": [LINE]}, headers)
+    assert (response.status_code, response.json()) == (200, {"result": "6"})
+    response = await call(client, "total", b"", headers)  # no body: every field absent
+    assert (response.status_code, response.json()) == (200, {})
 
 
 async def test_camel_case_and_original_names_mixed(client: httpx.AsyncClient) -> None:

@@ -164,7 +164,18 @@ LINE = {"sku": "s", "quantity": "1", "unitPrice": {"units": 2}}
 
 @pytest.mark.parametrize(
     ("sent", "units"),
-    [("12", 12), (12, 12), (12.0, 12), ("-9223372036854775808", -(2**63)), ("1e3", 1000), (1e3, 1000)],
+    [
+        ("12", 12),
+        (12, 12),
+        (12.0, 12),
+        ("-9223372036854775808", -(2**63)),
+        ("1e3", 1000),
+        (1e3, 1000),
+        ("0.0", 0),
+        ("-0", 0),
+        ("1.50e1", 15),
+        ("9223372036854775807", 2**63 - 1),
+    ],
 )
 def test_int64_as_a_number_or_a_string(sent: object, units: int) -> None:
     args = native_args("total", {"lines": [{**LINE, "unitPrice": {"units": sent}}]})
