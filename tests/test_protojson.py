@@ -8,6 +8,7 @@ handler as the value it stands for.
 from __future__ import annotations
 
 import datetime
+import json
 import subprocess
 import sys
 import uuid
@@ -366,3 +367,34 @@ def test_a_oneof_member_is_the_one_the_native_codec_picks() -> None:
     }
     assert orjson.loads(when.to_proto(codec.dumps(True))) == {"result": {"boolValue": True}}
     assert orjson.loads(when.to_proto(codec.dumps(0))) == {"result": {"int64Value": "0"}}  # a oneof member: written
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(["", "NaN", "1e3", "-0", "AAEC", "2024-05-01T12:00:00Z", "ORDER_STATE_PAID", "x_y", "--1"])
+    | texts,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["lines", "sku", "quantity", "unitPrice", "unit_price", "units", "items", "value", "order"])
+            | st.sampled_from(["int64Value", "stringValue", "when", "seconds", "states", "blob", "orderId", "mode"])
+            | texts,
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(method=st.sampled_from(sorted(SPEC.methods)), body=json_values)
+def test_any_json_is_a_call_or_invalid_argument(method: str, body: object) -> None:
+    """Fuzz: whatever JSON a client sends, the request becomes arguments or an INVALID_ARGUMENT, never a crash."""
+    try:
+        native_args(method, json.dumps(body).encode())
+    except RpcError as exc:
+        assert exc.code is Status.INVALID_ARGUMENT, exc
