@@ -34,6 +34,8 @@ from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, RpcError, UnreachableError
 from kubrpc.status import Status
 
+from . import _connect
+
 if TYPE_CHECKING:
     from kubrpc.interfaces import ServerCore
 
@@ -81,11 +83,13 @@ def build_app(server: ServerCore) -> ASGIApp:
 class _App:
     """Routes /{service}/{method} (any HTTP method, as one Starlette path route would) to the RPC endpoint."""
 
-    __slots__ = ("rest", "server")
+    __slots__ = ("connect", "rest", "server")
 
-    def __init__(self, server: ServerCore, rest: ASGIApp) -> None:
+    def __init__(self, server: ServerCore, rest: ASGIApp, *, connect: bool = True) -> None:
         self.server = server
         self.rest = rest
+        # Connect calls (Connect-Protocol-Version): the same path, over a core that speaks proto3 JSON.
+        self.connect = _App(_connect.ConnectCore(server), rest, connect=False) if connect else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -102,6 +106,9 @@ class _App:
         await self.rest(scope, receive, send)
 
     async def _rpc(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.connect is not None and _connect.is_connect(scope["headers"]):
+            await _connect.serve(self.connect._rpc, path, scope, receive, send)
+            return
         body: bytes | None
         if scope["method"] != "POST":  # an HTTP-level error, as Connect servers answer it: 405 with Allow
             body = orjson.dumps({"code": Status.UNIMPLEMENTED.wire_name, "message": "RPC methods are called with POST"})
