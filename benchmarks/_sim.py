@@ -69,6 +69,7 @@ class FailuresTimed(PowerOfTwoChoices):
         """Report anything but a cancellation as a success that took `latency`."""
         super().on_finish(endpoint, status=status if status is Status.CANCELLED else Status.OK, latency=latency)
 
+
 ZONES = ("a", "b", "c")
 
 # Event kinds, in the heap as (time, seq, kind, payload).
@@ -161,6 +162,7 @@ class Result:
     ejecting: list[float] = field(default_factory=list)  # per simulated second: share of clients ejecting server 1
     clients: int = 0
     servers: int = 0
+    slow_capacity: float = 0.0  # calls per second server 0 completes with every worker busy
     dead_picks: int = 0  # calls sent to a server after its removal was published (must stay 0)
     feedback: bool = False
 
@@ -283,6 +285,7 @@ def run(scenario: Scenario, name: str) -> Result:
     for _ in range(sc.servers):
         new_server()
     servers[0].mean *= sc.slow_factor
+    result.slow_capacity = sc.workers / servers[0].mean
     servers[1].fail = True
     servers[1].mean = sc.fail_latency
     for s in servers[2 : 2 + sc.gc_servers]:
