@@ -77,6 +77,11 @@ def _fair(r: Result, server: int) -> float:
     return r.picks.get(server, 0) / fair if fair else math.nan
 
 
+def _capacity(r: Result, scenario: Scenario) -> float:
+    """What the slow server can complete, over a fair share of the offered calls."""
+    return r.slow_capacity / (r.calls / scenario.duration / scenario.servers) if r.calls else math.nan
+
+
 def main_table(scenario: Scenario, results: Sequence[Result], wall: dict[str, float]) -> list[str]:
     """One row per balancer."""
     lines = [
@@ -132,8 +137,9 @@ def findings(scenario: Scenario, results: Sequence[Result], sweep: Sequence[Resu
             f"set by the slow server. Same shape here: p2c's p99 is {_ms(p2c.percentile(0.99))} ms against round "
             f"robin's {_ms(rr.percentile(0.99))} ms ({rr.percentile(0.99) / p2c.percentile(0.99):,.0f}×), and "
             f"the slow server gets {_fair(p2c, 0):.2f}× a fair share under p2c against {_fair(rr, 0):.2f}× under "
-            "round robin (it can serve about 0.1×). The balancers that ignore latency (round_robin, "
-            "weighted_random, smooth_weighted, ring_hash, outlier, zone_aware) all queue without bound on it. "
+            f"round robin (it can serve {_capacity(rr, scenario):.2f}×). The balancers that ignore latency "
+            "(round_robin, weighted_random, smooth_weighted, ring_hash, outlier, zone_aware) all queue without "
+            "bound on it. "
             f"Where we differ: p2c's p999 here ({_ms(p2c.percentile(0.999))} ms) is far above its p99, set by the "
             "calls that many clients send the slow server while each learns alone (below); a setup with few "
             "balancer instances, each seeing many calls per server, does not pay that. And we have no "
