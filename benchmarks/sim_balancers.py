@@ -18,7 +18,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,16 @@ def _fair(r: Result, server: int) -> float:
     """Server 0's or 1's calls over what a fair balancer would have sent it (1.0 is fair)."""
     fair = r.fair.get(server, 0.0)
     return r.picks.get(server, 0) / fair if fair else math.nan
+
+
+def _sweep_figures(sweep: Sequence[Result], name: str, figure: Callable[[Result], str]) -> str:
+    """`figure` of each sweep run of `name`, as "A with 10 clients, B with 100, C with 1,000"."""
+    runs = sorted((r for r in sweep if r.balancer == name), key=lambda r: r.clients)
+    parts = [
+        f"{figure(r)} with {r.clients:,} clients" if i == 0 else f"{figure(r)} with {r.clients:,}"
+        for i, r in enumerate(runs)
+    ]
+    return ", ".join(parts) or "—"
 
 
 def _capacity(r: Result, scenario: Scenario) -> float:
@@ -162,9 +172,13 @@ def findings(scenario: Scenario, results: Sequence[Result], sweep: Sequence[Resu
             + (f", and `penalty_decay=5` to {_fair(fade, 1):.2f}×" if fade is not None else "")
             + ". The penalty works, but weakly at this scale: it fades in wall-clock time (below 10 ms after about "
             f"2.3 s), and each client calls a given server only every {every:.1f} s, so by the time a client meets "
-            "the failing server again as a candidate, most of the penalty is gone. With 10 or 100 clients "
-            "carrying the same load (the sweep below), the same penalty keeps the failing server far below a fair "
-            "share.",
+            "the failing server again as a candidate, most of the penalty is gone; the learning plot shows no "
+            "learning, a steady state. With fewer clients carrying the same load, the same penalty keeps the "
+            "failing server further off; its calls over a fair share: "
+            f"{_sweep_figures(sweep, 'p2c', lambda r: f'{_fair(r, 1):.2f}×')} (sweep below). "
+            "`penalty_decay=5` bites at this scale at no cost in latency here, but a server that recovers then "
+            "waits up to about 23 s for a client to try it again (the 1 s penalty takes 5·ln 100 ≈ 23 s to fade "
+            "below 10 ms, unless a success clears it first).",
             "",
         ]
     if p2c is not None:
@@ -184,7 +198,10 @@ def findings(scenario: Scenario, results: Sequence[Result], sweep: Sequence[Resu
             f"so the slow server's share falls from {p2c.fairness(0, 0):.2f}× fair in the first second to "
             f"{late:.2f}× "
             "in the last third. The sweep below carries the same load from fewer clients: learning costs each "
-            "client about the same number of calls, so the tail shrinks with the number of clients.",
+            "client about the same number of calls, so the far tail grows with the number of clients: p2c's p999 "
+            f"is {_sweep_figures(sweep, 'p2c', lambda r: f'{_ms(r.percentile(0.999))} ms')}. Only a signal shared "
+            "between clients (server load reports, or subsetting so that fewer clients share each server) would "
+            "remove that cost; a client-side balancer cannot.",
             "",
         ]
     outlier = by.get("outlier")
@@ -290,6 +307,13 @@ def _pyplot() -> Any:
     return importlib.import_module("matplotlib.pyplot")
 
 
+def _plain_ticks(ax: Any) -> None:
+    """Shares on a log axis, labelled 0.001 … 2 rather than in powers of ten."""
+    ticks = [0.001, 0.01, 0.1, 0.2, 0.5, 1.0, 2.0]
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+
+
 def plot(scenario: Scenario, results: Sequence[Result], directory: Path) -> dict[str, Path] | None:
     """Draw the plots as PNG files in `directory`; None when matplotlib is not installed."""
     plt = _pyplot()
@@ -330,7 +354,8 @@ def plot(scenario: Scenario, results: Sequence[Result], directory: Path) -> dict
         )
     ax.axhline(1.0, color="k", linewidth=0.8, linestyle=":")
     ax.set_yscale("log")
-    ax.set_ylabel("calls over a fair share (log)")
+    _plain_ticks(ax)
+    ax.set_ylabel("calls over a fair share (log; 0 drawn at 0.001)")
     ax.set_xticks(range(len(results)), names, rotation=30, ha="right", fontsize=8)
     ax.set_title("Load per server over the run (1.0 is a fair share)")
     ax.legend(loc="lower left", fontsize=8)
@@ -351,10 +376,11 @@ def plot(scenario: Scenario, results: Sequence[Result], directory: Path) -> dict
             ax.axhline(results[0].slow_capacity / fair_rate, color="tab:red", linewidth=0.8, linestyle="--")
             ax.text(0.2, results[0].slow_capacity / fair_rate * 1.1, "what it can serve", color="tab:red", fontsize=7)
         ax.set_yscale("log")
+        _plain_ticks(ax)
         ax.set_xlabel("simulated time, s")
         ax.set_title(f"{title}: share of each second's calls")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("calls over a fair share (log; 0 drawn at 10⁻³)")
+    axes[0].set_ylabel("calls over a fair share (log; 0 drawn at 0.001)")
     axes[1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(paths["learning"], dpi=100, metadata=metadata)
