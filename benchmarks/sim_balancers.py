@@ -238,6 +238,7 @@ def report(
     plots_note: str = "",
 ) -> str:
     """The Markdown report: the scenario, one row per balancer, the plots, the findings and the sweep."""
+    capacity = _capacity(results[0], scenario) if results else math.nan
     lines = [
         "# Balancers at scale, simulated",
         "",
@@ -253,7 +254,7 @@ def report(
         "",
         "Latencies are of successful calls (queueing + service + round trip), in ms. *slow* and *failing* "
         "are the shares of all calls sent to server 0 (10× slower) and server 1 (fails fast); a fair share "
-        f"is {1 / scenario.servers:.1%}, and server 0 can only serve about a tenth of that. *slow, last ⅓* is "
+        f"is {1 / scenario.servers:.1%}, and server 0 can only serve {capacity:.2f}× that. *slow, last ⅓* is "
         "server 0's share in the last third of the run, once the balancers have had time to learn. "
         f"*imbalance* is the mean over samples every {scenario.sample_every * 1e3:g} ms of max/mean in-flight "
         "calls (queued + in service) over the live servers; *w/o slow* is the same without server 0, whose "
