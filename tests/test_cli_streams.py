@@ -361,3 +361,18 @@ async def test_a_pipe_feeds_a_bidirectional_stream_line_by_line(socket_scheme: s
             await process.stdin.aclose()  # EOF half-closes: the server's loop ends, and so does the call
             with anyio.fail_after(30):
                 assert await process.wait() == 0
+
+
+async def test_ctrl_c_on_any_call_exits_130_without_a_traceback(start_server: Any) -> None:
+    """The SIGINT path of the command, on a unary call that would run for a minute (any transport has those)."""
+    url, _, control = await start_server("tcp")
+    argv = [*KUBRPC, "call", url, "Control/sleep", '{"seconds": 60}', "--timeout", "120"]
+    async with await anyio.open_process(argv, cwd=NEUTRAL) as process:
+        assert process.stderr is not None
+        assert await settle(lambda: control.started == 1, rounds=3000)
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(30):
+            status = await process.wait()
+        err = b"".join([chunk async for chunk in process.stderr]).decode()
+    assert status == 130 and "Traceback" not in err, err
+    assert await settle(lambda: control.cancelled == 1)
