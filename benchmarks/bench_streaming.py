@@ -309,23 +309,24 @@ async def measure(
 
     async def read_streams() -> None:
         while True:
-            async for value in peer_client.count(STREAM_LENGTH):
-                now = clock()
-                if now >= stop:
-                    return
-                if now >= start:
-                    counts[0] += 1
-                del value
+            async with contextlib.aclosing(peer_client.count(STREAM_LENGTH)) as stream:  # leaving cancels it
+                async for _ in stream:
+                    now = clock()
+                    if now >= stop:
+                        return
+                    if now >= start:
+                        counts[0] += 1
 
     async def read_blobs() -> None:
         while True:
-            async for blob in peer_client.blobs(BLOBS_PER_STREAM, BLOB):
-                now = clock()
-                if now >= stop:
-                    return
-                if now >= start:
-                    counts[0] += 1
-                    counts[1] += len(blob)
+            async with contextlib.aclosing(peer_client.blobs(BLOBS_PER_STREAM, BLOB)) as stream:
+                async for blob in stream:
+                    now = clock()
+                    if now >= stop:
+                        return
+                    if now >= start:
+                        counts[0] += 1
+                        counts[1] += len(blob)
 
     async def round_trips() -> None:
         async with peer_client.bidi() as round_trip:
@@ -527,7 +528,7 @@ async def run_rounds(settings: Settings, peers: tuple[str, ...], workloads: tupl
                     print(
                         f"round {r + 1}/{settings.rounds}  {workload:<13} {peer:<18} c={s.concurrency:<3}"
                         f" {s.rate:>10,.0f} {_UNITS[workload]}{mb}"
-                        f"  CPU server {s.server_cpu:.0%} client {s.client_cpu:.0%}",
+                        f"  CPU server {_share(s.server_cpu)} client {_share(s.client_cpu)}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -541,6 +542,10 @@ def median_round(samples: list[Sample]) -> Sample:
     """The sample with the median rate (the lower middle one of an even count)."""
     ordered = sorted(samples, key=lambda s: s.rate)
     return ordered[(len(ordered) - 1) // 2]
+
+
+def _share(share: float) -> str:
+    return "—" if math.isnan(share) else f"{share:.0%}"
 
 
 def _cpu(share: float, rate: float, unit: str) -> str:
