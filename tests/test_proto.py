@@ -8,9 +8,9 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, Literal, NewType, Protocol
 
 import grpc_tools
