@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import anyio
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 from stream_services import Feed, FeedImpl
 
 import kubrpc
@@ -270,8 +271,14 @@ async def test_cancelling_the_command_cancels_the_stream(capsys: Capsys, monkeyp
         assert args.stream_timeout is None  # a stream has no deadline unless asked for: it runs until Ctrl-C
         with anyio.move_on_after(30) as scope:
             task = asyncio.ensure_future(_cli_call.call(args))
-            assert await settle(lambda: capsys.readouterr().out == "0\n1\n" or slow.running == 1)
-            assert await settle(lambda: slow.running == 1)
+            printed: list[str] = []
+
+            def both_printed() -> bool:
+                printed.append(capsys.readouterr().out)
+                return "".join(printed) == "0\n1\n"
+
+            assert await settle(both_printed)
+            assert slow.running == 1  # the handler waits, after its two messages
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -304,6 +311,26 @@ async def test_without_reflection_the_server_says_what_the_method_is(
         assert '"code":"unimplemented"' in err and "test.Feed/ticks is a server stream call" in err
         status, out, err = await cli(capsys, monkeypatch, "call", url, "test.Feed/nope", "{}")
         assert status == 1 and '"code":"unimplemented"' in err and "did you mean" not in out
+
+
+async def test_list_and_describe_over_http_read_the_streams_from_openapi_json(
+    capsys: Capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same answers from /openapi.json (HTTP) as from the reflection service (in-process, TCP)."""
+    outputs = []
+    for scheme in ("inproc", "http"):
+        async with serving(scheme) as (url, _, _):
+            status, out, err = await cli(capsys, monkeypatch, "list", url, "test.Slow")
+            assert (status, out, err) == (0, "test.Slow/hang (server stream)\ntest.Slow/last (client stream)\n", "")
+            status, out, err = await cli(capsys, monkeypatch, "describe", url)
+            assert status == 0 and "  test.Feed/chat(words: stream str) -> stream str\n" in out, err
+            status, one, err = await cli(capsys, monkeypatch, "describe", url, "test.Slow/last")
+            assert status == 0 and "  test.Slow/last(values: stream int, start: int = 0) -> int\n" in one, err
+            assert "test.Slow/hang" not in one
+            status, _, err = await cli(capsys, monkeypatch, "describe", url, "test.Slow/lost")
+            assert status == 1 and "did you mean 'last'?" in err
+            outputs.append(out)
+    assert outputs[0] == outputs[1]
 
 
 # ---- as a user runs it: a subprocess over sockets ------------------------------------------------------------
@@ -354,10 +381,11 @@ async def test_a_pipe_feeds_a_bidirectional_stream_line_by_line(socket_scheme: s
         argv = [*KUBRPC, "call", url, "test.Feed/chat"]
         async with await anyio.open_process(argv, cwd=NEUTRAL) as process:
             assert process.stdin is not None and process.stdout is not None
+            lines = BufferedByteReceiveStream(process.stdout)
             for word in ("hello", "world"):
                 await process.stdin.send(f'"{word}"\n'.encode())
                 with anyio.fail_after(30):
-                    assert await process.stdout.receive() == f'"{word.upper()}"\n'.encode()
+                    assert await lines.receive_until(b"\n", 1000) == f'"{word.upper()}"'.encode()
             await process.stdin.aclose()  # EOF half-closes: the server's loop ends, and so does the call
             with anyio.fail_after(30):
                 assert await process.wait() == 0
