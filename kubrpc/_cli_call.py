@@ -213,31 +213,37 @@ async def _stream(
 
 
 async def _send_lines(stream: StreamCall) -> None:
-    """Send each line of stdin as one message of the stream (blank lines skipped), then half-close at EOF."""
+    """Send each line of stdin as one message of the stream (blank lines skipped), then half-close at EOF.
+
+    A problem on this side (a line that is no JSON message, stdin unreadable) cancels the call, and the
+    receiving side raises it.
+    """
     limit = DEFAULT_MAX_MESSAGE_SIZE
     number = 0
-    async with aclosing(_lines(limit + 2)) as lines:
-        async for line in lines:
-            number += 1
-            message = line.strip()
-            if not message:
-                continue
-            if len(message) > limit:
-                stream.fail(_Fail(f"line {number} of stdin is over the maximum message size of {limit} bytes", 2))
-                return
-            try:
-                orjson.loads(message)
-            except orjson.JSONDecodeError as exc:
-                stream.fail(_Fail(f"line {number} of stdin is not one JSON message: {exc}", 2))
-                return
-            try:
-                if not await stream.send(message):
+    try:
+        async with aclosing(_lines(limit + 2)) as lines:
+            async for line in lines:
+                number += 1
+                message = line.strip()
+                if not message:
+                    continue
+                if len(message) > limit:
+                    raise _Fail(f"line {number} of stdin is over the maximum message size of {limit} bytes", 2)
+                try:
+                    orjson.loads(message)
+                except orjson.JSONDecodeError as exc:
+                    raise _Fail(f"line {number} of stdin is not one JSON message: {exc}", 2) from None
+                try:
+                    if not await stream.send(message):
+                        return  # the call has ended: the receiving side says how
+                except RpcError as exc:
+                    if exc.code is Status.RESOURCE_EXHAUSTED:  # too large to send: this side's fault
+                        raise
                     return  # the call has ended: the receiving side says how
-            except RpcError as exc:
-                stream.fail(exc)
-                return
-    with contextlib.suppress(RpcError):
-        await stream.close_send()
+        with contextlib.suppress(RpcError):
+            await stream.close_send()
+    except (_Fail, RpcError) as exc:
+        stream.fail(exc)
 
 
 async def _lines(limit: int) -> AsyncGenerator[bytes, None]:
