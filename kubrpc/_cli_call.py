@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import ssl
 import sys
 import threading
@@ -138,7 +139,7 @@ async def call(args: argparse.Namespace) -> int:
         try:
             result = await channel.call(path, payload, timeout=args.timeout, metadata=metadata)
         except RpcError as exc:
-            kind = await _stream_kind(args, channel, path) if exc.code is Status.UNIMPLEMENTED else None
+            kind = await _stream_kind(args, channel, path, exc) if exc.code is Status.UNIMPLEMENTED else None
             if kind is None:
                 print(orjson.dumps(exc.to_json()).decode(), file=sys.stderr)
                 return 1
@@ -159,21 +160,35 @@ def _value(args: argparse.Namespace, data: bytes) -> Any:
         raise _Fail(problem) from None
 
 
-async def _stream_kind(args: argparse.Namespace, channel: Channel, path: str) -> CallKind | None:
-    """The kind of a stream method, as the server describes it; None if it is no stream method (or cannot say)."""
+async def _stream_kind(args: argparse.Namespace, channel: Channel, path: str, refusal: RpcError) -> CallKind | None:
+    """The kind of a stream method, as the server describes it; None if it is no stream method (or cannot say).
+
+    The server's reflection (or /openapi.json) says; without it (`Server(reflection=False)`, or a token not
+    granted `kubrpc.Reflection/*`), the words of a kubrpc server's refusal of the unary call do.
+    """
     try:
         if channel.transport_name == "http":
             document = await _openapi_over_http(args, channel)
         else:
             document = await _reflect(args, channel, _headers(args), "describe", {"name": path})
     except (_Fail, RpcError):
-        return None
+        document = {}
     entry = document.get(STREAMS, {}).get(f"/{path}") if isinstance(document, dict) else None
-    try:
-        kind = CallKind(entry.get("kind")) if isinstance(entry, dict) else None
-    except ValueError:
-        return None
-    return kind if kind is not CallKind.UNARY else None
+    if isinstance(entry, dict) and entry.get("kind") in _KIND_NAMES:
+        return CallKind(entry["kind"])
+    said = _REFUSAL.match(refusal.message)
+    if said is not None and said["path"] == path:
+        return _REFUSED_KINDS[said["kind"]]
+    return None
+
+
+#: How a kubrpc server refuses a stream method called as a unary call (kubrpc.server.Server._not_served).
+_REFUSAL = re.compile(r"(?P<path>\S+) is a (?P<kind>server stream|client stream|bidi stream) call: ")
+_REFUSED_KINDS = {
+    "server stream": CallKind.SERVER_STREAM,
+    "client stream": CallKind.CLIENT_STREAM,
+    "bidi stream": CallKind.BIDI_STREAM,
+}
 
 
 async def _stream(

@@ -302,15 +302,15 @@ async def test_timeout_is_the_deadline_of_the_whole_stream(capsys: Capsys, monke
     assert _parse(["call", "tcp://127.0.0.1:9", "A/b"]).timeout == 10.0  # a unary call keeps its default
 
 
-async def test_without_reflection_the_server_says_what_the_method_is(
+async def test_without_reflection_the_servers_refusal_says_the_kind(
     capsys: Capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with serving(reflection=False) as (url, _, _):
-        status, out, err = await cli(capsys, monkeypatch, "call", url, "test.Feed/ticks", '{"n": 3}')
-        assert (status, out) == (1, "")
-        assert '"code":"unimplemented"' in err and "test.Feed/ticks is a server stream call" in err
+        assert await cli(capsys, monkeypatch, "call", url, "test.Feed/ticks", '{"n": 2}') == (0, "0\n1\n", "")
+        assert await cli(capsys, monkeypatch, "call", url, "test.Feed/total", stdin=b"1\n2\n") == (0, "3\n", "")
+        assert await cli(capsys, monkeypatch, "call", url, "test.Feed/chat", stdin=b'"a"\n') == (0, '"A"\n', "")
         status, out, err = await cli(capsys, monkeypatch, "call", url, "test.Feed/nope", "{}")
-        assert status == 1 and '"code":"unimplemented"' in err and "did you mean" not in out
+        assert (status, out) == (1, "") and '"code":"unimplemented"' in err and "unknown method 'nope'" in err
 
 
 async def test_list_and_describe_over_http_read_the_streams_from_openapi_json(
