@@ -168,14 +168,19 @@ async def test_data_beyond_the_window_is_a_protocol_error() -> None:
         assert await raw.closed()
         goaway = next(f for f in raw.frames if f.type == FrameType.GOAWAY)
         assert "beyond its flow-control window" in parse_goaway(goaway.payload)[1]
-        # a bidirectional stream: the window, then one frame more
-        raw = await open_raw(PREFACE + stream_request(1, "test.Feed/count", {}, FLAG_CLIENT_STREAMS))
-        message = b'"' + b"x" * (STREAM_WINDOW // 4 - 2) + b'"'
+        # a client stream whose handler does not read: the window, then nothing more; DATA after END
+        raw = await open_raw(PREFACE + stream_request(1, "test.Sink/hold", {}, FLAG_CLIENT_STREAMS))
         assert (await raw.frame()).type == FrameType.WINDOW_UPDATE
-        await raw.send(data(1, message) * 4)  # the handler reads them as they come: credit is granted back
+        message = b"q" * (STREAM_WINDOW // 4)
+        await raw.send(data(1, message) * 4)  # the last one takes the credit below zero: allowed
         await raw.send(encode_frame(FrameType.END, 1) + data(1, b'"late"'))
         assert await raw.closed()
         assert any("after END" in parse_goaway(f.payload)[1] for f in raw.frames if f.type == FrameType.GOAWAY)
+        raw = await open_raw(PREFACE + stream_request(1, "test.Sink/hold", {}, FLAG_CLIENT_STREAMS))
+        assert (await raw.frame()).type == FrameType.WINDOW_UPDATE
+        await raw.send(data(1, message) * 4 + data(1, b"1"))  # one message beyond the window
+        assert await raw.closed()
+        assert any("window" in parse_goaway(f.payload)[1] for f in raw.frames if f.type == FrameType.GOAWAY)
         assert await settle(lambda: not listener.connections and server._pending_bytes == 0)
 
 
@@ -330,11 +335,12 @@ async def test_a_cancellation_storm_leaves_nothing_behind() -> None:
                 async def ints() -> AsyncIterator[int]:
                     while True:
                         yield 1
+                        await asyncio.sleep(0)
 
                 await stub.total(ints())
 
         tasks = [asyncio.create_task(one(i)) for i in range(300)]
-        assert await settle(lambda: feed.running >= 50)
+        assert await settle(lambda: listener.active_calls >= 150)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -567,7 +573,7 @@ async def _other_tasks() -> set[asyncio.Task[Any]]:
 def test_a_hostile_peer_leaks_nothing() -> None:
     run = HostilePeer.TestCase
     run.settings = settings(
-        max_examples=8, stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck)
+        max_examples=25, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)
     )
     run().runTest()
 
