@@ -22,6 +22,7 @@ from stream_services import Feed, FeedImpl
 
 import kubrpc
 from kubrpc import RpcError, Status
+from kubrpc.interface import CallKind
 from kubrpc.transports._frames import (
     FLAG_CLIENT_STREAMS,
     FLAG_REFUSED,
@@ -590,3 +591,44 @@ def test_a_hostile_peer_leaks_nothing_long() -> None:
 def test_frame_types_are_stable() -> None:
     assert (FrameType.DATA, FrameType.END, FrameType.WINDOW_UPDATE) == (8, 9, 10)
     assert (FLAG_CLIENT_STREAMS, FLAG_SERVER_STREAMS, FLAG_REFUSED) == (0x02, 0x04, 0x02)
+
+
+@pytest.mark.anyio
+async def test_a_server_sending_beyond_the_window_loses_its_connection() -> None:
+    """The client side of the bound: a server that ignores the window is closed on, its stream UNAVAILABLE."""
+    flood = b'"' + b"f" * 1000 + b'"'
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder(1 << 24)
+        writer.write(encode_frame(FrameType.SETTINGS, 0))
+        try:
+            await reader.readexactly(len(PREFACE))
+            while chunk := await reader.read(65536):
+                for frame in decoder.feed(chunk):
+                    if frame.type == FrameType.REQUEST and frame.flags:
+                        writer.write(encode_window_update(frame.stream, 0))
+                        writer.write(data(frame.stream, flood) * (2 * STREAM_WINDOW // len(flood)))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    fake = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = fake.sockets[0].getsockname()[1]
+    try:
+        async with kubrpc.connect(f"tcp://127.0.0.1:{port}", max_attempts=1) as channel:
+            call = await channel.open_stream(
+                "test.Feed/forever", b'{"size": 1}', kind=CallKind.SERVER_STREAM, timeout=10
+            )
+            (conn,) = channel.connections.values()
+            assert isinstance(conn, TcpConnection)
+            assert await settle(lambda: conn._closed)  # read nothing until the client has closed it
+            got = 0
+            with pytest.raises(RpcError) as info:
+                while await call.receive() is not None:
+                    got += 1
+            assert info.value.code is Status.UNAVAILABLE
+            assert 0 < got <= STREAM_WINDOW // (len(flood) + MESSAGE_OVERHEAD) + 1  # the window, not the flood
+    finally:
+        fake.close()
+        await fake.wait_closed()

@@ -296,17 +296,25 @@ class TcpConnection(FrameWriter):
             if self._goaway is not None:
                 self._close_transport()
 
-    def _stream_frame(self, frame: Frame) -> None:
-        """A frame of a stream call (or of a call that has already ended: ignored)."""
+    def _stream_frame(self, frame: Frame) -> bool:
+        """A frame of a stream call (ignored if that call has ended); False if it broke the protocol (closed)."""
         stream = self._streams.get(frame.stream)
         if stream is None:
-            return
+            return True
         kind = frame.type
-        if kind == _DATA:
-            stream.received(frame.payload)
-        elif kind == _WINDOW_UPDATE:
-            stream.grant(parse_window_update(frame.payload))
-        elif kind == _RESPONSE:
+        try:
+            if kind == _DATA:
+                stream.received(frame.payload)
+            elif kind == _WINDOW_UPDATE:
+                stream.grant(parse_window_update(frame.payload))
+        except ProtocolError as exc:
+            log.warning("closing connection to %s: %s", self.endpoint.address, exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return False
+        if kind == _DATA or kind == _WINDOW_UPDATE:
+            return True
+        if kind == _RESPONSE:
             if len(frame.payload) > self.max_message_size:
                 stream.ended(RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size"))
             else:
@@ -319,6 +327,7 @@ class TcpConnection(FrameWriter):
             ):
                 error = NotDeliveredError(error.message, unreachable=False)
             stream.ended(error)
+        return True
 
     async def _writable_within(self, timeout: float | None) -> None:
         try:
@@ -353,8 +362,6 @@ class TcpConnection(FrameWriter):
             self._first += data[: 5 - len(self._first)]
         try:
             frames = self._decoder.feed(data)
-            for frame in frames:
-                self._handle(frame)
         except ProtocolError as exc:
             if self._ack is not None and not self._ack.done() and (wrong := _speaks_http(self.endpoint, self._first)):
                 self._ack.set_result(wrong)  # before any frame: not a kubrpc TCP server at all
@@ -363,30 +370,30 @@ class TcpConnection(FrameWriter):
             if self.transport is not None:
                 self.transport.abort()
             return
+        for frame in frames:
+            kind = frame.type
+            if kind == _RESPONSE or kind == _ERROR:
+                fut = self._pending.get(frame.stream)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(frame)
+                elif self._streams and not self._stream_frame(frame):
+                    return
+            elif kind == _DATA or kind == _WINDOW_UPDATE:
+                if not self._stream_frame(frame):
+                    return
+            elif kind == _GOAWAY:
+                self._on_goaway(frame.payload)
+            elif kind == _PING and not frame.flags & FLAG_ACK and self.transport is not None:
+                if self._write_paused:  # the server is not reading: owe it one answer, not one per PING
+                    self._owed_ack = frame.payload[:64]
+                else:
+                    self.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
         ack = self._ack
         if ack is not None and frames:  # the server's first frame: the connection is acknowledged
             self._ack = None
             if not ack.done():
                 ack.set_result(None)
-
-    def _handle(self, frame: Frame) -> None:
-        kind = frame.type
-        if kind == _RESPONSE or kind == _ERROR:
-            fut = self._pending.get(frame.stream)
-            if fut is not None:
-                if not fut.done():
-                    fut.set_result(frame)
-            elif self._streams:
-                self._stream_frame(frame)
-        elif kind == _DATA or kind == _WINDOW_UPDATE:
-            self._stream_frame(frame)
-        elif kind == _GOAWAY:
-            self._on_goaway(frame.payload)
-        elif kind == _PING and not frame.flags & FLAG_ACK and self.transport is not None:
-            if self._write_paused:  # the server is not reading: owe it one answer, not one per PING
-                self._owed_ack = frame.payload[:64]
-            else:
-                self.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
 
     def _on_goaway(self, payload: bytes) -> None:
         try:
