@@ -14,8 +14,7 @@ from typing import Any, Protocol
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 from rawtcp import RawClient, raw_opener
 from stream_services import Feed, FeedImpl
@@ -137,7 +136,9 @@ async def test_a_bidirectional_stream_with_half_close() -> None:
 @pytest.mark.anyio
 async def test_errors_end_a_stream_as_error_frames() -> None:
     async with serving() as (_, _, _, _, open_raw):
-        raw: RawClient = await open_raw(PREFACE + stream_request(1, "test.Feed/fail_after", {"n": 1, "code": "not_found"}, FLAG_SERVER_STREAMS))
+        raw: RawClient = await open_raw(
+            PREFACE + stream_request(1, "test.Feed/fail_after", {"n": 1, "code": "not_found"}, FLAG_SERVER_STREAMS)
+        )
         assert (await raw.frame()).type == FrameType.WINDOW_UPDATE
         assert await raw.frame() == Frame(FrameType.DATA, 0, 1, b"0")
         error = await raw.frame()
@@ -163,7 +164,9 @@ async def test_errors_end_a_stream_as_error_frames() -> None:
 async def test_data_beyond_the_window_is_a_protocol_error() -> None:
     async with serving() as (listener, server, _, _, open_raw):
         # a server stream grants the client no credit: any DATA is over it
-        raw: RawClient = await open_raw(PREFACE + stream_request(1, "test.Feed/forever", {"size": 1}, FLAG_SERVER_STREAMS))
+        raw: RawClient = await open_raw(
+            PREFACE + stream_request(1, "test.Feed/forever", {"size": 1}, FLAG_SERVER_STREAMS)
+        )
         assert (await raw.frame()).type == FrameType.WINDOW_UPDATE
         await raw.send(data(1, b"x"))
         assert await raw.closed()
@@ -210,7 +213,9 @@ async def test_a_message_larger_than_the_window_still_goes() -> None:
 @pytest.mark.anyio
 async def test_refused_streams_are_flagged_not_delivered() -> None:
     async with serving(max_concurrent_calls=1) as (_, _, _, _, open_raw):
-        raw: RawClient = await open_raw(PREFACE + stream_request(1, "test.Feed/forever", {"size": 1}, FLAG_SERVER_STREAMS))
+        raw: RawClient = await open_raw(
+            PREFACE + stream_request(1, "test.Feed/forever", {"size": 1}, FLAG_SERVER_STREAMS)
+        )
         assert (await raw.frame()).type == FrameType.WINDOW_UPDATE
         await raw.send(stream_request(3, "test.Feed/ticks", {"n": 1}, FLAG_SERVER_STREAMS))
         while (frame := await raw.frame()).stream != 3:
@@ -247,7 +252,7 @@ async def test_a_handler_that_never_reads_holds_one_window() -> None:
         raw: RawClient = await open_raw(PREFACE + stream_request(1, "test.Sink/hold", {}, FLAG_CLIENT_STREAMS))
         accept = await raw.frame()
         credit = struct.unpack(">I", accept.payload)[0]
-        message = b"\"" + b"m" * 996 + b"\""  # bytes travel as base64 JSON strings
+        message = b'"' + b"m" * 996 + b'"'  # bytes travel as base64 JSON strings
         while credit > 0:  # everything the server allows, and no more
             await raw.send(data(1, message))
             credit -= len(message) + MESSAGE_OVERHEAD
@@ -551,10 +556,12 @@ class HostilePeer(RuleBasedStateMachine):
 
             async def quiet() -> bool:
                 return await settle(
-                    lambda: not self.listener.connections
-                    and self.listener.active_calls == 0
-                    and self.server._pending_bytes == 0
-                    and self.feed.running == 0
+                    lambda: (
+                        not self.listener.connections
+                        and self.listener.active_calls == 0
+                        and self.server._pending_bytes == 0
+                        and self.feed.running == 0
+                    )
                 )
 
             assert self.run(quiet()), (self.listener, self.server._pending_bytes)

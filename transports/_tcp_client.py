@@ -405,9 +405,9 @@ class TcpConnection(FrameWriter):
         for stream, fut in self._pending.items():
             if stream > last and not fut.done():
                 fut.set_exception(NotDeliveredError(f"{self.endpoint.address} is going away: {reason}"))
-        for stream_id, stream in list(self._streams.items()):
-            if stream_id > last and not stream.accepted.done():  # not seen by the server: it may go elsewhere
-                stream.ended(NotDeliveredError(f"{self.endpoint.address} is going away: {reason}", unreachable=False))
+        for stream_id, opened in list(self._streams.items()):
+            if stream_id > last and not opened.accepted.done():  # not seen by the server: it may go elsewhere
+                opened.ended(NotDeliveredError(f"{self.endpoint.address} is going away: {reason}", unreachable=False))
         if not self._pending and not self._streams:
             self._close_transport()
 
