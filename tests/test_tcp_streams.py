@@ -7,9 +7,11 @@ this file checks the wire (docs/protocol.md, "Streams") and that memory stays bo
 from __future__ import annotations
 
 import asyncio
+import re
 import struct
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -639,3 +641,34 @@ async def test_a_server_sending_beyond_the_window_loses_its_connection() -> None
     finally:
         fake.close()
         await fake.wait_closed()
+
+
+def test_the_protocol_doc_stream_dumps_match_the_encoder() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    section = doc[doc.index("### Byte dumps") : doc.index("## Example")]
+    ticks, _, chat = section.partition("`Feed/chat`")
+
+    def wire(text: str) -> bytes:
+        lines = re.findall(r"^    (?:← )?([0-9A-F ]+?)\s{2,}", text, flags=re.M)
+        return bytes.fromhex("".join(line.replace(" ", "") for line in lines))
+
+    sent, _, answered = ticks.partition("answered by")
+    assert wire(sent) == encode_request(1, "Feed/ticks", b'{"n":2}', 5000, b"", FLAG_SERVER_STREAMS)
+    assert wire(answered) == b"".join(
+        (
+            encode_window_update(1, 0),
+            data(1, b"0"),
+            data(1, b"1"),
+            encode_frame(FrameType.RESPONSE, 1),
+        )
+    )
+    assert wire(chat) == b"".join(
+        (
+            encode_request(3, "Feed/chat", b"{}", 0, b"", BIDI),
+            encode_window_update(3, STREAM_WINDOW),
+            data(3, b'"hi"'),
+            encode_frame(FrameType.END, 3),
+            data(3, b'"HI"'),
+            encode_frame(FrameType.RESPONSE, 3),
+        )
+    )
