@@ -233,16 +233,23 @@ async def test_refused_streams_are_flagged_not_delivered() -> None:
 
 @pytest.mark.anyio
 async def test_the_client_opens_elsewhere_when_a_stream_is_refused() -> None:
-    async with serving(max_concurrent_calls=1) as (a, _, _, _, _), serving() as (b, _, feed_b, _, _):
+    # A takes one call per connection: once a stream runs there, it refuses new ones (REFUSED), which go to B.
+    async with serving(max_concurrent_calls=1) as (a, _, feed_a, _, _), serving() as (b, _, feed_b, _, _):
         hosts = ",".join(listener.url.partition("://")[2] for listener in (a, b))
         async with kubrpc.connect(f"static://{hosts}", transport="tcp", balancer="round_robin") as channel:
             feed = channel.stub(Feed, timeout=10)
-            hold = feed.forever(1)
-            await hold.__anext__()  # A or B is now at its one call, if it is A
-            for _ in range(6):
+            assert [t async for t in feed.ticks(1)] == [0]  # both connections open
+            assert [t async for t in feed.ticks(1)] == [0]
+            holds = [feed.forever(1), feed.forever(1)]  # round robin: one on each
+            for hold in holds:
+                await hold.__anext__()
+            assert feed_a.running == 1 and feed_b.running == 1
+            for _ in range(6):  # about half are picked on A first, refused there, and opened on B
                 assert [t async for t in feed.ticks(2)] == [0, 1]
-            await hold.aclose()  # type: ignore[attr-defined]
-    assert feed_b.running == 0
+                assert await feed.total(_ints(2)) == 2
+            assert feed_a.started == 1
+            for hold in holds:
+                await hold.aclose()  # type: ignore[attr-defined]
 
 
 # -- flow control keeps memory bounded, both ways -------------------------------------------------------------
@@ -535,6 +542,13 @@ class HostilePeer(RuleBasedStateMachine):
     @rule()
     def release_sinks(self) -> None:
         self.sink.release.set()
+
+    @rule(reading=st.booleans())
+    def reading(self, reading: bool) -> None:
+        """Stop or resume reading the server's frames (its writes back up, up to its bound)."""
+        if self.writer is not None:
+            transport = self.writer.transport
+            transport.resume_reading() if reading else transport.pause_reading()  # type: ignore[attr-defined]
 
     @rule()
     def reconnect(self) -> None:
