@@ -581,12 +581,12 @@ class HostilePeer(RuleBasedStateMachine):
                 )
 
             assert self.run(quiet()), (self.listener, self.server._pending_bytes)
+        finally:
             self.run(self.stack.aclose())
             leftover = self.run(_other_tasks())
-            assert not leftover, leftover
-        finally:
             self.run(self.loop.shutdown_asyncgens())
             self.loop.close()
+        assert not leftover, leftover
 
 
 async def _other_tasks() -> set[asyncio.Task[Any]]:
