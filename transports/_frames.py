@@ -19,12 +19,16 @@ from kubrpc.status import Status
 
 __all__ = (
     "ADMIT_ABOVE",
+    "FLAG_CLIENT_STREAMS",
+    "FLAG_REFUSED",
+    "FLAG_SERVER_STREAMS",
     "FRAME_OVERHEAD",
     "HEADER",
     "MAX_METADATA",
     "MAX_TIMEOUT_MS",
     "PREFACE",
     "REFUSED",
+    "STREAM_WINDOW",
     "BadRequest",
     "Frame",
     "FrameDecoder",
@@ -33,8 +37,10 @@ __all__ = (
     "encode_frame",
     "encode_goaway",
     "encode_request",
+    "encode_window_update",
     "parse_goaway",
     "parse_request",
+    "parse_window_update",
 )
 
 PREFACE = b"KUBRPC1\n"
@@ -42,6 +48,16 @@ HEADER = struct.Struct(">IBBI")
 _REQUEST_HEAD = struct.Struct(">IH")
 _GOAWAY_HEAD = struct.Struct(">I")
 FLAG_ACK = 0x01
+#: REQUEST flags: a stream call (docs/protocol.md, "Streams"); the client sends DATA, the server sends DATA.
+FLAG_CLIENT_STREAMS = 0x02
+FLAG_SERVER_STREAMS = 0x04
+#: ERROR flag: the server refused the call without running any of it (draining, over its limits): safe to retry.
+FLAG_REFUSED = 0x02
+#: Flow-control window of a stream, each way, in bytes (each DATA frame costing its payload plus
+#: transports._streams.MESSAGE_OVERHEAD): what a receiver grants at the start and again as it reads.
+STREAM_WINDOW = 256 * 1024
+#: The most credit a receiver may have granted and not yet seen used, on one stream (more is a protocol error).
+MAX_WINDOW = 2**31 - 1
 MAX_STREAM_ID = 2**32 - 1
 MAX_TIMEOUT_MS = 2**32 - 1
 #: Encoded metadata of one request, at most.
@@ -60,6 +76,9 @@ class FrameType(enum.IntEnum):
     PING = 5
     GOAWAY = 6
     SETTINGS = 7
+    DATA = 8
+    END = 9
+    WINDOW_UPDATE = 10
 
 
 #: A partly received frame longer than this is counted against the receiver's budget as its bytes arrive
@@ -93,13 +112,27 @@ def encode_frame(type: int, stream: int, payload: bytes = b"", flags: int = 0) -
     return HEADER.pack(len(payload), type, flags, stream) + payload
 
 
-def encode_request(stream: int, path: str, body: bytes, timeout_ms: int = 0, metadata: bytes = b"") -> bytes:
-    """A REQUEST frame; `metadata` is a JSON object of strings (already encoded) or empty."""
+def encode_request(
+    stream: int, path: str, body: bytes, timeout_ms: int = 0, metadata: bytes = b"", flags: int = 0
+) -> bytes:
+    """A REQUEST frame; `metadata` is a JSON object of strings (already encoded) or empty; `flags` mark a stream."""
     path_bytes = path.encode()
     payload = b"".join(
         (_REQUEST_HEAD.pack(timeout_ms, len(path_bytes)), path_bytes, len(metadata).to_bytes(4, "big"), metadata, body)
     )
-    return HEADER.pack(len(payload), FrameType.REQUEST, 0, stream) + payload
+    return HEADER.pack(len(payload), FrameType.REQUEST, flags, stream) + payload
+
+
+def encode_window_update(stream: int, increment: int) -> bytes:
+    """A WINDOW_UPDATE frame: the sender may send `increment` more bytes of DATA on `stream`."""
+    return HEADER.pack(4, FrameType.WINDOW_UPDATE, 0, stream) + _GOAWAY_HEAD.pack(increment)
+
+
+def parse_window_update(payload: bytes) -> int:
+    """The increment of a WINDOW_UPDATE payload; ProtocolError unless it is exactly 4 bytes."""
+    if len(payload) != 4:
+        raise ProtocolError("WINDOW_UPDATE payload must be 4 bytes")
+    return int.from_bytes(payload, "big")
 
 
 def parse_request(payload: bytes) -> Request:

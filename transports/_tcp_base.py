@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from kubrpc.interface import CallKind
+
 from ._frames import (
+    FLAG_CLIENT_STREAMS,
+    FLAG_SERVER_STREAMS,
     FrameType,
 )
 
-__all__ = ("MAX_WRITE_BUFFER", "FrameWriter", "format_host")
+__all__ = ("KIND_OF_FLAGS", "MAX_WRITE_BUFFER", "STREAM_FLAGS", "FLAGS_OF_KIND", "FrameWriter", "format_host")
 
 log = logging.getLogger("kubrpc.tcp")
 
@@ -20,6 +24,18 @@ _CANCEL = FrameType.CANCEL
 _PING = FrameType.PING
 _GOAWAY = FrameType.GOAWAY
 _SETTINGS = FrameType.SETTINGS
+_DATA = FrameType.DATA
+_END = FrameType.END
+_WINDOW_UPDATE = FrameType.WINDOW_UPDATE
+
+#: The REQUEST flags of each kind of stream call, and back.
+STREAM_FLAGS = FLAG_CLIENT_STREAMS | FLAG_SERVER_STREAMS
+FLAGS_OF_KIND = {
+    CallKind.SERVER_STREAM: FLAG_SERVER_STREAMS,
+    CallKind.CLIENT_STREAM: FLAG_CLIENT_STREAMS,
+    CallKind.BIDI_STREAM: STREAM_FLAGS,
+}
+KIND_OF_FLAGS = {flags: kind for kind, flags in FLAGS_OF_KIND.items()}
 
 #: Unsent bytes a connection may queue (its transport's high-water mark). Past it, either end holds new
 #: writes (calls wait) until the peer has read enough, and a server also stops reading (a client keeps

@@ -14,25 +14,45 @@ import orjson
 from kubrpc._idle import IdleSignal
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, ProtocolError, RpcError
+from kubrpc.interface import CallKind
 from kubrpc.status import Status
 
 from ._deadlines import Deadlines
 from ._frames import (
     FLAG_ACK,
+    FLAG_REFUSED,
     FRAME_OVERHEAD,
     MAX_STREAM_ID,
     MAX_TIMEOUT_MS,
+    MAX_WINDOW,
     PREFACE,
+    STREAM_WINDOW,
     Frame,
     FrameDecoder,
     encode_frame,
     encode_metadata,
     encode_request,
+    encode_window_update,
     parse_goaway,
+    parse_window_update,
 )
-from ._tcp_base import _BATCH_BELOW, _CANCEL, _ERROR, _GOAWAY, _PING, _RESPONSE, FrameWriter, log
+from ._streams import MESSAGE_OVERHEAD, Inbox
+from ._tcp_base import (
+    _BATCH_BELOW,
+    _CANCEL,
+    _DATA,
+    _END,
+    _ERROR,
+    _GOAWAY,
+    _PING,
+    _RESPONSE,
+    _WINDOW_UPDATE,
+    FLAGS_OF_KIND,
+    FrameWriter,
+    log,
+)
 
-__all__ = ("TcpConnection",)
+__all__ = ("TcpConnection", "TcpStream")
 
 # How long aclose() lets unsent bytes drain before it drops them.
 _CLOSE_GRACE = 1.0
@@ -63,6 +83,7 @@ class TcpConnection(FrameWriter):
         self._last_received = 0.0
         self._ping_sent = False
         self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._streams: dict[int, TcpStream] = {}
         self._idle = IdleSignal()
         self._next_stream = 1
         self.transport: asyncio.Transport | None = None
@@ -147,6 +168,11 @@ class TcpConnection(FrameWriter):
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(RpcError(Status.UNAVAILABLE, reason))
+        if self._streams:
+            streams, self._streams = self._streams, {}
+            for stream in streams.values():
+                stream.ended(RpcError(Status.UNAVAILABLE, f"{reason} before the stream ended"))
+            self._idle.notify()
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
 
@@ -157,12 +183,12 @@ class TcpConnection(FrameWriter):
 
     @property
     def in_flight(self) -> int:
-        """Calls sent and not yet answered."""
-        return len(self._pending)
+        """Calls sent and not yet answered (streams not yet ended)."""
+        return len(self._pending) + len(self._streams)
 
     async def wait_idle(self) -> None:
         """Return once no call is in flight on this connection."""
-        await self._idle.wait(lambda: bool(self._pending))
+        await self._idle.wait(lambda: bool(self._pending or self._streams))
 
     async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
         """Send one call and wait for its answer; cancelling the wait cancels the call on the server."""
@@ -206,7 +232,7 @@ class TcpConnection(FrameWriter):
         finally:
             self._deadlines.discard(stream)
             del self._pending[stream]
-            if not self._pending:
+            if not self._pending and not self._streams:
                 self._idle.notify()
                 if self._goaway is not None:
                     self._close_transport()
@@ -222,6 +248,86 @@ class TcpConnection(FrameWriter):
         if error.code is Status.UNAVAILABLE and self._goaway is not None and stream > self._goaway:
             raise NotDeliveredError(error.message)
         raise error
+
+    async def open_stream(
+        self, path: str, payload: bytes, *, kind: CallKind, timeout: float | None, metadata: Mapping[str, str]
+    ) -> TcpStream:
+        """Start a stream call (kubrpc.interfaces.StreamingConnection); return once the server accepted it."""
+        if self._write_paused:
+            await self._writable_within(timeout)
+        if not self.usable or self.transport is None:
+            raise NotDeliveredError(f"connection to {self.endpoint.address} is closed or draining")
+        if len(payload) > self.max_message_size:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
+        if timeout is None or timeout == math.inf:
+            timeout = None
+            timeout_ms = 0
+        else:
+            timeout_ms = min(max(1, math.ceil(timeout * 1000)), MAX_TIMEOUT_MS)
+        stream_id = self._next_stream
+        try:
+            meta = encode_metadata(metadata) if metadata else b""
+            request = encode_request(stream_id, path, payload, timeout_ms, meta, FLAGS_OF_KIND[kind])
+        except struct.error:
+            raise RpcError(Status.INVALID_ARGUMENT, "method path too long") from None
+        self._next_stream = stream_id + 1
+        stream = TcpStream(self, stream_id, kind, None if timeout is None else self._loop.time() + timeout)
+        self._streams[stream_id] = stream
+        if timeout is not None:
+            self._deadlines.add(stream_id, timeout)
+        if len(request) < _BATCH_BELOW:
+            self.write(request)
+        else:
+            self._flush()
+            self.write_now(request)
+        try:
+            await stream.accepted
+        except BaseException:
+            stream.cancel()
+            raise
+        return stream
+
+    def _stream_closed(self, stream: int) -> None:
+        """A stream has ended or was cancelled: it is in flight no more."""
+        del self._streams[stream]
+        self._deadlines.discard(stream)
+        if not self._streams and not self._pending:
+            self._idle.notify()
+            if self._goaway is not None:
+                self._close_transport()
+
+    def _stream_frame(self, frame: Frame) -> bool:
+        """A frame of a stream call (ignored if that call has ended); False if it broke the protocol (closed)."""
+        stream = self._streams.get(frame.stream)
+        if stream is None:
+            return True
+        kind = frame.type
+        try:
+            if kind == _DATA:
+                stream.received(frame.payload)
+            elif kind == _WINDOW_UPDATE:
+                stream.grant(parse_window_update(frame.payload))
+        except ProtocolError as exc:
+            log.warning("closing connection to %s: %s", self.endpoint.address, exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return False
+        if kind == _DATA or kind == _WINDOW_UPDATE:
+            return True
+        if kind == _RESPONSE:
+            if len(frame.payload) > self.max_message_size:
+                stream.ended(RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size"))
+            else:
+                stream.ended(None, frame.payload)
+        else:  # ERROR
+            error = _error_of(frame.payload)
+            if not stream.accepted.done() and (
+                frame.flags & FLAG_REFUSED
+                or (error.code is Status.UNAVAILABLE and self._goaway is not None and frame.stream > self._goaway)
+            ):
+                error = NotDeliveredError(error.message, unreachable=False)
+            stream.ended(error)
+        return True
 
     async def _writable_within(self, timeout: float | None) -> None:
         try:
@@ -242,8 +348,11 @@ class TcpConnection(FrameWriter):
 
     def _deadline_passed(self, stream: int) -> None:
         fut = self._pending.get(stream)
-        if fut is not None and not fut.done():
-            fut.set_exception(RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded"))
+        if fut is not None:
+            if not fut.done():
+                fut.set_exception(RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded"))
+        elif (open_stream := self._streams.get(stream)) is not None:
+            open_stream.expired()
 
     def data_received(self, data: bytes) -> None:
         if self._keepalive is not None:
@@ -265,8 +374,14 @@ class TcpConnection(FrameWriter):
             kind = frame.type
             if kind == _RESPONSE or kind == _ERROR:
                 fut = self._pending.get(frame.stream)
-                if fut is not None and not fut.done():
-                    fut.set_result(frame)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(frame)
+                elif self._streams and not self._stream_frame(frame):
+                    return
+            elif kind == _DATA or kind == _WINDOW_UPDATE:
+                if not self._stream_frame(frame):
+                    return
             elif kind == _GOAWAY:
                 self._on_goaway(frame.payload)
             elif kind == _PING and not frame.flags & FLAG_ACK and self.transport is not None:
@@ -290,7 +405,10 @@ class TcpConnection(FrameWriter):
         for stream, fut in self._pending.items():
             if stream > last and not fut.done():
                 fut.set_exception(NotDeliveredError(f"{self.endpoint.address} is going away: {reason}"))
-        if not self._pending:
+        for stream_id, opened in list(self._streams.items()):
+            if stream_id > last and not opened.accepted.done():  # not seen by the server: it may go elsewhere
+                opened.ended(NotDeliveredError(f"{self.endpoint.address} is going away: {reason}", unreachable=False))
+        if not self._pending and not self._streams:
             self._close_transport()
 
     async def aclose(self) -> None:
@@ -307,4 +425,155 @@ class TcpConnection(FrameWriter):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "going away" if self._goaway is not None else "open"
-        return f"<TcpConnection {self.endpoint.address} [{state}, {len(self._pending)} in flight]>"
+        return f"<TcpConnection {self.endpoint.address} [{state}, {self.in_flight} in flight]>"
+
+
+def _error_of(payload: bytes) -> RpcError:
+    """The RpcError an ERROR frame carries."""
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        body = None
+    return RpcError.from_json(body)
+
+
+class TcpStream:
+    """The client's end of one stream call (kubrpc.interfaces.ClientStream) on a TcpConnection.
+
+    `credit` is what this side may still send (granted by the server: its accepting WINDOW_UPDATE, then more
+    as its handler reads); `peer_credit` what the server may still send (STREAM_WINDOW at the start, granted
+    back as receive() reads, half a window at a time). A message goes while credit is above zero.
+    """
+
+    __slots__ = (
+        "_waiter",
+        "accepted",
+        "conn",
+        "credit",
+        "deadline",
+        "half_closed",
+        "id",
+        "inbox",
+        "kind",
+        "peer_credit",
+        "unacked",
+    )
+
+    def __init__(self, conn: TcpConnection, stream: int, kind: CallKind, deadline: float | None) -> None:
+        self.conn = conn
+        self.id = stream
+        self.kind = kind
+        self.deadline = deadline  # loop time
+        self.accepted: asyncio.Future[None] = conn._loop.create_future()
+        self.credit = 0
+        self.peer_credit = STREAM_WINDOW if kind.streams_results else 0
+        self.unacked = 0
+        self.inbox = Inbox(self._read)
+        self.half_closed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def send(self, message: bytes, /) -> bool:
+        """Send one message once the server has granted credit; False once the call has ended."""
+        conn = self.conn
+        if len(message) > conn.max_message_size:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
+        inbox = self.inbox
+        while self.credit <= 0 and not inbox.ended:
+            self._waiter = conn._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if conn._write_paused and not inbox.ended:
+            await conn._writable_within(None if self.deadline is None else self.deadline - conn._loop.time())
+        if inbox.ended or self.half_closed:
+            return False
+        self.credit -= len(message) + MESSAGE_OVERHEAD
+        frame = encode_frame(_DATA, self.id, message)
+        if len(frame) < _BATCH_BELOW:
+            conn.write(frame)
+        else:
+            conn._flush()
+            conn.write_now(frame)
+        return True
+
+    async def close_send(self) -> None:
+        """Half-close: an END frame; the server's iterator of messages ends."""
+        if not self.half_closed and not self.inbox.ended:
+            self.half_closed = True
+            self.conn.write(encode_frame(_END, self.id))
+
+    async def receive(self) -> bytes | None:
+        """The server's next message, None at the end, or the call's error."""
+        return await self.inbox.get()
+
+    def cancel(self) -> None:
+        """Cancel the call on the server unless it has ended (a CANCEL frame); idempotent."""
+        conn = self.conn
+        if conn._streams.get(self.id) is self:
+            conn._stream_closed(self.id)
+            conn._cancel(self.id)
+        self.ended(RpcError(Status.CANCELLED, "cancelled by the client"), abort=True)
+
+    def expired(self) -> None:
+        """The stream's deadline passed: cancel it on the server; the reader gets DEADLINE_EXCEEDED."""
+        conn = self.conn
+        conn._stream_closed(self.id)
+        conn._cancel(self.id)
+        self.ended(RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded"), abort=True)
+
+    def received(self, data: bytes) -> None:
+        """A DATA frame; ProtocolError if the server was not allowed to send it."""
+        if self.peer_credit <= 0:
+            raise ProtocolError(f"DATA on stream {self.id} beyond its flow-control window")
+        self.peer_credit -= len(data) + MESSAGE_OVERHEAD
+        if len(data) > self.conn.max_message_size:
+            self.conn._stream_closed(self.id)
+            self.conn._cancel(self.id)
+            self.ended(RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size"))
+            return
+        self.inbox.put(data)
+
+    def grant(self, increment: int) -> None:
+        """A WINDOW_UPDATE: the server accepted the stream (the first one) or read more of it."""
+        if not self.accepted.done():
+            self.accepted.set_result(None)
+        self.credit += increment
+        if self.credit > MAX_WINDOW:
+            raise ProtocolError(f"WINDOW_UPDATE overflows the window of stream {self.id}")
+        self._wake()
+
+    def _read(self, size: int) -> None:
+        self.unacked += size + MESSAGE_OVERHEAD
+        if self.unacked >= STREAM_WINDOW // 2:
+            conn = self.conn
+            if conn._streams.get(self.id) is self:
+                self.peer_credit += self.unacked
+                conn.write(encode_window_update(self.id, self.unacked))
+            self.unacked = 0
+
+    def ended(self, error: RpcError | None, result: bytes = b"", *, abort: bool = False) -> None:
+        """The server ended the call (or it failed here): the reader gets `result`, then None or `error`."""
+        conn = self.conn
+        if conn._streams.get(self.id) is self:
+            conn._stream_closed(self.id)
+        inbox = self.inbox
+        if not inbox.ended:
+            if abort:
+                inbox.abort(error or RpcError(Status.CANCELLED, "cancelled"))
+            else:
+                if result:
+                    inbox.put(result)
+                inbox.end(error)
+        if not self.accepted.done():
+            if error is None:
+                self.accepted.set_result(None)
+            else:
+                self.accepted.set_exception(error)
+                self.accepted.exception()  # retrieved: open_stream may no longer be waiting for it
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

@@ -12,29 +12,41 @@ import anyio
 import orjson
 
 from kubrpc.errors import NotDeliveredError, ProtocolError, RpcError, error_response
+from kubrpc.interface import CallKind
 from kubrpc.status import Status
 
 from ._deadlines import Deadlines
 from ._frames import (
     FLAG_ACK,
+    FLAG_REFUSED,
     FRAME_OVERHEAD,
+    MAX_WINDOW,
     PREFACE,
     REFUSED,
+    STREAM_WINDOW,
     BadRequest,
     Frame,
     FrameDecoder,
     encode_frame,
     encode_goaway,
+    encode_window_update,
     parse_request,
+    parse_window_update,
 )
+from ._streams import MESSAGE_OVERHEAD, Inbox
 from ._tcp_base import (
     _BATCH_BELOW,
     _CANCEL,
+    _DATA,
+    _END,
     _ERROR,
     _PING,
     _REQUEST,
     _RESPONSE,
     _SETTINGS,
+    _WINDOW_UPDATE,
+    KIND_OF_FLAGS,
+    STREAM_FLAGS,
     FrameWriter,
     format_host,
     log,
@@ -69,8 +81,8 @@ def _may_be_http(first: bytes) -> bool:
     return len(first) < len(b"OPTIONS ") and any(m.startswith(first) for m in _HTTP_METHODS)
 
 
-def _error_frame(stream: int, error: RpcError) -> bytes:
-    return encode_frame(_ERROR, stream, orjson.dumps(error.to_json()))
+def _error_frame(stream: int, error: RpcError, flags: int = 0) -> bytes:
+    return encode_frame(_ERROR, stream, orjson.dumps(error.to_json()), flags)
 
 
 def _deadline_frame(stream: int) -> bytes:
@@ -111,6 +123,8 @@ class TcpListener:
         with anyio.move_on_after(timeout):
             while self.active_calls:
                 await self._changed()
+        for conn in list(self.connections):  # streams still running end now, telling their clients why
+            conn.end_streams(RpcError(Status.UNAVAILABLE, "server shutting down: the stream outlived drain_timeout"))
         with anyio.move_on_after(min(timeout, _LINGER)):
             while self.connections:
                 await self._changed()
@@ -160,6 +174,7 @@ class _ServerConnection(FrameWriter):
         self.dispatch = listener.server.dispatch
         self.max_calls = listener.server.limits.max_concurrent_calls
         self.calls: dict[int, asyncio.Task[None]] = {}
+        self.streams: dict[int, _ServerStream] = {}  # the stream calls among `calls`
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         server = listener.server
@@ -343,12 +358,14 @@ class _ServerConnection(FrameWriter):
             except BadRequest as exc:
                 self.write(_error_frame(stream, exc.error))
                 return
+            streaming = frame.flags & STREAM_FLAGS
+            refused = FLAG_REFUSED if streaming else 0  # a stream learns that it may go elsewhere
             if self._going_away:
-                self.write(_error_frame(stream, NotDeliveredError("server shutting down")))
+                self.write(_error_frame(stream, NotDeliveredError("server shutting down"), refused))
                 return
             if len(self.calls) >= self.max_calls:
                 error = RpcError(Status.RESOURCE_EXHAUSTED, "too many concurrent calls on this connection")
-                self.write(_error_frame(stream, error))
+                self.write(_error_frame(stream, error, refused))
                 return
             if len(request.body) > self.listener.max_message_size:
                 error = RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
@@ -359,7 +376,7 @@ class _ServerConnection(FrameWriter):
             if metadata:  # as Python objects, an entry costs far more than its JSON: count that too
                 size += _METADATA_ENTRY * len(metadata)
             if not self.listener.server.admit(size):
-                self.write(_error_frame(stream, _BUSY))
+                self.write(_error_frame(stream, _BUSY, refused))
                 return
             self._held[stream] = size
             if stream > self._last_stream:
@@ -369,7 +386,10 @@ class _ServerConnection(FrameWriter):
             timeout = request.timeout_ms / 1000 if request.timeout_ms else None
             if metadata:  # keys are case-insensitive, as HTTP header names: handlers see them in lower case
                 metadata = {k.lower(): v for k, v in metadata.items()}
-            task = self._loop.create_task(self._run(stream, request.path, request.body, timeout, metadata))
+            if streaming:
+                task = self._open_stream(streaming, stream, request.path, request.body, timeout, metadata)
+            else:
+                task = self._loop.create_task(self._run(stream, request.path, request.body, timeout, metadata))
             self.calls[stream] = task
             # Bookkeeping in a done callback: a task cancelled before its first step never runs _run at all.
             task.add_done_callback(partial(self._call_done, stream))
@@ -379,6 +399,18 @@ class _ServerConnection(FrameWriter):
             running = self.calls.get(stream)
             if running is not None:
                 running.cancel()
+        elif kind == _DATA:
+            open_stream = self.streams.get(stream)
+            if open_stream is not None:  # else it has ended: DATA sent before the client learned it is dropped
+                open_stream.received(frame.payload)
+        elif kind == _WINDOW_UPDATE:
+            open_stream = self.streams.get(stream)
+            if open_stream is not None:
+                open_stream.grant(parse_window_update(frame.payload))
+        elif kind == _END:
+            open_stream = self.streams.get(stream)
+            if open_stream is not None:
+                open_stream.half_close()
         elif kind == _PING:
             if not frame.flags & FLAG_ACK:
                 self.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
@@ -418,10 +450,79 @@ class _ServerConnection(FrameWriter):
                 self.write(_deadline_frame(stream))
             # else: cancelled by the client (CANCEL frame) or because the connection is gone: no answer
 
+    def _open_stream(
+        self, flags: int, stream: int, path: str, body: bytes, timeout: float | None, metadata: Mapping[str, str]
+    ) -> asyncio.Task[None]:
+        """Accept a stream call (a WINDOW_UPDATE granting the client its window) and start its task."""
+        kind = KIND_OF_FLAGS[flags]
+        spec = self.listener.server.method(path)
+        opened = _ServerStream(self, stream, kind)
+        self.write(encode_window_update(stream, opened.peer_credit))
+        self.streams[stream] = opened
+        mismatch = spec is not None and spec.kind is not CallKind.UNARY and spec.kind is not kind
+        return self._loop.create_task(self._run_stream(opened, path, body, timeout, metadata, mismatch))
+
+    async def _run_stream(
+        self,
+        opened: _ServerStream,
+        path: str,
+        body: bytes,
+        timeout: float | None,
+        metadata: Mapping[str, str],
+        mismatch: bool,
+    ) -> None:
+        stream = opened.id
+        try:
+            if self._write_paused:
+                await self._wait_writable()
+            try:
+                if mismatch:
+                    spec = self.listener.server.method(path)
+                    assert spec is not None
+                    theirs, ours = opened.kind.value.replace("_", " "), spec.kind.value.replace("_", " ")
+                    raise RpcError(Status.UNIMPLEMENTED, f"{path} is a {ours} call, not a {theirs}: call it as one")
+                result = await self.listener.server.dispatch_stream(
+                    path,
+                    body,
+                    messages=opened.inbox,
+                    send=opened.send,
+                    timeout=timeout,
+                    metadata=metadata,
+                    peer=self.peer,
+                    deadline_enforced=True,
+                )
+                if result is not None and len(result) > self.listener.max_message_size:
+                    raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
+                frame = encode_frame(_RESPONSE, stream, result or b"")
+            except RpcError as exc:
+                frame = _error_frame(stream, exc)
+            if self._write_paused:
+                await self._wait_writable()
+            opened.answered = True
+            self.write(frame)
+        except asyncio.CancelledError:
+            if stream in self._expired:
+                self._expired.discard(stream)
+                self.write(_deadline_frame(stream))
+            elif opened.error is not None:  # ended by this server (drain, memory budget): say why
+                self.write(_error_frame(stream, opened.error))
+            opened.answered = True
+
+    def end_streams(self, error: RpcError) -> None:
+        """Cancel every running stream call, answering it with `error` (drain_timeout has passed)."""
+        for opened in self.streams.values():
+            opened.end(error)
+
     def _call_done(self, stream: int, task: asyncio.Task[None]) -> None:
         if self.calls.get(stream) is task:
             del self.calls[stream]
             self.listener.server.release(self._held.pop(stream))
+            if self.streams:
+                opened = self.streams.pop(stream, None)
+                if opened is not None:
+                    opened.closed()
+                    if not opened.answered and opened.error is not None and stream not in self._expired:
+                        self.write(_error_frame(stream, opened.error))  # cancelled before it even started
         self._deadlines.discard(stream)
         if stream in self._expired:  # the deadline passed before the call's task could even start
             self._expired.discard(stream)
@@ -503,3 +604,121 @@ class _ServerConnection(FrameWriter):
 
     def _peer(self) -> str:
         return self.peer or "?"
+
+
+class _ServerStream:
+    """The server's end of one stream call: the client's messages (an Inbox), and the credit of each side.
+
+    `credit` is what this side may still send (STREAM_WINDOW at the start, widened by the client's
+    WINDOW_UPDATEs); `peer_credit` what the client may still send (granted by this side as the handler
+    reads). A message may go while credit is above zero, taking it below (a message larger than the window
+    still goes, alone). Unread messages are counted against the server's max_pending_bytes.
+    """
+
+    __slots__ = (
+        "answered",
+        "conn",
+        "credit",
+        "error",
+        "half_closed",
+        "id",
+        "inbox",
+        "kind",
+        "peer_credit",
+        "unacked",
+        "waiter",
+    )
+
+    def __init__(self, conn: _ServerConnection, stream: int, kind: CallKind) -> None:
+        self.conn = conn
+        self.id = stream
+        self.kind = kind
+        self.credit = STREAM_WINDOW
+        takes = kind.streams_requests
+        self.peer_credit = STREAM_WINDOW if takes else 0
+        self.unacked = 0  # bytes read and not yet granted back to the client
+        self.inbox = Inbox(self._read) if takes else None
+        self.half_closed = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.error: RpcError | None = None  # what the client is told if this server cancels the call
+        self.answered = False  # its final frame (RESPONSE or ERROR) is written
+
+    async def send(self, data: bytes) -> None:
+        """The handler's next message: wait for credit (and a connection that is being read), then write it."""
+        conn = self.conn
+        if len(data) > conn.listener.max_message_size:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
+        while self.credit <= 0:
+            self.waiter = conn._loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        if conn._write_paused:
+            await conn._wait_writable()
+        self.credit -= len(data) + MESSAGE_OVERHEAD
+        frame = encode_frame(_DATA, self.id, data)
+        if len(frame) < _BATCH_BELOW:
+            conn.write(frame)
+        else:
+            conn._flush()
+            conn.write_now(frame)
+
+    def received(self, data: bytes) -> None:
+        """A DATA frame from the client; ProtocolError if it was not allowed to send it."""
+        if self.half_closed or self.peer_credit <= 0:
+            what = "after END" if self.half_closed else "beyond its flow-control window"
+            raise ProtocolError(f"DATA on stream {self.id} {what}")
+        cost = len(data) + MESSAGE_OVERHEAD
+        self.peer_credit -= cost
+        inbox = self.inbox
+        if inbox is None or inbox.ended:  # the call is ending: nothing reads it any more
+            return
+        if len(data) > self.conn.listener.max_message_size:
+            self.end(RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size"))
+            return
+        if not self.conn.listener.server.admit(cost):
+            self.end(_BUSY)
+            return
+        inbox.put(data)
+
+    def _read(self, size: int) -> None:
+        """The handler read a message: its bytes leave the budget; grant them back once half a window was read."""
+        cost = size + MESSAGE_OVERHEAD
+        conn = self.conn
+        conn.listener.server.release(cost)
+        self.unacked += cost
+        if self.unacked >= STREAM_WINDOW // 2 and not self.half_closed:
+            self.peer_credit += self.unacked
+            conn.write(encode_window_update(self.id, self.unacked))
+            self.unacked = 0
+
+    def grant(self, increment: int) -> None:
+        """A WINDOW_UPDATE from the client."""
+        self.credit += increment
+        if self.credit > MAX_WINDOW:
+            raise ProtocolError(f"WINDOW_UPDATE overflows the window of stream {self.id}")
+        if self.waiter is not None and not self.waiter.done() and self.credit > 0:
+            self.waiter.set_result(None)
+
+    def half_close(self) -> None:
+        """END from the client: the handler's iterator of messages ends after those already received."""
+        if not self.half_closed:
+            self.half_closed = True
+            if self.inbox is not None:
+                self.inbox.end()
+
+    def end(self, error: RpcError) -> None:
+        """Cancel the handler; the client is answered with `error`."""
+        if self.error is None:
+            self.error = error
+        task = self.conn.calls.get(self.id)
+        if task is not None:
+            task.cancel()
+
+    def closed(self) -> None:
+        """The call's task is done: unread messages leave the budget."""
+        if self.inbox is not None:
+            dropped = self.inbox.abort(RpcError(Status.CANCELLED, "the call has ended"))
+            if dropped:
+                self.conn.listener.server.release(dropped)

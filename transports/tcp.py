@@ -36,6 +36,9 @@ class TcpTransport:
     connection that has not sent the preface within `preface_timeout` seconds, and one whose frame (over 1 KiB)
     has begun arriving and is not complete within `frame_timeout` seconds.
 
+    Stream calls of all three kinds travel as DATA frames with per-stream, credit-based flow control (a window of
+    256 KiB each way, granted back as the application reads): docs/protocol.md, "Streams".
+
     `sock=` (server side) serves an already bound socket instead of binding host:port, as the workers of
     `Server.run(workers=N)` share their supervisor's; the listener takes it over and closes it when done.
     """
