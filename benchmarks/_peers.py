@@ -356,7 +356,10 @@ def pin(cpu: int | None) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
-async def run_server(peer: str) -> None:
+ServePeer = Callable[[str], contextlib.AbstractAsyncContextManager[str]]
+
+
+async def run_server(peer: str, serve_peer: ServePeer = serve) -> None:
     """Serve `peer`, print its URL, and return when stdin reaches EOF (the parent is done or gone) or on SIGTERM."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
@@ -368,11 +371,26 @@ async def run_server(peer: str) -> None:
 
     transport, _ = await loop.connect_read_pipe(_EofWatcher, sys.stdin)
     try:
-        async with serve(peer) as url:
+        async with serve_peer(peer) as url:
             print(url, flush=True)
             await done.wait()
     finally:
         transport.close()
+
+
+class PeerFailed(Exception):
+    """A server or client process of a peer failed or overran its time."""
+
+
+async def stop_process(process: asyncio.subprocess.Process, timeout: float = 10.0) -> None:
+    """Close the process's stdin (its signal to exit), wait up to `timeout` seconds, then kill it."""
+    if process.stdin is not None:
+        process.stdin.close()
+    try:
+        await asyncio.wait_for(process.wait(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
 
 
 async def run_client(

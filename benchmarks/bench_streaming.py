@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import signal
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import orjson
-from _peers import cpu_usage, pin
+from _peers import PeerFailed, cpu_usage, pin, run_server as run_peer_server, stop_process
 
 SCRIPT = Path(__file__).resolve()
 HERE = SCRIPT.parent
@@ -56,7 +55,6 @@ HOST = "127.0.0.1"
 SERVER_CPU = 0
 CLIENT_CPU = 1
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 STREAM_LENGTH = 100_000  # messages of one server stream before a worker opens the next
 BLOB = 1024 * 1024  # the `bytes` workload's message size
 BLOBS_PER_STREAM = 64
@@ -363,25 +361,6 @@ async def measure(
 # --- process entry points -------------------------------------------------------------------------------------
 
 
-async def run_server(peer: str) -> None:
-    """Serve `peer`, print its URL, and return when stdin reaches EOF or on SIGTERM."""
-    loop = asyncio.get_running_loop()
-    done = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, done.set)
-
-    class _EofWatcher(asyncio.Protocol):
-        def connection_lost(self, exc: Exception | None) -> None:
-            done.set()
-
-    transport, _ = await loop.connect_read_pipe(_EofWatcher, sys.stdin)
-    try:
-        async with serve(peer) as url:
-            print(url, flush=True)
-            await done.wait()
-    finally:
-        transport.close()
-
-
 async def run_client(
     peer: str, url: str, workload: str, concurrencies: list[int], warmup: float, duration: float, pid: int | None
 ) -> None:
@@ -412,7 +391,7 @@ def process_main(argv: list[str]) -> None:
 
         run = uvloop.run
     if args.role == "serve":
-        run(run_server(args.peer))
+        run(run_peer_server(args.peer, serve))
         return
     if args.url is None:
         parser.error("drive needs the server's URL")
@@ -435,20 +414,6 @@ class Sample:
     server_cpu: float
     client_cpu: float
     other_cpu: float
-
-
-class PeerFailed(Exception):
-    """A server or client process of a peer failed or overran its time."""
-
-
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    if process.stdin is not None:
-        process.stdin.close()
-    try:
-        await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
 
 
 async def run_peer(peer: str, workload: str, settings: Settings) -> list[Sample]:
@@ -487,7 +452,7 @@ async def run_peer(peer: str, workload: str, settings: Settings) -> list[Sample]
             raise PeerFailed(f"{peer} {workload}: the client exited with {driver.returncode}")
     finally:
         if server is not None:
-            await _stop(server)
+            await stop_process(server)
     samples = []
     for line in out.decode().splitlines():
         row = json.loads(line)

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _peers import BASELINE, EXTRA_PEERS, PEERS, Settings
+from _peers import BASELINE, EXTRA_PEERS, PEERS, PeerFailed, Settings, stop_process
 
 HERE = Path(__file__).resolve().parent
 PEERS_SCRIPT = HERE / "_peers.py"
@@ -35,7 +35,6 @@ RESULT = HERE / "results" / "unary.md"
 SERVER_CPU = 0
 CLIENT_CPU = 1
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 HAVE_PROC = os.path.exists("/proc/self/stat")  # for the server's CPU usage
 
 
@@ -55,21 +54,6 @@ class Sample:
     server_cpu: float
     client_cpu: float
     other_cpu: float
-
-
-class PeerFailed(Exception):
-    """A server or client process of a peer failed or overran its time."""
-
-
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    """Close the process's stdin (its signal to exit), wait briefly, then kill it."""
-    if process.stdin is not None:
-        process.stdin.close()
-    try:
-        await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
 
 
 async def run_peer(peer: str, settings: Settings, profile_dir: Path | None = None) -> list[Sample]:
@@ -119,7 +103,7 @@ async def run_peer(peer: str, settings: Settings, profile_dir: Path | None = Non
         if client.returncode != 0:
             raise PeerFailed(f"{peer}: the client exited with {client.returncode}")
     finally:
-        await _stop(server)
+        await stop_process(server)
     samples = []
     for line in out.decode().splitlines():
         row = json.loads(line)
