@@ -25,7 +25,7 @@ from kubrpc.interface import CallKind
 pytestmark = pytest.mark.anyio
 
 #: The transports whose stream calls these tests check; each transport's work adds its name here.
-STREAM_TRANSPORTS = ["inproc"]
+STREAM_TRANSPORTS = ["inproc", "http"]
 
 _names = itertools.count()
 
