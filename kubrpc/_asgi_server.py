@@ -596,15 +596,25 @@ async def serve_uvicorn(
     userver = _QuietServer(config)
     userver.handshake_timeout = (limits or ServerLimits()).header_timeout  # a TLS handshake counts as the head's start
     with sock:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(userver.serve, [sock])
+        # A plain task rather than a task group: the block may be left from another task than the one that
+        # entered it (a drain run in the background while the caller goes on).
+        serving = asyncio.ensure_future(userver.serve([sock]))
+        try:
             with anyio.fail_after(10):
                 while not userver.started:
-                    if userver.should_exit:
+                    if userver.should_exit or serving.done():
                         raise OSError(f"uvicorn failed to start on {host}:{port}")
                     await anyio.sleep(0.002)
             host_text = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
+            yield f"{'http' if ssl is None else 'https'}://{host_text}:{bound[1]}", userver
+        finally:
+            userver.should_exit = True
             try:
-                yield f"{'http' if ssl is None else 'https'}://{host_text}:{bound[1]}", userver
-            finally:
-                userver.should_exit = True
+                await asyncio.shield(serving)
+            except asyncio.CancelledError:
+                if not serving.done():  # the caller was cancelled while it drained: stop now
+                    userver.force_exit = True
+                    serving.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await serving
+                raise

@@ -200,6 +200,7 @@ CODEC_HEADER = b"kubrpc-codec"  # "native": kubrpc's own client, whose messages 
 _STREAM_HEAD = [(b"content-type", STREAM_MEDIA.encode())]
 #: Bytes of a client's messages a stream holds unread before it stops reading the connection (flow control).
 STREAM_WINDOW = 64 * 1024
+_YIELD_EVERY = 4  # messages written without the loop turning, at most (asyncio warns from the 5th write to a lost socket)
 
 
 def route(headers: list[tuple[bytes, bytes]]) -> int:
@@ -396,7 +397,10 @@ class _ServerStream:
         limit = self.limit
         to_wire = self.codec.result
 
+        written = 0
+
         async def send(data: bytes) -> None:
+            nonlocal written
             data = to_wire(data)
             if len(data) > limit:
                 raise RpcError(Status.RESOURCE_EXHAUSTED, "response message exceeds the maximum message size")
@@ -404,6 +408,13 @@ class _ServerStream:
                 await write(envelope(data))
             except OSError:  # the client has gone (uvicorn's ClientDisconnected)
                 raise RpcError(Status.CANCELLED, "client disconnected") from None
+            written += 1
+            if not written % _YIELD_EVERY:
+                # A write to a socket with room returns without waiting: a handler that only yields messages
+                # would starve the loop, which then never learns that the client has gone.
+                await asyncio.sleep(0)
+            if self.disconnected:
+                raise RpcError(Status.CANCELLED, "client disconnected")
 
         loop = asyncio.get_running_loop()
         try:

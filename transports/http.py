@@ -694,7 +694,8 @@ class _HttpStream:
         except RpcError as exc:
             self._end(exc)
             raise
-        except (asyncio.IncompleteReadError, ConnectionError, *self.connection._transport_errors) as exc:
+        except (asyncio.IncompleteReadError, ConnectionError, RuntimeError, *self.connection._transport_errors) as exc:
+            # (aiohttp: RuntimeError "Connection closed." once the response was closed)
             failure = self.error or RpcError(
                 Status.UNAVAILABLE, f"stream from {self.connection.endpoint.address} broke off: {exc!r}"
             )
