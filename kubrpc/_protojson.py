@@ -829,10 +829,10 @@ def method_codec(spec: MethodSpec) -> MethodCodec:
 class ClientStreamCodec:
     """The proto3 JSON of a client stream's messages: `rpc M(stream MRequest) returns (MResponse)`.
 
-    `request` is `MRequest` without the item field. `MRequest` holds the ordinary parameters as fields 1..k (as a unary request) and field k+1, named after the
+    `MRequest` holds the ordinary parameters as fields 1..k (as a unary request) and field k+1, named after the
     stream parameter, with ONE item. Every message carries one item (absent: its zero value); the ordinary
     fields are read from the first message, and a later message that sets one to a non-default value is
-    INVALID_ARGUMENT.
+    INVALID_ARGUMENT. (`request` is `MRequest` without the item field.)
     """
 
     __slots__ = ("_item", "_name", "_zero", "request", "response", "spec")

@@ -17,8 +17,7 @@ import aiohttp
 import httpx
 import orjson
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 from stream_services import Feed, FeedImpl
 
 import kubrpc
@@ -243,7 +242,9 @@ async def test_connect_bidi_is_refused_with_the_reason() -> None:
 
 async def test_binary_codec_and_compression_are_refused() -> None:
     async with wire() as (client, server, _, _):
-        response = await post(client, "test.Feed/ticks", envelope(b"\x08\x03"), {"content-type": "application/connect+proto"})
+        response = await post(
+            client, "test.Feed/ticks", envelope(b"\x08\x03"), {"content-type": "application/connect+proto"}
+        )
         assert response.status_code == 415
         assert response.json()["code"] == "unimplemented" and "JSON codec only" in response.json()["message"]
         headers = {**CONNECT, "connect-content-encoding": "gzip"}
@@ -459,7 +460,7 @@ async def test_drain_lets_streams_finish_then_ends_them_unavailable() -> None:
         async def read() -> None:
             try:
                 async for i in channel.stub(Slow, timeout=30).every(0.01):
-                    got.append(i)
+                    got.append(i)  # noqa: PERF401 (read as they arrive: the test waits for some)
             except RpcError as exc:
                 errors.append(exc)
 

@@ -141,6 +141,34 @@ class ConnectCore:
         """Give back what admit() counted."""
         self.core.release(size)
 
+    def method(self, path: str, /) -> MethodSpec | None:
+        """The served core's method at `path`."""
+        return self.core.method(path)
+
+    async def dispatch_stream(
+        self,
+        path: str,
+        payload: bytes,
+        *,
+        messages: AsyncIterator[bytes] | None,
+        send: Callable[[bytes], Awaitable[None]],
+        timeout: float | None,
+        metadata: Mapping[str, str],
+        peer: str = "",
+        deadline_enforced: bool = False,
+    ) -> bytes | None:
+        """Streams are served by serve_stream(), which converts their messages itself: the served core's."""
+        return await self.core.dispatch_stream(
+            path,
+            payload,
+            messages=messages,
+            send=send,
+            timeout=timeout,
+            metadata=metadata,
+            peer=peer,
+            deadline_enforced=deadline_enforced,
+        )
+
     def codec(self, path: str) -> MethodCodec | None:
         """The proto3 JSON codec of the method at `path`; None if no service has it (dispatch says so)."""
         try:
@@ -200,7 +228,9 @@ CODEC_HEADER = b"kubrpc-codec"  # "native": kubrpc's own client, whose messages 
 _STREAM_HEAD = [(b"content-type", STREAM_MEDIA.encode())]
 #: Bytes of a client's messages a stream holds unread before it stops reading the connection (flow control).
 STREAM_WINDOW = 64 * 1024
-_YIELD_EVERY = 4  # messages written without the loop turning, at most (asyncio warns from the 5th write to a lost socket)
+_YIELD_EVERY = (
+    4  # messages written without the loop turning, at most (asyncio warns from the 5th write to a lost socket)
+)
 
 
 def route(headers: list[tuple[bytes, bytes]]) -> int:
@@ -445,7 +475,7 @@ class _ServerStream:
             if len(data) > limit:
                 raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
             return envelope(data) + _end_stream(None)
-        except RpcError as exc:
+        except RpcError:
             if self.failure is not None:
                 exc = self.failure
             if exc.code is Status.INVALID_ARGUMENT and exc.details and self.spec is not None and to_wire is not _same:
@@ -485,8 +515,18 @@ async def serve_stream(core: ServerCore, path: str, scope: Scope, receive: Recei
     async def write(data: bytes) -> None:
         await send({"type": "http.response.body", "body": data, "more_body": True})
 
-    end = await _serve(core, spec, path, native, timeout, metadata, _peer(scope), write, _http_envelopes(receive, limit),
-                       partial(_http_watch, receive))
+    end = await _serve(
+        core,
+        spec,
+        path,
+        native,
+        timeout,
+        metadata,
+        _peer(scope),
+        write,
+        _http_envelopes(receive, limit),
+        partial(_http_watch, receive),
+    )
     if end is not None:
         await send({"type": "http.response.body", "body": end})
 
@@ -601,7 +641,9 @@ async def serve_websocket(core: ServerCore, path: str, scope: Scope, receive: Re
         closed = True
         raise _Disconnected
 
-    end = await _serve(core, core.method(path), path, native, timeout, metadata, _peer(scope), write, envelopes(), watch)
+    end = await _serve(
+        core, core.method(path), path, native, timeout, metadata, _peer(scope), write, envelopes(), watch
+    )
     if end is not None and not closed:
         with contextlib.suppress(OSError):
             await send({"type": "websocket.send", "bytes": end})

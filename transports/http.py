@@ -656,13 +656,13 @@ class _HttpStream:
         if self.ws is not None:
             try:
                 await self.ws.send_bytes(data)
-            except (ConnectionError, RuntimeError, self.connection._transport_errors):
+            except (ConnectionError, RuntimeError, *self.connection._transport_errors):
                 return False
             return not self.ended
         self._pending = data
         self._sent = sent = asyncio.get_running_loop().create_future()
         _wake(self._ready)
-        return await sent
+        return cast(bool, await sent)
 
     async def close_send(self) -> None:
         """No more messages from the client."""
@@ -755,10 +755,9 @@ class _HttpStream:
             self._sent.set_result(False)
         _wake(self._ready)
         if self.ws is not None:
-            if clean:  # the server closes it next: answer its close frame in the background of aiohttp's reader
-                self.ws._response.close()  # noqa: SLF001 (aiohttp has no synchronous close of a WebSocket)
-            else:
-                self.ws._response.close()  # noqa: SLF001
+            # aiohttp has no synchronous close of a WebSocket: close its connection (the server, which has sent
+            # its end-stream or is cut off, needs no close handshake from a client that is done)
+            self.ws._response.close()
         elif self.response is not None:
             if clean and self.body_done:
                 self.response.release()
