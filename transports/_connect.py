@@ -475,9 +475,8 @@ class _ServerStream:
             if len(data) > limit:
                 raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
             return envelope(data) + _end_stream(None)
-        except RpcError:
-            if self.failure is not None:
-                exc = self.failure
+        except RpcError as raised:
+            exc = raised if self.failure is None else self.failure
             if exc.code is Status.INVALID_ARGUMENT and exc.details and self.spec is not None and to_wire is not _same:
                 exc = method_codec(self.spec).native_error(exc)
             return None if self.disconnected else _end_stream(exc)
