@@ -486,3 +486,47 @@ async def test_drain_lets_streams_finish_then_ends_them_unavailable() -> None:
             assert error and error[0].code is Status.UNAVAILABLE
             assert "shut down before the stream finished" in error[0].message, error[0].message
         assert slow.running == 0
+
+
+# -- WebSocket upgrades are held to the hardened protocol's limits ------------------------------------------------
+
+
+async def test_websocket_upgrades_keep_the_connection_limits() -> None:
+    async with serving(max_connections=1, max_header_size=2048) as (url, _, _, slow), aiohttp.ClientSession() as s:
+        ws_url = url.replace("http", "ws") + "/test.Feed/chat"
+        async with s.ws_connect(ws_url, headers=NATIVE) as ws:  # holds the one request slot while open
+            await ws.send_bytes(envelope(b"{}"))
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await s.ws_connect(ws_url, headers=NATIVE)
+            assert info.value.status == 503 and info.value.headers is not None
+            assert info.value.headers["kubrpc-not-started"] == "1"
+            await ws.send_bytes(envelope(b"{}", END_STREAM))
+            assert await ws.receive_bytes() == end()
+        for _ in range(200):  # the slot is given back once the stream's task has ended
+            try:
+                async with s.ws_connect(ws_url, headers=NATIVE) as ws:
+                    await ws.send_bytes(envelope(b"{}"))
+                    await ws.send_bytes(envelope(b'"z"'))
+                    assert await ws.receive_bytes() == envelope(b'"Z"')
+                break
+            except aiohttp.WSServerHandshakeError:
+                await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the request slot of a finished WebSocket stream was never given back")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await s.ws_connect(ws_url, headers={**NATIVE, "x-big": "x" * 4000})
+        assert info.value.status == 431
+        assert slow.running == 0
+
+
+async def test_a_slow_websocket_head_times_out() -> None:
+    async with serving(header_timeout=0.3) as (url, _, _, _):
+        host, _, port = url.partition("://")[2].rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"GET /test.Feed/chat HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n")  # and no more
+            answer = await asyncio.wait_for(reader.read(), 20)
+            assert answer.startswith(b"HTTP/1.1 408 ")
+        finally:
+            writer.close()
+            await writer.wait_closed()
