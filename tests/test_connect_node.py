@@ -205,3 +205,9 @@ async def test_client_streams_over_http_1_1(stream_results: dict[str, Any]) -> N
     assert stream_results["count"] == {"ok": "2"}  # stop_after from the first message
     bad = stream_results["countBad"]["error"]
     assert bad["code"] == "InvalidArgument" and "stopAfter" in bad["rawMessage"]
+
+
+async def test_a_bidi_stream_is_refused_saying_why(stream_results: dict[str, Any]) -> None:
+    chat = stream_results["chat"]
+    assert chat["messages"] == []
+    assert chat["error"]["code"] == "Unimplemented" and "HTTP/2" in chat["error"]["rawMessage"]

@@ -63,4 +63,6 @@ await run("countBad", async () => {
   const bytes = new Uint8Array([1]);
   return (await client.count(requests([{ values: bytes }, { stopAfter: 9n, values: bytes }]))).result.toString();
 });
+// Bidirectional streams need HTTP/2 in Connect; kubrpc serves HTTP/1.1 and says so.
+await serverStream("chat", () => client.chat(requests([{ words: "a" }])), (r) => r.result);
 console.log(JSON.stringify(out));
