@@ -22,7 +22,11 @@ from stream_services import Feed, FeedImpl
 
 import kubrpc
 from kubrpc import RpcError, Status
+from kubrpc._protojson import client_stream_codec
+from kubrpc.endpoint import Endpoint
+from kubrpc.interface import CallKind, service_spec
 from kubrpc.transports._envelope import COMPRESSED, END_STREAM, Decoder, EnvelopeError, envelope
+from kubrpc.transports.http import HttpTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -530,3 +534,128 @@ async def test_a_slow_websocket_head_times_out() -> None:
         finally:
             writer.close()
             await writer.wait_closed()
+
+
+# -- the client's side ----------------------------------------------------------------------------------------
+
+
+async def test_the_client_holds_the_server_to_its_message_size() -> None:
+    async with serving() as (url, _, feed, _):
+        host, _, port = url.partition("://")[2].rpartition(":")
+        conn = await HttpTransport(max_message_size=1000).connect(Endpoint(host, int(port)))
+        try:
+            stream = await conn.open_stream(
+                "test.Feed/forever", b'{"size": 5000}', kind=CallKind.SERVER_STREAM, timeout=10, metadata={}
+            )
+            with pytest.raises(RpcError) as info:
+                await stream.receive()
+            assert info.value.code is Status.RESOURCE_EXHAUSTED and "maximum message size" in info.value.message
+            stream.cancel()  # idempotent after the end
+            ws = await conn.open_stream("test.Feed/chat", b"{}", kind=CallKind.BIDI_STREAM, timeout=10, metadata={})
+            with pytest.raises(RpcError) as info:
+                await ws.send(b'"' + b"x" * 1000 + b'"')
+            assert info.value.code is Status.RESOURCE_EXHAUSTED
+            assert await ws.send(b'"x"')
+            await ws.close_send()
+            assert await ws.receive() == b'"X"'
+            assert await ws.receive() is None
+            with pytest.raises(RpcError) as info:
+                await conn.open_stream(
+                    "test.Feed/ticks", b"x" * 2000, kind=CallKind.SERVER_STREAM, timeout=5, metadata={}
+                )
+            assert info.value.code is Status.RESOURCE_EXHAUSTED
+        finally:
+            await conn.aclose()
+        for _ in range(400):
+            if feed.running == 0:
+                break
+            await asyncio.sleep(0.025)
+        assert feed.running == 0
+        assert conn.in_flight == 0
+
+
+async def test_one_deadline_covers_a_websocket_stream() -> None:
+    async with serving() as (url, _, _, _), kubrpc.connect(url) as channel:
+
+        async def words() -> AsyncIterator[str]:
+            while True:
+                yield "w"
+                await asyncio.sleep(0.01)
+
+        got = 0
+        with pytest.raises(RpcError) as info:
+            async for _ in channel.stub(Feed, timeout=0.5).chat(words()):
+                got += 1
+        assert info.value.code is Status.DEADLINE_EXCEEDED and got > 0
+
+
+async def test_a_hostile_stream_server_is_an_error_not_a_hang() -> None:
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/connect+json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+    )
+    bodies = {
+        b"flags": b"\x80\0\0\0\x01x",
+        b"trunc": b"\0\0\0\0\x05abc",
+        b"noend": b"\0\0\0\0\x011",
+        b"badend": b"\x02\0\0\0\x01[",
+    }
+    answers = {name: head % len(body) + body for name, body in bodies.items()}
+    which: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        length = int(request.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(answers[which[0]])
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    conn = await HttpTransport().connect(Endpoint("127.0.0.1", port))
+    expected = {
+        b"flags": (Status.INTERNAL, "flags 0x80"),
+        b"trunc": (Status.UNAVAILABLE, "broke off"),
+        b"noend": (Status.UNAVAILABLE, "broke off"),
+        b"badend": (Status.INTERNAL, "malformed end-of-stream"),
+    }
+    try:
+        for name, (code, text) in expected.items():
+            which[:] = [name]
+            stream = await conn.open_stream("a.B/c", b"{}", kind=CallKind.SERVER_STREAM, timeout=10, metadata={})
+            with pytest.raises(RpcError) as info:
+                while True:
+                    await stream.receive()
+            assert info.value.code is code and text in info.value.message, (name, info.value)
+    finally:
+        await conn.aclose()
+        server.close()
+        await server.wait_closed()
+    assert conn.in_flight == 0
+
+
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**63 - 1)
+        | st.text(max_size=5)
+        | st.binary(max_size=5).map(base64.b64encode).map(bytes.decode),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(st.sampled_from(["values", "stopAfter", "stop_after", "x"]), inner, max_size=3)
+        ),
+        max_leaves=8,
+    )
+)
+def test_client_stream_messages_are_a_call_or_invalid_argument(value: object) -> None:
+    for name in ("count", "total"):
+        codec = client_stream_codec(service_spec(Feed).methods[name])
+        data = orjson.dumps(value)
+        for convert in (codec.first, codec.later):
+            try:
+                out = convert(data)
+            except RpcError as exc:
+                assert exc.code is Status.INVALID_ARGUMENT
+            else:
+                assert out is not None

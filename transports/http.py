@@ -616,7 +616,7 @@ class _HttpStream:
         self.error: RpcError | None = None  # how the call ended, once it has ended with an error
         self.ended = False
         self.body_done = kind is CallKind.SERVER_STREAM  # the request body is complete
-        self._decoder = Decoder(self.limit)
+        self._decoder = Decoder(self.limit + 1024)
         self._pending: bytes | None = None  # a message the body generator has not taken yet
         self._closing = False  # close_send() was called
         self._sent: asyncio.Future[bool] | None = None  # send()'s wait for the body generator to write
@@ -688,8 +688,10 @@ class _HttpStream:
                 content = self.response.content
                 head = await content.readexactly(5)
                 flags, size = head[0], int.from_bytes(head[1:], "big")
-                if size > self.limit + 1024 or flags & ~END_STREAM:
-                    raise RpcError(Status.INTERNAL, f"malformed response stream: flags 0x{flags:02x}, {size} bytes")
+                if flags & ~END_STREAM:
+                    raise RpcError(Status.INTERNAL, f"malformed response stream: envelope flags 0x{flags:02x}")
+                if size > self.limit + 1024:  # (an end-of-stream error about an oversized message is a little larger)
+                    raise RpcError(Status.RESOURCE_EXHAUSTED, "response message exceeds the maximum message size")
                 data = await content.readexactly(size)
         except RpcError as exc:
             self._end(exc)
@@ -723,10 +725,14 @@ class _HttpStream:
         if msg.type is not aiohttp.WSMsgType.BINARY:
             if self.error is not None:
                 raise self.error
+            if getattr(msg.data, "code", None) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+                raise RpcError(Status.RESOURCE_EXHAUSTED, "response message exceeds the maximum message size")
             raise RpcError(Status.UNAVAILABLE, f"stream from {self.connection.endpoint.address} closed ({msg.type})")
         try:
             got = self._decoder.feed(msg.data)
         except EnvelopeError as exc:
+            if "exceeds" in str(exc):
+                raise RpcError(Status.RESOURCE_EXHAUSTED, "response message exceeds the maximum message size") from None
             raise RpcError(Status.INTERNAL, f"malformed response stream: {exc}") from None
         if len(got) != 1 or self._decoder.pending:
             raise RpcError(Status.INTERNAL, "malformed response stream: a WebSocket message must hold one envelope")
