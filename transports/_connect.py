@@ -1,4 +1,4 @@
-"""The Connect protocol (JSON codec) for unary calls on the HTTP transport.
+"""The Connect protocol (JSON codec) on the HTTP transport: unary calls, and stream calls (at the end).
 
 A request that carries `Connect-Protocol-Version` is a Connect call: its body is the `<Method>Request` message of
 the schema `kubrpc proto` renders, in proto3 JSON, and its answer is the response message in proto3 JSON
@@ -10,6 +10,12 @@ goes through the same `_App._rpc`, over a ServerCore whose dispatch() converts t
 Not served: the binary codec (`application/proto`, 415), compression (`Content-Encoding`, unimplemented), and
 Connect GET requests (`?connect=v1&message=...`: 405, as kubrpc's schema marks no method side-effect free, so
 generated clients never send them).
+
+Stream calls (`Content-Type: application/connect+json`) are Connect's streaming protocol: enveloped messages
+(transports/_envelope.py) and an end-of-stream envelope that carries the error. kubrpc's own client sends
+`Kubrpc-Codec: native` (native JSON messages, the arguments first); without it the messages are proto3 JSON.
+Bidirectional streams of kubrpc's client use a WebSocket on the same path, with the same envelopes. The wire is
+docs/protocol.md, "HTTP streaming".
 """
 
 from __future__ import annotations
@@ -80,11 +86,8 @@ async def serve(rpc: Rpc, path: str, scope: Scope, receive: Receive, send: Send)
         message = f"Connect-Protocol-Version must be 1, not {shown!r}: kubrpc speaks version 1 of the Connect protocol"
         await _error(send, 400, Status.INVALID_ARGUMENT, message)
         return
-    if scope["method"] == "POST" and media != "application/json":
-        if media is not None and media.startswith("application/connect+"):
-            message = f"Content-Type {media}: Connect streaming calls are not served here (unary calls only)"
-        else:
-            message = (f"Content-Type {media} is not supported: " if media else "no Content-Type: ") + _CODEC_HELP
+    if scope["method"] == "POST" and media != "application/json":  # (application/connect+*: a stream, routed before)
+        message = (f"Content-Type {media} is not supported: " if media else "no Content-Type: ") + _CODEC_HELP
         await _error(send, 415, Status.UNIMPLEMENTED, message, *_ACCEPT_POST)
         return
     if encoding not in (None, b"identity"):

@@ -2,6 +2,8 @@
 
 POST /{service}/{method}   Content-Type: application/json   body: {"arg": value, ...}
 200 -> the JSON result;  error -> {"code": "<snake_case status>", "message": "..."} with Connect's HTTP status
+Streams: Connect's streaming protocol (application/connect+json, enveloped messages), and a WebSocket on the same
+path for bidirectional streams (docs/protocol.md, "HTTP streaming"; transports/_connect.py)
 GET /healthz, /readyz, /openapi.json, and /metrics when the Server has metrics (kubrpc.metrics)
 """
 
