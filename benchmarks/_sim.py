@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubrpc import Endpoint, Status, balancers
+from kubrpc.balancers.outlier import OutlierEjection
+from kubrpc.balancers.p2c import PowerOfTwoChoices
 from kubrpc.errors import RpcError
 from kubrpc.interfaces import Balancer, CallFeedback, KeyedBalancer
 
-__all__ = ("BALANCERS", "Result", "Scenario", "run")
+__all__ = ("BALANCERS", "LABELS", "VARIANTS", "Result", "Scenario", "run")
 
 BALANCERS = (
     "round_robin",
@@ -34,6 +36,39 @@ BALANCERS = (
     "zone_aware",
 )
 """The balancers a full run compares, by registry name (outlier wraps round_robin; zone_aware too)."""
+
+P2C_OPTIONS: dict[str, dict[str, float]] = {
+    "p2c-no-penalty": {"failure_penalty": 0.0},
+    "p2c-slow-fade": {"penalty_decay": 5.0},
+}
+"""p2c variants that are the real class with other options."""
+
+VARIANTS = ("p2c-no-penalty", "p2c-slow-fade", "p2c-failures-timed")
+"""p2c configured or subclassed to show what its failure penalty does (see `make_balancer`)."""
+
+LABELS = {
+    "outlier": "outlier (round_robin)",
+    "zone_aware": "zone_aware (round_robin)",
+    "ring_hash": "ring_hash (random keys)",
+    "p2c-no-penalty": "p2c, failure_penalty=0",
+    "p2c-slow-fade": "p2c, penalty_decay=5",
+    "p2c-failures-timed": "p2c, failures timed as answers",
+}
+"""How the report names each balancer or variant."""
+
+
+class FailuresTimed(PowerOfTwoChoices):
+    """kubrpc's p2c fed every failure as if it were an answer that took that long.
+
+    This is what a latency-only peak EWMA (tower's PeakEwma, which Linkerd's proxy uses) sees: a server
+    that fails in 0.1 ms looks like the fastest server there is. Only the status is changed; the
+    real class does the rest.
+    """
+
+    def on_finish(self, endpoint: Endpoint, /, *, status: Status, latency: float) -> None:
+        """Report anything but a cancellation as a success that took `latency`."""
+        super().on_finish(endpoint, status=status if status is Status.CANCELLED else Status.OK, latency=latency)
+
 
 ZONES = ("a", "b", "c")
 
@@ -121,7 +156,13 @@ class Result:
     new_share_first_second: float = 0.0  # new servers' share of picks in their first second, over a fair share
     new_time_to_half: float = math.inf  # seconds until a 100 ms bin gave the new servers half their fair share
     new_picks: int = 0
-    per_second: list[list[int]] = field(default_factory=list)  # per simulated second: [calls, to server 0, to 1]
+    # Per simulated second: [calls, to server 0, to server 1, live servers at the second's last call].
+    per_second: list[list[int]] = field(default_factory=list)
+    fair: dict[int, float] = field(default_factory=dict)  # server id -> calls it would get from a fair balancer
+    ejecting: list[float] = field(default_factory=list)  # per simulated second: share of clients ejecting server 1
+    clients: int = 0
+    servers: int = 0
+    slow_capacity: float = 0.0  # calls per second server 0 completes with every worker busy
     dead_picks: int = 0  # calls sent to a server after its removal was published (must stay 0)
     feedback: bool = False
 
@@ -131,6 +172,11 @@ class Result:
         if not data:
             return math.nan
         return data[min(len(data) - 1, max(0, math.ceil(q * len(data)) - 1))]
+
+    def fairness(self, second: int, server: int) -> float:
+        """Server 0's or 1's share of the calls issued in `second`, over a fair share (1.0 is fair)."""
+        calls, _, _, live = self.per_second[second]
+        return self.per_second[second][server + 1] * live / calls if calls else math.nan
 
     def share_during(self, server: int, start: int, stop: int) -> float:
         """The fraction of the calls issued in simulated seconds [start, stop) sent to server 0 or 1."""
@@ -199,10 +245,17 @@ def make_balancer(name: str, index: int, zone: str, clock: Callable[[], float], 
     round_robin, weighted_random, smooth_weighted and ring_hash take `rng=` and read no clock; p2c
     takes `rng=` and `clock=`; outlier takes `clock=` and wraps round_robin; zone_aware wraps
     round_robin and is given the client's zone. None of them reads time.monotonic when given a clock.
+    The variants: `p2c-no-penalty` is p2c with `failure_penalty=0`, `p2c-slow-fade` p2c with
+    `penalty_decay=5` (s), and `p2c-failures-timed` is `FailuresTimed`, the real p2c class told that
+    failures were answers.
     """
     rng = random.Random(seed * 1_000_003 + index)
     options: dict[str, Any]
-    if name == "p2c":
+    if name == "p2c-failures-timed":
+        return FailuresTimed(rng=rng, clock=clock)
+    if name in P2C_OPTIONS:
+        name, options = "p2c", {"rng": rng, "clock": clock, **P2C_OPTIONS[name]}
+    elif name == "p2c":
         options = {"rng": rng, "clock": clock}
     elif name == "outlier":
         options = {"clock": clock, "inner": "round_robin", "inner_options": {"rng": rng}}
@@ -219,7 +272,7 @@ def run(scenario: Scenario, name: str) -> Result:
     sc = scenario
     rng = random.Random(sc.seed)  # servers, arrivals and service times: the same for every balancer
     clock = _Clock()
-    result = Result(name)
+    result = Result(name, clients=sc.clients, servers=sc.servers)
 
     servers: list[_Server] = []
 
@@ -232,6 +285,7 @@ def run(scenario: Scenario, name: str) -> Result:
     for _ in range(sc.servers):
         new_server()
     servers[0].mean *= sc.slow_factor
+    result.slow_capacity = sc.workers / servers[0].mean
     servers[1].fail = True
     servers[1].mean = sc.fail_latency
     for s in servers[2 : 2 + sc.gc_servers]:
@@ -248,6 +302,8 @@ def run(scenario: Scenario, name: str) -> Result:
     keyed: list[KeyedBalancer | None] = [
         b if name == "ring_hash" and isinstance(b, KeyedBalancer) else None for b in clients
     ]
+    failing_key = (servers[1].endpoint.host, servers[1].endpoint.port)
+    ejectors = [b for b in clients if isinstance(b, OutlierEjection)]
 
     def publish() -> None:
         snapshot = [s.endpoint for s in servers if s.live]
@@ -270,6 +326,7 @@ def run(scenario: Scenario, name: str) -> Result:
     push(sc.add_at * sc.duration, _CONTROL, "add")
     push(sc.degrade_at * sc.duration, _CONTROL, "degrade")
     push(sc.sample_every, _SAMPLE, None)
+    push(1.0, _CONTROL, "second")
 
     service_rng = random.Random(sc.seed + 7)
     pick_rng = random.Random(sc.seed + 11)  # chooses the calling client and ring_hash keys
@@ -279,7 +336,13 @@ def run(scenario: Scenario, name: str) -> Result:
     gc_period, gc_pause = sc.gc_period, sc.gc_pause
     picks: dict[int, int] = {}
     per_second = result.per_second
-    per_second.extend([0, 0, 0] for _ in range(math.ceil(sc.duration) + 1))
+    per_second.extend([0, 0, 0, 0] for _ in range(math.ceil(sc.duration) + 1))
+    # A fair balancer gives each live server 1/live of each call: `fair_clock` sums 1/live over the calls,
+    # and a server's fair count is its value when the server left minus when it joined.
+    live = sc.servers
+    fair_clock = 0.0
+    joined = dict.fromkeys(range(sc.servers), 0.0)
+    fair: dict[int, float] = {}
     latencies = result.latencies
     imbalance_sum = 0.0
     imbalance_n = 0
@@ -327,6 +390,7 @@ def run(scenario: Scenario, name: str) -> Result:
                 continue
             index = int(pick_rng.random() * sc.clients)
             result.calls += 1
+            fair_clock += 1.0 / live
             balancer = clients[index]
             try:
                 kb = keyed[index]
@@ -340,6 +404,7 @@ def run(scenario: Scenario, name: str) -> Result:
             picks[server.id] = picks.get(server.id, 0) + 1
             row = per_second[int(t)]
             row[0] += 1
+            row[3] = live
             if server.id < 2:
                 row[server.id + 1] += 1
             if not server.live:
@@ -395,15 +460,24 @@ def run(scenario: Scenario, name: str) -> Result:
             if mean > 0:
                 rest_sum += max(rest) / mean
                 rest_n += 1
+        elif payload == "second":
+            if ejectors:  # the share of clients that have server 1 ejected now
+                result.ejecting.append(sum(failing_key in b.ejected for b in ejectors) / len(ejectors))
+            if t + 1.0 <= duration:
+                push(t + 1.0, _CONTROL, "second")
         elif payload == "remove":
             for s in churn_out:
                 s.live = False
+                fair[s.id] = fair_clock - joined.pop(s.id)
+            live -= len(churn_out)
             publish()
         elif payload == "add":
             for _ in range(sc.churn):
                 server = new_server()
                 by_endpoint[server.endpoint] = server
                 new_servers.append(server)
+                joined[server.id] = fair_clock
+            live += sc.churn
             added_at = t
             live_at_add = sum(1 for s in servers if s.live)
             publish()
@@ -412,19 +486,22 @@ def run(scenario: Scenario, name: str) -> Result:
                 servers[2 + sc.gc_servers].mean *= sc.degrade_factor
 
     latencies.sort()
+    for sid, at in joined.items():
+        fair[sid] = fair_clock - at
+    result.fair = dict(sorted(fair.items()))
     result.picks = picks
     result.imbalance = imbalance_sum / imbalance_n if imbalance_n else math.nan
     result.mean_in_flight = in_flight_sum / in_flight_n if in_flight_n else math.nan
     result.imbalance_rest = rest_sum / rest_n if rest_n else math.nan
     result.new_picks = sum(picks.get(s.id, 0) for s in new_servers)
     if new_servers and live_at_add:
-        fair = len(new_servers) / live_at_add
+        new_fair = len(new_servers) / live_at_add
         first = int(round(1.0 / sc.share_bin))
         total = sum(bins_total.get(b, 0) for b in range(first))
         got = sum(bins_new.get(b, 0) for b in range(first))
-        result.new_share_first_second = got / total / fair if total else 0.0
+        result.new_share_first_second = got / total / new_fair if total else 0.0
         for b in sorted(bins_total):
-            if bins_total[b] and bins_new.get(b, 0) / bins_total[b] >= 0.5 * fair:
+            if bins_total[b] and bins_new.get(b, 0) / bins_total[b] >= 0.5 * new_fair:
                 result.new_time_to_half = (b + 1) * sc.share_bin
                 break
     return result

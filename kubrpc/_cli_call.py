@@ -1,23 +1,34 @@
 """`kubrpc call`, `list` and `describe`: a server's methods from the command line, as grpcurl does it.
 
 list and describe read the server's OpenAPI document: over HTTP from GET /openapi.json, over TCP (and
-in-process) from the built-in `kubrpc.Reflection` service. Both print the same.
+in-process) from the built-in `kubrpc.Reflection` service. Both print the same. Stream methods are in the
+document's `x-kubrpc-streams` (OpenAPI's `paths` cannot describe them); `call` looks there for a method the
+server refuses as a unary call, and runs it as the stream it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import re
 import ssl
 import sys
+import threading
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import anyio
 import orjson
 
 from ._limits import DEFAULT_MAX_MESSAGE_SIZE
+from ._streaming import StreamCall
 from .client import Channel, connect
 from .codec import check_metadata
 from .errors import RpcError
+from .interface import CallKind
+from .openapi import STREAMS
 from .reflection import REFLECTION_SERVICE
 from .status import Status
 
@@ -117,31 +128,194 @@ def _path(method: str) -> str:
 
 
 async def call(args: argparse.Namespace) -> int:
-    """`kubrpc call`: print the result as JSON, or the error as JSON on stderr (exit 1)."""
+    """`kubrpc call`: print the result as JSON, or the error as JSON on stderr (exit 1).
+
+    A stream method (the server refuses it as a unary call; its reflection says which kind it is) prints each
+    message of a stream of results as one JSON line as it arrives, and reads the messages of a stream of
+    requests from stdin, one JSON message per line, until EOF.
+    """
     path, payload, metadata = _path(args.method), _arguments(args), _headers(args)
     async with _channel(args) as channel:
         try:
             result = await channel.call(path, payload, timeout=args.timeout, metadata=metadata)
         except RpcError as exc:
-            print(orjson.dumps(exc.to_json()).decode(), file=sys.stderr)
-            return 1
-    try:
-        value = orjson.loads(result)
-    except orjson.JSONDecodeError:  # not a kubrpc server (a web server that answers any POST with 200)
-        start = result[:60].decode("utf-8", "replace")  # repr() escapes its control characters
-        problem = f"the answer is not JSON ({len(result)} bytes: {start!r}...): is {args.target} a kubrpc server?"
-        raise _Fail(problem) from None
-    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+            kind = await _stream_kind(args, channel, path, exc) if exc.code is Status.UNIMPLEMENTED else None
+            if kind is None:
+                print(orjson.dumps(exc.to_json()).decode(), file=sys.stderr)
+                return 1
+            if kind.streams_requests and args.data == "-":
+                raise _Fail(f"{path} reads its stream of messages from stdin: give the arguments as JSON", 2) from None
+            return await _stream(args, channel, path, payload, metadata, kind)
+    print(orjson.dumps(_value(args, result), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
+def _value(args: argparse.Namespace, data: bytes) -> Any:
+    """A result or message from the server, parsed; _Fail if it is not JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:  # not a kubrpc server (a web server that answers any POST with 200)
+        start = data[:60].decode("utf-8", "replace")  # repr() escapes its control characters
+        problem = f"the answer is not JSON ({len(data)} bytes: {start!r}...): is {args.target} a kubrpc server?"
+        raise _Fail(problem) from None
+
+
+async def _stream_kind(args: argparse.Namespace, channel: Channel, path: str, refusal: RpcError) -> CallKind | None:
+    """The kind of a stream method, as the server describes it; None if it is no stream method (or cannot say).
+
+    The server's reflection (or /openapi.json) says; without it (`Server(reflection=False)`, or a token not
+    granted `kubrpc.Reflection/*`), the words of a kubrpc server's refusal of the unary call do.
+    """
+    try:
+        if channel.transport_name == "http":
+            document = await _openapi_over_http(args, channel)
+        else:
+            document = await _reflect(args, channel, _headers(args), "describe", {"name": path})
+    except (_Fail, RpcError):
+        document = {}
+    entry = document.get(STREAMS, {}).get(f"/{path}") if isinstance(document, dict) else None
+    if isinstance(entry, dict) and entry.get("kind") in _KIND_NAMES:
+        return CallKind(entry["kind"])
+    said = _REFUSAL.match(refusal.message)
+    if said is not None and said["path"] == path:
+        return _REFUSED_KINDS[said["kind"]]
+    return None
+
+
+#: How a kubrpc server refuses a stream method called as a unary call (kubrpc.server.Server._not_served).
+_REFUSAL = re.compile(r"(?P<path>\S+) is a (?P<kind>server stream|client stream|bidi stream) call: ")
+_REFUSED_KINDS = {
+    "server stream": CallKind.SERVER_STREAM,
+    "client stream": CallKind.CLIENT_STREAM,
+    "bidi stream": CallKind.BIDI_STREAM,
+}
+
+
+async def _stream(
+    args: argparse.Namespace, channel: Channel, path: str, payload: bytes, metadata: dict[str, str], kind: CallKind
+) -> int:
+    """Run a stream call: the results as JSON lines (or the one result), stdin's lines as the requests."""
+    try:
+        stream = await channel.open_stream(path, payload, kind=kind, timeout=args.stream_timeout, metadata=metadata)
+    except RpcError as exc:
+        print(orjson.dumps(exc.to_json()).decode(), file=sys.stderr)
+        return 1
+    failure: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as tasks:
+            if kind.streams_requests:
+                tasks.start_soon(_send_lines, stream)
+            try:
+                if kind.streams_results:
+                    while (data := await stream.receive()) is not None:
+                        print(orjson.dumps(_value(args, data)).decode(), flush=True)
+                else:
+                    data = await stream.receive()
+                    if data is None:
+                        raise RpcError(Status.INTERNAL, f"{path} ended without a result")
+                    print(orjson.dumps(_value(args, data), option=orjson.OPT_INDENT_2).decode())
+            except (RpcError, _Fail) as exc:
+                failure = exc
+            tasks.cancel_scope.cancel()  # stop reading stdin: the call has ended
+    finally:
+        stream.cancel()
+    if isinstance(failure, RpcError):
+        print(orjson.dumps(failure.to_json()).decode(), file=sys.stderr)
+        return 1
+    if failure is not None:
+        raise failure
+    return 0
+
+
+async def _send_lines(stream: StreamCall) -> None:
+    """Send each line of stdin as one message of the stream (blank lines skipped), then half-close at EOF.
+
+    A problem on this side (a line that is no JSON message, stdin unreadable) cancels the call, and the
+    receiving side raises it.
+    """
+    limit = DEFAULT_MAX_MESSAGE_SIZE
+    number = 0
+    try:
+        async with aclosing(_lines(limit + 2)) as lines:
+            async for line in lines:
+                number += 1
+                message = line.strip()
+                if not message:
+                    continue
+                if len(message) > limit:
+                    raise _Fail(f"line {number} of stdin is over the maximum message size of {limit} bytes", 2)
+                try:
+                    orjson.loads(message)
+                except orjson.JSONDecodeError as exc:
+                    raise _Fail(f"line {number} of stdin is not one JSON message: {exc}", 2) from None
+                try:
+                    if not await stream.send(message):
+                        return  # the call has ended: the receiving side says how
+                except RpcError as exc:
+                    if exc.code is Status.RESOURCE_EXHAUSTED:  # too large to send: this side's fault
+                        raise
+                    return  # the call has ended: the receiving side says how
+        with contextlib.suppress(RpcError):
+            await stream.close_send()
+    except (_Fail, RpcError) as exc:
+        stream.fail(exc)
+
+
+async def _lines(limit: int) -> AsyncGenerator[bytes, None]:
+    """stdin's lines (each up to `limit` bytes), read one at a time by a daemon thread.
+
+    A daemon thread, not a worker thread: a read of a terminal cannot be interrupted, and the process must be
+    able to exit while one waits (the server ended the stream while the user still types).
+    """
+    source = sys.stdin.buffer if sys.stdin is not None else None
+    if source is None:
+        return
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
+    wanted = threading.Semaphore(0)  # one line read per line asked for: nothing piles up in memory
+    stopped = False
+
+    def deliver(item: bytes | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(ready.put_nowait, item)
+
+    def read() -> None:
+        while True:
+            wanted.acquire()
+            if stopped:
+                return
+            try:
+                line = source.readline(limit)
+            except BaseException as exc:  # handed to the event loop, raised there
+                deliver(exc)
+                return
+            deliver(line)
+            if not line:
+                return
+
+    threading.Thread(target=read, name="kubrpc stdin", daemon=True).start()
+    try:
+        while True:
+            wanted.release()
+            item = await ready.get()
+            if isinstance(item, BaseException):
+                raise _Fail(f"cannot read stdin: {item}", 2)
+            if not item:
+                return
+            yield item
+    finally:
+        stopped = True
+        wanted.release()
+
+
 async def list_services(args: argparse.Namespace) -> int:
-    """`kubrpc list`: the services, or the methods of one (as Service/method)."""
+    """`kubrpc list`: the services, or the methods of one (as Service/method, with the kind of a stream)."""
     document = await _document(args, args.service)
     services: dict[str, list[str]] = {}
-    for path in document.get("paths", {}):
+    for path, operation in _methods(document):
         service, _, name = path[1:].rpartition("/")
-        services.setdefault(service, []).append(name)
+        kind = operation.get("kind") if STREAMS in operation else None
+        services.setdefault(service, []).append(f"{name} ({_KIND_NAMES[kind]})" if kind in _KIND_NAMES else name)
     if args.service is None:
         for service in services:
             print(_one_line(service))
@@ -149,6 +323,28 @@ async def list_services(args: argparse.Namespace) -> int:
         for name in services.get(args.service, []):
             print(_one_line(f"{args.service}/{name}"))
     return 0
+
+
+_KIND_NAMES = {
+    CallKind.SERVER_STREAM.value: "server stream",
+    CallKind.CLIENT_STREAM.value: "client stream",
+    CallKind.BIDI_STREAM.value: "bidirectional stream",
+}
+
+
+def _methods(document: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(path, operation) of every method, each service's together; a stream's operation has the key STREAMS.
+
+    A unary method's operation is its OpenAPI `post`; a stream's is its entry of `x-kubrpc-streams`.
+    """
+    by_service: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for path, item in document.get("paths", {}).items():
+        operation = item.get("post", {}) if isinstance(item, dict) else {}
+        by_service.setdefault(path[1:].rpartition("/")[0], []).append((path, operation))
+    for path, entry in document.get(STREAMS, {}).items():
+        operation = {**entry, STREAMS: True} if isinstance(entry, dict) else {STREAMS: True}
+        by_service.setdefault(path[1:].rpartition("/")[0], []).append((path, operation))
+    return [method for methods in by_service.values() for method in methods]
 
 
 async def describe(args: argparse.Namespace) -> int:
@@ -159,21 +355,29 @@ async def describe(args: argparse.Namespace) -> int:
         return 0
     components = document.get("components", {}).get("schemas", {})
     service_shown = ""
-    for path, item in document.get("paths", {}).items():
-        operation = item.get("post", {})
+    for path, operation in _methods(document):
         service = path[1:].rpartition("/")[0]
         if service != service_shown:
             print(f"{'' if not service_shown else chr(10)}service {_one_line(service)}")
             service_shown = service
-        request, result = _request_schema(operation, components), _result_schema(operation)
-        print(f"  {_one_line(signature(path[1:], request, result))}")
-        text = operation.get("description") or operation.get("summary")
-        if text:
-            print("    " + "\n    ".join(_one_line(line) for line in str(text).splitlines()))
+        if STREAMS in operation:
+            request, result = _arguments_schema(operation, components), operation.get("result", {})
+            kind = CallKind(operation["kind"]) if operation.get("kind") in _KIND_NAMES else CallKind.UNARY
+            stream = operation.get("stream") if kind.streams_requests else None
+            text = signature(path[1:], request, result, stream=stream, streams_results=kind.streams_results)
+        else:
+            request, result = _request_schema(operation, components), _result_schema(operation)
+            text, kind, stream = signature(path[1:], request, result), CallKind.UNARY, None
+        print(f"  {_one_line(text)}")
+        doc = operation.get("description") or operation.get("summary")
+        if doc:
+            print("    " + "\n    ".join(_one_line(line) for line in str(doc).splitlines()))
         if args.name and "/" in args.name:  # one method: its schemas in full
-            print(f"    request: {_json(request)}")
-            print(f"    result: {_json(result)}")
-    wanted = _referenced(document.get("paths", {}), components)
+            print(f"    {'arguments' if kind is not CallKind.UNARY else 'request'}: {_json(request)}")
+            if isinstance(stream, dict):
+                print(f"    each request: {_json(stream.get('schema', {}))}")
+            print(f"    {'each result' if kind.streams_results else 'result'}: {_json(result)}")
+    wanted = _referenced([document.get("paths", {}), document.get(STREAMS, {})], components)
     if wanted:
         print("\nschemas:")
         for name in wanted:
@@ -196,28 +400,35 @@ async def _document(args: argparse.Namespace, name: str | None) -> dict[str, Any
                 document = _narrow(document, name)
             return document
         metadata = _headers(args)
-
-        async def reflect(method: str, arguments: dict[str, str]) -> Any:
-            try:
-                result = await channel.call(
-                    f"{REFLECTION_SERVICE}/{method}", orjson.dumps(arguments), timeout=args.timeout, metadata=metadata
-                )
-            except RpcError as exc:
-                if exc.code is Status.UNIMPLEMENTED and REFLECTION_SERVICE in exc.message:
-                    raise _Fail(
-                        f"{args.target} does not serve {REFLECTION_SERVICE} (Server(reflection=False))"
-                    ) from None
-                raise _Fail(f"{exc.code.name}: {exc.message}") from None
-            return orjson.loads(result)
-
-        names = [name] if name else await reflect("services", {})
+        names = [name] if name else await _reflect(args, channel, metadata, "services", {})
         paths: dict[str, Any] = {}
+        streams: dict[str, Any] = {}
         schemas: dict[str, Any] = {}
         for each in names:
-            part = await reflect("describe", {"name": each})
+            part = await _reflect(args, channel, metadata, "describe", {"name": each})
             paths.update(part.get("paths", {}))
+            streams.update(part.get(STREAMS, {}))
             schemas.update(part.get("components", {}).get("schemas", {}))
-        return {"paths": paths, "components": {"schemas": schemas}}
+        described: dict[str, Any] = {"paths": paths}
+        if streams:
+            described[STREAMS] = streams
+        described["components"] = {"schemas": schemas}
+        return described
+
+
+async def _reflect(
+    args: argparse.Namespace, channel: Channel, metadata: dict[str, str], method: str, arguments: dict[str, str]
+) -> Any:
+    """Call a method of the server's reflection service; _Fail saying why if it cannot."""
+    try:
+        result = await channel.call(
+            f"{REFLECTION_SERVICE}/{method}", orjson.dumps(arguments), timeout=args.timeout, metadata=metadata
+        )
+    except RpcError as exc:
+        if exc.code is Status.UNIMPLEMENTED and REFLECTION_SERVICE in exc.message:
+            raise _Fail(f"{args.target} does not serve {REFLECTION_SERVICE} (Server(reflection=False))") from None
+        raise _Fail(f"{exc.code.name}: {exc.message}") from None
+    return orjson.loads(result)
 
 
 async def _openapi_over_http(args: argparse.Namespace, channel: Channel) -> dict[str, Any]:
@@ -253,18 +464,25 @@ def _narrow(document: dict[str, Any], name: str) -> dict[str, Any]:
     from .reflection import _used, suggest
 
     service, slash, method = name.partition("/")
-    paths = document.get("paths", {})
-    services = {p[1:].rpartition("/")[0] for p in paths}
+    paths, streams = document.get("paths", {}), document.get(STREAMS, {})
+    services = {p[1:].rpartition("/")[0] for p in [*paths, *streams]}
     if service not in services:
         raise _Fail(f"NOT_FOUND: unknown service {service!r}{suggest(service, services)}")
     mine = {p: item for p, item in paths.items() if p[1:].rpartition("/")[0] == service}
+    my_streams = {p: item for p, item in streams.items() if p[1:].rpartition("/")[0] == service}
     if slash:
-        methods = [p.rpartition("/")[2] for p in mine]
+        methods = [p.rpartition("/")[2] for p in [*mine, *my_streams]]
         if method not in methods:
             raise _Fail(f"NOT_FOUND: unknown method {method!r} of service {service!r}{suggest(method, methods)}")
-        mine = {f"/{service}/{method}": mine[f"/{service}/{method}"]}
+        wanted = f"/{service}/{method}"
+        mine = {p: item for p, item in mine.items() if p == wanted}
+        my_streams = {p: item for p, item in my_streams.items() if p == wanted}
     schemas = document.get("components", {}).get("schemas", {})
-    return {"paths": mine, "components": {"schemas": {n: schemas[n] for n in _used(mine, schemas)}}}  # as reflection
+    narrowed: dict[str, Any] = {"paths": mine}  # as the reflection service answers
+    if my_streams:
+        narrowed[STREAMS] = my_streams
+    narrowed["components"] = {"schemas": {n: schemas[n] for n in _used([mine, my_streams], schemas)}}
+    return narrowed
 
 
 def _request_schema(operation: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
@@ -277,13 +495,34 @@ def _request_schema(operation: dict[str, Any], components: dict[str, Any]) -> di
     return schema
 
 
+def _arguments_schema(operation: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+    schema: dict[str, Any] = operation.get("arguments", {})
+    if not isinstance(schema, dict):
+        return {}
+    ref = schema.get("$ref", "")
+    if isinstance(ref, str) and ref.startswith(_SCHEMAS):
+        schema = components.get(ref[len(_SCHEMAS) :], {})
+    return schema
+
+
 def _result_schema(operation: dict[str, Any]) -> dict[str, Any]:
     ok: dict[str, Any] = operation.get("responses", {}).get("200", {})
     return dict(ok.get("content", {}).get("application/json", {}).get("schema", {}))
 
 
-def signature(path: str, request: dict[str, Any], result: dict[str, Any]) -> str:
-    """`Service/method(a: int, b: int = 0) -> int`, read from the JSON schemas of its request and result."""
+def signature(
+    path: str,
+    request: dict[str, Any],
+    result: dict[str, Any],
+    *,
+    stream: dict[str, Any] | None = None,
+    streams_results: bool = False,
+) -> str:
+    """`Service/method(a: int, b: int = 0) -> int`, read from the JSON schemas of its request and result.
+
+    A stream method: `ticks(n: int) -> stream int`, `total(values: stream int) -> int`, where `stream` is the
+    `x-kubrpc-streams` description of the stream parameter (its name, position and schema of one message).
+    """
     required = set(request.get("required", []))
     params = []
     for name, schema in request.get("properties", {}).items():
@@ -291,7 +530,11 @@ def signature(path: str, request: dict[str, Any], result: dict[str, Any]) -> str
         if name not in required:
             text += f" = {orjson.dumps(schema['default']).decode()}" if "default" in schema else " = ..."
         params.append(text)
-    return f"{path}({', '.join(params)}) -> {type_text(result)}"
+    if stream is not None:
+        position = stream.get("position")
+        at = position if isinstance(position, int) and 0 <= position <= len(params) else len(params)
+        params.insert(at, f"{stream.get('name', 'messages')}: stream {type_text(stream.get('schema'))}")
+    return f"{path}({', '.join(params)}) -> {'stream ' if streams_results else ''}{type_text(result)}"
 
 
 _FORMATS = {"date-time": "datetime", "date": "date", "uuid": "UUID"}
@@ -329,7 +572,7 @@ def type_text(schema: Any) -> str:
     return _TYPES.get(str(kind), "Any")
 
 
-def _referenced(paths: dict[str, Any], components: dict[str, Any]) -> list[str]:
+def _referenced(paths: Any, components: dict[str, Any]) -> list[str]:
     """The component schemas `paths` refer to, directly or through each other, in order of first use."""
     seen: dict[str, None] = {}
     todo: list[Any] = [paths]

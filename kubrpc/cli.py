@@ -97,22 +97,22 @@ def _parser() -> argparse.ArgumentParser:
         help="serve from N processes that share the ports; SIGTERM drains them all (default: $KUBRPC_WORKERS, else 1)",
     )
 
-    try:
-        timeout = float(env.get("KUBRPC_TIMEOUT", "10"))
-    except ValueError:
-        timeout = 10.0  # checked again in main(), which says so
-    call = command("call", "call one method and print its JSON result")
-    _connection_options(call, timeout)
+    call = command(
+        "call",
+        "call one method and print its JSON result; a stream of results prints one JSON line per message, "
+        "a stream of requests reads one JSON message per line from stdin (until EOF)",
+    )
+    _connection_options(call)
     call.add_argument("method", metavar="METHOD", help="Service/method or Service.method (wire names)")
     call.add_argument("arguments", nargs="?", default=None, metavar="JSON", help="a JSON object of named arguments")
     call.add_argument("-d", "--data", help="the arguments: JSON, @FILE, or - for stdin (instead of JSON)")
 
     listing = command("list", "list the services of a server, or the methods of one")
-    _connection_options(listing, timeout)
+    _connection_options(listing)
     listing.add_argument("service", nargs="?", metavar="SERVICE")
 
     describe = command("describe", "show the signatures and JSON schemas of a server's services or of one method")
-    _connection_options(describe, timeout)
+    _connection_options(describe)
     describe.add_argument("name", nargs="?", metavar="SERVICE[/METHOD]")
     describe.add_argument("--json", action="store_true", help="print the OpenAPI fragment as JSON")
 
@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _connection_options(parser: argparse.ArgumentParser, timeout: float) -> None:
+def _connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", help="tcp://HOST:PORT, http(s)://HOST:PORT, static://..., k8s://SVC.NS:PORT")
     parser.add_argument(
         "-H",
@@ -143,16 +143,41 @@ def _connection_options(parser: argparse.ArgumentParser, timeout: float) -> None
     )
     parser.add_argument("--transport", default=None, help="tcp or http (default: from the target's scheme, else tcp)")
     parser.add_argument("--balancer", default="round_robin", help="balancer name")
-    parser.add_argument("--timeout", type=float, default=timeout, help="seconds ($KUBRPC_TIMEOUT)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds (default: $KUBRPC_TIMEOUT, else 10; a stream call has no deadline unless given: Ctrl-C ends it)",
+    )
     parser.add_argument("--cacert", metavar="FILE", help="TLS: verify the server against this CA bundle")
     parser.add_argument("--cert", metavar="FILE", help="TLS: client certificate (mutual TLS)")
     parser.add_argument("--key", metavar="FILE", help="TLS: the client certificate's private key")
     parser.add_argument("--insecure", action="store_true", help="TLS: do not verify the server's certificate")
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, parsed; for call, list and describe, `timeout` resolved and `stream_timeout` set.
+
+    `stream_timeout` is the deadline of a stream call: only what --timeout or $KUBRPC_TIMEOUT says, since a
+    stream (a watch) may rightly run until the user ends it.
+    """
+    args = _parser().parse_args(argv)
+    if args.command in ("call", "list", "describe"):
+        given = os.environ.get("KUBRPC_TIMEOUT")
+        if args.timeout is None and given is not None:
+            try:
+                args.timeout = float(given)
+            except ValueError:
+                pass  # main() says so
+        args.stream_timeout = args.timeout
+        if args.timeout is None:
+            args.timeout = 10.0
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     level = getattr(args, "log_level", None) or os.environ.get("KUBRPC_LOG_LEVEL", "").lower() or "warning"
     if getattr(args, "verbose", False) and level == "warning":
         level = "info"
@@ -173,7 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import _cli_call
 
             run = {"call": _cli_call.call, "list": _cli_call.list_services, "describe": _cli_call.describe}
-            return anyio.run(run[args.command], args)
+            try:
+                return anyio.run(run[args.command], args)
+            except KeyboardInterrupt:  # Ctrl-C: the call was cancelled (a stream too, on the server); no traceback
+                return 130
         if args.command == "proto":
             return _proto(args.target, args.out)
         if args.command == "demo":

@@ -317,15 +317,22 @@ def _bare(tp: object) -> object:
     return typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
 
 
-def _streamed(tp: object, origins: tuple[object, ...]) -> object | None:
-    """T if `tp` is one of `origins`[T] (AsyncIterator[T], AsyncIterable[T], ...), else None."""
+class _NotAStream:
+    """What _streamed() says of an annotation that is not a stream (None is a message type: AsyncIterator[None])."""
+
+
+NOT_A_STREAM: object = _NotAStream()
+
+
+def _streamed(tp: object, origins: tuple[object, ...]) -> object:
+    """T if `tp` is one of `origins`[T] (AsyncIterator[T], AsyncIterable[T], ...), else NOT_A_STREAM."""
     if typing.get_origin(tp) in origins:
         args = typing.get_args(tp)
         if not args:
             raise TypeError(f"{tp!r} needs the type of its messages, e.g. AsyncIterator[int]")
         item: object = args[0]
         return item
-    return None
+    return NOT_A_STREAM
 
 
 _RESULT_STREAMS = (collections.abc.AsyncIterator, collections.abc.AsyncGenerator)
@@ -342,13 +349,14 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
         raise TypeError(f"{where} has no return annotation")
     try:
         result_item = _streamed(hints["return"], _RESULT_STREAMS)
+        streams_results = result_item is not NOT_A_STREAM
     except TypeError as exc:
         raise TypeError(f"{where}: return type: {exc}") from None
-    if result_item is None and not inspect.iscoroutinefunction(fn):
+    if not streams_results and not inspect.iscoroutinefunction(fn):
         raise TypeError(
             f"{where} must be declared `async def` (or `def {attr}(...) -> AsyncIterator[T]` for a stream of results)"
         )
-    if result_item is not None and inspect.iscoroutinefunction(fn):
+    if streams_results and inspect.iscoroutinefunction(fn):
         raise TypeError(
             f"{where} returns a stream: declare it `def {attr}(...) -> AsyncIterator[...]`, without `async`, since "
             "an `async def` without `yield` is a coroutine that returns an iterator (`async for x in await ...`)"
@@ -369,7 +377,7 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
             item = _streamed(hints[p.name], _REQUEST_STREAMS)
         except TypeError as exc:
             raise TypeError(f"{where}: parameter {p.name!r}: {exc}") from None
-        if item is not None:
+        if item is not NOT_A_STREAM:
             if stream is not None:
                 raise TypeError(
                     f"{where}: parameters {stream.name!r} and {p.name!r} are both streams; a method takes at most "
@@ -388,16 +396,16 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
             raise TypeError(f"{where}: parameter {p.name!r}: {exc}") from None
         required = p.default is p.empty
         params.append(Param(p.name, hints[p.name], required, None if required else p.default, decode))
-    returns = hints["return"] if result_item is None else result_item
+    returns = result_item if streams_results else hints["return"]
     try:
         # A result ignores unknown keys at every level (a newer server may add fields); arguments refuse them.
         decode_result = codec.decoder(returns, ignore_unknown=True)
     except TypeError as exc:
         raise TypeError(f"{where}: return type: {exc}") from None
     if stream is None:
-        kind = CallKind.UNARY if result_item is None else CallKind.SERVER_STREAM
+        kind = CallKind.SERVER_STREAM if streams_results else CallKind.UNARY
     else:
-        kind = CallKind.CLIENT_STREAM if result_item is None else CallKind.BIDI_STREAM
+        kind = CallKind.BIDI_STREAM if streams_results else CallKind.CLIENT_STREAM
     options = getattr(fn, _OPTIONS_ATTR, None) or MethodOptions()
     result_floats = codec.may_hold_float(returns)
     argument_floats = any(codec.may_hold_float(p.annotation) for p in params)

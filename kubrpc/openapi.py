@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import enum
 import inspect
+import re
 import types
 import typing
 import uuid
@@ -15,12 +16,14 @@ import orjson
 
 from . import codec
 from ._version import __version__
+from .interface import CallKind
 from .status import Status
 
 if TYPE_CHECKING:
+    from .interface import MethodSpec, ServiceSpec
     from .interfaces import ServerCore
 
-__all__ = ("Info", "json_schema", "openapi_document")
+__all__ = ("STREAMS", "Info", "json_schema", "openapi_document")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -146,7 +149,10 @@ def _with_default(properties: dict[str, Any], name: str, default: object) -> Non
 
 
 def openapi_document(server: ServerCore, *, root_path: str = "") -> dict[str, Any]:
-    """The OpenAPI 3.1 document: one POST operation per method, with request, result and error schemas.
+    """The OpenAPI 3.1 document: one POST operation per unary method, with request, result and error schemas.
+
+    Stream methods are not operations (OpenAPI cannot describe a stream of messages): the document's
+    `x-kubrpc-streams` describes them, keyed by path, and info.description lists them.
 
     Docstrings of the service Protocols, their methods and the dataclasses become descriptions, and
     parameter defaults become `default`. `root_path` (the ASGI one, set when the app is mounted under a
@@ -174,6 +180,7 @@ def openapi_document(server: ServerCore, *, root_path: str = "") -> dict[str, An
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     }
     paths: dict[str, Any] = {}
+    streams: dict[str, Any] = {}
     tags: list[dict[str, str]] = []
     for service in server.services.values():
         tag = {"name": service.name}
@@ -181,24 +188,11 @@ def openapi_document(server: ServerCore, *, root_path: str = "") -> dict[str, An
             tag["description"] = description
         tags.append(tag)
         for m in service.methods.values():
-            properties: dict[str, Any] = {}
-            for p in m.params:
-                properties[p.name] = json_schema(p.annotation, defs, request=True)
-                if not p.required:
-                    _with_default(properties, p.name, p.default)
-            request = {
-                "type": "object",
-                "properties": properties,
-                "required": [p.name for p in m.params if p.required],
-                "additionalProperties": False,
-            }
-            operation: dict[str, Any] = {
-                "operationId": f"{service.name}.{m.name}",
-                "tags": [service.name],
-            }
-            if doc := _doc(getattr(service.protocol, m.attr, None)):
-                operation["summary"] = doc.partition("\n")[0]
-                operation["description"] = doc
+            if m.kind is not CallKind.UNARY:
+                streams[f"/{m.path}"] = _stream(service, m, defs)
+                continue
+            request = _arguments(m, defs)
+            operation = _operation(service, m)
             operation.update(
                 {
                     "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
@@ -226,10 +220,102 @@ def openapi_document(server: ServerCore, *, root_path: str = "") -> dict[str, An
         "title": configured.title or ", ".join(server.services) or "kubrpc",
         "version": configured.version or __version__,
     }
-    if configured.description:
-        info["description"] = configured.description
+    description = "\n\n".join(filter(None, [configured.description, _streams_note(streams)]))
+    if description:
+        info["description"] = description
     document: dict[str, Any] = {"openapi": "3.1.0", "info": info}
     if root_path:
         document["servers"] = [{"url": root_path}]
-    document.update({"tags": tags, "paths": paths, "components": {"schemas": defs}})
+    document.update({"tags": tags, "paths": paths})
+    if streams:
+        document[STREAMS] = streams
+    document["components"] = {"schemas": defs}
     return document
+
+
+def _arguments(m: MethodSpec, defs: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of a method's ordinary arguments, as one object (a unary call's request body)."""
+    properties: dict[str, Any] = {}
+    for p in m.params:
+        properties[p.name] = json_schema(p.annotation, defs, request=True)
+        if not p.required:
+            _with_default(properties, p.name, p.default)
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": [p.name for p in m.params if p.required],
+        "additionalProperties": False,
+    }
+
+
+def _operation(service: ServiceSpec, m: MethodSpec) -> dict[str, Any]:
+    """operationId, tags, and the summary and description from the method's docstring."""
+    operation: dict[str, Any] = {"operationId": f"{service.name}.{m.name}", "tags": [service.name]}
+    if doc := _doc(getattr(service.protocol, m.attr, None)):
+        operation["summary"] = doc.partition("\n")[0]
+        operation["description"] = doc
+    return operation
+
+
+def _stream(service: ServiceSpec, m: MethodSpec, defs: dict[str, Any]) -> dict[str, Any]:
+    """A stream method, for the document's `x-kubrpc-streams`: its kind and the schemas of its messages."""
+    entry = _operation(service, m)
+    entry["kind"] = m.kind.value
+    entry["arguments"] = _arguments(m, defs)
+    if m.stream is not None:
+        position = [name for name, _ in m.declared].index(m.stream.name)
+        schema = json_schema(m.stream.annotation, defs, request=True)
+        entry["stream"] = {"name": m.stream.name, "position": position, "schema": schema}
+    entry["result"] = json_schema(m.returns, defs)
+    entry[_SIGNATURE] = _signature(m)  # for the note in info.description, which takes it out
+    return entry
+
+
+def _streams_note(streams: dict[str, Any]) -> str:
+    """The paragraph of info.description that lists the stream methods, which `paths` leaves out."""
+    if not streams:
+        return ""
+    lines = [
+        "**Stream methods.** OpenAPI cannot describe a stream of messages, so these methods are not in `paths` "
+        "(and cannot be tried from this page); `x-kubrpc-streams` describes them (their kind, and the JSON Schema "
+        "of their arguments and of each message). Call them with a kubrpc client, `kubrpc call` (one JSON message "
+        "per line), or a Connect client generated from `kubrpc proto` (streams of results and of requests).",
+        "",
+    ]
+    for path, entry in streams.items():
+        lines.append(f"- `{path[1:]}{entry.pop(_SIGNATURE)}`: {_KINDS[entry['kind']]}")
+    return "\n".join(lines)
+
+
+def _signature(m: MethodSpec) -> str:
+    """`(room: str, words: stream str, loud: bool = ...) -> stream str`: a stream method as it is declared."""
+    params = {p.name: p for p in m.params}
+    shown = []
+    for name, _ in m.declared:
+        if m.stream is not None and name == m.stream.name:
+            shown.append(f"{name}: stream {_annotation(m.stream.annotation)}")
+        else:
+            p = params[name]
+            shown.append(f"{name}: {_annotation(p.annotation)}{'' if p.required else ' = ...'}")
+    stream = "stream " if m.kind.streams_results else ""
+    return f"({', '.join(shown)}) -> {stream}{_annotation(m.returns)}"
+
+
+_MODULES = re.compile(r"(?<![\w.'\"])(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_])")
+
+
+def _annotation(tp: object) -> str:
+    """An annotation as a user writes it: `list[Event]`, `int | None` (no module names)."""
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__qualname__
+    return _MODULES.sub("", repr(tp))
+
+
+#: The document's extension that describes the stream methods (left out of `paths`).
+STREAMS = "x-kubrpc-streams"
+_SIGNATURE = "signature"
+_KINDS = {
+    CallKind.SERVER_STREAM.value: "a stream of results",
+    CallKind.CLIENT_STREAM.value: "a stream of requests, one result",
+    CallKind.BIDI_STREAM.value: "a stream each way (bidirectional)",
+}

@@ -157,12 +157,17 @@ class _File:
             if not _IDENT.match(m.name):
                 raise TypeError(f"{where}: method name {m.name!r} is not a protobuf name (letters, digits and _)")
             request, response = self._method(spec, m, where)
+            if m.kind.streams_requests:
+                request = f"stream {request}"
+            if m.kind.streams_results:
+                response = f"stream {response}"
             lines.append(_comment(_doc(getattr(spec.protocol, m.attr, None)), "  "))
             lines.append(f"  rpc {m.name}({request}) returns ({response});\n")
         lines.append("}\n")
         self.services.append("".join(lines))
 
     def _method(self, spec: ServiceSpec, m: MethodSpec, where: str) -> tuple[str, str]:
+        """The request and response messages of a method (of one message each way, for a stream)."""
         request = f"{_pascal(m.name)}Request"
         self.claim(request, ("request", spec.name, m.name))
         fields = []
@@ -174,6 +179,12 @@ class _File:
             if not p.required and not label and not t.startswith("map<"):
                 label = _OPTIONAL  # absent is not the zero value: the server applies the default
             fields.append(f"  {label}{t} {p.name} = {i};\n")
+        if m.stream is not None:  # a stream of requests: each message holds one item, after the ordinary fields
+            try:
+                label, t = self.field(m.stream.annotation)
+            except TypeError as exc:
+                raise TypeError(f"{where}: messages of {m.stream.name!r}: {exc}") from None
+            fields.append(f"  {label}{t} {m.stream.name} = {len(m.params) + 1};\n")
         self.defs[request] = f"message {request} {{\n{''.join(fields)}}}\n"
         returns = unwrap(m.returns)
         if returns is None or returns is type(None):

@@ -8,6 +8,7 @@
     describe("arith.Arith") or describe("arith.Arith/add")     an OpenAPI 3.1 fragment: the `paths` of the
                                                               service's (or that method's) operations and the
                                                               `components` they refer to, as /openapi.json has them
+                                                              (stream methods in `x-kubrpc-streams`, as there)
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class ReflectionService:
 
     async def describe(self, name: str) -> dict[str, Any]:
         """The OpenAPI paths of `name` (a service or a `Service/method`) with the components they use."""
-        from .openapi import openapi_document
+        from .openapi import STREAMS, openapi_document
 
         service, slash, method_name = name.partition("/")
         spec = self._server.services.get(service)
@@ -76,9 +77,15 @@ class ReflectionService:
         document = self._document[1]
         wanted = {f"/{service}/{m}" for m in ([method_name] if slash else names)}
         paths = {path: item for path, item in document.get("paths", {}).items() if path in wanted}
+        streams = {path: item for path, item in document.get(STREAMS, {}).items() if path in wanted}
         # Only the schemas these paths use: not every other service's (an answer per service stays its own size).
         schemas = document.get("components", {}).get("schemas", {})
-        return {"paths": paths, "components": {"schemas": {name: schemas[name] for name in _used(paths, schemas)}}}
+        used = _used([paths, streams], schemas)
+        answer: dict[str, Any] = {"paths": paths}
+        if streams:
+            answer[STREAMS] = streams
+        answer["components"] = {"schemas": {name: schemas[name] for name in used}}
+        return answer
 
 
 def _used(value: Any, schemas: dict[str, Any]) -> list[str]:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NewType, Protocol
@@ -15,7 +16,7 @@ from typing import Any, Literal, NewType, Protocol
 import grpc_tools
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from services import Arith, ArithImpl, Control
 
 import kubrpc
@@ -283,6 +284,100 @@ def test_every_row_of_the_table(tmp_path: Path) -> None:
     assert "// Orders of the shop.\nservice Orders {" in text
     assert "  // Create an order.\n  rpc create(" in text
     assert "// Where an order is.\nenum OrderState {" in text
+
+
+@kubrpc.interface(name="shop.v1.Live")
+class Live(Protocol):
+    """Every kind of stream (and a unary call beside them)."""
+
+    def ticks(self, n: int, *, every: float = 1.0) -> AsyncIterator[int]:
+        """A stream of results: `returns (stream TicksResponse)`."""
+        ...
+
+    def orders(self, state: OrderState) -> AsyncIterator[Order]: ...
+
+    async def total(self, currency: str, amounts: AsyncIterable[Money]) -> Money: ...
+
+    async def count(self, names: AsyncIterable[list[str]]) -> int: ...
+
+    async def consume(self, values: AsyncIterable[int | None]) -> None: ...
+
+    def chat(self, room: str, words: AsyncIterable[str], *, loud: bool = False) -> AsyncIterator[str]: ...
+
+    def echo(self, orders: AsyncIterable[Order]) -> AsyncIterator[Order]: ...
+
+    async def add(self, a: int, b: int) -> int: ...
+
+
+def kinds(service: ServiceDescriptor) -> dict[str, tuple[bool, bool]]:
+    """method name -> (client_streaming, server_streaming), as the compiled descriptor says."""
+    described = descriptor_pb2.ServiceDescriptorProto()
+    service.CopyToProto(described)
+    return {m.name: (m.client_streaming, m.server_streaming) for m in described.method}
+
+
+def test_stream_methods_compile_with_their_kinds(tmp_path: Path) -> None:
+    text = proto.render(Live)
+    pool = compile_proto(tmp_path, {"shop.v1.proto": text})
+    service = pool.FindServiceByName("shop.v1.Live")
+    assert kinds(service) == {
+        "ticks": (False, True),
+        "orders": (False, True),
+        "total": (True, False),
+        "count": (True, False),
+        "consume": (True, False),
+        "chat": (True, True),
+        "echo": (True, True),
+        "add": (False, False),
+    }
+    assert "  rpc ticks(TicksRequest) returns (stream TicksResponse);\n" in text
+    assert "  rpc total(stream TotalRequest) returns (Money);\n" in text
+    assert "  rpc chat(stream ChatRequest) returns (stream ChatResponse);\n" in text
+    methods = {m.name: (m.input_type.name, m.output_type.full_name) for m in service.methods}
+    assert methods == {
+        "ticks": ("TicksRequest", "shop.v1.TicksResponse"),
+        "orders": ("OrdersRequest", "shop.v1.Order"),  # a dataclass message is its own message, as unary
+        "total": ("TotalRequest", "shop.v1.Money"),
+        "count": ("CountRequest", "shop.v1.CountResponse"),
+        "consume": ("ConsumeRequest", "google.protobuf.Empty"),
+        "chat": ("ChatRequest", "shop.v1.ChatResponse"),
+        "echo": ("EchoRequest", "shop.v1.Order"),
+        "add": ("AddRequest", "shop.v1.AddResponse"),
+    }
+
+    def message(name: str) -> dict[str, tuple[int, str, str]]:
+        return fields(pool.FindMessageTypeByName(f"shop.v1.{name}"))
+
+    # A stream of results: the request as for a unary call, each message as a unary result.
+    assert message("TicksRequest") == {"n": (1, "int64", ""), "every": (2, "double", "optional")}
+    assert message("TicksResponse") == {"result": (1, "int64", "")}
+    # A stream of requests: the ordinary parameters first, then the stream parameter holding one item.
+    assert message("TotalRequest") == {"currency": (1, "string", ""), "amounts": (2, "shop.v1.Money", "")}
+    assert message("CountRequest") == {"names": (1, "string", "repeated")}  # one item: a list
+    assert message("ConsumeRequest") == {"values": (1, "int64", "optional")}
+    assert message("ChatRequest") == {
+        "room": (1, "string", ""),
+        "loud": (2, "bool", "optional"),
+        "words": (3, "string", ""),  # after every ordinary parameter, keyword-only ones included
+    }
+    assert message("ChatResponse") == {"result": (1, "string", "")}
+    assert message("EchoRequest") == {"orders": (1, "shop.v1.Order", "")}
+    assert "  // A stream of results: `returns (stream TicksResponse)`.\n  rpc ticks(" in text
+
+
+def test_stream_messages_that_have_no_protobuf_type_are_named() -> None:
+    async def call(self: object, x: int, items: Any) -> None: ...
+
+    call.__annotations__ = {"x": int, "items": AsyncIterable[tuple[int, str]], "return": None}
+    bad = kubrpc.interface(name="Bad")(type("Bad", (Protocol,), {"call": call}))
+    with pytest.raises(TypeError, match=r"^Bad/call: messages of 'items': tuple\[int, str\] has no protobuf type"):
+        proto.render(bad)
+
+    def results(self: object) -> Any: ...
+
+    results.__annotations__ = {"return": AsyncIterator[list[int | None]]}
+    with pytest.raises(TypeError, match=r"^Worse/results: result: list\[int \| None\]: a repeated field or map value"):
+        proto.render(kubrpc.interface(name="Worse")(type("Worse", (Protocol,), {"results": results})))
 
 
 def test_a_server_with_several_packages(tmp_path: Path) -> None:

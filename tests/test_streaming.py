@@ -373,3 +373,18 @@ def test_stream_of_unsupported_type_is_refused() -> None:
 
     with pytest.raises(TypeError, match="complex"):
         kubrpc.Server().register(P, object())
+
+
+def test_a_stream_of_none_is_a_stream() -> None:
+    class P(Protocol):
+        def beats(self, n: int) -> AsyncIterator[None]: ...
+
+    class Impl:
+        async def beats(self, n: int) -> AsyncIterator[None]:
+            for _ in range(n):
+                yield None
+
+    server = kubrpc.Server()
+    server.register(P, Impl())
+    spec = server.method("P/beats")
+    assert spec is not None and spec.kind is CallKind.SERVER_STREAM
