@@ -47,7 +47,7 @@ def generated(node_modules: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     (work / "proto").mkdir()
     (work / "proto" / "shop.v1.proto").write_text(proto.render(Shop))
     shutil.copy(HERE / "error_details.proto", work / "proto")
-    (work / "proto" / "feed.proto").write_text(feed_schema())
+    (work / "proto" / "feed.proto").write_text(proto.render(Feed))  # the stream methods of stream_services.Feed
     shutil.copy(HERE / "streams.mjs", work)
     shutil.copy(HERE / "buf.gen.yaml", work)
     shutil.copy(HERE / "client.mjs", work)
@@ -80,15 +80,6 @@ async def results(generated: Path) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     out: dict[str, Any] = orjson.loads(done.stdout.strip().splitlines()[-1])
     return out
-
-
-def feed_schema() -> str:
-    """The schema of the stream methods: `kubrpc proto`'s, once it renders streams; until then feed.proto, the same
-    contract (docs/protocol.md, "HTTP streaming") written out by hand."""
-    rendered = proto.render(Feed)
-    if "returns (stream " in rendered:
-        return rendered
-    return (HERE / "feed.proto").read_text()
 
 
 @pytest.fixture(scope="module")
