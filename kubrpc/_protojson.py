@@ -847,8 +847,8 @@ class ClientStreamCodec:
             self.request.add(_make_field(p.name, p.annotation, not p.required))
         self._item = _make_field(spec.stream.name, spec.stream.annotation, False)
         self.response = type_codec(spec.returns, f"{name}Response")
-        conv = self._item.conv
-        self._zero: Any = _MISSING if conv.message else conv.zero
+        # An absent item is its zero value: [] for a list, None if optional, a message's defaults (parsed from {}).
+        self._zero: Any = self._item.absent
 
     def _parse(self, data: bytes) -> tuple[dict[str, Any], Any, set[str]]:
         """(the ordinary fields, the item, the names of the ordinary fields given) of one message."""

@@ -661,3 +661,22 @@ def test_client_stream_messages_are_a_call_or_invalid_argument(value: object) ->
                 assert exc.code is Status.INVALID_ARGUMENT
             else:
                 assert out is not None
+
+
+@kubrpc.interface(name="test.Items")
+class Items(Protocol):
+    async def lists(self, names: AsyncIterable[list[str]]) -> int: ...
+
+    async def optionals(self, tag: str, values: AsyncIterable[int | None]) -> int: ...
+
+
+def test_client_stream_items_that_are_lists_or_optional() -> None:
+    spec = service_spec(Items)
+    lists = client_stream_codec(spec.methods["lists"])
+    assert lists.first(b'{"names": ["a", "b"]}') == (b"{}", b'["a","b"]')  # one message holds one list
+    assert lists.later(b"{}") == b"[]"  # absent: the empty list
+    optionals = client_stream_codec(spec.methods["optionals"])
+    assert optionals.first(b'{"tag": "t", "values": "7"}') == (b'{"tag":"t"}', b"7")
+    assert optionals.later(b"{}") == b"null"  # absent optional: None
+    assert optionals.later(b'{"values": "0"}') == b"0"
+    assert optionals.first(None) == (b'{"tag":""}', None)  # no message: the ordinary fields at their zero values
