@@ -60,13 +60,14 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol as WebSocketProtocol
 from uvicorn.server import ServerState
 
 from ._limits import ServerLimits
 from .errors import error_response
 from .status import Status
 
-__all__ = ("NOT_STARTED", "protocol_class", "serve_uvicorn")
+__all__ = ("NOT_STARTED", "protocol_class", "serve_uvicorn", "websocket_protocol_class")
 
 # On a 503 that the server sends before the call could start, so that a client knows it is safe to retry.
 NOT_STARTED = (b"kubrpc-not-started", b"1")
@@ -93,6 +94,29 @@ async def send_error(send: Send, status: int, code: Status, message: str, *extra
     """Answer an ASGI request with a kubrpc JSON error and close the connection."""
     body = orjson.dumps({"code": code.wire_name, "message": message})
     await send_json(send, status, body, ((b"connection", b"close"), *extra))
+
+
+def _is_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Is this request a stream call (Content-Type application/connect+...)?"""
+    for name, value in headers:
+        if name == b"content-type":
+            return value.startswith(b"application/connect+")
+    return False
+
+
+class _WebSocketProtocol(WebSocketProtocol):
+    """uvicorn's WebSocket protocol, but a drain lets an open stream finish: uvicorn would close it at once
+    (1012); the server cancels what still runs after drain_timeout, and the stream then ends with UNAVAILABLE."""
+
+    def shutdown(self) -> None:
+        if self.handshake_complete and not self.close_sent and not self.transport.is_closing():
+            return
+        super().shutdown()
+
+
+def websocket_protocol_class() -> type[asyncio.Protocol]:
+    """The uvicorn `ws=` protocol class of the HTTP transport's bidirectional streams."""
+    return _WebSocketProtocol
 
 
 def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
@@ -187,7 +211,10 @@ class _HttpProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._upgrade_refused()
+            if self._should_upgrade() and not self.pipeline and self._overflow is None:
+                self._websocket()
+            else:
+                self._upgrade_refused()
         except httptools.HttpParserError as exc:
             cycle = self.cycle
             # Answer unless a response is (or will be) under way; a bad body is its own request's error.
@@ -199,6 +226,19 @@ class _HttpProtocol(HttpToolsProtocol):
                 self._refuse(400, f"malformed HTTP request: {reason}", True)
             else:  # the requests before it are answered, then the connection closes
                 self._last(cycle)
+
+    def _websocket(self) -> None:
+        """A WebSocket upgrade (the HTTP transport's bidirectional streams): held to the same limits as a
+        request (its head was metered and timed; it holds a request slot while it is open), and refused "not
+        started" while the server is busy or draining."""
+        app = self.app
+        if app == self._busy or app == self._draining:
+            message = "server is shutting down" if app == self._draining else "server busy (max_connections)"
+            self._refuse(503, f"{message}; the call did not start", True, NOT_STARTED)
+        elif app == self._headers_too_large:
+            self._refuse(431, f"request headers exceed the limit of {self.limits.max_header_size} bytes", True)
+        else:
+            self.handle_websocket_upgrade()
 
     def _last(self, cycle: RequestResponseCycle) -> None:
         """Make `cycle` the connection's last request: it is answered, then the connection closes."""
@@ -257,9 +297,12 @@ class _HttpProtocol(HttpToolsProtocol):
             return
         self._head_room = None
         self._chunk_room = self._max_header_size
-        self._deadline = at = self.loop.time() + self._body_timeout
-        if at < self._timer_at:
-            self._set_timer(at)
+        if _is_stream(self.headers):  # a stream's body lasts as long as the call: its deadline covers it
+            self._deadline = None
+        else:
+            self._deadline = at = self.loop.time() + self._body_timeout
+            if at < self._timer_at:
+                self._set_timer(at)
         app = self._app
         if self._max_requests is not None and len(self.tasks) >= self._max_requests:
             app = self._busy
@@ -476,6 +519,14 @@ class _QuietServer(uvicorn.Server):
     def capture_signals(self) -> Any:
         yield
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown; then a moment for the calls it cancelled after the graceful timeout to end (a
+        stream cancelled so still writes its end-of-stream message)."""
+        await super().shutdown(sockets)
+        tasks = list(self.server_state.tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=_LINGER)
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's startup on the bound `sockets`, but with `handshake_timeout` for TLS handshakes."""
         config = self.config
@@ -545,15 +596,25 @@ async def serve_uvicorn(
     userver = _QuietServer(config)
     userver.handshake_timeout = (limits or ServerLimits()).header_timeout  # a TLS handshake counts as the head's start
     with sock:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(userver.serve, [sock])
+        # A plain task rather than a task group: the block may be left from another task than the one that
+        # entered it (a drain run in the background while the caller goes on).
+        serving = asyncio.ensure_future(userver.serve([sock]))
+        try:
             with anyio.fail_after(10):
                 while not userver.started:
-                    if userver.should_exit:
+                    if userver.should_exit or serving.done():
                         raise OSError(f"uvicorn failed to start on {host}:{port}")
                     await anyio.sleep(0.002)
             host_text = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
+            yield f"{'http' if ssl is None else 'https'}://{host_text}:{bound[1]}", userver
+        finally:
+            userver.should_exit = True
             try:
-                yield f"{'http' if ssl is None else 'https'}://{host_text}:{bound[1]}", userver
-            finally:
-                userver.should_exit = True
+                await asyncio.shield(serving)
+            except asyncio.CancelledError:
+                if not serving.done():  # the caller was cancelled while it drained: stop now
+                    userver.force_exit = True
+                    serving.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await serving
+                raise

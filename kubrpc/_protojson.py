@@ -38,7 +38,16 @@ from .interface import MethodSpec
 from .proto import _SCALARS, _camel, _pascal, _upper_snake
 from .status import Status
 
-__all__ = ("MethodCodec", "ProtoJsonError", "TypeCodec", "json_name", "method_codec", "type_codec")
+__all__ = (
+    "ClientStreamCodec",
+    "MethodCodec",
+    "ProtoJsonError",
+    "TypeCodec",
+    "client_stream_codec",
+    "json_name",
+    "method_codec",
+    "type_codec",
+)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -814,4 +823,94 @@ def method_codec(spec: MethodSpec) -> MethodCodec:
     except KeyError:
         pass
     codec = _methods[id(spec)] = MethodCodec(spec)
+    return codec
+
+
+class ClientStreamCodec:
+    """The proto3 JSON of a client stream's messages: `rpc M(stream MRequest) returns (MResponse)`.
+
+    `MRequest` holds the ordinary parameters as fields 1..k (as a unary request) and field k+1, named after the
+    stream parameter, with ONE item. Every message carries one item (absent: its zero value); the ordinary
+    fields are read from the first message, and a later message that sets one to a non-default value is
+    INVALID_ARGUMENT. (`request` is `MRequest` without the item field.)
+    """
+
+    __slots__ = ("_item", "_name", "_zero", "request", "response", "spec")
+
+    def __init__(self, spec: MethodSpec) -> None:
+        assert spec.stream is not None
+        self.spec = spec
+        name = _pascal(spec.name)
+        self._name = f"{name}Request"
+        self.request = _Message(self._name, f"the arguments of {spec.path}")
+        for p in spec.params:
+            self.request.add(_make_field(p.name, p.annotation, not p.required))
+        self._item = _make_field(spec.stream.name, spec.stream.annotation, False)
+        self.response = type_codec(spec.returns, f"{name}Response")
+        # An absent item is its zero value: [] for a list, None if optional, a message's defaults (parsed from {}).
+        self._zero: Any = self._item.absent
+
+    def _parse(self, data: bytes) -> tuple[dict[str, Any], Any, set[str]]:
+        """(the ordinary fields, the item, the names of the ordinary fields given) of one message."""
+        try:
+            raw = _loads(data, self._name)
+            item_field = self._item
+            item: Any = _MISSING
+            rest = {}
+            for key, value in raw.items():
+                if key in (item_field.name, item_field.json) and (value is not None or item_field.conv.null):
+                    if item is not _MISSING:
+                        raise ProtoJsonError(key, "field given twice: send one of its names")
+                    item = item_field.conv.parse(value, key)
+                elif key not in (item_field.name, item_field.json):
+                    rest[key] = value
+            if item is _MISSING:
+                item = item_field.conv.parse({}, item_field.json) if self._zero is _MISSING else self._zero
+            out = self.request.parse(rest, "")
+        except ProtoJsonError as exc:
+            raise _invalid(exc) from None
+        except RecursionError:
+            raise RpcError(Status.INVALID_ARGUMENT, f"the {self._name} message is nested too deeply") from None
+        given = {f.name for key in rest if (f := self.request.by_key.get(key)) is not None}
+        return out, item, given
+
+    def first(self, data: bytes | None) -> tuple[bytes, bytes | None]:
+        """The first message (None: the stream had none) as (native arguments, the native item or None)."""
+        if data is None:
+            out, _, _ = self._parse(b"{}")
+            return _native(out, self._name), None
+        out, item, _ = self._parse(data)
+        return _native(out, self._name), _native(item, self._name)
+
+    def later(self, data: bytes) -> bytes:
+        """A later message as its native item; INVALID_ARGUMENT if it sets an ordinary field."""
+        out, item, given = self._parse(data)
+        for f in self.request.fields:
+            if f.name in given and f.name in out and not f.conv.is_default(out[f.name]):
+                raise RpcError(
+                    Status.INVALID_ARGUMENT,
+                    f"field {f.json!r} of {self._name} is set in a later message of the stream: the ordinary "
+                    "fields are read from the first message only; leave them unset after it",
+                )
+        return _native(item, self._name)
+
+
+def _native(value: Any, name: str) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise RpcError(
+            Status.INVALID_ARGUMENT, f"the {name} message is nested deeper than {MAX_DEPTH} levels"
+        ) from None
+
+
+_client_streams: dict[int, ClientStreamCodec] = {}
+
+
+def client_stream_codec(spec: MethodSpec) -> ClientStreamCodec:
+    """The ClientStreamCodec of a client-stream method, built once (TypeError if a type has no protobuf form)."""
+    codec = _client_streams.get(id(spec))
+    if codec is not None and codec.spec is spec:
+        return codec
+    codec = _client_streams[id(spec)] = ClientStreamCodec(spec)
     return codec

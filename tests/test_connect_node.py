@@ -18,8 +18,9 @@ import anyio
 import orjson
 import pytest
 from connect_shop import Shop, make_shop_server
+from stream_services import Feed, FeedImpl
 
-from kubrpc import proto
+from kubrpc import Server, proto
 
 pytestmark = pytest.mark.anyio
 
@@ -46,6 +47,8 @@ def generated(node_modules: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     (work / "proto").mkdir()
     (work / "proto" / "shop.v1.proto").write_text(proto.render(Shop))
     shutil.copy(HERE / "error_details.proto", work / "proto")
+    (work / "proto" / "feed.proto").write_text(proto.render(Feed))  # the stream methods of stream_services.Feed
+    shutil.copy(HERE / "streams.mjs", work)
     shutil.copy(HERE / "buf.gen.yaml", work)
     shutil.copy(HERE / "client.mjs", work)
     (work / "node_modules").symlink_to(node_modules)  # how node finds the packages from client.mjs and gen/
@@ -73,6 +76,21 @@ async def results(generated: Path) -> dict[str, Any]:
         with anyio.fail_after(120):  # a hang guard, not a timing check
             done = await anyio.run_process(
                 ["node", "client.mjs", listener.url, str(generated / "gen")], cwd=generated, check=False
+            )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    out: dict[str, Any] = orjson.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+@pytest.fixture(scope="module")
+async def stream_results(generated: Path) -> dict[str, Any]:
+    """Run the stream calls of streams.mjs in one node process against a kubrpc server of Feed."""
+    server = Server()
+    server.register(Feed, FeedImpl())
+    async with server.serve("http://127.0.0.1:0") as listener:
+        with anyio.fail_after(120):  # a hang guard, not a timing check
+            done = await anyio.run_process(
+                ["node", "streams.mjs", listener.url, str(generated / "gen")], cwd=generated, check=False
             )
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     out: dict[str, Any] = orjson.loads(done.stdout.strip().splitlines()[-1])
@@ -157,3 +175,30 @@ async def test_failures_carry_connect_codes_messages_and_details(results: dict[s
     assert missing["code"] == "InvalidArgument"
     assert [v["field"] for v in missing["violations"]] == ["orderId"]
     assert "missing" in missing["rawMessage"]
+
+
+async def test_server_streams(stream_results: dict[str, Any]) -> None:
+    assert stream_results["ticks"] == {"messages": ["0", "1", "2"]}
+    assert stream_results["ticksDeadline"] == {"messages": ["0", "1"]}  # Connect-Timeout-Ms over a whole stream
+    assert stream_results["watch"] == {"messages": [{"seq": "0", "kind": "add"}, {"seq": "1", "kind": "del"}]}
+
+
+async def test_an_error_after_messages_arrives_after_them(stream_results: dict[str, Any]) -> None:
+    assert stream_results["failAfter"] == {
+        "messages": ["0", "1"],
+        "error": {"code": "NotFound", "rawMessage": "failed after 2"},
+    }
+
+
+async def test_client_streams_over_http_1_1(stream_results: dict[str, Any]) -> None:
+    assert stream_results["total"] == {"ok": "42"}
+    assert stream_results["totalEmpty"] == {"ok": "0"}  # no message: the ordinary arguments at their zero values
+    assert stream_results["count"] == {"ok": "2"}  # stop_after from the first message
+    bad = stream_results["countBad"]["error"]
+    assert bad["code"] == "InvalidArgument" and "stopAfter" in bad["rawMessage"]
+
+
+async def test_a_bidi_stream_is_refused_saying_why(stream_results: dict[str, Any]) -> None:
+    chat = stream_results["chat"]
+    assert chat["messages"] == []
+    assert chat["error"]["code"] == "Unimplemented" and "HTTP/2" in chat["error"]["rawMessage"]

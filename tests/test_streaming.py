@@ -24,8 +24,8 @@ from kubrpc.interface import CallKind
 
 pytestmark = pytest.mark.anyio
 
-#: The transports whose stream calls these tests check; each transport's work adds its name here.
-STREAM_TRANSPORTS = ["inproc", "tcp"]
+#: The transports whose stream calls these tests check: every built-in one.
+STREAM_TRANSPORTS = ["inproc", "tcp", "http"]
 
 _names = itertools.count()
 

@@ -2,6 +2,8 @@
 
 POST /{service}/{method}   Content-Type: application/json   body: {"arg": value, ...}
 200 -> the JSON result;  error -> {"code": "<snake_case status>", "message": "..."} with Connect's HTTP status
+Streams: Connect's streaming protocol (application/connect+json, enveloped messages), and a WebSocket on the same
+path for bidirectional streams (docs/protocol.md, "HTTP streaming"; transports/_connect.py)
 GET /healthz, /readyz, /openapi.json, and /metrics when the Server has metrics (kubrpc.metrics)
 """
 
@@ -27,17 +29,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kubrpc._asgi_server import NOT_STARTED, send_json, serve_uvicorn
+from kubrpc._asgi_server import NOT_STARTED, send_json, serve_uvicorn, websocket_protocol_class
 from kubrpc._idle import IdleSignal
 from kubrpc._limits import DEFAULT_MAX_MESSAGE_SIZE
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, RpcError, UnreachableError
+from kubrpc.interface import CallKind
 from kubrpc.status import Status
 
 from . import _connect
+from ._envelope import END_STREAM, Decoder, EnvelopeError, envelope
 
 if TYPE_CHECKING:
-    from kubrpc.interfaces import ServerCore
+    from kubrpc.interfaces import ClientStream, ServerCore
 
 __all__ = ("NOT_STARTED_HEADER", "HttpConnection", "HttpListener", "HttpTransport", "build_app")
 
@@ -92,7 +96,7 @@ class _App:
         self.connect = _App(_connect.ConnectCore(server), rest, connect=False) if connect else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" or (scope["type"] == "websocket" and self.connect is not None):
             # Routed by the raw path, as proxies' path rules see it: /Echo%2Fecho is not Echo/echo.
             raw: bytes | None = scope.get("raw_path")
             path: str = scope["path"] if raw is None else raw.decode("latin-1")
@@ -101,14 +105,22 @@ class _App:
                 path = path[len(root) :]
             service, _, method = path[1:].partition("/")
             if service and method and path[0] == "/" and "/" not in method:
+                if scope["type"] == "websocket":  # a bidirectional stream (kubrpc's client)
+                    await _connect.serve_websocket(self.server, path[1:], scope, receive, send)
+                    return
                 await self._rpc(path[1:], scope, receive, send)
                 return
         await self.rest(scope, receive, send)
 
     async def _rpc(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.connect is not None and _connect.is_connect(scope["headers"]):
-            await _connect.serve(self.connect._rpc, path, scope, receive, send)
-            return
+        if self.connect is not None:
+            kind = _connect.route(scope["headers"])
+            if kind == 2:  # application/connect+json: a stream (Connect's streaming protocol)
+                await _connect.serve_stream(self.server, path, scope, receive, send)
+                return
+            if kind == 1:  # Connect-Protocol-Version: a Connect unary call
+                await _connect.serve(self.connect._rpc, path, scope, receive, send)
+                return
         body: bytes | None
         if scope["method"] != "POST":  # an HTTP-level error, as Connect servers answer it: 405 with Allow
             body = orjson.dumps({"code": Status.UNIMPLEMENTED.wire_name, "message": "RPC methods are called with POST"})
@@ -404,6 +416,11 @@ class HttpTransport:
             timeout_graceful_shutdown=math.ceil(limits.drain_timeout) or 1,
             # Requests in progress at once; beyond it a 503 that says the call did not start: clients retry elsewhere.
             limit_concurrency=limits.max_connections,
+            # Bidirectional streams: a WebSocket on the RPC path. One envelope per message; uvicorn reads no
+            # further until the app has received each message (the flow control of the client's messages).
+            ws=websocket_protocol_class(),
+            ws_max_size=limits.max_message_size + 5,
+            ws_per_message_deflate=False,
         ) as (url, userver):
             yield HttpListener(url, userver)
 
@@ -532,22 +549,32 @@ class HttpConnection:
                 self._idle.notify()
         if status == 200:
             return content
+        raise self._http_error(status, content, not_started)
+
+    async def open_stream(
+        self, path: str, payload: bytes, *, kind: CallKind, timeout: float | None, metadata: Mapping[str, str]
+    ) -> ClientStream:
+        """Open a stream call: a Connect streaming POST, or a WebSocket for a bidirectional stream."""
+        return await _open_stream(self, path, payload, kind, timeout, metadata)
+
+    def _http_error(self, status: int, content: bytes, not_started: bool) -> RpcError:
+        """The error of an answer that is not 200."""
         try:
             body = orjson.loads(content)
         except orjson.JSONDecodeError:
             body = None
         if type(body) is not dict or type(body.get("code")) is not str:  # not a kubrpc error body
             if not_started:
-                raise NotDeliveredError(f"{self.endpoint.address} did not start the call (HTTP 503)") from None
+                return NotDeliveredError(f"{self.endpoint.address} did not start the call (HTTP 503)")
             # Not from kubrpc: a proxy or sidecar, which may answer 503 after forwarding the call.
             text = content[:200].decode("utf-8", "replace")
-            raise RpcError(
+            return RpcError(
                 Status.from_http_status(status), f"HTTP {status} from {self.endpoint.address} (not kubrpc): {text!r}"
-            ) from None
+            )
         error = RpcError.from_json(body, fallback=Status.from_http_status(status))
         if not_started:  # a kubrpc server's word that the call never started
-            raise NotDeliveredError(f"{self.endpoint.address} did not start the call: {error.message}")
-        raise error
+            return NotDeliveredError(f"{self.endpoint.address} did not start the call: {error.message}")
+        return error
 
     async def _read(self, response: Any) -> bytes:
         """The response body, refused past the size limit without reading it all."""
@@ -572,3 +599,249 @@ class HttpConnection:
 
     def __repr__(self) -> str:
         return f"<HttpConnection {self.endpoint.address}>"
+
+
+# -- Streams (the client's side) -----------------------------------------------------------------------------
+
+
+class _HttpStream:
+    """The client's end of a stream call: POST with enveloped messages (server and client streams), or a
+    WebSocket (bidirectional streams). The deadline is a timer that ends the stream; cancel() closes its
+    connection at once."""
+
+    def __init__(self, connection: HttpConnection, kind: CallKind, timeout: float | None) -> None:
+        self.connection = connection
+        self.kind = kind
+        self.limit = connection._limit
+        self.response: Any = None  # aiohttp's ClientResponse (POST)
+        self.ws: Any = None  # aiohttp's ClientWebSocketResponse (bidirectional)
+        self.error: RpcError | None = None  # how the call ended, once it has ended with an error
+        self.ended = False
+        self.body_done = kind is CallKind.SERVER_STREAM  # the request body is complete
+        self._decoder = Decoder(self.limit + 1024)
+        self._pending: bytes | None = None  # a message the body generator has not taken yet
+        self._closing = False  # close_send() was called
+        self._sent: asyncio.Future[bool] | None = None  # send()'s wait for the body generator to write
+        self._ready: asyncio.Future[None] | None = None  # the body generator's wait for a message
+        loop = asyncio.get_running_loop()
+        self._timer = None if timeout is None else loop.call_later(timeout, self._expire)
+        connection.in_flight += 1
+
+    async def body(self, first: bytes) -> AsyncIterator[bytes]:
+        """The request body of a client stream: the arguments, then each message send() gives."""
+        yield first
+        while True:
+            while self._pending is None and not self._closing and not self.ended:
+                self._ready = asyncio.get_running_loop().create_future()
+                try:
+                    await self._ready
+                finally:
+                    self._ready = None
+            data = self._pending
+            if data is None:
+                self.body_done = True
+                return
+            self._pending = None
+            yield data  # aiohttp writes it, waiting while the socket's buffer is full (flow control)
+            if self._sent is not None and not self._sent.done():
+                self._sent.set_result(True)
+
+    async def send(self, message: bytes, /) -> bool:
+        """Send one message; False once the call has ended."""
+        if self.ended:
+            if self.error is not None and self.error.code is Status.DEADLINE_EXCEEDED:
+                raise self.error
+            return False
+        if len(message) > self.limit:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, "request message exceeds the maximum message size")
+        data = envelope(message)
+        if self.ws is not None:
+            try:
+                await self.ws.send_bytes(data)
+            except (ConnectionError, RuntimeError, *self.connection._transport_errors):
+                return False
+            return not self.ended
+        self._pending = data
+        self._sent = sent = asyncio.get_running_loop().create_future()
+        _wake(self._ready)
+        return cast(bool, await sent)
+
+    async def close_send(self) -> None:
+        """No more messages from the client."""
+        if self.ended or self._closing:
+            return
+        self._closing = True
+        if self.ws is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError, *self.connection._transport_errors):
+                await self.ws.send_bytes(envelope(b"{}", END_STREAM))
+            return
+        _wake(self._ready)
+
+    async def receive(self) -> bytes | None:
+        """The next message of the server; None at the end of the stream, or the call's error."""
+        if self.ended:
+            if self.error is not None:
+                raise self.error
+            return None
+        try:
+            if self.ws is not None:
+                flags, data = await self._ws_envelope()
+            else:
+                content = self.response.content
+                head = await content.readexactly(5)
+                flags, size = head[0], int.from_bytes(head[1:], "big")
+                if flags & ~END_STREAM:
+                    raise RpcError(Status.INTERNAL, f"malformed response stream: envelope flags 0x{flags:02x}")
+                if size > self.limit + 1024:  # (an end-of-stream error about an oversized message is a little larger)
+                    raise RpcError(Status.RESOURCE_EXHAUSTED, "response message exceeds the maximum message size")
+                data = await content.readexactly(size)
+        except RpcError as exc:
+            self._end(exc)
+            raise
+        except (asyncio.IncompleteReadError, ConnectionError, RuntimeError, *self.connection._transport_errors) as exc:
+            # (aiohttp: RuntimeError "Connection closed." once the response was closed)
+            failure = self.error or RpcError(
+                Status.UNAVAILABLE, f"stream from {self.connection.endpoint.address} broke off: {exc!r}"
+            )
+            self._end(failure)
+            raise failure from None
+        if not flags & END_STREAM:
+            return data
+        try:
+            trailer = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            trailer = None
+        if type(trailer) is not dict:
+            error: RpcError | None = RpcError(Status.INTERNAL, "malformed end-of-stream message")
+        else:
+            error = RpcError.from_json(trailer["error"]) if trailer.get("error") is not None else None
+        self._end(error, clean=True)
+        if error is not None:
+            raise error
+        return None
+
+    async def _ws_envelope(self) -> tuple[int, bytes]:
+        import aiohttp
+
+        msg = await self.ws.receive()
+        if msg.type is not aiohttp.WSMsgType.BINARY:
+            if self.error is not None:
+                raise self.error
+            if getattr(msg.data, "code", None) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+                raise RpcError(Status.RESOURCE_EXHAUSTED, "response message exceeds the maximum message size")
+            raise RpcError(Status.UNAVAILABLE, f"stream from {self.connection.endpoint.address} closed ({msg.type})")
+        try:
+            got = self._decoder.feed(msg.data)
+        except EnvelopeError as exc:
+            if "exceeds" in str(exc):
+                raise RpcError(Status.RESOURCE_EXHAUSTED, "response message exceeds the maximum message size") from None
+            raise RpcError(Status.INTERNAL, f"malformed response stream: {exc}") from None
+        if len(got) != 1 or self._decoder.pending:
+            raise RpcError(Status.INTERNAL, "malformed response stream: a WebSocket message must hold one envelope")
+        return got[0]
+
+    def cancel(self) -> None:
+        """Cancel the call unless it has ended (closes its connection; never blocks)."""
+        if not self.ended:
+            self._end(RpcError(Status.CANCELLED, "cancelled by the client"))
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self.ended:
+            self._end(RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded"))
+
+    def _end(self, error: RpcError | None, *, clean: bool = False) -> None:
+        """The call has ended: free its connection (back to the pool only if it ended cleanly)."""
+        if self.ended:
+            return
+        self.ended = True
+        self.error = error
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._sent is not None and not self._sent.done():
+            self._sent.set_result(False)
+        _wake(self._ready)
+        if self.ws is not None:
+            # aiohttp has no synchronous close of a WebSocket: close its connection (the server, which has sent
+            # its end-stream or is cut off, needs no close handshake from a client that is done)
+            self.ws._response.close()
+        elif self.response is not None:
+            if clean and self.body_done:
+                self.response.release()
+            else:
+                self.response.close()
+        conn = self.connection
+        conn.in_flight -= 1
+        if not conn.in_flight:
+            conn._idle.notify()
+
+
+def _wake(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+async def _open_stream(
+    conn: HttpConnection, path: str, payload: bytes, kind: CallKind, timeout: float | None, metadata: Mapping[str, str]
+) -> _HttpStream:
+    import aiohttp
+
+    if len(payload) > conn._limit:
+        raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
+    headers = dict(metadata) if metadata else {}
+    if metadata and not all(type(k) is str and type(v) is str for k, v in headers.items()):
+        raise RpcError(Status.INVALID_ARGUMENT, "metadata keys and values must be strings")
+    if timeout == math.inf:
+        timeout = None
+    headers["content-type"] = _connect.STREAM_MEDIA
+    headers["kubrpc-codec"] = "native"
+    if timeout is not None:
+        headers[TIMEOUT_HEADER] = str(min(max(1, math.ceil(timeout * 1000)), 9_999_999_999))
+    stream = _HttpStream(conn, kind, timeout)
+    first = envelope(payload)
+    try:
+        try:
+            async with asyncio.timeout(timeout):
+                if kind is CallKind.BIDI_STREAM:
+                    base = conn._base.replace("http", "ws", 1)
+                    stream.ws = await conn._session.ws_connect(
+                        base + path,
+                        headers=headers,
+                        max_msg_size=conn._limit + 1024,
+                        timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+                        autoclose=False,
+                        **conn._options,
+                    )
+                    conn._answered = True
+                    await stream.ws.send_bytes(first)
+                    return stream
+                body: Any = first if kind is CallKind.SERVER_STREAM else stream.body(first)
+                response = await conn._session.post(conn._base + path, data=body, headers=headers, **conn._options)
+                conn._answered = True
+                if response.status == 200:
+                    stream.response = response
+                    return stream
+                try:
+                    not_started = response.status == 503 and response.headers.get(NOT_STARTED_HEADER) == "1"
+                    content = await conn._read(response)
+                finally:
+                    response.close()
+                raise conn._http_error(response.status, content, not_started)
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 503 and exc.headers is not None and exc.headers.get(NOT_STARTED_HEADER) == "1":
+                raise NotDeliveredError(f"{conn.endpoint.address} did not start the call (HTTP 503)") from None
+            raise RpcError(Status.from_http_status(exc.status), f"WebSocket refused: HTTP {exc.status}") from None
+        except conn._errors as exc:
+            raise NotDeliveredError(f"cannot connect to {conn.endpoint.address}: {exc}", unreachable=True) from None
+        except TimeoutError:
+            raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
+        except conn._transport_errors as exc:
+            message = f"connection to {conn.endpoint.address} failed: {exc!r}"
+            if not conn._answered:
+                raise UnreachableError(message) from None
+            conn._answered = False
+            raise RpcError(Status.UNAVAILABLE, message) from None
+    except BaseException:
+        stream._end(RpcError(Status.CANCELLED, "not opened"))
+        raise
