@@ -25,12 +25,14 @@ from kubrpc.transports._frames import (
     FLAG_REFUSED,
     FLAG_SERVER_STREAMS,
     PREFACE,
+    FrameDecoder,
     FrameType,
     encode_frame,
     encode_request,
     encode_window_update,
 )
 from kubrpc.transports import _tcp_server
+from kubrpc.transports._tcp_client import TcpConnection
 from kubrpc.transports._tcp_server import TcpListener
 
 BIDI = FLAG_CLIENT_STREAMS | FLAG_SERVER_STREAMS
@@ -112,7 +114,9 @@ async def test_a_stream_whose_client_never_sends_ends_after_idle_timeout() -> No
 @pytest.mark.anyio
 async def test_a_stream_whose_client_never_grants_credit_ends_after_idle_timeout() -> None:
     async with serving(idle_timeout=0.3) as (listener, server, _, open_raw):
-        raw: RawClient = await open_raw(PREFACE + stream_request(1, "test.Feed/forever", {"size": 1000}, FLAG_SERVER_STREAMS))
+        raw: RawClient = await open_raw(
+            PREFACE + stream_request(1, "test.Feed/forever", {"size": 1000}, FLAG_SERVER_STREAMS)
+        )
         frame = await final_frame(raw, 1)  # it sends a window of DATA, then waits for credit that never comes
         assert frame.type == FrameType.ERROR
         assert orjson.loads(frame.payload)["code"] == "deadline_exceeded"
@@ -164,3 +168,148 @@ async def test_open_streams_count_their_state_against_max_pending_bytes() -> Non
             await raw.send(b"".join(encode_frame(FrameType.END, 2 * i + 1) for i in range(n)))
             assert await settle(lambda: server_streams(listener) == 0 and server._pending_bytes == 0)
             assert await channel.stub(Feed, timeout=10).add(1, 2) == 3
+
+
+# -- a hostile or broken server against the client ---------------------------------------------------------------
+
+
+@asynccontextmanager
+async def fake_server(behave: Any) -> AsyncIterator[tuple[str, list[int]]]:
+    """A server speaking raw frames: `behave(frame, writer)` for each frame; yields (url, stream ids opened)."""
+    opened: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder(1 << 24)
+        writer.write(encode_frame(FrameType.SETTINGS, 0))
+        try:
+            await reader.readexactly(len(PREFACE))
+            while chunk := await reader.read(65536):
+                for frame in decoder.feed(chunk):
+                    if frame.type == FrameType.REQUEST:
+                        opened.append(frame.stream)
+                    behave(frame, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    fake = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"tcp://127.0.0.1:{fake.sockets[0].getsockname()[1]}", opened
+    finally:
+        fake.close()
+        await fake.wait_closed()
+
+
+def nothing_left(channel: kubrpc.Channel, before: set[asyncio.Task[Any]]) -> bool:
+    """No stream or call left in the channel's connections, and no task but those running `before` (and the
+    fake server's connection handlers)."""
+    conns = [c for c in channel.connections.values() if isinstance(c, TcpConnection)]
+    tasks = [t for t in asyncio.all_tasks() - before if not t.done() and "handle" not in repr(t.get_coro())]
+    return all(c.in_flight == 0 and not c._streams for c in conns) and not tasks
+
+
+async def endless() -> AsyncIterator[int]:
+    for i in range(1_000_000):
+        yield i
+
+
+# -- finding 3: DATA before the accepting WINDOW_UPDATE, then a REFUSED ERROR, re-opened the stream elsewhere -----
+
+
+@pytest.mark.anyio
+async def test_data_before_the_accept_is_a_protocol_error_so_a_refusal_after_it_runs_nothing_twice() -> None:
+    def ran_then_refused(frame: Any, writer: asyncio.StreamWriter) -> None:
+        if frame.type == FrameType.REQUEST:  # it ran the handler (a message went out), then claims it did not
+            writer.write(encode_frame(FrameType.DATA, frame.stream, b"0"))
+            unavailable = orjson.dumps({"code": "unavailable", "message": "draining"})
+            writer.write(encode_frame(FrameType.ERROR, frame.stream, unavailable, FLAG_REFUSED))
+
+    async with fake_server(ran_then_refused) as (url, opened), kubrpc.connect(url, max_attempts=3) as channel:
+        before = asyncio.all_tasks()
+        with pytest.raises(RpcError) as info:
+            assert await asyncio.wait_for(channel.stub(Feed, timeout=10).ticks(3).__anext__(), 10) is None
+        assert type(info.value) is RpcError and info.value.code is Status.UNAVAILABLE  # not NotDeliveredError
+        assert "before the server accepted it" in info.value.message, info.value.message
+        assert opened == [1]  # before: [1, 2, 3], the stream opened again after its handler had run
+        assert await settle(lambda: nothing_left(channel, before))
+
+
+# -- finding 4: a stream ended by the server's protocol error said only "connection lost" ----------------------
+
+
+@pytest.mark.anyio
+async def test_a_server_protocol_error_says_why_in_the_streams_error() -> None:
+    def overflowing(frame: Any, writer: asyncio.StreamWriter) -> None:
+        if frame.type == FrameType.REQUEST:
+            writer.write(encode_window_update(frame.stream, 2**32 - 1))  # credit over 2^31 - 1
+
+    async with fake_server(overflowing) as (url, _), kubrpc.connect(url, max_attempts=1) as channel:
+        before = asyncio.all_tasks()
+        with pytest.raises(RpcError) as info:
+            await asyncio.wait_for(channel.stub(Feed, timeout=10).total(endless()), 10)
+        assert info.value.code is Status.UNAVAILABLE
+        assert "broke the protocol" in info.value.message and "overflows the window" in info.value.message
+        assert await settle(lambda: nothing_left(channel, before))
+
+
+# -- probes that came out clean: the client honours its deadline and cancellation whatever the server does -----
+
+
+def never_accepts(frame: Any, writer: asyncio.StreamWriter) -> None:
+    pass
+
+
+def accepts_without_credit(frame: Any, writer: asyncio.StreamWriter) -> None:
+    if frame.type == FrameType.REQUEST:
+        writer.write(encode_window_update(frame.stream, 0))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("behave", [never_accepts, accepts_without_credit])
+async def test_open_and_send_end_with_the_deadline_whatever_the_server_does(behave: Any) -> None:
+    async with fake_server(behave) as (url, opened), kubrpc.connect(url, max_attempts=1) as channel:
+        before = asyncio.all_tasks()
+        for call in (
+            channel.stub(Feed, timeout=0.3).total(endless()),
+            channel.stub(Feed, timeout=0.3).ticks(1).__anext__(),
+        ):
+            with pytest.raises(RpcError) as info:
+                await asyncio.wait_for(call, 10)
+            assert info.value.code is Status.DEADLINE_EXCEEDED
+        assert len(opened) == 2
+        assert await settle(lambda: nothing_left(channel, before))
+
+
+@pytest.mark.anyio
+async def test_cancelling_a_sender_blocked_on_credit_frees_it() -> None:
+    async with fake_server(accepts_without_credit) as (url, _), kubrpc.connect(url, max_attempts=1) as channel:
+        before = asyncio.all_tasks()
+        call = asyncio.ensure_future(channel.stub(Feed).total(endless()))  # no deadline: only cancel() ends it
+        assert await settle(lambda: any(c.in_flight for c in channel.connections.values()))
+        await asyncio.sleep(0.1)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(call, 10)
+        assert await settle(lambda: nothing_left(channel, before))
+
+
+@pytest.mark.anyio
+async def test_garbage_errors_and_frames_after_the_end_are_survived() -> None:
+    def garbage(frame: Any, writer: asyncio.StreamWriter) -> None:
+        if frame.type == FrameType.REQUEST and frame.stream == 1:
+            writer.write(encode_window_update(1, 0) + encode_frame(FrameType.ERROR, 1, b"\xff{not json"))
+        elif frame.type == FrameType.REQUEST:
+            writer.write(encode_window_update(frame.stream, 0) + encode_frame(FrameType.DATA, frame.stream, b"7"))
+            writer.write(encode_frame(FrameType.RESPONSE, frame.stream, b""))
+            writer.write(encode_frame(FrameType.DATA, frame.stream, b"8") * 10)  # after the end: ignored
+            writer.write(encode_frame(FrameType.DATA, 999, b"9") * 10)  # a stream never opened: ignored
+
+    async with fake_server(garbage) as (url, _), kubrpc.connect(url, max_attempts=1) as channel:
+        before = asyncio.all_tasks()
+        feed = channel.stub(Feed, timeout=10)
+        with pytest.raises(RpcError) as info:
+            await asyncio.wait_for(feed.ticks(1).__anext__(), 10)
+        assert info.value.code is Status.UNKNOWN and "malformed" in info.value.message
+        assert [t async for t in feed.ticks(5)] == [7]
+        assert await settle(lambda: nothing_left(channel, before))
