@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import orjson
 import pytest
+from faultproxy import FaultProxy
 from rawtcp import RawClient, raw_opener
 from stream_services import Feed, FeedImpl
 
@@ -313,3 +314,146 @@ async def test_garbage_errors_and_frames_after_the_end_are_survived() -> None:
         assert info.value.code is Status.UNKNOWN and "malformed" in info.value.message
         assert [t async for t in feed.ticks(5)] == [7]
         assert await settle(lambda: nothing_left(channel, before))
+
+
+# -- network faults: a proxy resetting mid-stream, in either direction -----------------------------------------
+
+
+@kubrpc.interface(name="test.Ledger")
+class Ledger(Protocol):
+    async def record(self, call: int, values: AsyncIterable[int]) -> int: ...
+
+    def emit(self, call: int, n: int) -> AsyncIterator[int]: ...
+
+    def echo(self, call: int, values: AsyncIterable[int]) -> AsyncIterator[int]: ...
+
+
+class LedgerImpl:
+    """Counts how often each call ran: a stream that is not idempotent must never run twice."""
+
+    def __init__(self) -> None:
+        self.runs: dict[int, int] = {}
+
+    async def record(self, call: int, values: AsyncIterable[int]) -> int:
+        self.runs[call] = self.runs.get(call, 0) + 1
+        return sum([v async for v in values])
+
+    async def emit(self, call: int, n: int) -> AsyncIterator[int]:
+        self.runs[call] = self.runs.get(call, 0) + 1
+        for i in range(n):
+            yield i
+
+    async def echo(self, call: int, values: AsyncIterable[int]) -> AsyncIterator[int]:
+        self.runs[call] = self.runs.get(call, 0) + 1
+        async for v in values:
+            yield v
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("after", "after_response"), [(300, None), (5000, None), (60_000, None), (None, 20_000)])
+async def test_a_reset_in_the_middle_of_streams_runs_nothing_twice_and_leaks_nothing(
+    after: int | None, after_response: int | None
+) -> None:
+    server = kubrpc.Server()
+    ledger = LedgerImpl()
+    server.register(Ledger, ledger)
+    async with server.serve("tcp://127.0.0.1:0") as listener:
+        assert isinstance(listener, TcpListener)
+        port = int(listener.url.rsplit(":", 1)[1])
+        mode = "reset_after"
+        async with FaultProxy(port, mode=mode, reset_after=after, reset_after_response=after_response) as proxy:
+            async with kubrpc.connect(f"tcp://{proxy.url}", max_attempts=3) as channel:
+                before = asyncio.all_tasks()
+                stub = channel.stub(Ledger, timeout=10)
+
+                async def values(n: int) -> AsyncIterator[int]:
+                    for i in range(n):
+                        yield i
+
+                async def one(call: int) -> None:
+                    kind = call % 3
+                    if kind == 0:
+                        await stub.record(call, values(2000))
+                    elif kind == 1:
+                        assert len([v async for v in stub.emit(call, 2000)]) == 2000
+                    else:
+                        assert len([v async for v in stub.echo(call, values(2000))]) == 2000
+
+                results = await asyncio.wait_for(
+                    asyncio.gather(*(one(call) for call in range(30)), return_exceptions=True), 30
+                )
+                failures = [r for r in results if isinstance(r, BaseException)]
+                assert failures, "the proxy reset nothing"
+                assert all(isinstance(r, RpcError) and r.code is Status.UNAVAILABLE for r in failures), failures
+                assert max(ledger.runs.values()) == 1, ledger.runs  # nothing ran twice
+                assert await settle(lambda: nothing_left(channel, before))
+        assert await settle(lambda: server_streams(listener) == 0 and server._pending_bytes == 0)
+        assert listener.active_calls == 0
+
+
+# -- hostile frames against the server: each gets its answer, and leaves nothing behind ------------------------
+
+
+def request(stream: int, path: str, args: dict[str, Any], flags: int = 0) -> bytes:
+    return encode_request(stream, path, orjson.dumps(args), 0, b"", flags)
+
+
+def frame(type: FrameType, stream: int, payload: bytes = b"") -> bytes:
+    return encode_frame(type, stream, payload)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("sent", "goaway"),
+    [
+        (
+            request(1, "test.Feed/chat", {}, BIDI) + frame(FrameType.END, 1) + frame(FrameType.DATA, 1, b'"a"'),
+            "after END",
+        ),
+        (
+            request(1, "test.Feed/ticks", {"n": 1}, FLAG_SERVER_STREAMS) + frame(FrameType.DATA, 1, b"1"),
+            "whose client streams no messages",  # before: "beyond its flow-control window", which it never had
+        ),
+        (request(1, "test.Feed/add", {"a": 1, "b": 2}) + request(1, "test.Feed/total", {}, 2), "already in use"),
+        (
+            request(1, "test.Feed/forever", {"size": 1}, FLAG_SERVER_STREAMS) + encode_window_update(1, 2**31),
+            "overflows",
+        ),
+        (request(1, "test.Feed/chat", {}, BIDI) + frame(FrameType.WINDOW_UPDATE, 1, b"\0\0\1"), "must be 4 bytes"),
+    ],
+)
+async def test_protocol_errors_on_streams_close_that_connection_saying_why(sent: bytes, goaway: str) -> None:
+    async with serving() as (listener, server, _, open_raw):
+        raw: RawClient = await open_raw(PREFACE + sent)
+        assert await raw.closed()
+        (away,) = [f for f in raw.frames if f.type == FrameType.GOAWAY]
+        assert goaway in away.payload.decode(), away
+        assert await settle(lambda: server_streams(listener) == 0 and server._pending_bytes == 0)
+        async with kubrpc.connect(listener.url) as channel:  # everyone else is still served
+            assert [t async for t in channel.stub(Feed, timeout=10).ticks(2)] == [0, 1]
+
+
+@pytest.mark.anyio
+async def test_frames_for_unknown_ended_or_reused_streams_are_ignored() -> None:
+    async with serving() as (listener, server, _, open_raw):
+        stray = b"".join(
+            frame(t, 7, p)
+            for t, p in ((FrameType.DATA, b"1"), (FrameType.END, b""), (FrameType.CANCEL, b""), (FrameType.DATA, b"2"))
+        )
+        raw: RawClient = await open_raw(
+            PREFACE
+            + stray
+            + encode_window_update(7, 5)
+            + encode_window_update(0, 5)
+            + request(1, "test.Feed/total", {}, FLAG_CLIENT_STREAMS)
+            + frame(FrameType.DATA, 1, b"1")
+            + frame(FrameType.END, 1)
+            + frame(FrameType.END, 1)  # END twice
+            + encode_window_update(1, 0) * 10_000  # a flood of empty credit
+        )
+        assert (await final_frame(raw, 1)).payload == b"1"
+        await raw.send(frame(FrameType.DATA, 1, b"5") + frame(FrameType.CANCEL, 1))  # the stream has ended
+        await raw.send(request(1, "test.Feed/total", {}, FLAG_CLIENT_STREAMS))  # its id, again, once ended
+        await raw.send(frame(FrameType.DATA, 1, b"2") + frame(FrameType.END, 1))
+        assert (await final_frame(raw, 1)).payload == b"2"
+        assert await settle(lambda: server_streams(listener) == 0 and server._pending_bytes == 0)

@@ -703,7 +703,12 @@ class _ServerStream:
     def received(self, data: bytes) -> None:
         """A DATA frame from the client; ProtocolError if it was not allowed to send it."""
         if self.half_closed or self.peer_credit <= 0:
-            what = "after END" if self.half_closed else "beyond its flow-control window"
+            if self.half_closed:
+                what = "after END"
+            elif self.inbox is None:
+                what = "of a call whose client streams no messages (its REQUEST flags are 0x04)"
+            else:
+                what = "beyond its flow-control window"
             raise ProtocolError(f"DATA on stream {self.id} {what}")
         cost = len(data) + MESSAGE_OVERHEAD
         self.peer_credit -= cost
