@@ -13,6 +13,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Protocol
 
+import anyio
 import orjson
 import pytest
 from faultproxy import FaultProxy
@@ -457,3 +458,34 @@ async def test_frames_for_unknown_ended_or_reused_streams_are_ignored() -> None:
         await raw.send(frame(FrameType.DATA, 1, b"2") + frame(FrameType.END, 1))
         assert (await final_frame(raw, 1)).payload == b"2"
         assert await settle(lambda: server_streams(listener) == 0 and server._pending_bytes == 0)
+
+
+@pytest.mark.anyio
+async def test_drain_ends_streams_that_never_finish_whatever_their_client_does() -> None:
+    server = kubrpc.Server(drain_timeout=0.3)
+    server.register(Feed, FeedImpl())
+    server.register(Quiet, QuietImpl())
+    async with AsyncExitStack() as stack:
+        serve = AsyncExitStack()
+        listener = await serve.enter_async_context(server.serve("tcp://127.0.0.1:0"))
+        assert isinstance(listener, TcpListener)
+        port = int(listener.url.rsplit(":", 1)[1])
+        open_raw = raw_opener(stack, "127.0.0.1", port, skip_settings=True)
+        reading: RawClient = await open_raw(
+            PREFACE
+            + request(1, "test.Quiet/wait", {}, FLAG_SERVER_STREAMS)  # waits on the server's side
+            + request(3, "test.Feed/total", {}, FLAG_CLIENT_STREAMS)  # waits for a message
+            + request(5, "test.Feed/forever", {"size": 100}, FLAG_SERVER_STREAMS)  # waits for credit
+        )
+        deaf: RawClient = await open_raw(
+            PREFACE + request(1, "test.Feed/forever", {"size": 60_000}, FLAG_SERVER_STREAMS), rcvbuf=4096
+        )
+        deaf.stop_reading()  # its server is blocked writing to it
+        assert await settle(lambda: server_streams(listener) == 4)
+        with anyio.fail_after(20):
+            await serve.aclose()  # GOAWAY, drain_timeout, the streams are ended, the connections close
+        ended = {f.stream: orjson.loads(f.payload) for f in reading.frames if f.type == FrameType.ERROR}
+        assert await reading.closed()
+        ended |= {f.stream: orjson.loads(f.payload) for f in reading.frames if f.type == FrameType.ERROR}
+        assert set(ended) == {1, 3, 5} and all(e["code"] == "unavailable" for e in ended.values()), ended
+        assert server_streams(listener) == 0 and server._pending_bytes == 0 and listener.active_calls == 0
