@@ -30,6 +30,7 @@ from kubrpc.transports._frames import (
     FrameDecoder,
     FrameType,
     encode_frame,
+    encode_goaway,
     encode_request,
     encode_window_update,
 )
@@ -489,3 +490,32 @@ async def test_drain_ends_streams_that_never_finish_whatever_their_client_does()
         ended |= {f.stream: orjson.loads(f.payload) for f in reading.frames if f.type == FrameType.ERROR}
         assert set(ended) == {1, 3, 5} and all(e["code"] == "unavailable" for e in ended.values()), ended
         assert server_streams(listener) == 0 and server._pending_bytes == 0 and listener.active_calls == 0
+
+
+@pytest.mark.anyio
+async def test_goaway_with_streams_in_flight_keeps_the_accepted_and_sends_the_rest_elsewhere() -> None:
+    """Stream 1 is accepted and runs on after the GOAWAY; stream 2, above last_stream, opens on a new connection."""
+
+    def goes_away(frame: Any, writer: asyncio.StreamWriter) -> None:
+        if frame.type != FrameType.REQUEST:
+            return
+        if frame.stream == 1 and not goes_away.seen:  # type: ignore[attr-defined]
+            goes_away.seen = True  # type: ignore[attr-defined]
+            writer.write(encode_window_update(1, 0) + encode_frame(FrameType.DATA, 1, b"10"))
+        elif frame.stream == 2:
+            writer.write(encode_goaway(1, "restarting") + encode_frame(FrameType.DATA, 1, b"11"))
+            writer.write(encode_frame(FrameType.RESPONSE, 1, b""))
+        else:  # the first stream of a new connection
+            writer.write(encode_window_update(frame.stream, 0) + encode_frame(FrameType.DATA, frame.stream, b"30"))
+            writer.write(encode_frame(FrameType.RESPONSE, frame.stream, b""))
+
+    goes_away.seen = False  # type: ignore[attr-defined]
+    async with fake_server(goes_away) as (url, opened), kubrpc.connect(url, max_attempts=2) as channel:
+        before = asyncio.all_tasks()
+        feed = channel.stub(Feed, timeout=10)
+        first = feed.ticks(2)
+        assert await first.__anext__() == 10
+        assert [t async for t in feed.ticks(1)] == [30]  # refused by the GOAWAY, opened again elsewhere
+        assert [t async for t in first] == [11]  # the accepted stream finished where it was
+        assert opened == [1, 2, 1]
+        assert await settle(lambda: nothing_left(channel, before))
