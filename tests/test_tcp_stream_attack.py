@@ -27,6 +27,7 @@ from kubrpc.transports._frames import (
     FLAG_REFUSED,
     FLAG_SERVER_STREAMS,
     PREFACE,
+    STREAM_WINDOW,
     FrameDecoder,
     FrameType,
     encode_frame,
@@ -35,6 +36,7 @@ from kubrpc.transports._frames import (
     encode_window_update,
 )
 from kubrpc.transports import _tcp_server
+from kubrpc.transports._streams import MESSAGE_OVERHEAD
 from kubrpc.transports._tcp_client import TcpConnection
 from kubrpc.transports._tcp_server import TcpListener
 
@@ -519,3 +521,55 @@ async def test_goaway_with_streams_in_flight_keeps_the_accepted_and_sends_the_re
         assert [t async for t in first] == [11]  # the accepted stream finished where it was
         assert opened == [1, 2, 1]
         assert await settle(lambda: nothing_left(channel, before))
+
+
+@pytest.mark.anyio
+async def test_a_slow_link_keeps_every_buffer_within_a_window() -> None:
+    """Latency and a bandwidth limit between the ends: flow control, not the link, bounds what waits anywhere."""
+    server = kubrpc.Server()
+    feed = FeedImpl()
+    server.register(Feed, feed)
+    size = 2000
+    bound = STREAM_WINDOW + 2 * size + MESSAGE_OVERHEAD  # a window, and one message (as base64 JSON) beyond it
+    async with server.serve("tcp://127.0.0.1:0") as listener:
+        assert isinstance(listener, TcpListener)
+        port = int(listener.url.rsplit(":", 1)[1])
+        async with FaultProxy(port, latency=0.005, rate=2_000_000) as proxy:
+            async with kubrpc.connect(f"tcp://{proxy.url}") as channel:
+                results = channel.stub(Feed, timeout=30).forever(size)
+                client_peak = server_peak = got = 0
+                async for _ in results:
+                    got += 1
+                    (conn,) = [c for c in channel.connections.values() if isinstance(c, TcpConnection)]
+                    (stream,) = conn._streams.values()
+                    client_peak = max(client_peak, stream.inbox.buffered)
+                    for opened in (s for c in listener.connections for s in c.streams.values()):
+                        server_peak = max(server_peak, STREAM_WINDOW - opened.credit)  # sent and not granted back
+                    if got % 100 == 0:
+                        await asyncio.sleep(0.05)  # a slow reader too
+                    if got == 600:  # about 1.6 MB: six windows through the link
+                        break
+        assert client_peak <= bound and server_peak <= bound, (client_peak, server_peak)
+        assert await settle(lambda: feed.running == 0 and server_streams(listener) == 0)
+        assert server._pending_bytes == 0
+
+
+@pytest.mark.anyio
+async def test_a_half_closed_link_ends_the_stream_unavailable_on_both_sides() -> None:
+    server = kubrpc.Server()
+    feed = FeedImpl()
+    server.register(Feed, feed)
+    async with server.serve("tcp://127.0.0.1:0") as listener:
+        assert isinstance(listener, TcpListener)
+        port = int(listener.url.rsplit(":", 1)[1])
+        async with FaultProxy(port, mode="half_close", reset_after_response=50_000) as proxy:
+            async with kubrpc.connect(f"tcp://{proxy.url}", max_attempts=1) as channel:
+                before = asyncio.all_tasks()
+                got = 0
+                with pytest.raises(RpcError) as info:
+                    async for _ in channel.stub(Feed, timeout=30).forever(1000):
+                        got += 1
+                assert info.value.code is Status.UNAVAILABLE and 0 < got < 50
+                assert await settle(lambda: nothing_left(channel, before))
+        assert await settle(lambda: feed.running == 0 and server_streams(listener) == 0)
+        assert server._pending_bytes == 0
