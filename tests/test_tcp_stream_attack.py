@@ -8,7 +8,6 @@ The wire is docs/protocol.md's "Streams"; tests/test_tcp_streams.py has the prot
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Protocol
@@ -22,6 +21,7 @@ from stream_services import Feed, FeedImpl
 
 import kubrpc
 from kubrpc import RpcError, Status
+from kubrpc.transports import _tcp_server
 from kubrpc.transports._frames import (
     FLAG_CLIENT_STREAMS,
     FLAG_REFUSED,
@@ -35,7 +35,6 @@ from kubrpc.transports._frames import (
     encode_request,
     encode_window_update,
 )
-from kubrpc.transports import _tcp_server
 from kubrpc.transports._streams import MESSAGE_OVERHEAD
 from kubrpc.transports._tcp_client import TcpConnection
 from kubrpc.transports._tcp_server import TcpListener
@@ -364,8 +363,9 @@ async def test_a_reset_in_the_middle_of_streams_runs_nothing_twice_and_leaks_not
     async with server.serve("tcp://127.0.0.1:0") as listener:
         assert isinstance(listener, TcpListener)
         port = int(listener.url.rsplit(":", 1)[1])
-        mode = "reset_after"
-        async with FaultProxy(port, mode=mode, reset_after=after, reset_after_response=after_response) as proxy:
+        async with FaultProxy(
+            port, mode="reset_after", reset_after=after, reset_after_response=after_response
+        ) as proxy:
             async with kubrpc.connect(f"tcp://{proxy.url}", max_attempts=3) as channel:
                 before = asyncio.all_tasks()
                 stub = channel.stub(Ledger, timeout=10)

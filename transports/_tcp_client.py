@@ -166,7 +166,8 @@ class TcpConnection(FrameWriter):
         if self._keepalive_timer is not None:
             self._keepalive_timer.cancel()
         if self._protocol_error is not None:
-            reason = f"connection to {self.endpoint.address} closed: the server broke the protocol ({self._protocol_error})"
+            broke = f"the server broke the protocol ({self._protocol_error})"
+            reason = f"connection to {self.endpoint.address} closed: {broke}"
         else:
             reason = f"connection to {self.endpoint.address} lost" + (f": {exc}" if exc is not None else "")
         for fut in self._pending.values():
@@ -536,7 +537,9 @@ class TcpStream:
         if not self.accepted.done():  # it ran: a refusal after this must not send the stream elsewhere
             raise ProtocolError(f"DATA on stream {self.id} before the server accepted it with a WINDOW_UPDATE")
         if self.peer_credit <= 0:
-            what = "beyond its flow-control window" if self.kind.streams_results else "of a call that streams no results"
+            what = "beyond its flow-control window"
+            if not self.kind.streams_results:
+                what = "of a call that streams no results"
             raise ProtocolError(f"DATA on stream {self.id} {what}")
         self.peer_credit -= len(data) + MESSAGE_OVERHEAD
         if len(data) > self.conn.max_message_size:
