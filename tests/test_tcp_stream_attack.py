@@ -573,3 +573,21 @@ async def test_a_half_closed_link_ends_the_stream_unavailable_on_both_sides() ->
                 assert await settle(lambda: nothing_left(channel, before))
         assert await settle(lambda: feed.running == 0 and server_streams(listener) == 0)
         assert server._pending_bytes == 0
+
+
+@pytest.mark.anyio
+async def test_a_drip_of_empty_credit_does_not_keep_a_stalled_stream_alive() -> None:
+    async with serving(idle_timeout=0.3) as (listener, server, _, open_raw):
+        raw: RawClient = await open_raw(PREFACE + request(1, "test.Feed/forever", {"size": 1000}, FLAG_SERVER_STREAMS))
+        ended = None
+        for _ in range(300):  # a hang guard: before, the stream lived as long as the drip went on
+            await raw.send(encode_window_update(1, 0) + encode_window_update(1, 1))  # never enough to send again
+            try:
+                got = await raw.frame(timeout=0.05)
+            except TimeoutError:
+                continue
+            if got.type == FrameType.ERROR:
+                ended = orjson.loads(got.payload)
+                break
+        assert ended is not None and ended["code"] == "deadline_exceeded", ended
+        assert await settle(lambda: server_streams(listener) == 0 and server._pending_bytes == 0)

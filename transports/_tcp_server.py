@@ -676,7 +676,7 @@ class _ServerStream:
         self.waiter: asyncio.Future[None] | None = None
         self.error: RpcError | None = None  # what the client is told if this server cancels the call
         self.answered = False  # its final frame (RESPONSE or ERROR) is written
-        self.progress = 0  # frames received from the client on this stream (DATA, WINDOW_UPDATE, END)
+        self.progress = 0  # what the client did for the handler: DATA, END, credit that let it send again
         self.checked = -1  # `progress` when the idle check last saw the handler waiting on the client
 
     async def send(self, data: bytes) -> None:
@@ -737,11 +737,11 @@ class _ServerStream:
 
     def grant(self, increment: int) -> None:
         """A WINDOW_UPDATE from the client."""
-        self.progress += 1
         self.credit += increment
         if self.credit > MAX_WINDOW:
             raise ProtocolError(f"WINDOW_UPDATE overflows the window of stream {self.id}")
         if self.waiter is not None and not self.waiter.done() and self.credit > 0:
+            self.progress += 1  # only credit that lets the handler send is progress (not a drip of empty updates)
             self.waiter.set_result(None)
 
     def half_close(self) -> None:
