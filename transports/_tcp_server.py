@@ -245,7 +245,7 @@ class _ServerConnection(FrameWriter):
         self.go_away("idle")
 
     def _end_stalled_streams(self, timeout: float) -> None:
-        """End the streams whose handler has waited on the client, with no frame from it, since the last check.
+        """End the streams whose handler has waited on the client, with no progress from it, since the last check.
 
         A stream lasts as long as its client keeps it going: one that neither sends the message its handler
         waits for nor grants the credit it waits for would hold its slot and memory forever (a slowloris).
