@@ -69,6 +69,11 @@ class Inbox:
         return dropped
 
     @property
+    def waiting(self) -> bool:
+        """True while a reader waits in get() for a message that has not arrived."""
+        return self._reader is not None
+
+    @property
     def error(self) -> BaseException | None:
         """What the stream ended with, once it has ended with an error."""
         return self._error

@@ -96,6 +96,7 @@ class TcpConnection(FrameWriter):
         self._ack: asyncio.Future[RpcError | None] | None = None
         self._first = b""  # the server's first bytes until its first frame, for _speaks_http (TCP can split them)
         self._closed = False
+        self._protocol_error: str | None = None  # why this side closed the connection, if the server broke the protocol
         self._lost: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._out: list[bytes] = []
@@ -164,7 +165,11 @@ class TcpConnection(FrameWriter):
         self._deadlines.close()
         if self._keepalive_timer is not None:
             self._keepalive_timer.cancel()
-        reason = f"connection to {self.endpoint.address} lost" + (f": {exc}" if exc is not None else "")
+        if self._protocol_error is not None:
+            broke = f"the server broke the protocol ({self._protocol_error})"
+            reason = f"connection to {self.endpoint.address} closed: {broke}"
+        else:
+            reason = f"connection to {self.endpoint.address} lost" + (f": {exc}" if exc is not None else "")
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(RpcError(Status.UNAVAILABLE, reason))
@@ -308,9 +313,7 @@ class TcpConnection(FrameWriter):
             elif kind == _WINDOW_UPDATE:
                 stream.grant(parse_window_update(frame.payload))
         except ProtocolError as exc:
-            log.warning("closing connection to %s: %s", self.endpoint.address, exc)
-            if self.transport is not None:
-                self.transport.abort()
+            self._broken(str(exc))
             return False
         if kind == _DATA or kind == _WINDOW_UPDATE:
             return True
@@ -328,6 +331,13 @@ class TcpConnection(FrameWriter):
                 error = NotDeliveredError(error.message, unreachable=False)
             stream.ended(error)
         return True
+
+    def _broken(self, reason: str) -> None:
+        """The server broke the protocol: close the connection; its calls fail UNAVAILABLE saying why."""
+        log.warning("closing connection to %s: %s", self.endpoint.address, reason)
+        self._protocol_error = reason
+        if self.transport is not None:
+            self.transport.abort()
 
     async def _writable_within(self, timeout: float | None) -> None:
         try:
@@ -365,10 +375,10 @@ class TcpConnection(FrameWriter):
         except ProtocolError as exc:
             if self._ack is not None and not self._ack.done() and (wrong := _speaks_http(self.endpoint, self._first)):
                 self._ack.set_result(wrong)  # before any frame: not a kubrpc TCP server at all
+                if self.transport is not None:
+                    self.transport.abort()
             else:
-                log.warning("closing connection to %s: %s", self.endpoint.address, exc)
-            if self.transport is not None:
-                self.transport.abort()
+                self._broken(str(exc))
             return
         for frame in frames:
             kind = frame.type
@@ -524,8 +534,13 @@ class TcpStream:
 
     def received(self, data: bytes) -> None:
         """A DATA frame; ProtocolError if the server was not allowed to send it."""
+        if not self.accepted.done():  # it ran: a refusal after this must not send the stream elsewhere
+            raise ProtocolError(f"DATA on stream {self.id} before the server accepted it with a WINDOW_UPDATE")
         if self.peer_credit <= 0:
-            raise ProtocolError(f"DATA on stream {self.id} beyond its flow-control window")
+            what = "beyond its flow-control window"
+            if not self.kind.streams_results:
+                what = "of a call that streams no results"
+            raise ProtocolError(f"DATA on stream {self.id} {what}")
         self.peer_credit -= len(data) + MESSAGE_OVERHEAD
         if len(data) > self.conn.max_message_size:
             self.conn._stream_closed(self.id)
