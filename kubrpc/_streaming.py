@@ -191,8 +191,11 @@ async def _pump(call: StreamCall, source: AsyncIterable[Any], m: MethodSpec) -> 
             await call.close_send()
         except RpcError:
             return
-    except asyncio.CancelledError:
-        raise
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # the stub stopped the pump: the call is over
+            raise
+        call.fail(exc)  # the caller's iterable raised CancelledError itself: it ends the call like any error
     except BaseException as exc:  # the caller's iterable raised: the call is cancelled, the caller gets this
         call.fail(exc)
 
