@@ -76,7 +76,11 @@ class StreamCall:
         return data
 
     def fail(self, exc: BaseException) -> None:
-        """The client's side failed (its iterable raised, a message could not be encoded): cancel the call."""
+        """The client's side failed (its iterable raised, a message could not be encoded): cancel the call.
+
+        The balancer learns CANCELLED (the endpoint did nothing wrong); metrics count the call under the code of
+        `exc` (an RpcError's, else CANCELLED), as the caller sees it.
+        """
         if self._failure is None:
             self._failure = exc
         self.cancel()
@@ -96,9 +100,11 @@ class StreamCall:
 def record(recorders: tuple[StreamRecorder, ...], call: StreamCall) -> None:
     """Tell the stream recorders (client metrics) how a stream call ended."""
     assert call.status is not None
+    failure = call._failure
+    status = failure.code if isinstance(failure, RpcError) else call.status
     for recorder in recorders:
         recorder.record_stream(
-            call.path, status=call.status, seconds=call.seconds, received=call.received, sent=call.sent, client=True
+            call.path, status=status, seconds=call.seconds, received=call.received, sent=call.sent, client=True
         )
 
 

@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Protocol
 
 import pytest
+from prometheus_client import CollectorRegistry
 from test_streaming import STREAM_TRANSPORTS, aiter_of, settle
 
 import kubrpc
@@ -158,3 +159,138 @@ async def test_a_handler_that_swallows_its_cancellation_stops_at_its_next_yield(
         await results.aclose()  # type: ignore[attr-defined]
         assert await settle(lambda: impl.running == 0)
         assert impl.yields_after_cancel <= 1
+
+
+class CountingBalancer:
+    """A round-robin balancer that learns from calls (CallFeedback): counts on_start and on_finish pairs."""
+
+    def __init__(self) -> None:
+        self.endpoints: list[Any] = []
+        self.turn = 0
+        self.started = 0
+        self.finished = 0
+        self.statuses: list[Status] = []
+
+    def update(self, endpoints: Any) -> None:
+        self.endpoints = [ep for ep in endpoints if ep.ready]
+
+    def pick(self) -> Any:
+        if not self.endpoints:
+            raise RpcError(Status.UNAVAILABLE, "no endpoints")
+        self.turn += 1
+        return self.endpoints[self.turn % len(self.endpoints)]
+
+    def on_start(self, endpoint: Any) -> None:
+        self.started += 1
+
+    def on_finish(self, endpoint: Any, *, status: Status, latency: float) -> None:
+        self.finished += 1
+        self.statuses.append(status)
+
+    @property
+    def in_flight(self) -> int:
+        return self.started - self.finished
+
+
+# -- interceptors, deadlines and delivery ---------------------------------------------------------------------
+
+
+async def test_the_deadline_covers_the_client_interceptors_of_a_stream(transport: str) -> None:
+    async def slow(call: ClientCall, proceed: Proceed) -> bytes:
+        await asyncio.sleep(3600)  # fetching a token from a service that hangs
+        return await proceed()
+
+    async with odd_client(transport, timeout=0.2, interceptors=[slow]) as (odd, _, _):
+        with pytest.raises(RpcError) as info:
+            async with asyncio.timeout(10):  # a hang guard
+                async for _ in odd.ticks(3):
+                    pass
+        assert info.value.code is Status.DEADLINE_EXCEEDED
+        with pytest.raises(RpcError) as info:
+            async with asyncio.timeout(10):
+                await odd.total(aiter_of([1]))
+        assert info.value.code is Status.DEADLINE_EXCEEDED
+
+
+async def test_an_interceptor_that_proceeds_twice_does_not_run_the_stream_twice(transport: str) -> None:
+    async def twice(call: ClientCall, proceed: Proceed) -> bytes:
+        await proceed()
+        return await proceed()
+
+    balancer = CountingBalancer()
+    async with odd_client(transport, interceptors=[twice], balancer=balancer) as (odd, impl, _):
+        with pytest.raises(RpcError) as info:
+            async for _ in odd.ticks(3):
+                pass
+        assert info.value.code is Status.INTERNAL and "proceed() twice" in info.value.message
+        with pytest.raises(RpcError):
+            await odd.total(aiter_of([1, 2]))
+        assert await settle(lambda: balancer.in_flight == 0)
+        assert impl.runs <= 2  # each stream opened once (and cancelled), never twice
+
+
+async def test_feedback_pairs_stay_balanced_on_every_ending(transport: str) -> None:
+    async def after(call: ClientCall, proceed: Proceed) -> bytes:
+        result = await proceed()
+        if call.metadata.get("x-fail") == "after":
+            raise RpcError(Status.PERMISSION_DENIED, "refused after proceeding")
+        return result
+
+    balancer = CountingBalancer()
+    async with odd_client(transport, interceptors=[after], balancer=balancer, timeout=5) as (odd, impl, channel):
+        assert [t async for t in odd.ticks(3)] == [0, 1, 2]
+        assert await odd.total(aiter_of([1, 2])) == 3
+        async for _ in odd.ticks(10):
+            break
+        with pytest.raises(KeyError):
+            await odd.total(aiter_of([1], then=KeyError("x")))
+        failing = channel.stub(Odd, timeout=5, metadata={"x-fail": "after"})
+        with pytest.raises(RpcError):
+            async for _ in failing.ticks(3):
+                pass
+        short = channel.stub(Odd, timeout=0.1)
+        with pytest.raises(RpcError):
+            await short.wait(aiter_of([1]))
+        assert await settle(lambda: impl.running == 0)
+        never = asyncio.create_task(odd.wait(aiter_of([1])))
+        assert await settle(lambda: impl.running == 1)
+        never.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await never
+        assert await settle(lambda: balancer.in_flight == 0), (balancer.started, balancer.finished)
+        assert balancer.started == 7, balancer.statuses
+
+
+async def test_client_metrics_count_every_stream_once_with_its_ending(transport: str) -> None:
+    metrics = kubrpc.metrics.ClientMetrics(CollectorRegistry())
+
+    async def deny(call: ClientCall, proceed: Proceed) -> bytes:
+        if call.metadata.get("x-deny"):
+            raise RpcError(Status.PERMISSION_DENIED, "denied here")
+        return await proceed()
+
+    async with odd_client(transport, metrics=metrics, interceptors=[deny], timeout=5) as (odd, _, channel):
+        assert [t async for t in odd.ticks(2)] == [0, 1]
+        with pytest.raises(RpcError):
+            await odd.total(aiter_of([1, object()]))  # cannot be encoded: INVALID_ARGUMENT
+        with pytest.raises(RpcError):
+            async for _ in channel.stub(Odd, metadata={"x-deny": "1"}).ticks(2):
+                pass
+        with pytest.raises(RpcError):
+            await channel.stub(Odd, timeout=0.1).wait(aiter_of([1]))
+    text = metrics.exposition()[0].decode()
+
+    def count(method: str, code: str) -> float:
+        for line in text.splitlines():
+            if (
+                line.startswith("kubrpc_client_calls_total{")
+                and f'method="{method}"' in line
+                and f'code="{code}"' in line
+            ):
+                return float(line.rpartition(" ")[2])
+        return 0.0
+
+    assert count("ticks", "OK") == 1
+    assert count("total", "INVALID_ARGUMENT") == 1
+    assert count("ticks", "PERMISSION_DENIED") == 1
+    assert count("wait", "DEADLINE_EXCEEDED") == 1
