@@ -120,15 +120,20 @@ def stream_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[
 def _results_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[..., AsyncGenerator[Any, None]]:
     decode = m.decode_result
 
-    async def results(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
-        call: StreamCall = await open_stream(m.encode_call(args, kwargs))
+    async def results(payload: bytes) -> AsyncGenerator[Any, None]:
+        call: StreamCall = await open_stream(payload)
         try:
             while (data := await call.receive()) is not None:
                 yield decode(data)
         finally:
             call.cancel()
 
-    return results
+    def stub(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
+        # The arguments are bound and encoded here, so that a wrong call fails where it is made, as in Python;
+        # the stream opens when the `async for` starts.
+        return results(m.encode_call(args, kwargs))
+
+    return stub
 
 
 def _client_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[..., Any]:
@@ -156,8 +161,7 @@ def _client_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable
 def _bidi_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[..., AsyncGenerator[Any, None]]:
     decode = m.decode_result
 
-    async def bidi(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
-        payload, source = m.split_stream(args, kwargs)
+    async def bidi(payload: bytes, source: AsyncIterable[Any]) -> AsyncGenerator[Any, None]:
         call: StreamCall = await open_stream(payload)
         pump = asyncio.ensure_future(_pump(call, source, m))
         try:
@@ -167,7 +171,10 @@ def _bidi_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[.
             call.cancel()
             await _stop(pump)
 
-    return bidi
+    def stub(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
+        return bidi(*m.split_stream(args, kwargs))  # a wrong call fails here, as in Python
+
+    return stub
 
 
 async def _pump(call: StreamCall, source: AsyncIterable[Any], m: MethodSpec) -> None:

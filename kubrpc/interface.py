@@ -130,6 +130,8 @@ class MethodSpec:
     parse_arguments: Callable[[bytes], Any] = orjson.loads
     """Server side: codec.loads (exact integers) where needs_exact_ints() says so, else orjson.loads."""
     parse_result: Callable[[bytes], Any] = orjson.loads
+    param_names: frozenset[str] = frozenset()
+    """The names of `params`: a call that names exactly these is bound without looking further."""
 
     @property
     def path(self) -> str:
@@ -215,7 +217,7 @@ class MethodSpec:
                 named[key] = value
         else:
             named = dict(kwargs)
-        if len(named) < len(self.params) or len(named) > len(self.params):
+        if len(named) != len(self.params) or named.keys() != self.param_names:
             for p in self.params:
                 if p.required and p.name not in named:
                     raise TypeError(f"{self.attr}() missing required argument {p.name!r}")
@@ -248,6 +250,9 @@ class MethodSpec:
         if name in kwargs:
             stream = kwargs[name]
             kwargs = {k: v for k, v in kwargs.items() if k != name}
+            at = self.positional.index(name) if name in self.positional else len(args)
+            if at < len(args):  # given by position too, as Python would refuse
+                raise TypeError(f"{self.attr}() got multiple values for argument {name!r}")
         else:
             at = self.positional.index(name) if name in self.positional else len(args)
             if at >= len(args):
@@ -418,6 +423,7 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
         name=options.name or attr,
         attr=attr,
         params=tuple(params),
+        param_names=frozenset(p.name for p in params),
         returns=returns,
         options=options,
         decode_result_value=decode_result,

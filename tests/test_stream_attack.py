@@ -8,7 +8,6 @@ the public API. Each one failed before the fix that came with it (see the commit
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -294,3 +293,74 @@ async def test_client_metrics_count_every_stream_once_with_its_ending(transport:
     assert count("total", "INVALID_ARGUMENT") == 1
     assert count("ticks", "PERMISSION_DENIED") == 1
     assert count("wait", "DEADLINE_EXCEEDED") == 1
+
+
+# -- stubs: arguments are checked when the stub is called --------------------------------------------------------
+
+
+@kubrpc.interface(name="attack.Mixed")
+class Mixed(Protocol):
+    async def mid(self, a: int, values: AsyncIterable[int], b: int = 10, *, c: int = 100) -> int: ...
+
+    def echo(self, a: int, words: AsyncIterable[str], *, suffix: str = "") -> AsyncIterator[str]: ...
+
+    def ticks(self, n: int) -> AsyncIterator[int]: ...
+
+    async def add(self, a: int, b: int) -> int: ...
+
+
+class MixedImpl:
+    async def mid(self, a: int, values: AsyncIterable[int], b: int = 10, *, c: int = 100) -> int:
+        return a + b + c + sum([v async for v in values])
+
+    async def echo(self, a: int, words: AsyncIterable[str], *, suffix: str = "") -> AsyncIterator[str]:
+        async for w in words:
+            yield f"{a}{w}{suffix}"
+
+    async def ticks(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    async def add(self, a: int, b: int) -> int:
+        return a + b
+
+
+@asynccontextmanager
+async def mixed_client(transport: str) -> AsyncIterator[Mixed]:
+    srv = kubrpc.Server()
+    srv.register(Mixed, MixedImpl())
+    async with srv.serve(_url(transport)) as listener, kubrpc.connect(listener.url) as channel:
+        yield channel.stub(Mixed, timeout=10)
+
+
+async def test_the_stream_parameter_anywhere_positional_or_keyword(transport: str) -> None:
+    async with mixed_client(transport) as mixed:
+        assert await mixed.mid(1, aiter_of([2])) == 113
+        assert await mixed.mid(1, aiter_of([2]), 3) == 106
+        assert await mixed.mid(1, aiter_of([2]), 3, c=4) == 10
+        assert await mixed.mid(1, values=aiter_of([2]), b=3) == 106
+        assert await mixed.mid(a=1, values=aiter_of([2]), c=0) == 13
+        assert await mixed.mid(values=aiter_of([]), a=1) == 111
+        assert [w async for w in mixed.echo(1, aiter_of(["x"]), suffix="!")] == ["1x!"]
+        assert [w async for w in mixed.echo(words=aiter_of(["y"]), a=2)] == ["2y"]
+        with pytest.raises(TypeError, match="multiple values for argument 'values'"):
+            await mixed.mid(1, aiter_of([2]), values=aiter_of([3]))
+        with pytest.raises(TypeError, match="missing required argument 'values'"):
+            await mixed.mid(1)
+        with pytest.raises(TypeError, match="'values' must be an async iterable, not list"):
+            await mixed.mid(1, [1, 2])
+
+
+async def test_a_stream_stub_checks_its_arguments_when_called(transport: str) -> None:
+    async with mixed_client(transport) as mixed:
+        with pytest.raises(TypeError, match="'words' must be an async iterable, not list"):
+            mixed.echo(1, ["x"])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="missing required argument 'n'"):
+            mixed.ticks()  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="missing required argument 'n'"):
+            mixed.ticks(m=1)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="missing required argument 'b'"):
+            await mixed.add(a=1, c=2)  # type: ignore[call-arg]  (as many names as parameters, not the same)
+        with pytest.raises(RpcError) as info:
+            mixed.ticks(object())  # type: ignore[arg-type]
+        assert info.value.code is Status.INVALID_ARGUMENT
