@@ -384,6 +384,8 @@ class Side(Protocol):
 
     def raises_in_finally(self) -> AsyncIterator[int]: ...
 
+    def slow(self) -> AsyncIterator[int]: ...
+
     def blob(self, size: int) -> AsyncIterator[bytes]: ...
 
     async def sizes(self, values: AsyncIterable[bytes]) -> int: ...
@@ -416,6 +418,15 @@ class SideImpl:
         try:
             while True:
                 yield 1
+        finally:
+            self.running -= 1
+
+    async def slow(self) -> AsyncIterator[int]:
+        self.running += 1
+        try:
+            while True:
+                yield 1
+                await asyncio.sleep(0.01)
         finally:
             self.running -= 1
 
@@ -585,7 +596,7 @@ async def test_thousands_of_abandoned_streams_leave_nothing_behind(transport: st
     async with side_client(transport, balancer=balancer) as (side, impl, channel):
         before = len(asyncio.all_tasks())
         for i in range(600):
-            results = side.forever()
+            results = side.slow()
             await results.__anext__()
             if i % 3 == 0:
                 del results  # dropped unclosed: the event loop's finalizer closes it
@@ -663,3 +674,30 @@ async def test_a_stream_runs_once_across_drain_and_resets() -> None:
         await asyncio.wait_for(closing, 10)
         assert impl_a.runs + impl_b.runs <= calls  # never run twice
         assert failures == 0  # refusals went elsewhere; no stream was lost
+
+
+async def test_server_interceptors_that_time_out_or_replace_the_result(transport: str) -> None:
+    async def own_timeout(call: CallInfo, proceed: Proceed) -> bytes:
+        if call.metadata.get("x-mode") == "timeout":
+            try:
+                async with asyncio.timeout(0.1):
+                    return await proceed()
+            except TimeoutError:
+                raise RpcError(Status.DEADLINE_EXCEEDED, "the interceptor's own limit") from None
+        if call.metadata.get("x-mode") == "replace":
+            await proceed()
+            return b"41"
+        return await proceed()
+
+    async with side_client(transport, server={"interceptors": [own_timeout]}) as (_, impl, channel):
+        timed = channel.stub(Side, timeout=10, metadata={"x-mode": "timeout"})
+        got = 0
+        with pytest.raises(RpcError) as info:
+            async for _ in timed.slow():
+                got += 1
+        assert info.value.code is Status.DEADLINE_EXCEEDED and "own limit" in info.value.message
+        assert got > 0
+        assert await settle(lambda: impl.running == 0)
+        replaced = channel.stub(Side, timeout=10, metadata={"x-mode": "replace"})
+        assert await replaced.total(aiter_of([1])) == 41
+        assert [t async for t in replaced.ticks(2)] == [0, 1]  # a stream of results has no result to replace
