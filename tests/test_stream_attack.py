@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Protocol
 
@@ -701,3 +701,110 @@ async def test_server_interceptors_that_time_out_or_replace_the_result(transport
         replaced = channel.stub(Side, timeout=10, metadata={"x-mode": "replace"})
         assert await replaced.total(aiter_of([1])) == 41
         assert [t async for t in replaced.ticks(2)] == [0, 1]  # a stream of results has no result to replace
+
+
+# -- register() and stub(): every wrong way to declare a stream is a TypeError naming the method and the fix ----
+
+
+class _Impl:
+    """An implementation for the Protocols below (register() reads the Protocol first)."""
+
+
+def _protocols() -> list[tuple[str, type, str]]:
+    """(case, Protocol, what the TypeError must say)."""
+
+    class AsyncIterableResult(Protocol):
+        def m(self, n: int) -> AsyncIterable[int]: ...
+
+    class AsyncDefAsyncIterableResult(Protocol):
+        async def m(self, n: int) -> AsyncIterable[int]: ...
+
+    class IteratorResult(Protocol):
+        def m(self, n: int) -> Iterator[int]: ...
+
+    class AsyncDefIteratorResult(Protocol):
+        async def m(self, n: int) -> Iterator[int]: ...
+
+    class IterableParam(Protocol):
+        async def m(self, values: Iterable[int]) -> int: ...
+
+    class GeneratorParam(Protocol):
+        async def m(self, values: AsyncGenerator[int, None]) -> int: ...
+
+    class OptionalResult(Protocol):
+        def m(self) -> AsyncIterator[int] | None: ...
+
+    class OptionalParam(Protocol):
+        async def m(self, values: AsyncIterable[int] | None) -> int: ...
+
+    class ListOfStreams(Protocol):
+        async def m(self, values: list[AsyncIterable[int]]) -> int: ...
+
+    class BareResult(Protocol):
+        def m(self) -> AsyncIterator: ...  # type: ignore[type-arg]
+
+    class StreamOfStreams(Protocol):
+        def m(self) -> AsyncIterator[AsyncIterator[int]]: ...
+
+    class TwoStreams(Protocol):
+        async def m(self, a: AsyncIterable[int], b: AsyncIterable[int]) -> int: ...
+
+    class StreamDefault(Protocol):
+        async def m(self, a: AsyncIterable[int] = aiter_of([])) -> int: ...  # noqa: B008
+
+    class Kwargs(Protocol):
+        async def m(self, a: AsyncIterable[int], **more: int) -> int: ...
+
+    class AsyncDefStream(Protocol):
+        async def m(self) -> AsyncIterator[int]: ...
+
+    return [
+        ("AsyncIterable result", AsyncIterableResult, "-> AsyncIterator[int]`"),
+        ("async def AsyncIterable result", AsyncDefAsyncIterableResult, "-> AsyncIterator[int]`"),
+        ("Iterator result", IteratorResult, "-> AsyncIterator[int]`"),
+        ("async def Iterator result", AsyncDefIteratorResult, "-> list[int]`"),
+        ("Iterable parameter", IterableParam, "values: AsyncIterable[int]`"),
+        ("AsyncGenerator parameter", GeneratorParam, "values: AsyncIterable[int]`"),
+        ("Optional result", OptionalResult, "-> AsyncIterator[int]`"),
+        ("Optional parameter", OptionalParam, "values: AsyncIterable[int]`"),
+        ("list of streams", ListOfStreams, "values: AsyncIterable[int]`"),
+        ("AsyncIterator without its type", BareResult, "AsyncIterator[int]"),
+        ("stream of streams", StreamOfStreams, "AsyncIterator[list[...]]"),
+        ("two stream parameters", TwoStreams, "at most one AsyncIterable parameter"),
+        ("stream parameter with a default", StreamDefault, "cannot have a default"),
+        ("**kwargs", Kwargs, "**kwargs cannot be sent"),
+        ("async def stream of results", AsyncDefStream, "without `async`"),
+    ]
+
+
+@pytest.mark.parametrize(("case", "protocol", "fix"), _protocols(), ids=[case for case, _, _ in _protocols()])
+def test_every_wrong_stream_declaration_names_the_method_and_the_fix(case: str, protocol: type, fix: str) -> None:
+    for check in (
+        lambda: kubrpc.Server().register(protocol, _Impl()),
+        lambda: kubrpc.connect("inproc://x").stub(protocol),
+    ):
+        with pytest.raises(TypeError) as info:
+            check()
+        message = str(info.value)
+        assert f"{protocol.__name__}.m" in message, message
+        assert fix in message, message
+
+
+def test_an_implementation_may_annotate_its_stream_as_any_async_iterator() -> None:
+    class Impl:
+        async def ticks(self, n: int) -> AsyncIterable[int]:
+            yield n
+
+    class Gen:
+        async def ticks(self, n: int) -> AsyncGenerator[int, None]:
+            yield n
+
+    for impl in (Impl(), Gen()):
+        kubrpc.Server().register(Mixed, _with_ticks(impl))
+
+
+def _with_ticks(impl: object) -> object:
+    """`impl` with the other methods of Mixed taken from MixedImpl."""
+    full = MixedImpl()
+    full.ticks = impl.ticks  # type: ignore[attr-defined,method-assign]
+    return full
