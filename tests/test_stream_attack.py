@@ -808,3 +808,118 @@ def _with_ticks(impl: object) -> object:
     full = MixedImpl()
     full.ticks = impl.ticks  # type: ignore[attr-defined,method-assign]
     return full
+
+
+# -- deadlines and cancellation at every step -----------------------------------------------------------------
+
+
+async def test_the_deadline_ends_a_pump_blocked_on_flow_control_or_on_its_iterable(transport: str) -> None:
+    async def endless() -> AsyncIterator[int]:
+        while True:
+            yield 1
+
+    async def stuck() -> AsyncIterator[int]:
+        yield 1
+        await asyncio.Event().wait()  # never yields again
+        yield 2
+
+    async with odd_client(transport, timeout=0.3) as (odd, impl, _):
+        before = len(asyncio.all_tasks())
+        for source in (endless(), stuck()):
+            with pytest.raises(RpcError) as info:
+                async with asyncio.timeout(10):  # a hang guard
+                    await odd.wait(source)  # the handler never reads: the pump waits for credit, or its iterable
+            assert info.value.code is Status.DEADLINE_EXCEEDED
+        assert await settle(lambda: impl.running == 0)
+        assert await settle(lambda: len(asyncio.all_tasks()) <= before)
+
+
+async def test_the_deadline_passes_while_connecting_or_picking() -> None:
+    from faultproxy import FaultProxy
+
+    async with FaultProxy(None, mode="blackhole") as proxy, kubrpc.connect(f"tcp://{proxy.url}") as channel:
+        odd = channel.stub(Odd, timeout=0.3)
+        with pytest.raises(RpcError) as info:
+            async with asyncio.timeout(10):
+                async for _ in odd.ticks(1):
+                    pass
+        assert info.value.code is Status.DEADLINE_EXCEEDED
+    async with kubrpc.connect([], wait_for_endpoints=30) as channel:
+        with pytest.raises(RpcError) as info:
+            async with asyncio.timeout(10):
+                await channel.stub(Odd, timeout=0.3).total(aiter_of([1]))
+        assert info.value.code in (Status.DEADLINE_EXCEEDED, Status.UNAVAILABLE)
+
+
+@pytest.mark.parametrize("kind", ["results", "client", "bidi"])
+async def test_the_callers_task_cancelled_at_every_await(transport: str, kind: str) -> None:
+    balancer = CountingBalancer()
+    async with odd_client(transport, balancer=balancer) as (odd, impl, channel):
+        before = len(asyncio.all_tasks())
+
+        async def slow_source() -> AsyncIterator[str]:
+            for i in range(50):
+                yield str(i)
+                await asyncio.sleep(0)
+
+        async def run() -> None:
+            if kind == "results":
+                async for _ in odd.stubborn(50):
+                    await asyncio.sleep(0)
+            elif kind == "client":
+                await odd.total(_ints(slow_source()))
+            else:
+                async for _ in odd.chat(slow_source()):
+                    await asyncio.sleep(0)
+
+        for steps in range(0, 60, 3):
+            task = asyncio.create_task(run())
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert await settle(lambda: balancer.in_flight == 0), (balancer.started, balancer.finished)
+        assert await settle(lambda: impl.running == 0)
+        assert await settle(lambda: len(asyncio.all_tasks()) <= before)
+        assert all(conn.in_flight == 0 for conn in channel.connections.values())
+
+
+async def _ints(words: AsyncIterable[str]) -> AsyncIterator[int]:
+    async for w in words:
+        yield int(w)
+
+
+async def test_odd_errors_of_the_callers_iterable(transport: str) -> None:
+    class Ends:
+        def __aiter__(self) -> Ends:
+            return self
+
+        async def __anext__(self) -> int:
+            raise StopAsyncIteration  # a hand-written iterator that ends at once: a normal, empty stream
+
+    async with odd_client(transport) as (odd, _, _):
+        assert await odd.total(Ends()) == 0
+        with pytest.raises(RpcError) as info:
+            await odd.total(aiter_of([1], then=RpcError(Status.ABORTED, "mine")))
+        assert info.value.code is Status.ABORTED and info.value.message == "mine"
+        with pytest.raises(KeyboardInterrupt):
+            await odd.total(aiter_of([1], then=KeyboardInterrupt()))
+        assert await odd.total(aiter_of([3])) == 3
+
+
+async def test_a_stub_stream_read_from_two_tasks_or_left_from_nested_loops(transport: str) -> None:
+    async with odd_client(transport) as (odd, impl, _):
+        results = odd.stubborn(10**6)
+        await results.__anext__()
+        both = await asyncio.gather(results.__anext__(), results.__anext__(), return_exceptions=True)
+        assert all(isinstance(r, int) or isinstance(r, RuntimeError) for r in both), both
+        await results.aclose()  # type: ignore[attr-defined]
+        assert await settle(lambda: impl.running == 0)
+        nested = 0
+        for _ in range(3):
+            async for _ in odd.ticks(5):
+                async for _ in odd.ticks(5):
+                    nested += 1
+                    break
+                break
+        assert nested == 3
