@@ -21,6 +21,7 @@ from test_streaming import STREAM_TRANSPORTS, aiter_of, settle
 import kubrpc
 import kubrpc.metrics
 from kubrpc import RpcError, Status
+from kubrpc._streaming import StreamCall
 from kubrpc.interceptors import CallInfo, ClientCall, Proceed
 
 pytestmark = pytest.mark.anyio
@@ -652,6 +653,8 @@ async def test_thousands_of_abandoned_streams_leave_nothing_behind(transport: st
         assert await settle(lambda: balancer.in_flight == 0), (balancer.started, balancer.finished)
         assert await settle(lambda: len(asyncio.all_tasks()) <= before)
         assert all(conn.in_flight == 0 for conn in channel.connections.values())
+        gc.collect()
+        assert sum(isinstance(o, StreamCall) for o in gc.get_objects()) <= 1
         assert [t async for t in side.ticks(2)] == [0, 1]
 
 
