@@ -76,7 +76,11 @@ class StreamCall:
         return data
 
     def fail(self, exc: BaseException) -> None:
-        """The client's side failed (its iterable raised, a message could not be encoded): cancel the call."""
+        """The client's side failed (its iterable raised, a message could not be encoded): cancel the call.
+
+        The balancer learns CANCELLED (the endpoint did nothing wrong); metrics count the call under the code of
+        `exc` (an RpcError's, else CANCELLED), as the caller sees it.
+        """
         if self._failure is None:
             self._failure = exc
         self.cancel()
@@ -96,9 +100,11 @@ class StreamCall:
 def record(recorders: tuple[StreamRecorder, ...], call: StreamCall) -> None:
     """Tell the stream recorders (client metrics) how a stream call ended."""
     assert call.status is not None
+    failure = call._failure
+    status = failure.code if isinstance(failure, RpcError) else call.status
     for recorder in recorders:
         recorder.record_stream(
-            call.path, status=call.status, seconds=call.seconds, received=call.received, sent=call.sent, client=True
+            call.path, status=status, seconds=call.seconds, received=call.received, sent=call.sent, client=True
         )
 
 
@@ -114,15 +120,20 @@ def stream_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[
 def _results_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[..., AsyncGenerator[Any, None]]:
     decode = m.decode_result
 
-    async def results(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
-        call: StreamCall = await open_stream(m.encode_call(args, kwargs))
+    async def results(payload: bytes) -> AsyncGenerator[Any, None]:
+        call: StreamCall = await open_stream(payload)
         try:
             while (data := await call.receive()) is not None:
                 yield decode(data)
         finally:
             call.cancel()
 
-    return results
+    def stub(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
+        # The arguments are bound and encoded here, so that a wrong call fails where it is made, as in Python;
+        # the stream opens when the `async for` starts.
+        return results(m.encode_call(args, kwargs))
+
+    return stub
 
 
 def _client_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[..., Any]:
@@ -150,8 +161,7 @@ def _client_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable
 def _bidi_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[..., AsyncGenerator[Any, None]]:
     decode = m.decode_result
 
-    async def bidi(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
-        payload, source = m.split_stream(args, kwargs)
+    async def bidi(payload: bytes, source: AsyncIterable[Any]) -> AsyncGenerator[Any, None]:
         call: StreamCall = await open_stream(payload)
         pump = asyncio.ensure_future(_pump(call, source, m))
         try:
@@ -161,7 +171,10 @@ def _bidi_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[.
             call.cancel()
             await _stop(pump)
 
-    return bidi
+    def stub(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
+        return bidi(*m.split_stream(args, kwargs))  # a wrong call fails here, as in Python
+
+    return stub
 
 
 async def _pump(call: StreamCall, source: AsyncIterable[Any], m: MethodSpec) -> None:
@@ -191,8 +204,11 @@ async def _pump(call: StreamCall, source: AsyncIterable[Any], m: MethodSpec) -> 
             await call.close_send()
         except RpcError:
             return
-    except asyncio.CancelledError:
-        raise
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # the stub stopped the pump: the call is over
+            raise
+        call.fail(exc)  # the caller's iterable raised CancelledError itself: it ends the call like any error
     except BaseException as exc:  # the caller's iterable raised: the call is cancelled, the caller gets this
         call.fail(exc)
 

@@ -435,8 +435,15 @@ class Channel:
         outgoing = {k.lower(): v for k, v in metadata.items()}
         call = ClientCall(service, method, path, outgoing, deadline, idempotent, self.target, kind)
         opened: list[StreamCall] = []
+        start = time.monotonic()
 
         async def send() -> bytes:
+            if opened:  # a stream is one call: opening it again could run its handler twice
+                raise RpcError(
+                    Status.INTERNAL,
+                    f"a client interceptor of {path} called proceed() twice: a stream call is opened once "
+                    "(retry a stream in the code that reads it, not in an interceptor)",
+                )
             remaining = None if deadline is None else deadline - time.monotonic()
             opened.append(
                 await self.open_stream(
@@ -455,16 +462,26 @@ class Channel:
         for interceptor in reversed(self._interceptors):
             proceed = partial(interceptor, call, proceed)
         try:
-            await proceed()
-        except BaseException:
-            for stream in opened:
-                stream.cancel()
+            if timeout is None:
+                await proceed()
+            else:
+                try:
+                    async with asyncio.timeout(timeout):  # the stream's deadline covers the interceptors too
+                        await proceed()
+                except TimeoutError:
+                    raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
+            if not opened:
+                raise RpcError(Status.INTERNAL, f"a client interceptor of {path} did not call proceed()")
+        except BaseException as exc:
+            if opened:
+                opened[0].fail(exc)  # counted (metrics) under the error the caller gets
+            elif self._recorders:  # never opened: counted here, as a call that failed
+                failed = StreamCall(_NOT_OPENED, path, None)
+                failed._started = start
+                failed.fail(exc)
+                record(self._recorders, failed)
             raise
-        if not opened:
-            raise RpcError(Status.INTERNAL, f"a client interceptor of {path} did not call proceed()")
-        for extra in opened[:-1]:  # an interceptor that proceeded twice: only the last stream is used
-            extra.cancel()
-        return opened[-1]
+        return opened[0]
 
     async def _intercept(
         self,
@@ -627,6 +644,27 @@ def _check_timeout(timeout: float) -> float | None:
     if timeout != timeout:
         raise ValueError("timeout must be a number of seconds (or None for no deadline), not NaN")
     return None if timeout >= _FOREVER else timeout
+
+
+class _NeverOpened:
+    """The transport stream of a StreamCall that was never opened (the metrics of a stream that failed to open)."""
+
+    def cancel(self) -> None:
+        """Nothing to cancel."""
+
+    async def send(self, message: bytes, /) -> bool:
+        """Nothing is sent."""
+        return False
+
+    async def close_send(self) -> None:
+        """Nothing to close."""
+
+    async def receive(self) -> bytes | None:
+        """Nothing arrives."""
+        return None
+
+
+_NOT_OPENED = _NeverOpened()
 
 
 class _Intercepted(dict[str, str]):

@@ -76,7 +76,8 @@ class ClientCall:
     """The channel's target."""
     kind: CallKind = CallKind.UNARY
     """Unary, or which kind of stream. For a stream, `proceed()` opens it and returns b"" once the server
-    accepted it; the messages flow after the interceptors have returned."""
+    accepted it; the messages flow after the interceptors have returned. A stream is opened once: calling
+    `proceed()` again after it succeeded raises RpcError(INTERNAL) (the handler may have run already)."""
 
 
 class ServerInterceptor(Protocol):

@@ -130,6 +130,8 @@ class MethodSpec:
     parse_arguments: Callable[[bytes], Any] = orjson.loads
     """Server side: codec.loads (exact integers) where needs_exact_ints() says so, else orjson.loads."""
     parse_result: Callable[[bytes], Any] = orjson.loads
+    param_names: frozenset[str] = frozenset()
+    """The names of `params`: a call that names exactly these is bound without looking further."""
 
     @property
     def path(self) -> str:
@@ -215,7 +217,7 @@ class MethodSpec:
                 named[key] = value
         else:
             named = dict(kwargs)
-        if len(named) < len(self.params) or len(named) > len(self.params):
+        if len(named) != len(self.params) or named.keys() != self.param_names:
             for p in self.params:
                 if p.required and p.name not in named:
                     raise TypeError(f"{self.attr}() missing required argument {p.name!r}")
@@ -248,6 +250,9 @@ class MethodSpec:
         if name in kwargs:
             stream = kwargs[name]
             kwargs = {k: v for k, v in kwargs.items() if k != name}
+            at = self.positional.index(name) if name in self.positional else len(args)
+            if at < len(args):  # given by position too, as Python would refuse
+                raise TypeError(f"{self.attr}() got multiple values for argument {name!r}")
         else:
             at = self.positional.index(name) if name in self.positional else len(args)
             if at >= len(args):
@@ -326,6 +331,8 @@ NOT_A_STREAM: object = _NotAStream()
 
 def _streamed(tp: object, origins: tuple[object, ...]) -> object:
     """T if `tp` is one of `origins`[T] (AsyncIterator[T], AsyncIterable[T], ...), else NOT_A_STREAM."""
+    if any(tp is origin for origin in origins):
+        raise TypeError(f"{_name(tp)} needs the type of its messages, e.g. {_name(tp)}[int]")
     if typing.get_origin(tp) in origins:
         args = typing.get_args(tp)
         if not args:
@@ -337,6 +344,60 @@ def _streamed(tp: object, origins: tuple[object, ...]) -> object:
 
 _RESULT_STREAMS = (collections.abc.AsyncIterator, collections.abc.AsyncGenerator)
 _REQUEST_STREAMS = (collections.abc.AsyncIterable, collections.abc.AsyncIterator)
+_SYNC_ITERATORS = (
+    collections.abc.Iterator,
+    collections.abc.Iterable,
+    collections.abc.Generator,
+)
+_ITERATORS = (*_RESULT_STREAMS, collections.abc.AsyncIterable, *_SYNC_ITERATORS)
+
+
+def _name(tp: object) -> str:
+    """`AsyncIterator[int]` rather than `collections.abc.AsyncIterator[int]`, for error messages."""
+    return repr(tp).replace("collections.abc.", "").replace("typing.", "") if not isinstance(tp, type) else tp.__name__
+
+
+def _iterator_in(tp: object) -> object | None:
+    """The first (async or sync) iterator type in the annotation `tp`, at any depth; None if there is none."""
+    origin = typing.get_origin(tp)
+    if any(tp is it or origin is it for it in _ITERATORS):
+        return tp
+    if origin is typing.Annotated:
+        return _iterator_in(typing.get_args(tp)[0])
+    if origin is typing.Literal:
+        return None
+    for arg in typing.get_args(tp):
+        found = _iterator_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _stream_misuse(tp: object, attr: str, param: str | None) -> str | None:
+    """Why the annotation `tp` (of parameter `param`, or the result) cannot be a stream, and how to declare one.
+
+    None if `tp` holds no iterator type: the codec's own error then says what is wrong with it.
+    """
+    found = _iterator_in(tp)
+    if found is None:
+        return None
+    origin = typing.get_origin(found) or found
+    item = typing.get_args(found)[0] if typing.get_args(found) else "T"
+    item_name = _name(item)
+    whole = found is tp
+    if param is None:
+        fix = f"declare a stream of results as `def {attr}(...) -> AsyncIterator[{item_name}]` (without `async`)"
+        if not whole:
+            return f"{_name(tp)}: a stream can only be the whole result, not inside another type; {fix}"
+        if any(origin is it for it in _SYNC_ITERATORS):
+            return f"{_name(tp)} cannot be sent; {fix}, or return a list: `async def {attr}(...) -> list[{item_name}]`"
+        return f"{_name(tp)} is not a stream of results; {fix}"
+    fix = f"declare a stream of requests as `{param}: AsyncIterable[{item_name}]`"
+    if not whole:
+        return f"{_name(tp)}: a stream can only be a whole parameter (not optional, nor inside another type); {fix}"
+    if any(origin is it for it in _SYNC_ITERATORS):
+        return f"{_name(tp)} cannot be sent; {fix}, or send a list: `{param}: list[{item_name}]`"
+    return f"{_name(tp)} is not a stream of requests; {fix}"
 
 
 def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]) -> MethodSpec:
@@ -353,6 +414,9 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
     except TypeError as exc:
         raise TypeError(f"{where}: return type: {exc}") from None
     if not streams_results and not inspect.iscoroutinefunction(fn):
+        misuse = _stream_misuse(hints["return"], attr, None)
+        if misuse is not None:
+            raise TypeError(f"{where}: return type {misuse}")
         raise TypeError(
             f"{where} must be declared `async def` (or `def {attr}(...) -> AsyncIterator[T]` for a stream of results)"
         )
@@ -385,6 +449,11 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
                 )
             if p.default is not p.empty:
                 raise TypeError(f"{where}: the stream parameter {p.name!r} cannot have a default")
+            if _iterator_in(item) is not None:
+                raise TypeError(
+                    f"{where}: parameter {p.name!r}: the messages of a stream cannot be streams themselves "
+                    f"({_name(hints[p.name])}); send a list in each message: AsyncIterable[list[...]]"
+                )
             try:
                 stream = Param(p.name, item, True, None, codec.decoder(item))
             except TypeError as exc:
@@ -393,15 +462,22 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
         try:
             decode = codec.decoder(hints[p.name])
         except TypeError as exc:
-            raise TypeError(f"{where}: parameter {p.name!r}: {exc}") from None
+            misuse = _stream_misuse(hints[p.name], attr, p.name)
+            raise TypeError(f"{where}: parameter {p.name!r}: {misuse or exc}") from None
         required = p.default is p.empty
         params.append(Param(p.name, hints[p.name], required, None if required else p.default, decode))
     returns = result_item if streams_results else hints["return"]
+    if streams_results and _iterator_in(returns) is not None:
+        raise TypeError(
+            f"{where}: return type: the messages of a stream cannot be streams themselves "
+            f"({_name(hints['return'])}); send a list in each message: AsyncIterator[list[...]]"
+        )
     try:
         # A result ignores unknown keys at every level (a newer server may add fields); arguments refuse them.
         decode_result = codec.decoder(returns, ignore_unknown=True)
     except TypeError as exc:
-        raise TypeError(f"{where}: return type: {exc}") from None
+        misuse = None if streams_results else _stream_misuse(returns, attr, None)
+        raise TypeError(f"{where}: return type {misuse}" if misuse else f"{where}: return type: {exc}") from None
     if stream is None:
         kind = CallKind.SERVER_STREAM if streams_results else CallKind.UNARY
     else:
@@ -418,6 +494,7 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
         name=options.name or attr,
         attr=attr,
         params=tuple(params),
+        param_names=frozenset(p.name for p in params),
         returns=returns,
         options=options,
         decode_result_value=decode_result,
@@ -491,4 +568,10 @@ def check_implementation(spec: ServiceSpec, impl: object) -> dict[str, Callable[
 
 def _same_stream(declared: object, m: MethodSpec) -> bool:
     """An implementation may declare AsyncIterator[T] or AsyncGenerator[T, None] for the Protocol's AsyncIterator[T]."""
-    return m.kind.streams_results and _streamed(declared, _RESULT_STREAMS) in (m.returns, _bare(m.returns))
+    if not m.kind.streams_results:
+        return False
+    try:  # an async generator may be annotated as any of these
+        item = _streamed(declared, (*_RESULT_STREAMS, collections.abc.AsyncIterable))
+    except TypeError:
+        return False
+    return item in (m.returns, _bare(m.returns))

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -467,36 +467,54 @@ async def _run_stream(
     """The innermost step of a stream call: decode, run the handler, stream or encode what it gives."""
     spec = route.spec
     kwargs = spec.decode_args(payload)
-    requests = None
     if spec.stream is not None:
         if messages is None:
             raise RpcError(Status.INTERNAL, "internal error: the transport gave no request stream")
-        requests = kwargs[spec.stream.name] = _requests(spec, messages, counts)
-    try:
-        if not spec.kind.streams_results:
-            return spec.encode_result(await route.handler(**kwargs))
-        encode = spec.encode_result
-        async with aclosing(route.handler(**kwargs)) as results:
-            async for item in results:
-                try:
-                    data = encode(item)
-                except TypeError:
-                    log.exception("a message of %s cannot be encoded", spec.path)
-                    raise RpcError(Status.INTERNAL, "internal error") from None
-                await send(data)
-                counts[1] += 1
-        return b""
-    finally:
-        if requests is not None:
-            await requests.aclose()
+        kwargs[spec.stream.name] = _Requests(spec, messages, counts)
+    if not spec.kind.streams_results:
+        return spec.encode_result(await route.handler(**kwargs))
+    encode = spec.encode_result
+    task = asyncio.current_task()
+    async with aclosing(route.handler(**kwargs)) as results:
+        async for item in results:
+            if task is not None and task.cancelling():
+                # The call was cancelled and the handler swallowed it (a bare `except`): stop it at this yield,
+                # or it would keep producing messages for a client that has gone.
+                raise asyncio.CancelledError
+            try:
+                data = encode(item)
+            except TypeError:
+                log.exception("a message of %s cannot be encoded", spec.path)
+                raise RpcError(Status.INTERNAL, "internal error") from None
+            await send(data)
+            counts[1] += 1
+    return b""
 
 
-async def _requests(spec: MethodSpec, messages: AsyncIterator[bytes], counts: list[int]) -> AsyncGenerator[Any, None]:
-    """The client's messages, each decoded and validated as the handler reads it."""
-    async for data in messages:
-        item = spec.decode_message(data, counts[0])
+class _Requests:
+    """The client's messages, each decoded and validated as the handler reads it.
+
+    A plain async iterator, not an async generator: a handler may read it from a task of its own and return
+    while that task is still waiting for a message (an async generator could not be closed then). Once the call
+    has ended, the transport ends `messages` and a late reader gets its error.
+    """
+
+    __slots__ = ("_counts", "_messages", "_spec")
+
+    def __init__(self, spec: MethodSpec, messages: AsyncIterator[bytes], counts: list[int]) -> None:
+        self._spec = spec
+        self._messages = messages
+        self._counts = counts
+
+    def __aiter__(self) -> _Requests:
+        return self
+
+    async def __anext__(self) -> Any:
+        data = await self._messages.__anext__()
+        counts = self._counts
+        item = self._spec.decode_message(data, counts[0])
         counts[0] += 1
-        yield item
+        return item
 
 
 def event_loop_options() -> dict[str, Any]:
