@@ -591,3 +591,25 @@ async def test_a_drip_of_empty_credit_does_not_keep_a_stalled_stream_alive() -> 
                 break
         assert ended is not None and ended["code"] == "deadline_exceeded", ended
         assert await settle(lambda: server_streams(listener) == 0 and server._pending_bytes == 0)
+
+
+async def test_a_result_message_over_the_clients_limit_ends_only_its_stream() -> None:
+    """The client's side of the same rule: a server's DATA frame over the client's frame limit is skipped unread,
+    that stream ends RESOURCE_EXHAUSTED and is cancelled on the server, and the connection goes on."""
+    from stream_services import Feed, FeedImpl
+
+    from kubrpc.transports.tcp import TcpTransport
+
+    server = kubrpc.Server(max_message_size=8 * 1024 * 1024)
+    impl = FeedImpl()
+    server.register(Feed, impl)
+    async with server.serve("tcp://127.0.0.1:0") as listener:
+        transport = TcpTransport(max_message_size=1000)
+        async with kubrpc.connect(listener.url, transport=transport) as channel:
+            feed = channel.stub(Feed, timeout=30)
+            with pytest.raises(kubrpc.RpcError) as info:
+                async for _ in feed.forever(200_000):  # 200 KB messages: over 1000 + the frame overhead
+                    pass
+            assert info.value.code is kubrpc.Status.RESOURCE_EXHAUSTED
+            assert [t async for t in feed.ticks(3)] == [0, 1, 2]
+            assert len(channel.connections) == 1

@@ -27,6 +27,7 @@ __all__ = (
     "MAX_METADATA",
     "MAX_TIMEOUT_MS",
     "PREFACE",
+    "OVERSIZED",
     "REFUSED",
     "STREAM_WINDOW",
     "BadRequest",
@@ -87,6 +88,9 @@ ADMIT_ABOVE = 1024
 
 #: Not a wire type (types are one byte): what FrameDecoder yields for a REQUEST frame that admit() refused.
 REFUSED = 256
+#: Pseudo-frame type: a DATA frame longer than the receiver's limit, whose payload was skipped (never buffered):
+#: the receiver ends that stream alone with RESOURCE_EXHAUSTED, rather than the connection.
+OVERSIZED = 257
 
 
 class Frame(NamedTuple):
@@ -256,8 +260,18 @@ class FrameDecoder:
         while end - at >= header:
             length, type_, flags, stream = HEADER.unpack_from(buf, at)
             if length > self.max_payload:
-                del buf[:]
-                raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_payload}")
+                if type_ != FrameType.DATA or not stream:
+                    del buf[:]
+                    raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_payload}")
+                # One stream's message is too large: skip its payload, end that stream alone.
+                frames.append(Frame(OVERSIZED, 0, stream, b""))
+                available = end - at - header
+                if available >= length:
+                    at += header + length
+                    continue
+                self._skip = length - available
+                at = end
+                break
             stop = at + header + length
             if stop > end:
                 if self.admit is not None and (self.reserved or length > ADMIT_ABOVE):

@@ -25,6 +25,7 @@ from ._frames import (
     MAX_STREAM_ID,
     MAX_TIMEOUT_MS,
     MAX_WINDOW,
+    OVERSIZED,
     PREFACE,
     STREAM_WINDOW,
     Frame,
@@ -392,6 +393,12 @@ class TcpConnection(FrameWriter):
             elif kind == _DATA or kind == _WINDOW_UPDATE:
                 if not self._stream_frame(frame):
                     return
+            elif kind == OVERSIZED:  # a message over the frame limit, skipped unread: end its stream alone
+                stream = self._streams.get(frame.stream)
+                if stream is not None:
+                    self._stream_closed(frame.stream)
+                    self._cancel(frame.stream)
+                    stream.ended(RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size"))
             elif kind == _GOAWAY:
                 self._on_goaway(frame.payload)
             elif kind == _PING and not frame.flags & FLAG_ACK and self.transport is not None:

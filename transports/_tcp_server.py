@@ -21,6 +21,7 @@ from ._frames import (
     FLAG_REFUSED,
     FRAME_OVERHEAD,
     MAX_WINDOW,
+    OVERSIZED,
     PREFACE,
     REFUSED,
     STREAM_WINDOW,
@@ -374,6 +375,11 @@ class _ServerConnection(FrameWriter):
         """Keep frames for when writing resumes, as bytes in the decoder (a refused one is answered now)."""
         if frames[-1].type == REFUSED:  # always the last: its bytes are gone, only its answer is left
             self._handle(frames.pop())
+        if any(frame.type == OVERSIZED for frame in frames):  # pseudo-frames cannot be put back: handle them now
+            for frame in frames:
+                if frame.type == OVERSIZED:
+                    self._handle(frame)
+            frames = [frame for frame in frames if frame.type != OVERSIZED]
         if frames:
             self._decoder.unread(frames)
             self._backlogged = True
@@ -446,6 +452,13 @@ class _ServerConnection(FrameWriter):
         elif kind == _PING:
             if not frame.flags & FLAG_ACK:
                 self.write(encode_frame(_PING, 0, frame.payload[:64], FLAG_ACK))
+        elif kind == OVERSIZED:  # a DATA frame over the frame limit, skipped unread: end its stream alone
+            open_stream = self.streams.get(stream)
+            if open_stream is not None:
+                limit = self.listener.max_message_size
+                open_stream.end(
+                    RpcError(Status.RESOURCE_EXHAUSTED, f"request exceeds the maximum message size ({limit} bytes)")
+                )
         elif kind == REFUSED:  # a REQUEST over max_pending_bytes, refused before its body was buffered
             if stream == 0 or stream in self.calls:
                 raise ProtocolError(f"stream id {stream} is zero or already in use")
