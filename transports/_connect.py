@@ -357,6 +357,8 @@ class _ServerStream:
         self.inbox: Inbox | None = Inbox(self._read) if streams_requests else None
         self.payload: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.held = 0  # bytes of unread messages counted by core.admit()
+        self.partial = 0  # bytes of an envelope still arriving, counted by core.admit() (_http_envelopes)
+        self.first = True  # the first request envelope (the arguments) has not arrived yet
         self.failure: RpcError | None = None
         self.disconnected = False
         self.task = asyncio.current_task()
@@ -369,19 +371,18 @@ class _ServerStream:
         """Give back what the unread messages hold (the stream has ended)."""
         if self.inbox is not None:
             self.inbox.abort(RpcError(Status.CANCELLED, "the call has ended"))
-        self.core.release(self.held)
-        self.held = 0
+        self.core.release(self.held + self.partial)
+        self.held = self.partial = 0
 
     async def pump(self, envelopes: AsyncIterator[tuple[int, bytes]], watch: Callable[[], Awaitable[None]]) -> None:
         """Read the request messages, then wait for the client to go away (`watch`); a failure cancels the call."""
         inbox = self.inbox
-        first = True
         try:
             async for flags, data in envelopes:
                 if flags:
                     raise RpcError(Status.INVALID_ARGUMENT, f"unexpected envelope flags 0x{flags:02x} in a request")
-                if first:
-                    first = False
+                if self.first:
+                    self.first = False
                     payload, item = self.codec.first(data)
                     self.payload.set_result(payload)
                     if item is None:
@@ -398,7 +399,7 @@ class _ServerStream:
                 self.held += len(data)
                 inbox.put(data)
                 await inbox.room(STREAM_WINDOW)  # flow control: read no further until the handler catches up
-            if first:
+            if self.first:
                 self.payload.set_result(self.codec.first(None)[0])
             if inbox is not None:
                 inbox.end()
@@ -526,7 +527,7 @@ async def serve_stream(core: ServerCore, path: str, scope: Scope, receive: Recei
         metadata,
         _peer(scope),
         write,
-        _http_envelopes(receive, limit),
+        partial(_http_envelopes, receive),
         partial(_http_watch, receive),
     )
     if end is not None:
@@ -542,7 +543,7 @@ async def _serve(
     metadata: dict[str, str],
     peer: str,
     write: Callable[[bytes], Any],
-    envelopes: AsyncIterator[tuple[int, bytes]],
+    envelopes: Callable[[_ServerStream], AsyncIterator[tuple[int, bytes]]],
     watch: Callable[[], Awaitable[None]],
 ) -> bytes | None:
     try:
@@ -550,7 +551,7 @@ async def _serve(
     except RpcError as exc:
         return _end_stream(exc)
     stream = _ServerStream(core, spec, codec)
-    reader = asyncio.ensure_future(stream.pump(envelopes, watch))
+    reader = asyncio.ensure_future(stream.pump(envelopes(stream), watch))
     try:
         return await stream.run(path, timeout, metadata, peer, write)
     finally:
@@ -560,12 +561,33 @@ async def _serve(
         stream.release()
 
 
-async def _http_envelopes(receive: Receive, limit: int) -> AsyncIterator[tuple[int, bytes]]:
-    """The envelopes of a request body, as it arrives."""
-    decoder = Decoder(limit)
+async def _http_envelopes(receive: Receive, stream: _ServerStream) -> AsyncIterator[tuple[int, bytes]]:
+    """The envelopes of a request body, as it arrives.
+
+    The bytes of an envelope still arriving count against `max_pending_bytes` (`stream.partial`), and it must
+    arrive whole within `body_timeout` of its first byte (the first one, the arguments, of the request's head):
+    a peer may pause between messages, not inside one.
+    """
+    core = stream.core
+    limits = core.limits
+    decoder = Decoder(limits.max_message_size)
+    loop = asyncio.get_running_loop()
+    since: float | None = loop.time()  # when the envelope being read began; None at a boundary
     more = True
     while more:
-        message = await receive()
+        if since is None:
+            message = await receive()
+        else:
+            try:
+                async with asyncio.timeout_at(since + limits.body_timeout):
+                    message = await receive()
+            except TimeoutError:
+                what = "the request message (the arguments)" if stream.first else "a request message"
+                raise RpcError(
+                    Status.DEADLINE_EXCEEDED,
+                    f"{what} did not arrive whole within {limits.body_timeout:g} s (body_timeout): "
+                    "send each message whole, at once",
+                ) from None
         if message["type"] == "http.disconnect":
             raise _Disconnected
         more = message.get("more_body", False)
@@ -574,6 +596,15 @@ async def _http_envelopes(receive: Receive, limit: int) -> AsyncIterator[tuple[i
         except EnvelopeError as exc:
             code = Status.RESOURCE_EXHAUSTED if "exceeds" in str(exc) else Status.INVALID_ARGUMENT
             raise RpcError(code, f"malformed request stream: {exc}") from None
+        pending = decoder.pending
+        if pending > stream.partial:  # admitted as it arrives, as a chunked unary body is
+            if not core.admit(pending - stream.partial):
+                raise RpcError(Status.RESOURCE_EXHAUSTED, "server busy: too many request bytes held")
+        else:
+            core.release(stream.partial - pending)
+        stream.partial = pending
+        if envelopes or since is None:
+            since = loop.time() if pending else None
         for item in envelopes:
             yield item
     if decoder.pending:
@@ -611,11 +642,23 @@ async def serve_websocket(core: ServerCore, path: str, scope: Scope, receive: Re
     async def write(data: bytes) -> None:
         await send({"type": "websocket.send", "bytes": data})
 
-    async def envelopes() -> AsyncIterator[tuple[int, bytes]]:
+    async def envelopes(stream: _ServerStream) -> AsyncIterator[tuple[int, bytes]]:
         nonlocal closed
         decoder = Decoder(limit)
+        body_timeout = core.limits.body_timeout
         while True:
-            message = await receive()
+            if stream.first:  # the arguments: within body_timeout of the handshake, as a request's body
+                try:
+                    async with asyncio.timeout(body_timeout):
+                        message = await receive()
+                except TimeoutError:
+                    raise RpcError(
+                        Status.DEADLINE_EXCEEDED,
+                        f"the request message (the arguments) did not arrive within {body_timeout:g} s "
+                        "(body_timeout): send it as soon as the WebSocket opens",
+                    ) from None
+            else:
+                message = await receive()
             if message["type"] == "websocket.disconnect":
                 closed = True
                 raise _Disconnected
@@ -644,7 +687,7 @@ async def serve_websocket(core: ServerCore, path: str, scope: Scope, receive: Re
         raise _Disconnected
 
     end = await _serve(
-        core, core.method(path), path, native, timeout, metadata, _peer(scope), write, envelopes(), watch
+        core, core.method(path), path, native, timeout, metadata, _peer(scope), write, envelopes, watch
     )
     if end is not None and not closed:
         with contextlib.suppress(OSError):
