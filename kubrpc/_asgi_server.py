@@ -106,17 +106,56 @@ def _is_stream(headers: list[tuple[bytes, bytes]]) -> bool:
 
 class _WebSocketProtocol(WebSocketProtocol):
     """uvicorn's WebSocket protocol, but a drain lets an open stream finish: uvicorn would close it at once
-    (1012); the server cancels what still runs after drain_timeout, and the stream then ends with UNAVAILABLE."""
+    (1012); the server cancels what still runs after drain_timeout, and the stream then ends with UNAVAILABLE.
+
+    A peer that does not read is cut off as on HTTP: once the unsent bytes pass the transport's high-water mark
+    (uvicorn's send() then waits), they must shrink within `body_timeout` seconds, or the connection is aborted
+    (the handler's next send fails, and the stream ends). uvicorn alone waits for good: its keepalive ping
+    closes the transport gracefully, which never completes while bytes wait unsent.
+    """
+
+    limits: ClassVar[ServerLimits] = ServerLimits()
+    _write_timer: asyncio.TimerHandle | None = None
+    _unsent = 0
 
     def shutdown(self) -> None:
         if self.handshake_complete and not self.close_sent and not self.transport.is_closing():
             return
         super().shutdown()
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        super().connection_lost(exc)
 
-def websocket_protocol_class() -> type[asyncio.Protocol]:
-    """The uvicorn `ws=` protocol class of the HTTP transport's bidirectional streams."""
-    return _WebSocketProtocol
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._unsent = self.transport.get_write_buffer_size()
+            self._write_timer = self.loop.call_later(self.limits.body_timeout, self._check_writes)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _check_writes(self) -> None:
+        self._write_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        if unsent and unsent >= self._unsent:  # it reads nothing: drop the unsent bytes, the stream ends
+            self.transport.abort()
+        elif unsent:  # it reads, if slowly
+            self._unsent = unsent
+            self._write_timer = self.loop.call_later(self.limits.body_timeout, self._check_writes)
+
+
+def websocket_protocol_class(limits: ServerLimits | None = None) -> type[asyncio.Protocol]:
+    """The uvicorn `ws=` protocol class of the HTTP transport's bidirectional streams, held to `limits`."""
+    return cast(
+        "type[asyncio.Protocol]", type("WebSocketProtocol", (_WebSocketProtocol,), {"limits": limits or ServerLimits()})
+    )
 
 
 def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
