@@ -109,8 +109,8 @@ class _WebSocketProtocol(WebSocketProtocol):
     (1012); the server cancels what still runs after drain_timeout, and the stream then ends with UNAVAILABLE.
 
     A peer that does not read is cut off as on HTTP: once the unsent bytes pass the transport's high-water mark
-    (uvicorn's send() then waits), they must shrink within `body_timeout` seconds, or the connection is aborted
-    (the handler's next send fails, and the stream ends). uvicorn alone waits for good: its keepalive ping
+    (uvicorn's send() then waits), nothing more is read from it, and they must shrink within `body_timeout`
+    seconds, or the connection is aborted (the handler's next send fails, and the stream ends). uvicorn alone waits for good: its keepalive ping
     closes the transport gracefully, which never completes while bytes wait unsent.
     """
 
@@ -131,15 +131,26 @@ class _WebSocketProtocol(WebSocketProtocol):
 
     def pause_writing(self) -> None:
         super().pause_writing()
+        # Nothing more is read from a peer that does not read either: each of its pings would add a pong to
+        # the unsent bytes (uvicorn answers them as they arrive), without bound.
+        self.transport.pause_reading()
         if self._write_timer is None:
             self._unsent = self.transport.get_write_buffer_size()
             self._write_timer = self.loop.call_later(self.limits.body_timeout, self._check_writes)
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        if not self.read_paused:  # (uvicorn's own pause: the app has not taken the last message yet)
+            self.transport.resume_reading()
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
+
+    async def receive(self) -> Any:
+        message = await super().receive()
+        if not self.writable.is_set():  # uvicorn resumed reading for the app: not while writes wait
+            self.transport.pause_reading()
+        return message
 
     def _check_writes(self) -> None:
         self._write_timer = None

@@ -283,3 +283,127 @@ def _b64(data: bytes) -> str:
 
 def _unused() -> tuple[Any, ...]:  # keep helpers imported for later tests
     return (orjson, split, _b64)
+
+
+# -- protocol headers on a stream -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["2", "0", "", "v1"])
+async def test_a_wrong_connect_protocol_version_on_a_stream_is_400(version: str) -> None:
+    """Before: a stream took any Connect-Protocol-Version (a unary call gets 400), and passed it on as metadata."""
+    async with serving() as (url, _, _, _):
+        headers = {"content-type": "application/connect+json", "connect-protocol-version": version}
+        reader, writer = await raw_request(url, "test.Feed/ticks", envelope(b'{"n": "2"}'), headers)
+        try:
+            answer = await asyncio.wait_for(reader.readuntil(b"}"), 20)
+        finally:
+            await close(writer)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        body = orjson.loads(answer.partition(b"\r\n\r\n")[2])
+        assert body == {
+            "code": "invalid_argument",
+            "message": f"Connect-Protocol-Version must be 1, not {version!r}: "
+            "kubrpc speaks version 1 of the Connect protocol",
+        }
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "soon", "12345678901", "1.5", "01"])
+async def test_a_bad_connect_timeout_on_a_stream_is_400(bad: str) -> None:
+    async with serving() as (url, _, _, _):
+        headers = {**NATIVE, "connect-timeout-ms": bad}
+        reader, writer = await raw_request(url, "test.Feed/ticks", envelope(b'{"n": 2}'), headers)
+        try:
+            answer = await asyncio.wait_for(reader.readuntil(b"}"), 20)
+        finally:
+            await close(writer)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert b"bad connect-timeout-ms header" in answer
+
+
+# -- WebSockets from a web page, and ping floods -----------------------------------------------------------------
+
+
+async def test_a_web_page_cannot_call_streams_over_a_websocket() -> None:
+    """Before: a WebSocket without Kubrpc-Codec spoke proto3 JSON, so any web page could open one to a server its
+    visitor reaches (localhost, an intranet) and read a server stream: browsers send no CORS preflight for a
+    WebSocket, and cannot set Kubrpc-Codec on one."""
+    async with serving() as (url, _, _, _):
+        ws_url = url.replace("http", "ws") + "/test.Feed/ticks"
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with websockets.connect(ws_url, origin=websockets.Origin("http://evil.example")) as ws:
+                await ws.send(envelope(b'{"n": "3"}'))
+                await ws.recv()
+        response = info.value.response
+        assert response.status_code == 400
+        body = orjson.loads(response.body or b"")
+        assert body["code"] == "invalid_argument" and "Kubrpc-Codec: native" in body["message"], body
+        async with kubrpc.connect(url) as channel:  # kubrpc's own client is not affected
+            from stream_services import Feed
+
+            assert [t async for t in channel.stub(Feed, timeout=10).ticks(2)] == [0, 1]
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame (mask 0: the payload as is)."""
+    assert len(payload) < 126
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+async def test_a_ping_flood_from_a_peer_that_never_reads_is_bounded() -> None:
+    """Before: uvicorn answered every ping at once, so a peer that sends pings and reads nothing made the server
+    buffer its pongs without bound (244 MiB of pongs unsent after 256 MiB of pings; now ~100 KB)."""
+    from stream_services import Feed, FeedImpl
+
+    from kubrpc._asgi_server import _WebSocketProtocol
+
+    server = kubrpc.Server()
+    server.register(Feed, FeedImpl())
+    async with server.serve("http://127.0.0.1:0") as listener:
+        url = listener.url
+        host, _, port = url.partition("://")[2].rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            key = base64.b64encode(b"k" * 16).decode()
+            writer.write(
+                (
+                    f"GET /test.Feed/chat HTTP/1.1\r\nhost: {host}\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
+                    f"sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\nkubrpc-codec: native\r\n\r\n"
+                ).encode()
+            )
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)).startswith(b"HTTP/1.1 101 ")
+            data = envelope(b"{}")
+            writer.write(bytes((0x82, 0x80 | len(data))) + b"\0\0\0\0" + data)  # the arguments
+            pings = _frame(0x9, b"p" * 125) * 512  # 67 KiB of pings
+            written = 0
+            while written < 256 * 1024 * 1024:  # the server stops reading long before this
+                writer.write(pings)
+                try:
+                    await asyncio.wait_for(writer.drain(), 1.0)
+                except TimeoutError:
+                    break
+                written += len(pings)
+            assert written < 64 * 1024 * 1024, "the server read every ping of a peer that reads nothing"
+            connections = listener.uvicorn.server_state.connections
+            protocols = [p for p in connections if isinstance(p, _WebSocketProtocol)]
+            assert protocols and all(p.transport.get_write_buffer_size() < 4 * 1024 * 1024 for p in protocols)
+        finally:
+            await close(writer)
+
+
+# -- kubrpc's client: answers that are not a stream ------------------------------------------------------------
+
+
+async def test_a_200_that_is_not_a_stream_says_so() -> None:
+    """Before: a proxy's 200 HTML page was read as envelopes: INTERNAL "envelope flags 0x3c"."""
+    page = b"<html>hello from the proxy</html>"
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: %d\r\n\r\n%s" % (len(page), page)
+    async with FakeServer(answer) as port:
+        conn = await HttpTransport().connect(Endpoint("127.0.0.1", port))
+        try:
+            with pytest.raises(RpcError) as info:
+                await conn.open_stream("a.B/c", b"{}", kind=CallKind.SERVER_STREAM, timeout=10, metadata={})
+            assert info.value.code is Status.INTERNAL
+            assert "is not a stream: Content-Type 'text/html'" in info.value.message, info.value
+        finally:
+            await conn.aclose()
+        assert conn.in_flight == 0

@@ -285,7 +285,22 @@ def _stream_head(scope: Scope, limit: int) -> tuple[float | None, dict[str, str]
                 raise _Refused(400, Status.INVALID_ARGUMENT, "Kubrpc-Codec must be 'native' (or absent: proto3 JSON)")
             native = True
         elif name not in (b"content-length", b"transfer-encoding"):
+            if name == VERSION_HEADER and value != b"1":  # as for a unary call
+                shown = value.decode("latin-1")[:40]
+                message = (
+                    f"Connect-Protocol-Version must be 1, not {shown!r}: kubrpc speaks version 1 of the Connect protocol"
+                )
+                raise _Refused(400, Status.INVALID_ARGUMENT, message)
             metadata[name.decode("latin-1")] = value.decode("latin-1")
+    if not native and scope["type"] == "websocket":
+        # Only kubrpc's client streams over a WebSocket, and it says so with a header a web page cannot set on a
+        # WebSocket handshake: a page on another site could otherwise call the server's streams (and read their
+        # messages) from a browser, which sends the user's cookies along and no CORS check holds back.
+        message = (
+            "a WebSocket stream needs the header Kubrpc-Codec: native (kubrpc's client sends it); "
+            f"Connect clients call stream methods with POST and Content-Type {STREAM_MEDIA}"
+        )
+        raise _Refused(400, Status.INVALID_ARGUMENT, message)
     return timeout, metadata, native
 
 

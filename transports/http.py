@@ -872,6 +872,14 @@ async def _open_stream(
                 )
                 conn._answered = True
                 if response.status == 200:
+                    media = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+                    if media != _connect.STREAM_MEDIA:  # a proxy's page, or not a kubrpc server
+                        response.close()
+                        raise RpcError(
+                            Status.INTERNAL,
+                            f"HTTP 200 from {conn.endpoint.address} is not a stream: Content-Type {media!r}, "
+                            f"not {_connect.STREAM_MEDIA} (a proxy answered, or the server is no kubrpc server)",
+                        )
                     stream.response = response
                     return stream
                 try:
