@@ -75,6 +75,8 @@ _DRAIN_GRACE = 1.0  # seconds an idle connection of a draining server stays open
 _LINGER = 2.0  # seconds a refused connection is still read (the bytes dropped) before it closes
 _CHUNK_FRAMING = 32  # bytes allowed per chunk of a chunked body for its size line and CRLFs
 _MAX_PIPELINE = 64  # requests queued on a connection behind the running one
+_KEEPALIVE_IDLE = 30  # seconds a connection is quiet before TCP keepalive probes its peer (the HTTP client's default)
+_KEEPALIVE_PROBE = 4  # seconds between probes; 3 unanswered probes close the connection
 _CODES = {400: Status.INVALID_ARGUMENT, 408: Status.DEADLINE_EXCEEDED, 503: Status.UNAVAILABLE}
 
 
@@ -606,6 +608,24 @@ class _QuietServer(uvicorn.Server):
         self.started = True
 
 
+def _keepalive(sock: socket.socket) -> None:
+    """TCP keepalive on the listening socket, which the connections it accepts inherit (Linux, macOS): a peer
+    whose host vanished (no FIN, no RST) is noticed after `_KEEPALIVE_IDLE` quiet seconds and the probes, so that
+    a quiet stream of it (no deadline, nothing to write) does not hold its request slot for good."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", _KEEPALIVE_IDLE),  # Linux
+        ("TCP_KEEPALIVE", _KEEPALIVE_IDLE),  # macOS
+        ("TCP_KEEPINTVL", _KEEPALIVE_PROBE),
+        ("TCP_KEEPCNT", 3),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
 @asynccontextmanager
 async def serve_uvicorn(
     app: ASGIApp,
@@ -635,6 +655,7 @@ async def serve_uvicorn(
             sock.close()
             raise
     sock.setblocking(False)
+    _keepalive(sock)
     family = sock.family
     bound = sock.getsockname()
     options.setdefault("http", protocol_class(limits or ServerLimits()))

@@ -407,3 +407,103 @@ async def test_a_200_that_is_not_a_stream_says_so() -> None:
         finally:
             await conn.aclose()
         assert conn.in_flight == 0
+
+
+async def test_connections_of_vanished_peers_are_probed() -> None:
+    """A quiet stream (no deadline, nothing to send) of a peer whose host vanished held its slot for good: the
+    server's connections had no TCP keepalive. Now they inherit it from the listening socket (30 s, 3 probes)."""
+    import socket
+
+    from test_http_streams import Slow, SlowImpl
+
+    from kubrpc._asgi_server import _HttpProtocol
+
+    server = kubrpc.Server()
+    slow = SlowImpl()
+    server.register(Slow, slow)
+    async with server.serve("http://127.0.0.1:0") as listener:
+        reader, writer = await raw_request(listener.url, "test.Slow/hold", envelope(b"{}"), NATIVE, chunked=True)
+        try:
+            await until(lambda: slow.running == 1, "the stream never started")
+            connections = [c for c in listener.uvicorn.server_state.connections if isinstance(c, _HttpProtocol)]
+            assert len(connections) == 1
+            accepted = connections[0].transport.get_extra_info("socket")
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+        finally:
+            await close(writer)
+        slow.release.set()
+        await until(lambda: slow.running == 0, "the handler of a gone peer ran on")
+
+
+@pytest.mark.parametrize(
+    ("sent", "code", "text"),
+    [
+        ("a text message", Status.INTERNAL, "a text WebSocket message"),  # before: UNAVAILABLE "closed (TEXT)"
+        (b"\x80\0\0\0\x01x", Status.INTERNAL, "flags 0x80"),
+        (envelope(b"1") + envelope(b"2"), Status.INTERNAL, "one envelope"),
+        (b"\x02\0\0\0\x01[", Status.INTERNAL, "malformed end-of-stream"),
+        (None, Status.UNAVAILABLE, "closed"),  # accepted, then closed at once
+    ],
+)
+async def test_a_hostile_websocket_server_is_an_error(sent: str | bytes | None, code: Status, text: str) -> None:
+    async def handler(ws: Any) -> None:
+        await ws.recv()  # the arguments
+        if sent is not None:
+            await ws.send(sent)
+            await ws.wait_closed()  # then silence (the client must not wait for more)
+
+    async with websockets.serve(handler, "127.0.0.1", 0) as ws_server:
+        port = next(iter(ws_server.sockets)).getsockname()[1]
+        conn = await HttpTransport().connect(Endpoint("127.0.0.1", port))
+        try:
+            stream = await conn.open_stream("a.B/c", b"{}", kind=CallKind.BIDI_STREAM, timeout=None, metadata={})
+            with pytest.raises(RpcError) as info:
+                await asyncio.wait_for(stream.receive(), 20)
+            assert info.value.code is code and text in info.value.message, info.value
+        finally:
+            await conn.aclose()
+        assert conn.in_flight == 0
+
+
+class Resetting(FakeServer):
+    """Answers a stream with its head and one message, then resets the connection."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+        message = envelope(b"0")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/connect+json\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"%x\r\n%s\r\n" % (len(message), message)
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.transport.abort()
+
+
+@pytest.mark.parametrize(
+    ("answer", "runs", "code", "text"),
+    [
+        # A proxy's 503 (no kubrpc-not-started): the call may have run; a stream is not retried.
+        (b"HTTP/1.1 503 x\r\ncontent-type: text/html\r\ncontent-length: 5\r\n\r\n<h1/>", 1, Status.UNAVAILABLE, "not kubrpc"),
+        (b"HTTP/1.1 502 x\r\ncontent-type: text/html\r\ncontent-length: 5\r\n\r\n<h1/>", 1, Status.UNAVAILABLE, "HTTP 502"),
+        (b"HTTP/1.1 504 x\r\ncontent-type: text/html\r\ncontent-length: 5\r\n\r\n<h1/>", 1, Status.UNAVAILABLE, "HTTP 504"),
+        # kubrpc's word that it did not start the call: tried again (here on the same, only endpoint)
+        (b"HTTP/1.1 503 x\r\nkubrpc-not-started: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n", 3, Status.UNAVAILABLE, "did not start"),
+        (None, 1, Status.UNAVAILABLE, "broke off"),  # a reset mid-stream: nothing runs twice
+    ],
+)
+async def test_a_stream_runs_at_most_once_unless_not_started(
+    answer: bytes | None, runs: int, code: Status, text: str
+) -> None:
+    from stream_services import Feed
+
+    fake = FakeServer(answer) if answer is not None else Resetting(None)
+    async with fake as port, kubrpc.connect(f"http://127.0.0.1:{port}", max_attempts=3) as channel:
+        with pytest.raises(RpcError) as info:
+            async for _ in channel.stub(Feed, timeout=10).ticks(5):
+                pass
+        assert info.value.code is code and text in info.value.message, info.value
+        assert len(fake.requests) == runs

@@ -752,6 +752,8 @@ class _HttpStream:
         if msg.type is not aiohttp.WSMsgType.BINARY:
             if self.error is not None:
                 raise self.error
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                raise RpcError(Status.INTERNAL, "malformed response stream: a text WebSocket message")
             if getattr(msg.data, "code", None) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
                 raise RpcError(Status.RESOURCE_EXHAUSTED, "response message exceeds the maximum message size")
             raise RpcError(Status.UNAVAILABLE, f"stream from {self.connection.endpoint.address} closed ({msg.type})")
