@@ -112,8 +112,9 @@ class _WebSocketProtocol(WebSocketProtocol):
 
     A peer that does not read is cut off as on HTTP: once the unsent bytes pass the transport's high-water mark
     (uvicorn's send() then waits), nothing more is read from it, and they must shrink within `body_timeout`
-    seconds, or the connection is aborted (the handler's next send fails, and the stream ends). uvicorn alone waits for good: its keepalive ping
-    closes the transport gracefully, which never completes while bytes wait unsent.
+    seconds, or the connection is aborted (the handler's next send fails, and the stream ends). uvicorn alone
+    waits for good: its keepalive ping closes the transport gracefully, which never completes while bytes wait
+    unsent.
     """
 
     limits: ClassVar[ServerLimits] = ServerLimits()

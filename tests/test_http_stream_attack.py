@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import orjson
 import pytest
 import websockets
-from test_http_streams import NATIVE, end_error, raw_request, serving, split
+from test_http_streams import NATIVE, end_error, raw_request, serving
 
 import kubrpc
 from kubrpc import RpcError, Status
@@ -277,14 +277,6 @@ async def test_a_server_that_never_answers_a_stream_is_bounded_by_read_timeout(k
         assert conn.in_flight == 0
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unused() -> tuple[Any, ...]:  # keep helpers imported for later tests
-    return (orjson, split, _b64)
-
-
 # -- protocol headers on a stream -------------------------------------------------------------------------------
 
 
@@ -383,7 +375,7 @@ async def test_a_ping_flood_from_a_peer_that_never_reads_is_bounded() -> None:
                     break
                 written += len(pings)
             assert written < 64 * 1024 * 1024, "the server read every ping of a peer that reads nothing"
-            connections = listener.uvicorn.server_state.connections
+            connections = listener.uvicorn.server_state.connections  # type: ignore[attr-defined]
             protocols = [p for p in connections if isinstance(p, _WebSocketProtocol)]
             assert protocols and all(p.transport.get_write_buffer_size() < 4 * 1024 * 1024 for p in protocols)
         finally:
@@ -425,7 +417,8 @@ async def test_connections_of_vanished_peers_are_probed() -> None:
         reader, writer = await raw_request(listener.url, "test.Slow/hold", envelope(b"{}"), NATIVE, chunked=True)
         try:
             await until(lambda: slow.running == 1, "the stream never started")
-            connections = [c for c in listener.uvicorn.server_state.connections if isinstance(c, _HttpProtocol)]
+            everything = listener.uvicorn.server_state.connections  # type: ignore[attr-defined]
+            connections = [c for c in everything if isinstance(c, _HttpProtocol)]
             assert len(connections) == 1
             accepted = connections[0].transport.get_extra_info("socket")
             assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
@@ -487,11 +480,31 @@ class Resetting(FakeServer):
     ("answer", "runs", "code", "text"),
     [
         # A proxy's 503 (no kubrpc-not-started): the call may have run; a stream is not retried.
-        (b"HTTP/1.1 503 x\r\ncontent-type: text/html\r\ncontent-length: 5\r\n\r\n<h1/>", 1, Status.UNAVAILABLE, "not kubrpc"),
-        (b"HTTP/1.1 502 x\r\ncontent-type: text/html\r\ncontent-length: 5\r\n\r\n<h1/>", 1, Status.UNAVAILABLE, "HTTP 502"),
-        (b"HTTP/1.1 504 x\r\ncontent-type: text/html\r\ncontent-length: 5\r\n\r\n<h1/>", 1, Status.UNAVAILABLE, "HTTP 504"),
+        (
+            b"HTTP/1.1 503 x\r\ncontent-type: text/html\r\ncontent-length: 5\r\n\r\n<h1/>",
+            1,
+            Status.UNAVAILABLE,
+            "not kubrpc",
+        ),
+        (
+            b"HTTP/1.1 502 x\r\ncontent-type: text/html\r\ncontent-length: 5\r\n\r\n<h1/>",
+            1,
+            Status.UNAVAILABLE,
+            "HTTP 502",
+        ),
+        (
+            b"HTTP/1.1 504 x\r\ncontent-type: text/html\r\ncontent-length: 5\r\n\r\n<h1/>",
+            1,
+            Status.UNAVAILABLE,
+            "HTTP 504",
+        ),
         # kubrpc's word that it did not start the call: tried again (here on the same, only endpoint)
-        (b"HTTP/1.1 503 x\r\nkubrpc-not-started: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n", 3, Status.UNAVAILABLE, "did not start"),
+        (
+            b"HTTP/1.1 503 x\r\nkubrpc-not-started: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            3,
+            Status.UNAVAILABLE,
+            "did not start",
+        ),
         (None, 1, Status.UNAVAILABLE, "broke off"),  # a reset mid-stream: nothing runs twice
     ],
 )

@@ -51,6 +51,7 @@ log = logging.getLogger("kubrpc.connect")
 
 VERSION_HEADER = b"connect-protocol-version"
 _JSON = b"application/json"
+_VERSION_HELP = "kubrpc speaks version 1 of the Connect protocol"
 _ACCEPT_POST = ((b"accept-post", b"application/json"),)
 _CODEC_HELP = (
     "kubrpc speaks Connect with the JSON codec only: send Content-Type application/json "
@@ -83,7 +84,7 @@ async def serve(rpc: Rpc, path: str, scope: Scope, receive: Receive, send: Send)
             encoding = value.strip().lower()
     if version != b"1":
         shown = (version or b"").decode("latin-1")[:40]
-        message = f"Connect-Protocol-Version must be 1, not {shown!r}: kubrpc speaks version 1 of the Connect protocol"
+        message = f"Connect-Protocol-Version must be 1, not {shown!r}: " + _VERSION_HELP
         await _error(send, 400, Status.INVALID_ARGUMENT, message)
         return
     if scope["method"] == "POST" and media != "application/json":  # (application/connect+*: a stream, routed before)
@@ -287,9 +288,7 @@ def _stream_head(scope: Scope, limit: int) -> tuple[float | None, dict[str, str]
         elif name not in (b"content-length", b"transfer-encoding"):
             if name == VERSION_HEADER and value != b"1":  # as for a unary call
                 shown = value.decode("latin-1")[:40]
-                message = (
-                    f"Connect-Protocol-Version must be 1, not {shown!r}: kubrpc speaks version 1 of the Connect protocol"
-                )
+                message = f"Connect-Protocol-Version must be 1, not {shown!r}: " + _VERSION_HELP
                 raise _Refused(400, Status.INVALID_ARGUMENT, message)
             metadata[name.decode("latin-1")] = value.decode("latin-1")
     if not native and scope["type"] == "websocket":
@@ -701,9 +700,7 @@ async def serve_websocket(core: ServerCore, path: str, scope: Scope, receive: Re
         closed = True
         raise _Disconnected
 
-    end = await _serve(
-        core, core.method(path), path, native, timeout, metadata, _peer(scope), write, envelopes, watch
-    )
+    end = await _serve(core, core.method(path), path, native, timeout, metadata, _peer(scope), write, envelopes, watch)
     if end is not None and not closed:
         with contextlib.suppress(OSError):
             await send({"type": "websocket.send", "bytes": end})

@@ -895,11 +895,11 @@ async def _open_stream(
         except _Redirected as redirected:
             raise _redirect(conn, redirected.status, redirected.location) from None
         except aiohttp.WSServerHandshakeError as exc:
-            headers = exc.headers or {}
-            if exc.status == 503 and headers.get(NOT_STARTED_HEADER) == "1":
+            answer: Mapping[str, str] = exc.headers or {}
+            if exc.status == 503 and answer.get(NOT_STARTED_HEADER) == "1":
                 raise NotDeliveredError(f"{conn.endpoint.address} did not start the call (HTTP 503)") from None
             if 300 <= exc.status < 400:
-                raise _redirect(conn, exc.status, headers.get("location")) from None
+                raise _redirect(conn, exc.status, answer.get("location")) from None
             raise RpcError(Status.from_http_status(exc.status), f"WebSocket refused: HTTP {exc.status}") from None
         except conn._errors as exc:
             raise NotDeliveredError(f"cannot connect to {conn.endpoint.address}: {exc}", unreachable=True) from None
