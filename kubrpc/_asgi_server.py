@@ -48,7 +48,7 @@ import asyncio
 import contextlib
 import math
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from ssl import SSLContext
 from typing import Any, ClassVar, cast
@@ -118,8 +118,44 @@ class _WebSocketProtocol(WebSocketProtocol):
     """
 
     limits: ClassVar[ServerLimits] = ServerLimits()
+    # The server's admission (max_pending_bytes), as (admit, release): messages still arriving count by the bytes
+    # buffered of them.
+    counter: ClassVar[tuple[Callable[[int], bool], Callable[[int], None]] | None] = None
     _write_timer: asyncio.TimerHandle | None = None
     _unsent = 0
+    _held = 0  # bytes of messages still arriving, counted by the admission
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        counter = self.counter
+        if counter is None:
+            return
+        admit, release = counter
+        # What websockets and uvicorn hold of messages not complete yet: a frame's bytes, earlier fragments.
+        closing = self.close_sent or self.transport.is_closing()
+        held = 0 if closing else len(self.conn.reader.buffer) + sum(map(len, self.frames))
+        if held > self._held and not admit(held - self._held):
+            release(self._held)
+            self._held = 0
+            self._busy()
+            return
+        if held < self._held:
+            release(self._held - held)
+        self._held = held
+
+    def _busy(self) -> None:
+        """Close with 1013 (try again later): the app sees a disconnect; what still arrives is dropped (websockets
+        discards it once failed) for a moment, so that the peer reads the close frame, not a reset."""
+        self.conn.fail(1013, "server busy: too many request bytes held (max_pending_bytes)")
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1013})
+        self.close_sent = True
+        self.frames = []
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.close_timer is None:
+            self.close_timer = self.loop.call_later(_LINGER, self.transport.close)
 
     def shutdown(self) -> None:
         if self.handshake_complete and not self.close_sent and not self.transport.is_closing():
@@ -130,6 +166,9 @@ class _WebSocketProtocol(WebSocketProtocol):
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
+        if self._held and self.counter is not None:
+            self.counter[1](self._held)
+            self._held = 0
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -165,11 +204,16 @@ class _WebSocketProtocol(WebSocketProtocol):
             self._write_timer = self.loop.call_later(self.limits.body_timeout, self._check_writes)
 
 
-def websocket_protocol_class(limits: ServerLimits | None = None) -> type[asyncio.Protocol]:
-    """The uvicorn `ws=` protocol class of the HTTP transport's bidirectional streams, held to `limits`."""
-    return cast(
-        "type[asyncio.Protocol]", type("WebSocketProtocol", (_WebSocketProtocol,), {"limits": limits or ServerLimits()})
-    )
+def websocket_protocol_class(
+    limits: ServerLimits | None = None,
+    admit: Callable[[int], bool] | None = None,
+    release: Callable[[int], None] | None = None,
+) -> type[asyncio.Protocol]:
+    """The uvicorn `ws=` protocol class of the HTTP transport's bidirectional streams, held to `limits`; `admit`
+    and `release` count the bytes of messages still arriving against the server's max_pending_bytes."""
+    counter = None if admit is None or release is None else (admit, release)
+    attributes = {"limits": limits or ServerLimits(), "counter": counter}
+    return cast("type[asyncio.Protocol]", type("WebSocketProtocol", (_WebSocketProtocol,), attributes))
 
 
 def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:

@@ -520,3 +520,45 @@ async def test_a_stream_runs_at_most_once_unless_not_started(
                 pass
         assert info.value.code is code and text in info.value.message, info.value
         assert len(fake.requests) == runs
+
+
+async def raw_websocket(url: str, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket opened by hand (kubrpc's native codec), its arguments envelope sent: then raw frames."""
+    host, _, port = url.partition("://")[2].rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    key = base64.b64encode(b"k" * 16).decode()
+    writer.write(
+        (
+            f"GET /{path} HTTP/1.1\r\nhost: {host}\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
+            f"sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\nkubrpc-codec: native\r\n\r\n"
+        ).encode()
+    )
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)).startswith(b"HTTP/1.1 101 ")
+    data = envelope(b"{}")
+    writer.write(bytes((0x82, 0x80 | len(data))) + b"\0\0\0\0" + data)
+    return reader, writer
+
+
+async def test_websocket_messages_still_arriving_count_against_max_pending_bytes() -> None:
+    """Before: websockets buffered each connection's unfinished message (up to max_message_size) outside the
+    server's admission: 8 WebSockets held 6.4 MB with max_pending_bytes at 3 MB, and _pending_bytes said 0."""
+    size, part = 900_000, 800_000
+    async with serving(max_message_size=1_000_000, max_pending_bytes=3_000_000) as (url, server, _, _):
+        sockets = []
+        try:
+            for _ in range(8):
+                reader, writer = await raw_websocket(url, "test.Feed/chat")
+                head = bytes((0x82, 0x80 | 127)) + size.to_bytes(8, "big") + b"\0\0\0\0"
+                writer.write(head + b"\0" * part)  # a message's head, and most of it
+                await writer.drain()
+                sockets.append((reader, writer))
+            await until(lambda: server._pending_bytes >= 3 * part, "the partial messages were never counted")
+            assert server._pending_bytes <= 3_000_000
+            for reader, _ in sockets[3:]:  # the 4th and later are over the limit: closed "try again later"
+                data = await asyncio.wait_for(reader.read(), 20)
+                assert data[0] == 0x88 and int.from_bytes(data[2:4], "big") == 1013, data
+                assert b"max_pending_bytes" in data
+        finally:
+            for _, writer in sockets:
+                await close(writer)
+        await until(lambda: server._pending_bytes == 0, "bytes left counted")

@@ -418,7 +418,7 @@ class HttpTransport:
             limit_concurrency=limits.max_connections,
             # Bidirectional streams: a WebSocket on the RPC path. One envelope per message; uvicorn reads no
             # further until the app has received each message (the flow control of the client's messages).
-            ws=websocket_protocol_class(limits),
+            ws=websocket_protocol_class(limits, core.admit, core.release),
             ws_max_size=limits.max_message_size + 5,
             ws_per_message_deflate=False,
         ) as (url, userver):
@@ -754,6 +754,8 @@ class _HttpStream:
                 raise self.error
             if msg.type is aiohttp.WSMsgType.TEXT:
                 raise RpcError(Status.INTERNAL, "malformed response stream: a text WebSocket message")
+            if msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1013:  # "try again later": the server is busy
+                raise RpcError(Status.RESOURCE_EXHAUSTED, f"{self.connection.endpoint.address}: {msg.extra}")
             if getattr(msg.data, "code", None) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
                 raise RpcError(Status.RESOURCE_EXHAUSTED, "response message exceeds the maximum message size")
             raise RpcError(Status.UNAVAILABLE, f"stream from {self.connection.endpoint.address} closed ({msg.type})")
