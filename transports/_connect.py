@@ -74,12 +74,13 @@ async def serve(rpc: Rpc, path: str, scope: Scope, receive: Receive, send: Send)
     """Check a Connect request's protocol version, codec and encoding, then run it with `rpc` (a ConnectCore's)."""
     version: bytes | None = None
     media: str | None = None
+    charset: str | None = None
     encoding: bytes | None = None
     for name, value in scope["headers"]:
         if name == VERSION_HEADER:
             version = value
         elif name == b"content-type":
-            media = value.decode("latin-1").split(";", 1)[0].strip().lower()
+            media, charset = _media(value)
         elif name == b"content-encoding":
             encoding = value.strip().lower()
     if version != b"1":
@@ -91,12 +92,30 @@ async def serve(rpc: Rpc, path: str, scope: Scope, receive: Receive, send: Send)
         message = (f"Content-Type {media} is not supported: " if media else "no Content-Type: ") + _CODEC_HELP
         await _error(send, 415, Status.UNIMPLEMENTED, message, *_ACCEPT_POST)
         return
+    if charset is not None:
+        await _error(send, 415, Status.UNIMPLEMENTED, _charset_message(charset), *_ACCEPT_POST)
+        return
     if encoding not in (None, b"identity"):
         shown = encoding.decode("latin-1")[:40]
         message = f"Content-Encoding {shown!r} is not supported: send the request uncompressed"
         await _error(send, 501, Status.UNIMPLEMENTED, message, (b"accept-encoding", b"identity"))
         return
     await rpc(path, scope, receive, send)
+
+
+def _media(value: bytes) -> tuple[str, str | None]:
+    """A Content-Type's media type, and its charset unless it is UTF-8 (JSON is UTF-8, RFC 8259)."""
+    media, _, parameters = value.decode("latin-1").partition(";")
+    charset = None
+    for parameter in parameters.split(";"):
+        key, _, given = parameter.partition("=")
+        if key.strip().lower() == "charset" and given.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            charset = given.strip()[:40]
+    return media.strip().lower(), charset
+
+
+def _charset_message(charset: str) -> str:
+    return f"charset {charset!r} is not supported: JSON messages are UTF-8 (send charset=utf-8, or none)"
 
 
 async def _error(send: Send, status: int, code: Status, message: str, *extra: tuple[bytes, bytes]) -> None:
@@ -264,7 +283,11 @@ def _stream_head(scope: Scope, limit: int) -> tuple[float | None, dict[str, str]
     native = False
     for name, value in scope["headers"]:
         if name == b"content-type":
-            media = value.decode("latin-1").split(";", 1)[0].strip().lower()
+            media, charset = _media(value)
+            if charset is not None and scope["type"] == "http":
+                raise _Refused(
+                    415, Status.UNIMPLEMENTED, _charset_message(charset), (b"accept-post", STREAM_MEDIA.encode())
+                )
             if media != STREAM_MEDIA and scope["type"] == "http":
                 message = (
                     f"Content-Type {media} is not supported: kubrpc speaks Connect with the JSON codec only, "
