@@ -562,3 +562,50 @@ async def test_websocket_messages_still_arriving_count_against_max_pending_bytes
             for _, writer in sockets:
                 await close(writer)
         await until(lambda: server._pending_bytes == 0, "bytes left counted")
+
+
+def _masked(first: int, payload: bytes) -> bytes:
+    """A client frame with a zero mask (the payload as is); `first` is FIN and the opcode."""
+    if len(payload) < 126:
+        return bytes((first, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+    return bytes((first, 0x80 | 126)) + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload
+
+
+async def test_fragmented_messages_are_one_envelope() -> None:
+    async with serving() as (url, server, _, _):
+        reader, writer = await raw_websocket(url, "test.Feed/chat")
+        try:
+            word = envelope(b'"' + b"a" * 300 + b'"')
+            writer.write(_masked(0x02, word[:7]) + _masked(0x00, word[7:100]) + _masked(0x80, word[100:]))
+            answer = envelope(b'"' + b"A" * 300 + b'"')
+            head = await asyncio.wait_for(reader.readexactly(4), 20)
+            assert head[:2] == b"\x82\x7e" and int.from_bytes(head[2:], "big") == len(answer)
+            assert await asyncio.wait_for(reader.readexactly(len(answer)), 20) == answer
+        finally:
+            await close(writer)
+        await until(lambda: server._pending_bytes == 0, "bytes left counted")
+
+
+@pytest.mark.parametrize(
+    "close_payload",
+    [b"", b"\x03\xe8", b"\x03\xe8bye", b"\x03\xed", b"\x03\xe7", b"\x13\x87", b"\x0f\x9f", b"\x03"],
+)
+async def test_close_frames_with_odd_codes_end_the_stream(close_payload: bytes) -> None:
+    """1000, 1005 and 999 (not allowed on the wire), 4999, 4000+, a 1-byte payload: the stream ends, the handler
+    with it, and the server serves on."""
+    async with serving() as (url, server, _, _):
+        reader, writer = await raw_websocket(url, "test.Feed/chat")
+        try:
+            writer.write(_masked(0x88, close_payload))
+            data = await asyncio.wait_for(reader.read(), 20)  # the server's close frame (or nothing), then EOF
+            assert not data or data[0] == 0x88, data
+        finally:
+            await close(writer)
+        await until(lambda: server._pending_bytes == 0, "bytes left counted")
+        async with kubrpc.connect(url) as channel:
+            from stream_services import Feed
+
+            async def words() -> AsyncIterator[str]:
+                yield "x"
+
+            assert [w async for w in channel.stub(Feed, timeout=10).chat(words())] == ["X"]
