@@ -351,8 +351,8 @@ async def test_http_connections_have_tcp_keepalive() -> None:
         async with kubrpc.connect([Endpoint("127.0.0.1", port)], transport=transport) as channel:
             await channel.stub(Counter, timeout=10).bump()
             (conn,) = channel.connections.values()
-            connector: Any = conn._session.connector  # type: ignore[attr-defined]
-            sockets = [p.transport.get_extra_info("socket") for conns in connector._conns.values() for p, _ in conns]
+            pool: Any = conn._pool  # type: ignore[attr-defined]
+            sockets = [c.transport.get_extra_info("socket") for c in pool._open]
             assert sockets
             for sock in sockets:
                 assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1

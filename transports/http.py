@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kubrpc._asgi_server import NOT_STARTED, send_json, serve_uvicorn, websocket_protocol_class
 from kubrpc._idle import IdleSignal
 from kubrpc._limits import DEFAULT_MAX_MESSAGE_SIZE
+from kubrpc.codec import check_metadata
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, RpcError, UnreachableError
 from kubrpc.interface import CallKind
@@ -39,6 +40,7 @@ from kubrpc.status import Status
 
 from . import _connect
 from ._envelope import END_STREAM, Decoder, EnvelopeError, envelope
+from ._http1 import ConnectFailed, Disconnected, Http1Pool, ReadTimeout, TooLarge
 
 if TYPE_CHECKING:
     from kubrpc.interfaces import ClientStream, ServerCore
@@ -481,6 +483,15 @@ class HttpConnection:
                 total=None, sock_connect=transport.connect_timeout, sock_read=transport.read_timeout
             ),
         }
+        self._pool = Http1Pool(
+            endpoint.host,
+            endpoint.port,
+            ssl=transport.ssl,
+            server_hostname=transport.server_hostname,
+            connect_timeout=transport.connect_timeout,
+            keepalive=transport.keepalive,
+            max_connections=transport.max_connections,
+        )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=transport.max_connections,
@@ -529,39 +540,48 @@ class HttpConnection:
         """POST one call and return the JSON result; errors become RpcError with the server's status."""
         if len(payload) > self._limit:
             raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
-        headers = dict(metadata) if metadata else {}
-        if metadata and not all(type(k) is str and type(v) is str for k, v in headers.items()):
-            raise RpcError(Status.INVALID_ARGUMENT, "metadata keys and values must be strings")
+        headers = None
+        if metadata:
+            try:  # the rule every transport applies; here it also keeps CR/LF out of the request head
+                check_metadata(metadata)
+            except ValueError as exc:
+                raise RpcError(Status.INVALID_ARGUMENT, str(exc)) from None
+            headers = dict(metadata)
         if timeout == math.inf:
             timeout = None
+        read_timeout = None
         if timeout is not None:
+            if headers is None:
+                headers = {}
             headers[TIMEOUT_HEADER] = str(min(max(1, math.ceil(timeout * 1000)), 9_999_999_999))
-            options = self._options
         else:
-            options = self._options_no_deadline
+            read_timeout = self._read_timeout
         self.in_flight += 1
         try:
-            async with asyncio.timeout(timeout):  # not anyio.fail_after: cheaper, and aiohttp is asyncio-only
-                async with self._session.post(
-                    self._base + path, data=payload, headers=headers, allow_redirects=False, **options
-                ) as response:
-                    status = response.status
-                    self._answered = True
-                    not_started = status == 503 and response.headers.get(NOT_STARTED_HEADER) == "1"
-                    content = await self._read(response)
-                    if 300 <= status < 400:
-                        raise _redirect(self, status, response.headers.get("location"))
-        except self._errors as exc:  # before TimeoutError: a connect timeout is one too
+            if timeout is None:
+                response = await self._pool.request(
+                    path, payload, headers, limit=self._limit + 1024, read_timeout=read_timeout
+                )
+            else:
+                async with asyncio.timeout(timeout):
+                    response = await self._pool.request(
+                        path, payload, headers, limit=self._limit + 1024, read_timeout=None
+                    )
+            self._answered = True
+        except ConnectFailed as exc:
             raise NotDeliveredError(f"cannot connect to {self.endpoint.address}: {exc}", unreachable=True) from None
-        except self._read_timeout_error:  # before TimeoutError too: only calls without a deadline have one
+        except ReadTimeout:  # before TimeoutError: only calls without a deadline have one
             self._answered = False
             raise RpcError(
                 Status.UNAVAILABLE, f"no answer from {self.endpoint.address} in {self._read_timeout:g} s (read_timeout)"
             ) from None
         except TimeoutError:
             raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
-        except self._transport_errors as exc:
-            message = f"connection to {self.endpoint.address} failed: {exc!r}"
+        except TooLarge:
+            self._answered = True
+            raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size") from None
+        except Disconnected as exc:
+            message = f"connection to {self.endpoint.address} failed: {exc}"
             if not self._answered:  # it has not answered since connecting (or since the last failure)
                 raise UnreachableError(message) from None
             self._answered = False
@@ -570,9 +590,9 @@ class HttpConnection:
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.notify()
-        if status == 200:
-            return content
-        raise self._http_error(status, content, not_started)
+        if response.status == 200:
+            return response.body
+        raise self._http_error(response.status, response.body, response.not_started)
 
     async def open_stream(
         self, path: str, payload: bytes, *, kind: CallKind, timeout: float | None, metadata: Mapping[str, str]
@@ -618,6 +638,7 @@ class HttpConnection:
     async def aclose(self) -> None:
         """Close every pooled connection."""
         self._closed = True
+        await self._pool.aclose()
         await self._session.close()
         if self._ws is not None:
             await self._ws.close()
