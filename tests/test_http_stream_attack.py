@@ -606,3 +606,26 @@ async def test_close_frames_with_odd_codes_end_the_stream(close_payload: bytes) 
                 yield "x"
 
             assert [w async for w in channel.stub(Feed, timeout=10).chat(words())] == ["X"]
+
+
+async def test_the_message_bound_does_not_count_while_the_server_holds_off_reading() -> None:
+    """A message that began while the server held off reading (its handler behind, the stream's window full) is
+    not the peer's delay: body_timeout counts only while the server reads."""
+    async with serving(body_timeout=1.5) as (url, server, _, slow):
+        big = envelope(b'"' + base64.b64encode(b"x" * 70_000) + b'"')  # past the 64 KiB window on its own
+        last = envelope(b'"' + base64.b64encode(b"y" * 300) + b'"')
+        start = envelope(b"{}") + big + last[:100]  # ... and a message begun
+        reader, writer = await raw_request(url, "test.Slow/hold", b"", NATIVE, chunked=True)
+        try:
+            writer.write(b"%x\r\n%s\r\n" % (len(start), start))
+            await until(lambda: slow.running == 1 and server._pending_bytes > 70_000, "the stream never started")
+            await asyncio.sleep(3.5)  # the handler reads nothing for longer than body_timeout
+            slow.release.set()
+            await asyncio.sleep(0.3)  # the server reads again, and waits for the rest of the message
+            rest = last[100:]
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+            _, body = await read_response(reader)
+            assert body == envelope(b"2") + envelope(b"{}", END_STREAM), body
+        finally:
+            await close(writer)
+        await until(lambda: server._pending_bytes == 0 and slow.running == 0, "bytes or handlers left behind")

@@ -602,8 +602,8 @@ async def _http_envelopes(receive: Receive, stream: _ServerStream) -> AsyncItera
     """The envelopes of a request body, as it arrives.
 
     The bytes of an envelope still arriving count against `max_pending_bytes` (`stream.partial`), and it must
-    arrive whole within `body_timeout` of its first byte (the first one, the arguments, of the request's head):
-    a peer may pause between messages, not inside one.
+    arrive whole within `body_timeout` of its first byte (the first one, the arguments, of the request's head),
+    not counting the time the server holds off reading: a peer may pause between messages, not inside one.
     """
     core = stream.core
     limits = core.limits
@@ -643,7 +643,10 @@ async def _http_envelopes(receive: Receive, stream: _ServerStream) -> AsyncItera
         if envelopes or since is None:
             since = loop.time() if pending else None
         for item in envelopes:
-            yield item
+            held_off = loop.time()
+            yield item  # the reader may hold off here (the stream's window is full): that time is not the peer's
+            if since is not None:
+                since += loop.time() - held_off
     if decoder.pending:
         raise RpcError(
             Status.INVALID_ARGUMENT,
