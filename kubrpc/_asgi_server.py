@@ -48,7 +48,7 @@ import asyncio
 import contextlib
 import math
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from ssl import SSLContext
 from typing import Any, ClassVar, cast
@@ -75,6 +75,8 @@ _DRAIN_GRACE = 1.0  # seconds an idle connection of a draining server stays open
 _LINGER = 2.0  # seconds a refused connection is still read (the bytes dropped) before it closes
 _CHUNK_FRAMING = 32  # bytes allowed per chunk of a chunked body for its size line and CRLFs
 _MAX_PIPELINE = 64  # requests queued on a connection behind the running one
+_KEEPALIVE_IDLE = 30  # seconds a connection is quiet before TCP keepalive probes its peer (the HTTP client's default)
+_KEEPALIVE_PROBE = 4  # seconds between probes; 3 unanswered probes close the connection
 _CODES = {400: Status.INVALID_ARGUMENT, 408: Status.DEADLINE_EXCEEDED, 503: Status.UNAVAILABLE}
 
 
@@ -106,17 +108,112 @@ def _is_stream(headers: list[tuple[bytes, bytes]]) -> bool:
 
 class _WebSocketProtocol(WebSocketProtocol):
     """uvicorn's WebSocket protocol, but a drain lets an open stream finish: uvicorn would close it at once
-    (1012); the server cancels what still runs after drain_timeout, and the stream then ends with UNAVAILABLE."""
+    (1012); the server cancels what still runs after drain_timeout, and the stream then ends with UNAVAILABLE.
+
+    A peer that does not read is cut off as on HTTP: once the unsent bytes pass the transport's high-water mark
+    (uvicorn's send() then waits), nothing more is read from it, and they must shrink within `body_timeout`
+    seconds, or the connection is aborted (the handler's next send fails, and the stream ends). uvicorn alone
+    waits for good: its keepalive ping closes the transport gracefully, which never completes while bytes wait
+    unsent.
+    """
+
+    limits: ClassVar[ServerLimits] = ServerLimits()
+    # The server's admission (max_pending_bytes), as (admit, release): messages still arriving count by the bytes
+    # buffered of them.
+    counter: ClassVar[tuple[Callable[[int], bool], Callable[[int], None]] | None] = None
+    _write_timer: asyncio.TimerHandle | None = None
+    _unsent = 0
+    _held = 0  # bytes of messages still arriving, counted by the admission
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        counter = self.counter
+        if counter is None:
+            return
+        admit, release = counter
+        # What websockets and uvicorn hold of messages not complete yet: a frame's bytes, earlier fragments.
+        closing = self.close_sent or self.transport.is_closing()
+        held = 0 if closing else len(self.conn.reader.buffer) + sum(map(len, self.frames))
+        if held > self._held and not admit(held - self._held):
+            release(self._held)
+            self._held = 0
+            self._busy()
+            return
+        if held < self._held:
+            release(self._held - held)
+        self._held = held
+
+    def _busy(self) -> None:
+        """Close with 1013 (try again later): the app sees a disconnect; what still arrives is dropped (websockets
+        discards it once failed) for a moment, so that the peer reads the close frame, not a reset."""
+        self.conn.fail(1013, "server busy: too many request bytes held (max_pending_bytes)")
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1013})
+        self.close_sent = True
+        self.frames = []
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.close_timer is None:
+            self.close_timer = self.loop.call_later(_LINGER, self.transport.close)
 
     def shutdown(self) -> None:
         if self.handshake_complete and not self.close_sent and not self.transport.is_closing():
             return
         super().shutdown()
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        if self._held and self.counter is not None:
+            self.counter[1](self._held)
+            self._held = 0
+        super().connection_lost(exc)
 
-def websocket_protocol_class() -> type[asyncio.Protocol]:
-    """The uvicorn `ws=` protocol class of the HTTP transport's bidirectional streams."""
-    return _WebSocketProtocol
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        # Nothing more is read from a peer that does not read either: each of its pings would add a pong to
+        # the unsent bytes (uvicorn answers them as they arrive), without bound.
+        self.transport.pause_reading()
+        if self._write_timer is None:
+            self._unsent = self.transport.get_write_buffer_size()
+            self._write_timer = self.loop.call_later(self.limits.body_timeout, self._check_writes)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if not self.read_paused:  # (uvicorn's own pause: the app has not taken the last message yet)
+            self.transport.resume_reading()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    async def receive(self) -> Any:
+        message = await super().receive()
+        if not self.writable.is_set():  # uvicorn resumed reading for the app: not while writes wait
+            self.transport.pause_reading()
+        return message
+
+    def _check_writes(self) -> None:
+        self._write_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        if unsent and unsent >= self._unsent:  # it reads nothing: drop the unsent bytes, the stream ends
+            self.transport.abort()
+        elif unsent:  # it reads, if slowly
+            self._unsent = unsent
+            self._write_timer = self.loop.call_later(self.limits.body_timeout, self._check_writes)
+
+
+def websocket_protocol_class(
+    limits: ServerLimits | None = None,
+    admit: Callable[[int], bool] | None = None,
+    release: Callable[[int], None] | None = None,
+) -> type[asyncio.Protocol]:
+    """The uvicorn `ws=` protocol class of the HTTP transport's bidirectional streams, held to `limits`; `admit`
+    and `release` count the bytes of messages still arriving against the server's max_pending_bytes."""
+    counter = None if admit is None or release is None else (admit, release)
+    attributes = {"limits": limits or ServerLimits(), "counter": counter}
+    return cast("type[asyncio.Protocol]", type("WebSocketProtocol", (_WebSocketProtocol,), attributes))
 
 
 def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
@@ -556,6 +653,24 @@ class _QuietServer(uvicorn.Server):
         self.started = True
 
 
+def _keepalive(sock: socket.socket) -> None:
+    """TCP keepalive on the listening socket, which the connections it accepts inherit (Linux, macOS): a peer
+    whose host vanished (no FIN, no RST) is noticed after `_KEEPALIVE_IDLE` quiet seconds and the probes, so that
+    a quiet stream of it (no deadline, nothing to write) does not hold its request slot for good."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", _KEEPALIVE_IDLE),  # Linux
+        ("TCP_KEEPALIVE", _KEEPALIVE_IDLE),  # macOS
+        ("TCP_KEEPINTVL", _KEEPALIVE_PROBE),
+        ("TCP_KEEPCNT", 3),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
 @asynccontextmanager
 async def serve_uvicorn(
     app: ASGIApp,
@@ -585,6 +700,7 @@ async def serve_uvicorn(
             sock.close()
             raise
     sock.setblocking(False)
+    _keepalive(sock)
     family = sock.family
     bound = sock.getsockname()
     options.setdefault("http", protocol_class(limits or ServerLimits()))

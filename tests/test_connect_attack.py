@@ -220,3 +220,64 @@ async def test_connect_timeout_ms_is_the_deadline(client: httpx.AsyncClient) -> 
         status, code, message, _ = error(response)
         assert (status, code) == (400, "invalid_argument")
         assert "bad connect-timeout-ms header" in message
+
+
+@pytest.mark.parametrize("charset", ["latin-1", "utf-16", '"iso-8859-1"'])
+async def test_a_charset_other_than_utf8_is_415(client: httpx.AsyncClient, charset: str) -> None:
+    """Before: the body was read as UTF-8 whatever the charset said (a latin-1 body's 'é' was invalid JSON, or
+    another string). JSON is UTF-8 (RFC 8259); Connect servers refuse other charsets."""
+    headers = {**CONNECT, "content-type": f"application/json; charset={charset}"}
+    response = await call(client, "total", {"lines": [LINE]}, headers)
+    status, code, message, _ = error(response)
+    assert (status, code) == (415, "unimplemented")
+    assert (
+        message == f"charset {charset[:40]!r} is not supported: JSON messages are UTF-8 (send charset=utf-8, or none)"
+    )
+    for fine in ("utf-8", "UTF-8", '"utf-8"', "utf8"):
+        headers = {**CONNECT, "content-type": f"application/json; charset={fine}"}
+        response = await call(client, "total", {"lines": [LINE]}, headers)
+        assert (response.status_code, response.json()) == (200, {"result": "6"})
+
+
+async def test_a_charset_other_than_utf8_on_a_stream_is_415(client: httpx.AsyncClient) -> None:
+    headers = {"content-type": "application/connect+json; charset=latin-1", "connect-protocol-version": "1"}
+    response = await client.post("/shop.v1.Shop/total", content=b"\0\0\0\0\x02{}", headers=headers)
+    status, code, message, _ = error(response)
+    assert (status, code) == (415, "unimplemented") and "'latin-1' is not supported" in message
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"null", "the body must be a JSON object"),
+        (b"{} {}", "unexpected content after document"),
+        (b"\xef\xbb\xbf{}", "byte order mark"),
+        (b'{"lines": [null]}', "null is not a value of a repeated field"),
+        (b'{"lines": [{"sku": "\\ud800"}]}', "no low surrogate"),
+        (b'{"lines": {"sku": "s"}}', "expected an array"),
+    ],
+)
+async def test_more_bodies_that_are_no_message(client: httpx.AsyncClient, body: bytes, message: str) -> None:
+    status, code, text, _ = error(await call(client, "total", body))
+    assert (status, code) == (400, "invalid_argument")
+    assert message in text, text
+
+
+async def test_the_native_codec_header_does_not_change_a_unary_connect_call(client: httpx.AsyncClient) -> None:
+    """Kubrpc-Codec is for streams of kubrpc's client: on a Connect unary call it is metadata, and the body is
+    still the proto3 JSON message (validated as one), the answer still a message, not a bare result."""
+    headers = {**CONNECT, "kubrpc-codec": "native"}
+    response = await call(client, "total", {"lines": [LINE]}, headers)
+    assert (response.status_code, response.json()) == (200, {"result": "6"})
+    status, code, message, _ = error(await call(client, "total", {"lines": [{**LINE, "colour": 1}]}, headers))
+    assert (status, code) == (400, "invalid_argument") and "unexpected field 'colour'" in message
+
+
+async def test_a_unary_connect_call_to_a_stream_method_says_how_to_call_it() -> None:
+    from test_http_streams import serving
+
+    async with serving() as (url, _, _, _), httpx.AsyncClient(base_url=url, timeout=10) as http:
+        response = await http.post("/test.Feed/ticks", json={"n": "2"}, headers=CONNECT)
+        status, code, message, _ = error(response)
+        assert (status, code) == (501, "unimplemented")
+        assert "server stream call" in message and "application/connect+json" in message

@@ -51,6 +51,7 @@ log = logging.getLogger("kubrpc.connect")
 
 VERSION_HEADER = b"connect-protocol-version"
 _JSON = b"application/json"
+_VERSION_HELP = "kubrpc speaks version 1 of the Connect protocol"
 _ACCEPT_POST = ((b"accept-post", b"application/json"),)
 _CODEC_HELP = (
     "kubrpc speaks Connect with the JSON codec only: send Content-Type application/json "
@@ -73,22 +74,26 @@ async def serve(rpc: Rpc, path: str, scope: Scope, receive: Receive, send: Send)
     """Check a Connect request's protocol version, codec and encoding, then run it with `rpc` (a ConnectCore's)."""
     version: bytes | None = None
     media: str | None = None
+    charset: str | None = None
     encoding: bytes | None = None
     for name, value in scope["headers"]:
         if name == VERSION_HEADER:
             version = value
         elif name == b"content-type":
-            media = value.decode("latin-1").split(";", 1)[0].strip().lower()
+            media, charset = _media(value)
         elif name == b"content-encoding":
             encoding = value.strip().lower()
     if version != b"1":
         shown = (version or b"").decode("latin-1")[:40]
-        message = f"Connect-Protocol-Version must be 1, not {shown!r}: kubrpc speaks version 1 of the Connect protocol"
+        message = f"Connect-Protocol-Version must be 1, not {shown!r}: " + _VERSION_HELP
         await _error(send, 400, Status.INVALID_ARGUMENT, message)
         return
     if scope["method"] == "POST" and media != "application/json":  # (application/connect+*: a stream, routed before)
         message = (f"Content-Type {media} is not supported: " if media else "no Content-Type: ") + _CODEC_HELP
         await _error(send, 415, Status.UNIMPLEMENTED, message, *_ACCEPT_POST)
+        return
+    if charset is not None:
+        await _error(send, 415, Status.UNIMPLEMENTED, _charset_message(charset), *_ACCEPT_POST)
         return
     if encoding not in (None, b"identity"):
         shown = encoding.decode("latin-1")[:40]
@@ -96,6 +101,21 @@ async def serve(rpc: Rpc, path: str, scope: Scope, receive: Receive, send: Send)
         await _error(send, 501, Status.UNIMPLEMENTED, message, (b"accept-encoding", b"identity"))
         return
     await rpc(path, scope, receive, send)
+
+
+def _media(value: bytes) -> tuple[str, str | None]:
+    """A Content-Type's media type, and its charset unless it is UTF-8 (JSON is UTF-8, RFC 8259)."""
+    media, _, parameters = value.decode("latin-1").partition(";")
+    charset = None
+    for parameter in parameters.split(";"):
+        key, _, given = parameter.partition("=")
+        if key.strip().lower() == "charset" and given.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            charset = given.strip()[:40]
+    return media.strip().lower(), charset
+
+
+def _charset_message(charset: str) -> str:
+    return f"charset {charset!r} is not supported: JSON messages are UTF-8 (send charset=utf-8, or none)"
 
 
 async def _error(send: Send, status: int, code: Status, message: str, *extra: tuple[bytes, bytes]) -> None:
@@ -263,7 +283,11 @@ def _stream_head(scope: Scope, limit: int) -> tuple[float | None, dict[str, str]
     native = False
     for name, value in scope["headers"]:
         if name == b"content-type":
-            media = value.decode("latin-1").split(";", 1)[0].strip().lower()
+            media, charset = _media(value)
+            if charset is not None and scope["type"] == "http":
+                raise _Refused(
+                    415, Status.UNIMPLEMENTED, _charset_message(charset), (b"accept-post", STREAM_MEDIA.encode())
+                )
             if media != STREAM_MEDIA and scope["type"] == "http":
                 message = (
                     f"Content-Type {media} is not supported: kubrpc speaks Connect with the JSON codec only, "
@@ -285,7 +309,20 @@ def _stream_head(scope: Scope, limit: int) -> tuple[float | None, dict[str, str]
                 raise _Refused(400, Status.INVALID_ARGUMENT, "Kubrpc-Codec must be 'native' (or absent: proto3 JSON)")
             native = True
         elif name not in (b"content-length", b"transfer-encoding"):
+            if name == VERSION_HEADER and value != b"1":  # as for a unary call
+                shown = value.decode("latin-1")[:40]
+                message = f"Connect-Protocol-Version must be 1, not {shown!r}: " + _VERSION_HELP
+                raise _Refused(400, Status.INVALID_ARGUMENT, message)
             metadata[name.decode("latin-1")] = value.decode("latin-1")
+    if not native and scope["type"] == "websocket":
+        # Only kubrpc's client streams over a WebSocket, and it says so with a header a web page cannot set on a
+        # WebSocket handshake: a page on another site could otherwise call the server's streams (and read their
+        # messages) from a browser, which sends the user's cookies along and no CORS check holds back.
+        message = (
+            "a WebSocket stream needs the header Kubrpc-Codec: native (kubrpc's client sends it); "
+            f"Connect clients call stream methods with POST and Content-Type {STREAM_MEDIA}"
+        )
+        raise _Refused(400, Status.INVALID_ARGUMENT, message)
     return timeout, metadata, native
 
 
@@ -357,6 +394,8 @@ class _ServerStream:
         self.inbox: Inbox | None = Inbox(self._read) if streams_requests else None
         self.payload: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.held = 0  # bytes of unread messages counted by core.admit()
+        self.partial = 0  # bytes of an envelope still arriving, counted by core.admit() (_http_envelopes)
+        self.first = True  # the first request envelope (the arguments) has not arrived yet
         self.failure: RpcError | None = None
         self.disconnected = False
         self.task = asyncio.current_task()
@@ -369,19 +408,18 @@ class _ServerStream:
         """Give back what the unread messages hold (the stream has ended)."""
         if self.inbox is not None:
             self.inbox.abort(RpcError(Status.CANCELLED, "the call has ended"))
-        self.core.release(self.held)
-        self.held = 0
+        self.core.release(self.held + self.partial)
+        self.held = self.partial = 0
 
     async def pump(self, envelopes: AsyncIterator[tuple[int, bytes]], watch: Callable[[], Awaitable[None]]) -> None:
         """Read the request messages, then wait for the client to go away (`watch`); a failure cancels the call."""
         inbox = self.inbox
-        first = True
         try:
             async for flags, data in envelopes:
                 if flags:
                     raise RpcError(Status.INVALID_ARGUMENT, f"unexpected envelope flags 0x{flags:02x} in a request")
-                if first:
-                    first = False
+                if self.first:
+                    self.first = False
                     payload, item = self.codec.first(data)
                     self.payload.set_result(payload)
                     if item is None:
@@ -398,7 +436,7 @@ class _ServerStream:
                 self.held += len(data)
                 inbox.put(data)
                 await inbox.room(STREAM_WINDOW)  # flow control: read no further until the handler catches up
-            if first:
+            if self.first:
                 self.payload.set_result(self.codec.first(None)[0])
             if inbox is not None:
                 inbox.end()
@@ -526,7 +564,7 @@ async def serve_stream(core: ServerCore, path: str, scope: Scope, receive: Recei
         metadata,
         _peer(scope),
         write,
-        _http_envelopes(receive, limit),
+        partial(_http_envelopes, receive),
         partial(_http_watch, receive),
     )
     if end is not None:
@@ -542,7 +580,7 @@ async def _serve(
     metadata: dict[str, str],
     peer: str,
     write: Callable[[bytes], Any],
-    envelopes: AsyncIterator[tuple[int, bytes]],
+    envelopes: Callable[[_ServerStream], AsyncIterator[tuple[int, bytes]]],
     watch: Callable[[], Awaitable[None]],
 ) -> bytes | None:
     try:
@@ -550,7 +588,7 @@ async def _serve(
     except RpcError as exc:
         return _end_stream(exc)
     stream = _ServerStream(core, spec, codec)
-    reader = asyncio.ensure_future(stream.pump(envelopes, watch))
+    reader = asyncio.ensure_future(stream.pump(envelopes(stream), watch))
     try:
         return await stream.run(path, timeout, metadata, peer, write)
     finally:
@@ -560,12 +598,33 @@ async def _serve(
         stream.release()
 
 
-async def _http_envelopes(receive: Receive, limit: int) -> AsyncIterator[tuple[int, bytes]]:
-    """The envelopes of a request body, as it arrives."""
-    decoder = Decoder(limit)
+async def _http_envelopes(receive: Receive, stream: _ServerStream) -> AsyncIterator[tuple[int, bytes]]:
+    """The envelopes of a request body, as it arrives.
+
+    The bytes of an envelope still arriving count against `max_pending_bytes` (`stream.partial`), and it must
+    arrive whole within `body_timeout` of its first byte (the first one, the arguments, of the request's head),
+    not counting the time the server holds off reading: a peer may pause between messages, not inside one.
+    """
+    core = stream.core
+    limits = core.limits
+    decoder = Decoder(limits.max_message_size)
+    loop = asyncio.get_running_loop()
+    since: float | None = loop.time()  # when the envelope being read began; None at a boundary
     more = True
     while more:
-        message = await receive()
+        if since is None:
+            message = await receive()
+        else:
+            try:
+                async with asyncio.timeout_at(since + limits.body_timeout):
+                    message = await receive()
+            except TimeoutError:
+                what = "the request message (the arguments)" if stream.first else "a request message"
+                raise RpcError(
+                    Status.DEADLINE_EXCEEDED,
+                    f"{what} did not arrive whole within {limits.body_timeout:g} s (body_timeout): "
+                    "send each message whole, at once",
+                ) from None
         if message["type"] == "http.disconnect":
             raise _Disconnected
         more = message.get("more_body", False)
@@ -574,8 +633,20 @@ async def _http_envelopes(receive: Receive, limit: int) -> AsyncIterator[tuple[i
         except EnvelopeError as exc:
             code = Status.RESOURCE_EXHAUSTED if "exceeds" in str(exc) else Status.INVALID_ARGUMENT
             raise RpcError(code, f"malformed request stream: {exc}") from None
+        pending = decoder.pending
+        if pending > stream.partial:  # admitted as it arrives, as a chunked unary body is
+            if not core.admit(pending - stream.partial):
+                raise RpcError(Status.RESOURCE_EXHAUSTED, "server busy: too many request bytes held")
+        else:
+            core.release(stream.partial - pending)
+        stream.partial = pending
+        if envelopes or since is None:
+            since = loop.time() if pending else None
         for item in envelopes:
-            yield item
+            held_off = loop.time()
+            yield item  # the reader may hold off here (the stream's window is full): that time is not the peer's
+            if since is not None:
+                since += loop.time() - held_off
     if decoder.pending:
         raise RpcError(
             Status.INVALID_ARGUMENT,
@@ -611,11 +682,23 @@ async def serve_websocket(core: ServerCore, path: str, scope: Scope, receive: Re
     async def write(data: bytes) -> None:
         await send({"type": "websocket.send", "bytes": data})
 
-    async def envelopes() -> AsyncIterator[tuple[int, bytes]]:
+    async def envelopes(stream: _ServerStream) -> AsyncIterator[tuple[int, bytes]]:
         nonlocal closed
         decoder = Decoder(limit)
+        body_timeout = core.limits.body_timeout
         while True:
-            message = await receive()
+            if stream.first:  # the arguments: within body_timeout of the handshake, as a request's body
+                try:
+                    async with asyncio.timeout(body_timeout):
+                        message = await receive()
+                except TimeoutError:
+                    raise RpcError(
+                        Status.DEADLINE_EXCEEDED,
+                        f"the request message (the arguments) did not arrive within {body_timeout:g} s "
+                        "(body_timeout): send it as soon as the WebSocket opens",
+                    ) from None
+            else:
+                message = await receive()
             if message["type"] == "websocket.disconnect":
                 closed = True
                 raise _Disconnected
@@ -643,9 +726,7 @@ async def serve_websocket(core: ServerCore, path: str, scope: Scope, receive: Re
         closed = True
         raise _Disconnected
 
-    end = await _serve(
-        core, core.method(path), path, native, timeout, metadata, _peer(scope), write, envelopes(), watch
-    )
+    end = await _serve(core, core.method(path), path, native, timeout, metadata, _peer(scope), write, envelopes, watch)
     if end is not None and not closed:
         with contextlib.suppress(OSError):
             await send({"type": "websocket.send", "bytes": end})

@@ -420,7 +420,7 @@ class HttpTransport:
             limit_concurrency=limits.max_connections,
             # Bidirectional streams: a WebSocket on the RPC path. One envelope per message; uvicorn reads no
             # further until the app has received each message (the flow control of the client's messages).
-            ws=websocket_protocol_class(),
+            ws=websocket_protocol_class(limits, core.admit, core.release),
             ws_max_size=limits.max_message_size + 5,
             ws_per_message_deflate=False,
         ) as (url, userver):
@@ -464,6 +464,7 @@ class HttpConnection:
         if transport.ssl is not None and transport.server_hostname is not None:
             self._options["server_hostname"] = transport.server_hostname
         self._closed = False
+        self._ws: Any = None  # the session of WebSocket handshakes (bidirectional streams), once one opened
         self.in_flight = 0
         self._idle = IdleSignal()
         # False until the endpoint answers, and again after a connection to it failed: a failure then is the
@@ -507,6 +508,24 @@ class HttpConnection:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
             auto_decompress=False,
         )
+
+    def _ws_session(self) -> Any:
+        """The session of WebSocket handshakes: this pool's connections, but a redirect is refused, not followed."""
+        if self._ws is None:
+            import aiohttp
+
+            trace = aiohttp.TraceConfig()
+            trace.on_request_redirect.append(_refuse_redirect)
+            session = self._session
+            self._ws = aiohttp.ClientSession(
+                connector=session.connector,
+                connector_owner=False,
+                timeout=session.timeout,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                auto_decompress=False,
+                trace_configs=[trace],
+            )
+        return self._ws
 
     async def wait_idle(self) -> None:
         """Return once no call is in flight on this connection."""
@@ -621,6 +640,8 @@ class HttpConnection:
         self._closed = True
         await self._pool.aclose()
         await self._session.close()
+        if self._ws is not None:
+            await self._ws.close()
 
     def __repr__(self) -> str:
         return f"<HttpConnection {self.endpoint.address}>"
@@ -752,6 +773,10 @@ class _HttpStream:
         if msg.type is not aiohttp.WSMsgType.BINARY:
             if self.error is not None:
                 raise self.error
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                raise RpcError(Status.INTERNAL, "malformed response stream: a text WebSocket message")
+            if msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1013:  # "try again later": the server is busy
+                raise RpcError(Status.RESOURCE_EXHAUSTED, f"{self.connection.endpoint.address}: {msg.extra}")
             if getattr(msg.data, "code", None) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
                 raise RpcError(Status.RESOURCE_EXHAUSTED, "response message exceeds the maximum message size")
             raise RpcError(Status.UNAVAILABLE, f"stream from {self.connection.endpoint.address} closed ({msg.type})")
@@ -802,6 +827,29 @@ class _HttpStream:
             conn._idle.notify()
 
 
+class _Redirected(Exception):
+    """A WebSocket handshake was answered with a redirect (raised by a trace hook: aiohttp's ws_connect has no
+    allow_redirects)."""
+
+    def __init__(self, status: int, location: str | None) -> None:
+        super().__init__(status, location)
+        self.status, self.location = status, location
+
+
+async def _refuse_redirect(session: Any, context: Any, params: Any) -> None:
+    raise _Redirected(params.response.status, params.response.headers.get("location"))
+
+
+def _redirect(conn: HttpConnection, status: int, location: str | None) -> RpcError:
+    """The error of a redirect, which a client does not follow: the call might run twice, or its metadata go
+    elsewhere; a kubrpc server never redirects (a proxy or an ingress in front of it did)."""
+    return RpcError(
+        Status.from_http_status(status),
+        f"HTTP {status} from {conn.endpoint.address}: a redirect to {location!r}, not followed "
+        "(point the client at the server's address, not at a proxy that redirects)",
+    )
+
+
 def _wake(future: asyncio.Future[None] | None) -> None:
     if future is not None and not future.done():
         future.set_result(None)
@@ -827,10 +875,12 @@ async def _open_stream(
     first = envelope(payload)
     try:
         try:
-            async with asyncio.timeout(timeout):
+            # Opening waits for the answer's head: within the deadline, or read_timeout without one. Then a
+            # stream may be quiet for as long as it likes (TCP keepalive notices a peer host that is gone).
+            async with asyncio.timeout(conn._read_timeout if timeout is None else timeout):
                 if kind is CallKind.BIDI_STREAM:
                     base = conn._base.replace("http", "ws", 1)
-                    stream.ws = await conn._session.ws_connect(
+                    stream.ws = await conn._ws_session().ws_connect(
                         base + path,
                         headers=headers,
                         max_msg_size=conn._limit + 1024,
@@ -842,24 +892,47 @@ async def _open_stream(
                     await stream.ws.send_bytes(first)
                     return stream
                 body: Any = first if kind is CallKind.SERVER_STREAM else stream.body(first)
-                response = await conn._session.post(conn._base + path, data=body, headers=headers, **conn._options)
+                response = await conn._session.post(
+                    conn._base + path, data=body, headers=headers, allow_redirects=False, **conn._options
+                )
                 conn._answered = True
                 if response.status == 200:
+                    media = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+                    if media != _connect.STREAM_MEDIA:  # a proxy's page, or not a kubrpc server
+                        response.close()
+                        raise RpcError(
+                            Status.INTERNAL,
+                            f"HTTP 200 from {conn.endpoint.address} is not a stream: Content-Type {media!r}, "
+                            f"not {_connect.STREAM_MEDIA} (a proxy answered, or the server is no kubrpc server)",
+                        )
                     stream.response = response
                     return stream
                 try:
+                    if 300 <= response.status < 400:
+                        raise _redirect(conn, response.status, response.headers.get("location"))
                     not_started = response.status == 503 and response.headers.get(NOT_STARTED_HEADER) == "1"
                     content = await conn._read(response)
                 finally:
                     response.close()
                 raise conn._http_error(response.status, content, not_started)
+        except _Redirected as redirected:
+            raise _redirect(conn, redirected.status, redirected.location) from None
         except aiohttp.WSServerHandshakeError as exc:
-            if exc.status == 503 and exc.headers is not None and exc.headers.get(NOT_STARTED_HEADER) == "1":
+            answer: Mapping[str, str] = exc.headers or {}
+            if exc.status == 503 and answer.get(NOT_STARTED_HEADER) == "1":
                 raise NotDeliveredError(f"{conn.endpoint.address} did not start the call (HTTP 503)") from None
+            if 300 <= exc.status < 400:
+                raise _redirect(conn, exc.status, answer.get("location")) from None
             raise RpcError(Status.from_http_status(exc.status), f"WebSocket refused: HTTP {exc.status}") from None
         except conn._errors as exc:
             raise NotDeliveredError(f"cannot connect to {conn.endpoint.address}: {exc}", unreachable=True) from None
         except TimeoutError:
+            if timeout is None:  # the answer's head, awaited for read_timeout (as a unary call's answer is)
+                conn._answered = False
+                raise RpcError(
+                    Status.UNAVAILABLE,
+                    f"no answer from {conn.endpoint.address} in {conn._read_timeout:g} s (read_timeout)",
+                ) from None
             raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
         except conn._transport_errors as exc:
             message = f"connection to {conn.endpoint.address} failed: {exc!r}"
