@@ -91,4 +91,7 @@ class FeedImpl:
             yield Event(seq, kind)
 
     async def add(self, a: int, b: int) -> int:
-        return a + b
+        total = a + b
+        if not -(2**63) <= total < 2**63:  # a sum past int64 cannot be sent back: say so, as a service would
+            raise RpcError(Status.OUT_OF_RANGE, "the sum does not fit in 64 bits")
+        return total

@@ -79,7 +79,7 @@ def test_envelopes_decode_whatever_the_chunking(messages: list[tuple[int, bytes]
 def test_an_oversized_message_is_refused_from_its_head(size: int, rest: bytes) -> None:
     decoder = Decoder(100)
     head = bytes((0,)) + size.to_bytes(4, "big")
-    with pytest.raises(EnvelopeError, match=f"message of {size} bytes exceeds the limit of 100 bytes"):
+    with pytest.raises(EnvelopeError, match=rf"message of {size} bytes exceeds the maximum message size \(100 bytes\)"):
         decoder.feed(head + rest)
     assert decoder.pending <= 5  # nothing of the message was buffered
 
@@ -278,8 +278,18 @@ async def test_unknown_method_and_unary_method_as_a_stream() -> None:
         ("test.Feed/total", envelope(b"{}") + b"\x80\0\0\0\x01x", "invalid_argument", "unknown envelope flags 0x80"),
         ("test.Feed/total", envelope(b"{}") + envelope(b"12")[:-1], "invalid_argument", "ended inside an envelope"),
         ("test.Feed/total", b"\0\0\0", "invalid_argument", "ended inside an envelope"),
-        ("test.Feed/total", envelope(b"{}") + envelope(b"1" * 2000), "resource_exhausted", "exceeds the limit of 1000"),
-        ("test.Feed/total", b"\0\xff\xff\xff\xff", "resource_exhausted", "exceeds the limit of 1000"),
+        (
+            "test.Feed/total",
+            envelope(b"{}") + envelope(b"1" * 2000),
+            "resource_exhausted",
+            "exceeds the maximum message size (1000 bytes)",
+        ),
+        (
+            "test.Feed/total",
+            b"\0\xff\xff\xff\xff",
+            "resource_exhausted",
+            "exceeds the maximum message size (1000 bytes)",
+        ),
         ("test.Feed/ticks", envelope(b'{"n": 1}') + envelope(b"{}"), "invalid_argument", "exactly one request message"),
         ("test.Feed/total", envelope(b"[1]"), "invalid_argument", ""),
         ("test.Feed/total", envelope(b"{}") + envelope(b'"two"'), "invalid_argument", "values[0]"),
@@ -406,7 +416,7 @@ async def test_websocket_bidi_round_trip_and_half_close() -> None:
         ([envelope(b"{}") + envelope(b'"a"')], "invalid_argument", "one envelope"),
         ([envelope(b"{}"), b"\0\0"], "invalid_argument", "one envelope"),
         ([envelope(b"{}"), envelope(b'"a"', COMPRESSED)], "invalid_argument", "flags 0x01"),
-        ([envelope(b"{}"), b"\0\xff\xff\xff\xff"], "resource_exhausted", "exceeds the limit"),
+        ([envelope(b"{}"), b"\0\xff\xff\xff\xff"], "resource_exhausted", "exceeds the maximum message size"),
         ([envelope(b"{}"), "text"], "invalid_argument", "text WebSocket message"),
         ([envelope(b"{}"), envelope(b"{}", END_STREAM), envelope(b'"late"')], "invalid_argument", "after the end"),
     ],

@@ -56,7 +56,9 @@ class Decoder:
                     raise EnvelopeError(f"unknown envelope flags 0x{flags:02x}")
                 size = int.from_bytes(buffer[1:5], "big")
                 if size > self.max_size:
-                    raise EnvelopeError(f"message of {size} bytes exceeds the limit of {self.max_size} bytes")
+                    raise EnvelopeError(
+                        f"message of {size} bytes exceeds the maximum message size ({self.max_size} bytes)"
+                    )
                 self._need = _HEAD + size
                 if size:
                     continue

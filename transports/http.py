@@ -466,6 +466,7 @@ class HttpConnection:
         self._closed = False
         self._ws: Any = None  # the session of WebSocket handshakes (bidirectional streams), once one opened
         self.in_flight = 0
+        self._streams: set[_HttpStream] = set()  # open stream calls, ended when the connection closes
         self._idle = IdleSignal()
         # False until the endpoint answers, and again after a connection to it failed: a failure then is the
         # endpoint's (accepted, then reset) and the channel backs off from it. (HTTP's stand-in for TCP's ack.)
@@ -636,8 +637,10 @@ class HttpConnection:
         return b"".join(chunks)
 
     async def aclose(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection; streams still open end with UNAVAILABLE."""
         self._closed = True
+        for stream in list(self._streams):
+            stream._end(RpcError(Status.UNAVAILABLE, f"the connection to {self.endpoint.address} was closed"))
         await self._pool.aclose()
         await self._session.close()
         if self._ws is not None:
@@ -672,6 +675,7 @@ class _HttpStream:
         loop = asyncio.get_running_loop()
         self._timer = None if timeout is None else loop.call_later(timeout, self._expire)
         connection.in_flight += 1
+        connection._streams.add(self)
 
     async def body(self, first: bytes) -> AsyncIterator[bytes]:
         """The request body of a client stream: the arguments, then each message send() gives."""
@@ -822,6 +826,7 @@ class _HttpStream:
             else:
                 self.response.close()
         conn = self.connection
+        conn._streams.discard(self)
         conn.in_flight -= 1
         if not conn.in_flight:
             conn._idle.notify()
