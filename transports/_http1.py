@@ -24,7 +24,7 @@ from collections import deque
 
 import httptools
 
-__all__ = ("ConnectFailed", "Disconnected", "Http1Pool", "ReadTimeout", "Response", "TooLarge")
+__all__ = ("ConnectFailed", "Disconnected", "Http1Pool", "ReadTimeout", "Response", "TooLarge", "set_keepalive")
 
 #: Seconds an idle connection may be reused; under uvicorn's 5 s keep-alive, so that none is reused as it closes.
 IDLE_REUSE = 4.0
@@ -314,7 +314,7 @@ class Http1Pool:
                 raise ConnectFailed(str(exc) or type(exc).__name__) from None
             raise
         if self._keepalive is not None and conn.transport is not None:
-            _set_keepalive(conn.transport.get_extra_info("socket"), self._keepalive)
+            set_keepalive(conn.transport.get_extra_info("socket"), self._keepalive)
         return conn
 
     def release(self, conn: _Connection) -> None:
@@ -350,8 +350,8 @@ class Http1Pool:
         await asyncio.sleep(0)  # let the transports' connection_lost run before the loop moves on
 
 
-def _set_keepalive(sock: socket.socket | None, keepalive: tuple[float, float]) -> None:
-    """TCP keepalive on a connected socket: probed after `interval` idle seconds, closed after `timeout` more."""
+def set_keepalive(sock: socket.socket | None, keepalive: tuple[float, float]) -> None:
+    """TCP keepalive on a socket: probed after `interval` idle seconds, closed after `timeout` more."""
     if sock is None:
         return
     interval, timeout = keepalive

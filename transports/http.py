@@ -40,7 +40,7 @@ from kubrpc.status import Status
 
 from . import _connect
 from ._envelope import END_STREAM, Decoder, EnvelopeError, envelope
-from ._http1 import ConnectFailed, Disconnected, Http1Pool, ReadTimeout, TooLarge
+from ._http1 import ConnectFailed, Disconnected, Http1Pool, ReadTimeout, TooLarge, set_keepalive
 
 if TYPE_CHECKING:
     from kubrpc.interfaces import ClientStream, ServerCore
@@ -429,21 +429,9 @@ class HttpTransport:
 
 def _keepalive_socket(keepalive: tuple[float, float], addr_info: tuple[Any, ...]) -> socket.socket:
     """A client socket with TCP keepalive: probed after `interval` idle seconds, closed after `timeout` more."""
-    interval, timeout = keepalive
     family, type_, proto, _, _ = addr_info
     sock = socket.socket(family=family, type=type_, proto=proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    probes = 3
-    for name, value in (
-        ("TCP_KEEPIDLE", interval),  # Linux
-        ("TCP_KEEPALIVE", interval),  # macOS
-        ("TCP_KEEPINTVL", timeout / probes),
-        ("TCP_KEEPCNT", probes),
-    ):
-        option = getattr(socket, name, None)
-        if option is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, option, max(1, math.ceil(value)))
+    set_keepalive(sock, keepalive)
     return sock
 
 
