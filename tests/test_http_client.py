@@ -166,3 +166,25 @@ async def test_metadata_cannot_inject_header_lines_at_the_transport() -> None:
             assert stats["requests"] == 0
         finally:
             await conn.aclose()
+
+
+async def test_an_interim_100_answer_is_skipped() -> None:
+    def answer(_: bytes) -> bytes:
+        return b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async with raw_http_server(answer) as stats:
+        assert await call(stats["port"]) == b"ok"
+
+
+async def test_a_path_cannot_break_the_request_line() -> None:
+    seen: list[bytes] = []
+
+    def answer(request: bytes) -> bytes:
+        seen.append(request.split(b"\r\n", 1)[0])
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async with raw_http_server(answer) as stats:
+        async with kubrpc.connect([Endpoint("127.0.0.1", stats["port"])], transport=HttpTransport()) as channel:
+            assert await channel.call("S/m x HTTP/1.1\r\nX-Evil: 1", b"{}", timeout=10) == b"ok"
+            assert await channel.call("S/m", b"{}", timeout=10) == b"ok"
+    assert seen == [b"POST /S/m%20x%20HTTP/1.1%0D%0AX-Evil:%201 HTTP/1.1", b"POST /S/m HTTP/1.1"]

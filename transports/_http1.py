@@ -21,10 +21,14 @@ import math
 import socket
 import ssl as ssl_module
 from collections import deque
+from urllib.parse import quote
 
 import httptools
 
 __all__ = ("ConnectFailed", "Disconnected", "Http1Pool", "ReadTimeout", "Response", "TooLarge", "set_keepalive")
+
+#: What stays as it is in a request path (RFC 3986 pchar, as aiohttp's URLs keep it); the rest is percent-encoded.
+_PATH_SAFE = "/:@!$&'()*+,;="
 
 #: Seconds an idle connection may be reused; under uvicorn's 5 s keep-alive, so that none is reused as it closes.
 IDLE_REUSE = 4.0
@@ -162,6 +166,13 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if 100 <= self._status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            self._body = []
+            self._size = 0
+            self._status = 0
+            self._not_started = False
+            self._framed = False
+            return
         waiter = self._waiter
         response = Response(self._status, self._not_started, b"".join(self._body))
         keep = self._parser.should_keep_alive()
@@ -247,6 +258,7 @@ class Http1Pool:
         self._open: set[_Connection] = set()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
+        self._targets: dict[str, bytes] = {}  # request lines by path
         authority = f"[{host}]" if ":" in host else host
         self._host_line = f"Host: {authority}:{port}\r\n".encode("latin-1")
 
@@ -254,8 +266,13 @@ class Http1Pool:
         self, path: str, body: bytes, headers: dict[str, str] | None, *, limit: int, read_timeout: float | None
     ) -> Response:
         """POST `body` to `path` on a pooled connection and return the answer (see the module's errors)."""
+        target = self._targets.get(path)
+        if target is None:  # percent-encoded once per path, so that no path can break the request line
+            target = f"POST /{quote(path, safe=_PATH_SAFE)} HTTP/1.1\r\n".encode("ascii")
+            if len(self._targets) < 4096:
+                self._targets[path] = target
         conn = await self._acquire()
-        head = [f"POST /{path} HTTP/1.1\r\n".encode("latin-1"), self._host_line]
+        head = [target, self._host_line]
         if headers:
             for name, value in headers.items():
                 head.append(f"{name}: {value}\r\n".encode("latin-1"))
