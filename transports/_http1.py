@@ -54,6 +54,10 @@ class TooLarge(Exception):
     """The answer's body is larger than the limit."""
 
 
+class _Unsolicited(Exception):
+    """An answer began when no request was waiting for one."""
+
+
 class Response:
     """An answer: its status, the one header a kubrpc client reads (`kubrpc-not-started`), and its body."""
 
@@ -145,6 +149,10 @@ class _Connection(asyncio.Protocol):
         self._fail(Disconnected(reason, reused=self.answered > 0))
 
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._waiter is None:  # a second answer to one request (in the same segment): nobody asked for it
+            raise _Unsolicited()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
