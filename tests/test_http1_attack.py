@@ -100,3 +100,82 @@ async def test_two_whole_answers_for_one_request_do_not_pool_the_connection_twic
             )
         assert all(type(r) is bytes and r != b'"junk"' for r in results), results
         assert sorted(results) == [b"[2]", b"[3]"]  # type: ignore[type-var]
+
+
+async def endless_head(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int], piece: bytes
+) -> None:
+    """Answer with a head that does not end: `piece` over and over, up to 4 MiB, then nothing."""
+    await read_request(reader, stats)
+    writer.write(b"HTTP/1.1 200 OK\r\n")
+    sent = 0
+    while sent < 4 << 20:
+        writer.write(piece * (65536 // len(piece)))
+        await writer.drain()
+        sent += 65536
+    stats["sent_all"] = 1
+    await reader.read()
+
+
+@pytest.mark.parametrize("piece", [b"a", b"X-Filler: 0123456789\r\n"], ids=["one-endless-header", "endless-headers"])
+async def test_an_endless_answer_head_is_refused_not_buffered(piece: bytes) -> None:
+    # One header value that never ends grew httptools' buffer without bound (no limit, unlike aiohttp's 8 KiB
+    # lines); endless small headers kept a call without a deadline waiting as long as they came.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        await endless_head(reader, writer, stats, b"X-Long: " + piece if piece == b"a" else piece)
+
+    async with server(handler) as stats, channel(stats["port"], read_timeout=5) as ch:
+        with anyio.fail_after(30), pytest.raises(RpcError) as info:
+            await ch.call("S/m", b"{}", timeout=None)
+        assert info.value.code is Status.UNAVAILABLE
+        assert "head" in info.value.message, info.value.message
+        assert "sent_all" not in stats  # the client stopped reading long before 4 MiB
+
+
+async def test_closing_the_channel_fails_every_caller_queued_for_a_connection() -> None:
+    # max_connections=1: one call holds the connection, three wait for it. Closing the channel woke one of them,
+    # whose connect failed (the pool is closed) without waking the next: those hung.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        await read_request(reader, stats)
+        await reader.read()  # never answers
+
+    async with server(handler) as stats, channel(stats["port"], max_connections=1) as ch:
+        results: list[BaseException | bytes] = []
+
+        async def one() -> None:
+            try:
+                results.append(await ch.call("S/m", b"{}", timeout=None))
+            except RpcError as exc:
+                results.append(exc)
+
+        tasks = [asyncio.create_task(one()) for _ in range(4)]
+        with anyio.fail_after(20):
+            while stats["requests"] < 1:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+        await ch.aclose()
+        try:
+            with anyio.fail_after(10):
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        assert len(results) == 4
+        assert all(isinstance(r, RpcError) and r.code is Status.UNAVAILABLE for r in results), results
+
+
+async def test_a_101_upgrade_answer_is_a_clear_error_not_a_protocol_crash() -> None:
+    # httptools raises HttpParserUpgrade (not an HttpParserError) out of data_received: asyncio logged a fatal
+    # error and the call failed as a reset, with nothing saying why.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        await read_request(reader, stats)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nxx")
+        await writer.drain()
+        await reader.read()
+
+    async with server(handler) as stats, channel(stats["port"]) as ch:
+        with anyio.fail_after(20), pytest.raises(RpcError) as info:
+            await ch.call("S/m", b"{}", timeout=5)
+        assert info.value.code is Status.UNAVAILABLE
+        assert "101" in info.value.message or "upgrade" in info.value.message.lower(), info.value.message

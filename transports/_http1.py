@@ -372,6 +372,10 @@ class Http1Pool:
         for conn in list(self._open):
             conn._drop()
         self._idle.clear()
+        while self._waiters:  # callers queued for a connection: each finds the pool closed
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
         await asyncio.sleep(0)  # let the transports' connection_lost run before the loop moves on
 
 
