@@ -33,6 +33,10 @@ _PATH_SAFE = "/:@!$&'()*+,;="
 #: Seconds an idle connection may be reused; under uvicorn's 5 s keep-alive, so that none is reused as it closes.
 IDLE_REUSE = 4.0
 
+#: Bytes an answer's head may take (interim 1xx heads included): past it the connection is dropped, so that a head
+#: that never ends neither grows httptools' header buffer nor keeps a call without a deadline waiting.
+MAX_HEAD = 64 * 1024
+
 
 class ConnectFailed(OSError):
     """The connection could not be made: nothing was sent."""
@@ -75,6 +79,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_framed",
+        "_head",
         "_limit",
         "_loop",
         "_not_started",
@@ -103,6 +108,7 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._not_started = False
         self._framed = False  # the answer says where its body ends (Content-Length or chunked)
+        self._head = 0  # bytes received while the answer's head is incomplete
         self._read_timer: asyncio.TimerHandle | None = None
         self._read_timeout: float | None = None
         self.answered = 0  # answers received on this connection
@@ -123,6 +129,9 @@ class _Connection(asyncio.Protocol):
             self._read_timer = self._loop.call_later(self._read_timeout, self._timed_out)  # type: ignore[arg-type]
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # 101 Switching Protocols: not an answer to a call
+            self._fail(Disconnected("the server switched protocols (HTTP 101) instead of answering", reused=False))
+            self._drop()
         except httptools.HttpParserError as exc:  # httptools wraps what a callback raises (TooLarge) in one too
             too_large = isinstance(exc, TooLarge) or isinstance(exc.__context__, TooLarge)
             self._fail(
@@ -132,6 +141,13 @@ class _Connection(asyncio.Protocol):
         except TooLarge as exc:
             self._fail(exc)
             self._drop()
+        else:
+            if not self._status and self._waiter is not None:  # the head is still incomplete
+                self._head += len(data)
+                if self._head > MAX_HEAD:
+                    reason = f"the answer's head exceeds {MAX_HEAD // 1024} KiB"
+                    self._fail(Disconnected(reason, reused=self.answered > 0))
+                    self._drop()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -200,6 +216,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._waiter = waiter = self._loop.create_future()
         self._limit = limit
+        self._head = 0
         if read_timeout is not None:
             self._read_timeout = read_timeout
             self._read_timer = self._loop.call_later(read_timeout, self._timed_out)
