@@ -177,3 +177,183 @@ async def test_a_101_upgrade_answer_is_a_clear_error_not_a_protocol_crash() -> N
             await ch.call("S/m", b"{}", timeout=5)
         assert info.value.code is Status.UNAVAILABLE
         assert "101" in info.value.message or "upgrade" in info.value.message.lower(), info.value.message
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST (SO_LINGER 0)."""
+    import socket
+    import struct
+
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize("after", [0, 1], ids=["fresh-connection", "kept-alive-connection"])
+async def test_a_reset_after_the_request_was_read_never_runs_a_non_idempotent_call_twice(after: int) -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        for _ in range(after):
+            request = await read_request(reader, stats)
+            writer.write(answer(b"[0]"))
+        request = await read_request(reader, stats)
+        seen.append(request.rsplit(b"\r\n\r\n", 1)[1])
+        reset(writer)
+
+    async with server(handler) as stats, channel(stats["port"]) as ch:
+        with anyio.fail_after(20):
+            for _ in range(after):
+                assert await ch.call("S/m", b"{}", timeout=10) == b"[0]"
+            with pytest.raises(RpcError) as info:
+                await ch.call("S/m", b'{"once":1}', timeout=10)
+        assert info.value.code is Status.UNAVAILABLE
+        assert seen == [b'{"once":1}']  # delivered once, not retried
+
+
+async def test_a_server_closing_each_kept_alive_connection_runs_no_call_twice() -> None:
+    # The keep-alive race: the server says keep-alive, then closes. A call that wrote onto the closing connection
+    # fails UNAVAILABLE (it may have been read: it is not retried unless idempotent, and then within the retry
+    # budget), as with aiohttp before (it retried no POST either).
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        request = await read_request(reader, stats)
+        seen.append(request.rsplit(b"\r\n\r\n", 1)[1])
+        writer.write(answer(b"[1]"))
+        await writer.drain()
+
+    async with server(handler) as stats, channel(stats["port"]) as ch:
+        ok = failed = 0
+        with anyio.fail_after(30):
+            for i in range(30):
+                try:
+                    assert await ch.call("S/m", b"[%d]" % i, timeout=10) == b"[1]"
+                    ok += 1
+                except RpcError as exc:
+                    assert exc.code is Status.UNAVAILABLE
+                    failed += 1
+        assert len(seen) == len(set(seen))
+        assert ok + failed == 30
+
+
+async def test_a_cancelled_call_leaves_no_connection_in_an_unknown_state() -> None:
+    # A call cancelled after the head of its answer arrived: the rest of that answer must not become the next's.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        while True:
+            await read_request(reader, stats)
+            n = stats["requests"]
+            if n == 1:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n[1")
+                await writer.drain()
+                await asyncio.sleep(0.5)
+                writer.write(b",1,1]")
+            else:
+                writer.write(answer(b"[%d]" % n))
+            await writer.drain()
+
+    async with server(handler) as stats, channel(stats["port"]) as ch:
+        with anyio.fail_after(20):
+            with pytest.raises(RpcError) as info:
+                await ch.call("S/m", b"{}", timeout=0.2)
+            assert info.value.code is Status.DEADLINE_EXCEEDED
+            assert await ch.call("S/m", b"{}", timeout=10) == b"[2]"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.0 200 OK\r\n\r\n[7]",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n[7]",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n[7]\r\n0\r\n\r\n",
+    ],
+    ids=["http1.0-until-close", "http1.0-length", "chunked"],
+)
+async def test_answers_framed_every_way_then_closed(reply: bytes) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        while True:
+            await read_request(reader, stats)
+            writer.write(reply)
+            await writer.drain()
+            if reply.startswith(b"HTTP/1.0"):
+                break  # (the client closes an HTTP/1.0 answer's connection; the first ends with it)
+
+    async with server(handler) as stats, channel(stats["port"]) as ch:
+        with anyio.fail_after(20):
+            for _ in range(3):
+                assert await ch.call("S/m", b"{}", timeout=10) == b"[7]"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n[7]",  # shorter than it says, then closed
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n[7]\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n[7]",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n[7]",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n[7]",
+    ],
+    ids=["short-length", "bad-chunk-size", "huge-chunk-size", "two-lengths", "huge-length"],
+)
+async def test_broken_framing_is_an_error_and_the_next_call_works(reply: bytes) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        while True:
+            await read_request(reader, stats)
+            if stats["requests"] == 2:
+                writer.write(reply)
+                await writer.drain()
+                break
+            writer.write(answer(b"[8]"))
+            await writer.drain()
+
+    async with server(handler) as stats, channel(stats["port"]) as ch:
+        with anyio.fail_after(20):
+            assert await ch.call("S/m", b"{}", timeout=10) == b"[8]"
+            with pytest.raises(RpcError) as info:
+                await ch.call("S/m", b"{}", timeout=10)
+            assert info.value.code in (Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED), info.value
+            assert await ch.call("S/m", b"{}", timeout=10, idempotent=True) == b"[8]"
+
+
+async def test_a_server_that_never_reads_a_large_request_is_bounded_by_read_timeout() -> None:
+    # The request sits in the client's write buffer (one request: bounded by max_message_size); no hang.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        await asyncio.sleep(30)
+
+    payload = b'"' + b"x" * (3 << 20) + b'"'
+    async with server(handler) as stats, channel(stats["port"], read_timeout=0.5) as ch:
+        with anyio.fail_after(20), pytest.raises(RpcError) as info:
+            await ch.call("S/m", payload, timeout=None)
+        assert info.value.code is Status.UNAVAILABLE
+
+
+async def test_an_early_answer_before_the_request_is_read_is_taken_once() -> None:
+    # A 413-like answer written before the server read the body, then the connection closed.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        stats["requests"] += 1
+        writer.write(b'HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}')
+        await writer.drain()
+
+    payload = b'"' + b"x" * (3 << 20) + b'"'
+    async with server(handler) as stats, channel(stats["port"]) as ch:
+        with anyio.fail_after(20):
+            for _ in range(2):
+                with pytest.raises(RpcError) as info:
+                    await ch.call("S/m", payload, timeout=10)
+                assert "HTTP 400" in info.value.message or info.value.code is Status.UNAVAILABLE, info.value
+
+
+async def test_many_callers_through_few_connections() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        while True:
+            request = await read_request(reader, stats)
+            await asyncio.sleep(0.001)
+            writer.write(answer(request.rsplit(b"\r\n\r\n", 1)[1]))
+            await writer.drain()
+
+    async with server(handler) as stats, channel(stats["port"], max_connections=3) as ch:
+        with anyio.fail_after(60):
+            results = await asyncio.gather(*(ch.call("S/m", b"[%d]" % i, timeout=30) for i in range(300)))
+        assert results == [b"[%d]" % i for i in range(300)]
+        assert stats["connections"] <= 3
