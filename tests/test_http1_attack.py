@@ -4,8 +4,10 @@ answers nobody asked for, endless heads, upgrades, and a channel closed with cal
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import pytest
@@ -234,7 +236,7 @@ async def test_a_server_closing_each_kept_alive_connection_runs_no_call_twice() 
                     assert exc.code is Status.UNAVAILABLE
                     failed += 1
         assert len(seen) == len(set(seen))
-        assert ok + failed == 30
+        assert ok + failed == 30, (ok, failed)
 
 
 async def test_a_cancelled_call_leaves_no_connection_in_an_unknown_state() -> None:
@@ -332,7 +334,7 @@ async def test_an_early_answer_before_the_request_is_read_is_taken_once() -> Non
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
         await reader.readuntil(b"\r\n\r\n")
         stats["requests"] += 1
-        writer.write(b'HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}')
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
         await writer.drain()
 
     payload = b'"' + b"x" * (3 << 20) + b'"'
@@ -357,3 +359,63 @@ async def test_many_callers_through_few_connections() -> None:
             results = await asyncio.gather(*(ch.call("S/m", b"[%d]" % i, timeout=30) for i in range(300)))
         assert results == [b"[%d]" % i for i in range(300)]
         assert stats["connections"] <= 3
+
+
+async def test_callers_whose_deadline_ends_while_queued_for_a_connection_leak_no_slot() -> None:
+    # max_connections=1: the first call holds the connection 0.5 s; three queued calls time out while waiting.
+    # The connection, once free, still serves the next call (no lost wake-up, no slot counted twice).
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        while True:
+            await read_request(reader, stats)
+            if stats["requests"] == 1:
+                await asyncio.sleep(0.5)
+            writer.write(answer(b"[%d]" % stats["requests"]))
+            await writer.drain()
+
+    async with server(handler) as stats, channel(stats["port"], max_connections=1) as ch:
+        with anyio.fail_after(20):
+            first = asyncio.create_task(ch.call("S/m", b"{}", timeout=10))
+            while stats["requests"] < 1:
+                await asyncio.sleep(0.01)
+            queued = await asyncio.gather(
+                *(ch.call("S/m", b"{}", timeout=0.05) for _ in range(3)), return_exceptions=True
+            )
+            assert all(isinstance(r, RpcError) and r.code is Status.DEADLINE_EXCEEDED for r in queued), queued
+            assert await first == b"[1]"
+            assert await ch.call("S/m", b"{}", timeout=10) == b"[2]"
+            assert await asyncio.gather(*(ch.call("S/m", b"{}", timeout=10) for _ in range(5))) == [
+                b"[%d]" % i for i in range(3, 8)
+            ]
+        assert stats["connections"] == 1
+
+
+async def test_closing_a_tls_channel_with_calls_in_flight_leaves_nothing_behind(tmp_path: Path) -> None:
+    from kubrpc.testing.kube import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=cert)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.read()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        async with channel(port, ssl=client_context) as ch:
+            tasks = [asyncio.create_task(ch.call("S/m", b"{}", timeout=None)) for _ in range(4)]
+            await asyncio.sleep(0.3)
+            await ch.aclose()
+            with anyio.fail_after(10):
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, RpcError) and r.code is Status.UNAVAILABLE for r in results), results
+    finally:
+        srv.close()
+        await srv.wait_closed()
