@@ -419,3 +419,25 @@ async def test_closing_a_tls_channel_with_calls_in_flight_leaves_nothing_behind(
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+@pytest.mark.parametrize("where", ["head", "body"])
+async def test_a_trickled_answer_cannot_hold_a_call_without_a_deadline_past_read_timeout(where: str) -> None:
+    # read_timeout was re-armed by every byte: a server trickling one byte every 0.05 s held a call without a
+    # deadline for as long as it liked (README: "has waited this long for its answer fails with UNAVAILABLE").
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        await read_request(reader, stats)
+        if where == "head":
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        for _ in range(2000):
+            writer.write(b"a")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    async with server(handler) as stats, channel(stats["port"], read_timeout=0.5) as ch:
+        with anyio.fail_after(30), pytest.raises(RpcError) as info:
+            await ch.call("S/m", b"{}", timeout=None)
+        assert info.value.code is Status.UNAVAILABLE
+        assert "read_timeout" in info.value.message

@@ -9,8 +9,9 @@ decompresses, and never retries: what a failure means is the caller's to decide 
 
 Errors: `ConnectFailed` (nothing was sent: the call was not delivered), `Disconnected` (the connection closed or
 reset before the whole answer arrived; `reused` says whether it had carried an answer before, which is the
-keep-alive race of a server closing an idle connection), `ReadTimeout` (no byte of the answer for `read_timeout`
-seconds) and `TooLarge` (the answer's body exceeds the limit; the connection is dropped).
+keep-alive race of a server closing an idle connection), `ReadTimeout` (the whole answer did not come within
+`read_timeout` seconds: a server trickling bytes cannot hold a call) and `TooLarge` (the answer's body exceeds the
+limit; the connection is dropped).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Disconnected(ConnectionError):
 
 
 class ReadTimeout(TimeoutError):
-    """No byte of the answer arrived for `read_timeout` seconds."""
+    """The whole answer did not arrive within `read_timeout` seconds of the request."""
 
 
 class TooLarge(Exception):
@@ -86,7 +87,6 @@ class _Connection(asyncio.Protocol):
         "_parser",
         "_pool",
         "_read_timer",
-        "_read_timeout",
         "_size",
         "_status",
         "_waiter",
@@ -110,7 +110,6 @@ class _Connection(asyncio.Protocol):
         self._framed = False  # the answer says where its body ends (Content-Length or chunked)
         self._head = 0  # bytes received while the answer's head is incomplete
         self._read_timer: asyncio.TimerHandle | None = None
-        self._read_timeout: float | None = None
         self.answered = 0  # answers received on this connection
         self.closed = False
         self.idle_since = 0.0
@@ -124,9 +123,6 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None:  # bytes nobody asked for: the server is not speaking HTTP/1.1 with us
             self._drop()
             return
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = self._loop.call_later(self._read_timeout, self._timed_out)  # type: ignore[arg-type]
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # 101 Switching Protocols: not an answer to a call
@@ -218,7 +214,6 @@ class _Connection(asyncio.Protocol):
         self._limit = limit
         self._head = 0
         if read_timeout is not None:
-            self._read_timeout = read_timeout
             self._read_timer = self._loop.call_later(read_timeout, self._timed_out)
         self.transport.write(request)
         return waiter
