@@ -441,3 +441,20 @@ async def test_a_trickled_answer_cannot_hold_a_call_without_a_deadline_past_read
             await ch.call("S/m", b"{}", timeout=None)
         assert info.value.code is Status.UNAVAILABLE
         assert "read_timeout" in info.value.message
+
+
+async def test_endless_chunked_trailers_are_refused_not_buffered() -> None:
+    # After the last chunk, one trailer that never ends grew httptools' header buffer without bound (the body's
+    # size limit does not see trailers): 8 MiB were buffered and the call waited for its deadline.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        await read_request(reader, stats)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n[7]\r\n0\r\nX-Trailer: ")
+        for _ in range(128):
+            writer.write(b"a" * 65536)
+            await writer.drain()
+        await reader.read()
+
+    async with server(handler) as stats, channel(stats["port"], max_message_size=65536) as ch:
+        with anyio.fail_after(30), pytest.raises(RpcError) as info:
+            await ch.call("S/m", b"{}", timeout=5)
+        assert info.value.code is Status.RESOURCE_EXHAUSTED, info.value

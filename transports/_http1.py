@@ -108,7 +108,7 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._not_started = False
         self._framed = False  # the answer says where its body ends (Content-Length or chunked)
-        self._head = 0  # bytes received while the answer's head is incomplete
+        self._head = 0  # bytes of the answer received so far (bounded: MAX_HEAD for its head)
         self._read_timer: asyncio.TimerHandle | None = None
         self.answered = 0  # answers received on this connection
         self.closed = False
@@ -138,11 +138,15 @@ class _Connection(asyncio.Protocol):
             self._fail(exc)
             self._drop()
         else:
-            if not self._status and self._waiter is not None:  # the head is still incomplete
+            if self._waiter is not None:  # the answer is still incomplete
                 self._head += len(data)
-                if self._head > MAX_HEAD:
-                    reason = f"the answer's head exceeds {MAX_HEAD // 1024} KiB"
-                    self._fail(Disconnected(reason, reused=self.answered > 0))
+                if not self._status:  # and so is its head
+                    if self._head > MAX_HEAD:
+                        reason = f"the answer's head exceeds {MAX_HEAD // 1024} KiB"
+                        self._fail(Disconnected(reason, reused=self.answered > 0))
+                        self._drop()
+                elif self._head > 2 * self._limit + MAX_HEAD:  # the body is bounded; its framing and trailers too
+                    self._fail(TooLarge())
                     self._drop()
 
     def connection_lost(self, exc: Exception | None) -> None:
