@@ -458,3 +458,19 @@ async def test_endless_chunked_trailers_are_refused_not_buffered() -> None:
         with anyio.fail_after(30), pytest.raises(RpcError) as info:
             await ch.call("S/m", b"{}", timeout=5)
         assert info.value.code is Status.RESOURCE_EXHAUSTED, info.value
+
+
+@pytest.mark.parametrize("deadline", [0.3, None], ids=["deadline", "no-deadline"])
+async def test_a_tls_handshake_that_never_ends_is_bounded_and_not_delivered(deadline: float | None) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        await reader.read()  # accepts, reads the ClientHello, never answers it
+
+    async with server(handler) as stats:
+        transport = HttpTransport(ssl=ssl.create_default_context(), connect_timeout=0.3)
+        async with kubrpc.connect([Endpoint("127.0.0.1", stats["port"])], transport=transport) as ch:
+            with anyio.fail_after(20), pytest.raises(RpcError) as info:
+                await ch.call("S/m", b"{}", timeout=deadline)
+        if deadline is None:
+            assert isinstance(info.value, kubrpc.NotDeliveredError), info.value
+        else:
+            assert info.value.code in (Status.DEADLINE_EXCEEDED, Status.UNAVAILABLE), info.value
