@@ -474,3 +474,58 @@ async def test_a_tls_handshake_that_never_ends_is_bounded_and_not_delivered(dead
             assert isinstance(info.value, kubrpc.NotDeliveredError), info.value
         else:
             assert info.value.code in (Status.DEADLINE_EXCEEDED, Status.UNAVAILABLE), info.value
+
+
+async def test_closing_the_channel_while_a_connection_is_being_made_leaves_no_socket(tmp_path: Path) -> None:
+    # The pool closed while a TLS handshake was under way: the new connection was still used for the call (which
+    # waited for read_timeout on a socket nobody would close) instead of failing as the pool was closed.
+    from kubrpc.testing.kube import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+
+    async def tls_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    tls = await asyncio.start_server(tls_handle, "127.0.0.1", 0, ssl=server_context)
+    tls_port = tls.sockets[0].getsockname()[1]
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def slow_proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
+        await asyncio.sleep(0.5)  # the handshake waits
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", tls_port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    try:
+        async with server(slow_proxy) as stats:
+            transport = HttpTransport(ssl=ssl.create_default_context(cafile=cert), connect_timeout=10)
+            async with kubrpc.connect([Endpoint("127.0.0.1", stats["port"])], transport=transport) as ch:
+                task = asyncio.create_task(ch.call("S/m", b"{}", timeout=None))
+                while stats["connections"] < 1:
+                    await asyncio.sleep(0.01)
+                await ch.aclose()
+                try:
+                    with anyio.fail_after(10):
+                        with pytest.raises(RpcError) as info:
+                            await task
+                finally:
+                    task.cancel()
+                assert info.value.code is Status.UNAVAILABLE
+    finally:
+        tls.close()
+        await tls.wait_closed()

@@ -354,6 +354,9 @@ class Http1Pool:
             if isinstance(exc, OSError | ssl_module.SSLError):
                 raise ConnectFailed(str(exc) or type(exc).__name__) from None
             raise
+        if self._closed:  # closed while this connection was being made: nobody would close it
+            conn._drop()
+            raise ConnectFailed("the connection pool is closed")
         if self._keepalive is not None and conn.transport is not None:
             set_keepalive(conn.transport.get_extra_info("socket"), self._keepalive)
         return conn
