@@ -362,13 +362,13 @@ async def test_many_callers_through_few_connections() -> None:
 
 
 async def test_callers_whose_deadline_ends_while_queued_for_a_connection_leak_no_slot() -> None:
-    # max_connections=1: the first call holds the connection 0.5 s; three queued calls time out while waiting.
+    # max_connections=1: the first call holds the connection 1.5 s; three queued calls time out while waiting.
     # The connection, once free, still serves the next call (no lost wake-up, no slot counted twice).
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int]) -> None:
         while True:
             await read_request(reader, stats)
             if stats["requests"] == 1:
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(1.5)
             writer.write(answer(b"[%d]" % stats["requests"]))
             await writer.drain()
 
