@@ -80,7 +80,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_framed",
-        "_head",
+        "_received",
         "_limit",
         "_loop",
         "_not_started",
@@ -108,7 +108,7 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._not_started = False
         self._framed = False  # the answer says where its body ends (Content-Length or chunked)
-        self._head = 0  # bytes of the answer received so far (bounded: MAX_HEAD for its head)
+        self._received = 0  # bytes of the answer received so far (bounded: MAX_HEAD for its head)
         self._read_timer: asyncio.TimerHandle | None = None
         self.answered = 0  # answers received on this connection
         self.closed = False
@@ -139,13 +139,13 @@ class _Connection(asyncio.Protocol):
             self._drop()
         else:
             if self._waiter is not None:  # the answer is still incomplete
-                self._head += len(data)
+                self._received += len(data)
                 if not self._status:  # and so is its head
-                    if self._head > MAX_HEAD:
+                    if self._received > MAX_HEAD:
                         reason = f"the answer's head exceeds {MAX_HEAD // 1024} KiB"
                         self._fail(Disconnected(reason, reused=self.answered > 0))
                         self._drop()
-                elif self._head > 2 * self._limit + MAX_HEAD:  # the body is bounded; its framing and trailers too
+                elif self._received > 2 * self._limit + MAX_HEAD:  # the body is bounded; its framing and trailers too
                     self._fail(TooLarge())
                     self._drop()
 
@@ -216,7 +216,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._waiter = waiter = self._loop.create_future()
         self._limit = limit
-        self._head = 0
+        self._received = 0
         if read_timeout is not None:
             self._read_timer = self._loop.call_later(read_timeout, self._timed_out)
         self.transport.write(request)
