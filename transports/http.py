@@ -364,7 +364,7 @@ class HttpTransport:
 
     HTTP/1.1 has no ping, so a client bounds silence two ways: TCP keepalive probes (`keepalive_interval` seconds
     idle, then probes for `keepalive_timeout` seconds; None: off) close connections whose peer host is gone, and a
-    call without a deadline fails with UNAVAILABLE once it has waited `read_timeout` seconds for a response byte.
+    call without a deadline fails with UNAVAILABLE once it has waited `read_timeout` seconds for its whole answer.
 
     `sock=` (server side) serves an already bound socket instead of binding host:port, as the workers of
     `Server.run(workers=N)` share their supervisor's; the listener takes it over and closes it when done.
