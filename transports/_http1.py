@@ -191,11 +191,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-            self._body = []
-            self._size = 0
-            self._status = 0
-            self._not_started = False
-            self._framed = False
+            self._clear_answer()
             return
         waiter = self._waiter
         response = Response(self._status, self._not_started, b"".join(self._body))
@@ -238,13 +234,18 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    def _reset(self) -> None:
-        self._waiter = None
+    def _clear_answer(self) -> None:
+        """Forget what has arrived of an answer."""
         self._body = []
         self._size = 0
         self._status = 0
         self._not_started = False
         self._framed = False
+
+    def _reset(self) -> None:
+        """No request is waiting any more: forget its answer and its timer."""
+        self._waiter = None
+        self._clear_answer()
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
