@@ -200,21 +200,9 @@ class TcpConnection(FrameWriter):
         """Send one call and wait for its answer; cancelling the wait cancels the call on the server."""
         if self._write_paused:  # the server is not reading what we send: wait (within the deadline) until it does
             await self._writable_within(timeout)
-        if not self.usable or self.transport is None:
-            raise NotDeliveredError(f"connection to {self.endpoint.address} is closed or draining")
-        if len(payload) > self.max_message_size:
-            raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
-        if timeout is None or timeout == math.inf:
+        if timeout == math.inf:
             timeout = None
-            timeout_ms = 0
-        else:
-            timeout_ms = min(max(1, math.ceil(timeout * 1000)), MAX_TIMEOUT_MS)
-        stream = self._next_stream
-        try:  # everything that can fail before the call is registered
-            request = encode_request(stream, path, payload, timeout_ms, encode_metadata(metadata) if metadata else b"")
-        except struct.error:
-            raise RpcError(Status.INVALID_ARGUMENT, "method path too long") from None
-        self._next_stream = stream + 1
+        stream, request = self._request(path, payload, timeout, metadata, 0)
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[stream] = fut
         if timeout is not None:
@@ -261,22 +249,9 @@ class TcpConnection(FrameWriter):
         """Start a stream call (kubrpc.interfaces.StreamingConnection); return once the server accepted it."""
         if self._write_paused:
             await self._writable_within(timeout)
-        if not self.usable or self.transport is None:
-            raise NotDeliveredError(f"connection to {self.endpoint.address} is closed or draining")
-        if len(payload) > self.max_message_size:
-            raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
-        if timeout is None or timeout == math.inf:
+        if timeout == math.inf:
             timeout = None
-            timeout_ms = 0
-        else:
-            timeout_ms = min(max(1, math.ceil(timeout * 1000)), MAX_TIMEOUT_MS)
-        stream_id = self._next_stream
-        try:
-            meta = encode_metadata(metadata) if metadata else b""
-            request = encode_request(stream_id, path, payload, timeout_ms, meta, FLAGS_OF_KIND[kind])
-        except struct.error:
-            raise RpcError(Status.INVALID_ARGUMENT, "method path too long") from None
-        self._next_stream = stream_id + 1
+        stream_id, request = self._request(path, payload, timeout, metadata, FLAGS_OF_KIND[kind])
         stream = TcpStream(self, stream_id, kind, None if timeout is None else self._loop.time() + timeout)
         self._streams[stream_id] = stream
         if timeout is not None:
@@ -292,6 +267,25 @@ class TcpConnection(FrameWriter):
             stream.cancel()
             raise
         return stream
+
+    def _request(
+        self, path: str, payload: bytes, timeout: float | None, metadata: Mapping[str, str], flags: int
+    ) -> tuple[int, bytes]:
+        """A new call's stream id and REQUEST frame; what can fail before a call is registered fails here."""
+        if not self.usable or self.transport is None:
+            raise NotDeliveredError(f"connection to {self.endpoint.address} is closed or draining")
+        if len(payload) > self.max_message_size:
+            raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
+        timeout_ms = 0 if timeout is None else min(max(1, math.ceil(timeout * 1000)), MAX_TIMEOUT_MS)
+        stream = self._next_stream
+        try:
+            request = encode_request(
+                stream, path, payload, timeout_ms, encode_metadata(metadata) if metadata else b"", flags
+            )
+        except struct.error:
+            raise RpcError(Status.INVALID_ARGUMENT, "method path too long") from None
+        self._next_stream = stream + 1
+        return stream, request
 
     def _stream_closed(self, stream: int) -> None:
         """A stream has ended or was cancelled: it is in flight no more."""
