@@ -247,18 +247,13 @@ class Channel:
     ) -> bytes:
         """Send an encoded call to one endpoint and return the encoded result (the untyped API under stubs)."""
         if self._task_group is None or self._closed:
-            if self._closed:
-                raise RuntimeError(f"channel is closed ({self.target}): call while its `async with` block runs")
-            raise RuntimeError("use the Channel as `async with kubrpc.connect(...) as channel:`")
+            raise self._not_open()
         if timeout is not None and not timeout < _FOREVER:  # NaN, or so far off that it is no deadline
             timeout = _check_timeout(timeout)
         if self._interceptors and type(metadata) is not _Intercepted:
             return await self._intercept(path, payload, timeout, idempotent, key, metadata)
         if metadata:  # the same rule on every transport, before anything is sent
-            try:
-                check_metadata(metadata)
-            except ValueError as exc:
-                raise RpcError(Status.INVALID_ARGUMENT, str(exc)) from None
+            _check_metadata(metadata)
         deadline = None if timeout is None else time.monotonic() + timeout
         budget = self.retry_budget
         budget.deposit()
@@ -343,18 +338,13 @@ class Channel:
         messages may have been read. `timeout` covers the whole stream.
         """
         if self._task_group is None or self._closed:
-            if self._closed:
-                raise RuntimeError(f"channel is closed ({self.target}): call while its `async with` block runs")
-            raise RuntimeError("use the Channel as `async with kubrpc.connect(...) as channel:`")
+            raise self._not_open()
         if timeout is not None and not timeout < _FOREVER:
             timeout = _check_timeout(timeout)
         if self._interceptors and type(metadata) is not _Intercepted:
             return await self._intercept_stream(path, payload, kind, timeout, idempotent, key, metadata)
         if metadata:
-            try:
-                check_metadata(metadata)
-            except ValueError as exc:
-                raise RpcError(Status.INVALID_ARGUMENT, str(exc)) from None
+            _check_metadata(metadata)
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 0
         tried: set[Endpoint] | None = None
@@ -368,7 +358,8 @@ class Channel:
             endpoint = self._pick(key, tried) if self.endpoints else await self._first_pick(key, remaining)
             probe: anyio.Event | None = None
             feedback = self._feedback
-            started = False
+            started = False  # the balancer was told of the start, and not yet of the end
+            status = Status.CANCELLED
             try:
                 if self._down and (endpoint.host, endpoint.port) in self._down:
                     probe = await self._pool.admit(endpoint, remaining)
@@ -388,28 +379,30 @@ class Channel:
                 started = False  # the StreamCall reports the outcome to the balancer from here
                 return StreamCall(stream, path, partial(self._stream_ended, endpoint))
             except NotDeliveredError as exc:
-                if started and feedback is not None:
-                    feedback.on_finish(endpoint, status=Status.UNAVAILABLE, latency=0.0)
-                    started = False
+                status = Status.UNAVAILABLE
                 if exc.unreachable:
                     self._pool.mark_down((endpoint.host, endpoint.port), exc.message)
                 if attempt >= self.max_attempts:
                     raise
             except RpcError as exc:
-                if started and feedback is not None:
-                    feedback.on_finish(endpoint, status=exc.code, latency=0.0)
-                    started = False
+                status = exc.code
                 if type(exc) is UnreachableError:
                     self._pool.mark_down((endpoint.host, endpoint.port), exc.message)
                 raise
             finally:
-                if started and feedback is not None:  # cancelled while opening
-                    feedback.on_finish(endpoint, status=Status.CANCELLED, latency=0.0)
+                if started and feedback is not None:  # not opened: refused, failed or cancelled while opening
+                    feedback.on_finish(endpoint, status=status, latency=0.0)
                 if probe is not None:
                     self._pool.end_probe((endpoint.host, endpoint.port), probe)
             if tried is None:
                 tried = set()
             tried.add(endpoint)
+
+    def _not_open(self) -> RuntimeError:
+        """Why a call cannot be made on this channel now (closed, or used outside its `async with` block)."""
+        if self._closed:
+            return RuntimeError(f"channel is closed ({self.target}): call while its `async with` block runs")
+        return RuntimeError("use the Channel as `async with kubrpc.connect(...) as channel:`")
 
     def _stream_ended(self, endpoint: Endpoint, call: StreamCall) -> None:
         """A stream call ended: tell the balancer (if it learns from calls) and the stream recorders (metrics)."""
@@ -637,6 +630,14 @@ class RetryBudget:
 
 # A timeout this long (about 31 years) is no deadline: the wire could not carry it (TCP's is 32 bits of ms).
 _FOREVER = 1e9
+
+
+def _check_metadata(metadata: Mapping[str, str]) -> None:
+    """INVALID_ARGUMENT unless the metadata can travel on every transport (kubrpc.codec.check_metadata)."""
+    try:
+        check_metadata(metadata)
+    except ValueError as exc:
+        raise RpcError(Status.INVALID_ARGUMENT, str(exc)) from None
 
 
 def _check_timeout(timeout: float) -> float | None:
