@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import importlib.metadata
 import json
 import math
 import os
@@ -547,16 +546,9 @@ def table(results: Results, settings: Settings, peers: tuple[str, ...], workload
     return "\n".join(lines)
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-
-
 def environment(settings: Settings, load: tuple[float, float, float], command: str) -> str:
     """The conditions of the run, for the results file."""
-    from bench_unary import cpu_model
+    from bench_unary import _version, cpu_model
 
     versions = ", ".join(
         f"{p} {_version(p)}" for p in ("kubrpc", "grpcio", "starlette", "uvicorn", "aiohttp", "orjson")
