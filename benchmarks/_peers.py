@@ -5,6 +5,10 @@ Every peer serves and calls the same unary method, add(a, b) -> a + b with JSON-
 - ``kubrpc-tcp`` and ``kubrpc-http``: a ``kubrpc.Server`` and a ``kubrpc.connect()`` channel's typed stub;
 - ``grpcio.aio``: a generic handler with orjson (de)serializers (no protoc step), ``channel.unary_unary``;
 - ``starlette``: a bare ``POST /Arith/add`` route served by uvicorn, driven by aiohttp as kubrpc's HTTP transport is.
+- ``raw-tcp``: the floor that issue 15 measures kubrpc's TCP transport against: asyncio protocols with nothing but
+  length-prefixed frames (an id and JSON), the handler run inline where its request is read (no task), the
+  answers of one read written at once, and a client that writes the requests of one loop turn at once. No deadlines,
+  metadata, limits, errors, cancellation or balancing: what any RPC over asyncio TCP must at least cost.
 - opt-in (``--peers``): ``kubrpc-tcp+metrics`` with kubrpc.metrics on both sides, ``kubrpc-tcp+tracing`` with
   kubrpc.tracing's interceptors on both sides: the cost of observability.
 
@@ -29,6 +33,7 @@ import math
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -39,7 +44,7 @@ from typing import Any, Protocol
 import orjson
 import uvicorn
 
-PEERS = ("kubrpc-tcp", "kubrpc-http", "grpcio.aio", "starlette", "kubrpc-tcp+uvloop", "kubrpc-http+uvloop")
+PEERS = ("kubrpc-tcp", "raw-tcp", "kubrpc-http", "grpcio.aio", "starlette", "kubrpc-tcp+uvloop", "kubrpc-http+uvloop")
 UVLOOP = "+uvloop"  # a peer name ending in this runs both of its processes on uvloop (kubrpc's optional extra)
 EXTRA_PEERS = ("kubrpc-tcp+metrics", "kubrpc-tcp+tracing")  # not run by default
 OBSERVED = ("+metrics", "+tracing")
@@ -168,6 +173,103 @@ async def serve_starlette() -> AsyncIterator[str]:
             await task
 
 
+_RAW_HEAD = struct.Struct(">II")  # raw-tcp: payload length, call id
+
+
+class _RawServerProtocol(asyncio.Protocol):
+    """raw-tcp's server: each request's handler runs inline as its frame is read; one write per read."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.impl = ArithImpl()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        head, out, pos, end = _RAW_HEAD.unpack_from, [], 0, len(buffer)
+        while end - pos >= 8:
+            size, call = head(buffer, pos)
+            if end - pos - 8 < size:
+                break
+            args = orjson.loads(buffer[pos + 8 : pos + 8 + size])
+            pos += 8 + size
+            coro = self.impl.add(args["a"], args["b"])
+            try:
+                coro.send(None)
+            except StopIteration as done:  # add never waits: its first step is its whole run
+                body = orjson.dumps(done.value)
+            out.append(_RAW_HEAD.pack(len(body), call) + body)
+        self.buffer = buffer[pos:]
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+
+@asynccontextmanager
+async def serve_raw() -> AsyncIterator[str]:
+    """raw-tcp's server on 127.0.0.1:0."""
+    server = await asyncio.get_running_loop().create_server(_RawServerProtocol, HOST, 0)
+    try:
+        yield f"tcp://{HOST}:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+class _RawClientProtocol(asyncio.Protocol):
+    """raw-tcp's client connection: a future per call id; answers resolve them as they are read."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.waiting: dict[int, asyncio.Future[int]] = {}
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        head, pos, end = _RAW_HEAD.unpack_from, 0, len(buffer)
+        while end - pos >= 8:
+            size, call = head(buffer, pos)
+            if end - pos - 8 < size:
+                break
+            future = self.waiting.pop(call)
+            if not future.done():
+                future.set_result(orjson.loads(buffer[pos + 8 : pos + 8 + size]))
+            pos += 8 + size
+        self.buffer = buffer[pos:]
+
+
+@asynccontextmanager
+async def raw_client(url: str) -> AsyncIterator[Call]:
+    """raw-tcp's client: one connection; each call writes its frame at once and waits for its future."""
+    host, _, port = url.removeprefix("tcp://").rpartition(":")
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_connection(_RawClientProtocol, host, int(port))
+    ids = iter(range(1, 2**32))
+    waiting, write, pack, body = protocol.waiting, transport.write, _RAW_HEAD.pack, orjson.dumps({"a": 1, "b": 2})
+    out: list[bytes] = []
+
+    def flush() -> None:
+        write(b"".join(out))
+        out.clear()
+
+    async def add() -> int:
+        call = next(ids)
+        future = waiting[call] = loop.create_future()
+        if len(waiting) == 1:  # nothing else in flight: send now
+            write(pack(len(body), call) + body)
+        else:  # requests made in one loop turn go out in one write
+            if not out:
+                loop.call_soon(flush)
+            out.append(pack(len(body), call) + body)
+        return await future
+
+    try:
+        yield add
+    finally:
+        transport.close()
+
+
 def serve(peer: str) -> contextlib.AbstractAsyncContextManager[str]:
     """The server of `peer`."""
     peer = peer.removesuffix(UVLOOP)
@@ -182,6 +284,8 @@ def serve(peer: str) -> contextlib.AbstractAsyncContextManager[str]:
         return serve_grpc()
     if peer == "starlette":
         return serve_starlette()
+    if peer == "raw-tcp":
+        return serve_raw()
     raise ValueError(f"unknown peer {peer!r}")
 
 
@@ -258,6 +362,8 @@ def client(peer: str, url: str) -> contextlib.AbstractAsyncContextManager[Call]:
         return grpc_client(url)
     if peer == "starlette":
         return aiohttp_client(url)
+    if peer == "raw-tcp":
+        return raw_client(url)
     raise ValueError(f"unknown peer {peer!r}")
 
 

@@ -181,7 +181,10 @@ def table(results: dict[tuple[str, int], list[Sample]], settings: Settings, peer
 
 def _cpu(share: float, calls_per_s: float) -> str:
     """A process's CPU use: the share of its core, and CPU µs per call."""
-    return "—" if math.isnan(share) else f"{share:.0%} · {share / calls_per_s * 1e6:.0f} µs"
+    if math.isnan(share):
+        return "—"
+    micros = share / calls_per_s * 1e6
+    return f"{share:.0%} · {micros:.{1 if micros < 20 else 0}f} µs"
 
 
 def cpu_model() -> str:

@@ -418,7 +418,7 @@ def frame(type: FrameType, stream: int, payload: bytes = b"") -> bytes:
             request(1, "test.Feed/ticks", {"n": 1}, FLAG_SERVER_STREAMS) + frame(FrameType.DATA, 1, b"1"),
             "whose client streams no messages",  # before: "beyond its flow-control window", which it never had
         ),
-        (request(1, "test.Feed/add", {"a": 1, "b": 2}) + request(1, "test.Feed/total", {}, 2), "already in use"),
+        (request(1, "test.Feed/add", {"a": 1, "b": 2}) + request(1, "test.Feed/total", {}, 2), "already used"),
         (
             request(1, "test.Feed/forever", {"size": 1}, FLAG_SERVER_STREAMS) + encode_window_update(1, 2**31),
             "overflows",
@@ -438,7 +438,7 @@ async def test_protocol_errors_on_streams_close_that_connection_saying_why(sent:
 
 
 @pytest.mark.anyio
-async def test_frames_for_unknown_ended_or_reused_streams_are_ignored() -> None:
+async def test_frames_for_unknown_or_ended_streams_are_ignored() -> None:
     async with serving() as (listener, server, _, open_raw):
         stray = b"".join(
             frame(t, 7, p)
@@ -457,9 +457,9 @@ async def test_frames_for_unknown_ended_or_reused_streams_are_ignored() -> None:
         )
         assert (await final_frame(raw, 1)).payload == b"1"
         await raw.send(frame(FrameType.DATA, 1, b"5") + frame(FrameType.CANCEL, 1))  # the stream has ended
-        await raw.send(request(1, "test.Feed/total", {}, FLAG_CLIENT_STREAMS))  # its id, again, once ended
-        await raw.send(frame(FrameType.DATA, 1, b"2") + frame(FrameType.END, 1))
-        assert (await final_frame(raw, 1)).payload == b"2"
+        await raw.send(request(3, "test.Feed/total", {}, FLAG_CLIENT_STREAMS))  # the next stream still works
+        await raw.send(frame(FrameType.DATA, 3, b"2") + frame(FrameType.END, 3))
+        assert (await final_frame(raw, 3)).payload == b"2"
         assert await settle(lambda: server_streams(listener) == 0 and server._pending_bytes == 0)
 
 

@@ -110,7 +110,10 @@ async def test_oversized_request_body_is_resource_exhausted(tcp: tuple[Callable[
         (PREFACE, struct.pack(">IBBI", 2**31, 1, 0, 1), "exceeds the limit"),
         (PREFACE, encode_frame(FrameType.REQUEST, 1, b"\x00\x01"), "truncated REQUEST"),
         (PREFACE, encode_request(0, "Arith/add", b"{}"), "stream id 0"),
-        (PREFACE, encode_request(1, "Control/sleep", b'{"seconds": 5}') * 2, "already in use"),
+        (PREFACE, encode_request(1, "Control/sleep", b'{"seconds": 5}') * 2, "already used"),
+        # A finished call's id, or any lower one, is not reused (the call below is answered within its read).
+        (PREFACE, encode_request(5, "Arith/add", b'{"a": 1, "b": 2}') * 2, "ids must increase; the last was 5"),
+        (PREFACE, encode_request(5, "Arith/add", b"{}") + encode_request(3, "Arith/add", b"{}"), "already used"),
     ],
 )
 async def test_protocol_errors_close_only_that_connection(

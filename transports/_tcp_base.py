@@ -75,6 +75,13 @@ class FrameWriter(asyncio.Protocol):
         if len(out) >= _FLUSH_FRAMES:
             self._flush()
 
+    def queue(self, data: bytes) -> None:
+        """Queue bytes for a flush the caller makes itself (at most _FLUSH_FRAMES wait)."""
+        out = self._out
+        out.append(data)
+        if len(out) >= _FLUSH_FRAMES:
+            self._flush()
+
     def write_now(self, data: bytes) -> None:
         """Send bytes at once: for a frame with nothing queued to batch with, it saves a loop turn."""
         transport = self.transport

@@ -16,6 +16,7 @@ from kubrpc.interface import CallKind
 from kubrpc.status import Status
 
 from ._deadlines import Deadlines
+from ._eager import start_eager
 from ._frames import (
     FLAG_ACK,
     FLAG_REFUSED,
@@ -194,7 +195,9 @@ class _ServerConnection(FrameWriter):
         # as objects, one read of tiny frames would cost ten times its size.
         self._backlogged = False
         self._write_paused = False
-        self._last_stream = 0
+        self._reading = False  # frames of one read are being handled (their answers are flushed after the last)
+        self._last_stream = 0  # the highest stream id accepted (for GOAWAY)
+        self._highest_stream = 0  # the highest stream id of any REQUEST
         self._going_away = False
         self._out: list[bytes] = []
         self.peer = ""  # host:port of the client, for CallInfo.peer
@@ -362,6 +365,7 @@ class _ServerConnection(FrameWriter):
 
     def _handle_frames(self, frames: list[Frame]) -> None:
         handle = self._handle
+        self._reading = True
         try:
             for i, frame in enumerate(frames):
                 if self._write_paused:  # the peer is not reading its answers: start nothing more for it
@@ -370,6 +374,10 @@ class _ServerConnection(FrameWriter):
                 handle(frame)
         except ProtocolError as exc:
             self._fail(str(exc))
+        finally:
+            self._reading = False
+            if self._out:  # the answers of calls that finished within this read, in one write
+                self._flush()
 
     def _hold(self, frames: list[Frame]) -> None:
         """Keep frames for when writing resumes, as bytes in the decoder (a refused one is answered now)."""
@@ -387,8 +395,7 @@ class _ServerConnection(FrameWriter):
     def _handle(self, frame: Frame) -> None:
         kind, stream = frame.type, frame.stream
         if kind == _REQUEST:
-            if stream == 0 or stream in self.calls:
-                raise ProtocolError(f"stream id {stream} is zero or already in use")
+            self._new_stream(stream)
             try:
                 request = parse_request(frame.payload)
             except BadRequest as exc:
@@ -416,7 +423,6 @@ class _ServerConnection(FrameWriter):
             if not self.listener.server.admit(size):
                 self.write(_error_frame(stream, _BUSY, refused))
                 return
-            self._held[stream] = size
             if stream > self._last_stream:
                 self._last_stream = stream
             if self._idle_timer is not None:
@@ -427,7 +433,12 @@ class _ServerConnection(FrameWriter):
             if streaming:
                 task = self._open_stream(streaming, stream, request.path, request.body, timeout, metadata)
             else:
-                task = self._loop.create_task(self._run(stream, request.path, request.body, timeout, metadata))
+                # Its first step runs now: a handler that never waits is answered within this read.
+                task = start_eager(self._loop, self._run(stream, request.path, request.body, timeout, metadata))
+                if task.done():
+                    self.listener.server.release(size)
+                    return
+            self._held[stream] = size
             self.calls[stream] = task
             # Bookkeeping in a done callback: a task cancelled before its first step never runs _run at all.
             task.add_done_callback(partial(self._call_done, stream))
@@ -460,10 +471,17 @@ class _ServerConnection(FrameWriter):
                     RpcError(Status.RESOURCE_EXHAUSTED, f"request exceeds the maximum message size ({limit} bytes)")
                 )
         elif kind == REFUSED:  # a REQUEST over max_pending_bytes, refused before its body was buffered
-            if stream == 0 or stream in self.calls:
-                raise ProtocolError(f"stream id {stream} is zero or already in use")
+            self._new_stream(stream)
             self.write(_error_frame(stream, _BUSY))
         # Unknown frame types, and frames only servers send, are ignored (forward compatibility).
+
+    def _new_stream(self, stream: int) -> None:
+        """A REQUEST's stream id must be above every earlier one (docs/protocol.md): a reused id is a protocol error."""
+        if stream <= self._highest_stream:
+            raise ProtocolError(
+                f"stream id {stream} is zero or already used (ids must increase; the last was {self._highest_stream})"
+            )
+        self._highest_stream = stream
 
     async def _run(
         self, stream: int, path: str, body: bytes, timeout: float | None, metadata: Mapping[str, str]
@@ -482,7 +500,9 @@ class _ServerConnection(FrameWriter):
                 frame = _error_frame(stream, exc)
             if self._write_paused:  # hold the answer until the client reads: memory stays bounded
                 await self._wait_writable()
-            if len(self.calls) == 1 and not self._out:  # the only call here: nothing to batch with
+            if self._reading and len(frame) < _BATCH_BELOW:  # run from data_received: flushed at the read's end
+                self.queue(frame)
+            elif len(self.calls) == 1 and not self._out:  # the only call here: nothing to batch with
                 self.write_now(frame)
             elif len(frame) < _BATCH_BELOW:
                 self.write(frame)
