@@ -255,7 +255,8 @@ async def raw_client(url: str) -> AsyncIterator[Call]:
 
     async def add() -> int:
         call = next(ids)
-        future = waiting[call] = loop.create_future()
+        future: asyncio.Future[int] = loop.create_future()
+        waiting[call] = future
         if len(waiting) == 1:  # nothing else in flight: send now
             write(pack(len(body), call) + body)
         else:  # requests made in one loop turn go out in one write

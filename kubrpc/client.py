@@ -259,12 +259,13 @@ class Channel:
         budget.deposit()
         attempt = 0
         tried: set[Endpoint] | None = None
+        remaining = timeout
         while True:
             attempt += 1
-            remaining = None
             if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if attempt > 1:
+                    remaining = deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
                     raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
             if self.endpoints:
                 endpoint = self._pick(key, tried)

@@ -204,6 +204,18 @@ class MethodSpec:
 
     def encode_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
         """Client side: bind a Python call to named arguments and encode them (TypeError like Python's)."""
+        if not kwargs and len(args) == len(self.params) == len(self.positional) and self.stream is None:
+            named = dict(zip(self.positional, args, strict=True))  # every parameter, by position: nothing to check
+        else:
+            named = self._bind(args, kwargs)
+        try:
+            return self.encode_arguments(named)
+        except TypeError as exc:
+            reason = exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc  # orjson wraps default()'s
+            raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {reason}") from None
+
+    def _bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The arguments of a call by name, checked as Python checks them."""
         if args:
             positional = self.positional
             if self.stream is not None:
@@ -224,11 +236,7 @@ class MethodSpec:
             for key in named:
                 if not any(p.name == key for p in self.params):
                     raise TypeError(f"{self.attr}() got an unexpected keyword argument {key!r}")
-        try:
-            return self.encode_arguments(named)
-        except TypeError as exc:
-            reason = exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc  # orjson wraps default()'s
-            raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {reason}") from None
+        return named
 
     def decode_message(self, data: bytes, index: int) -> Any:
         """Server side: parse and validate message `index` (from 0) of the request stream (RpcError on bad input)."""

@@ -208,17 +208,18 @@ class Server:
         route = self._routes.get(path)
         if route is None or route.spec.kind is not CallKind.UNARY:
             raise self._not_served(path, route, unary=True)
-        limit = route.spec.options.timeout
+        spec = route.spec
+        limit = spec.options.timeout
         if limit is not None and (timeout is None or limit < timeout):
             timeout = limit
             deadline_enforced = False  # the method's own, shorter limit is enforced here
         if self.interceptors:
             return await self._intercepted(route, path, payload, timeout, metadata, peer, deadline_enforced)
         at = None if timeout is None else time.monotonic() + timeout
-        context = _current.set((route.spec, path, metadata, peer, at))
+        context = _current.set((spec, path, metadata, peer, at))
         deadline: asyncio.Timeout | None = None
         try:
-            kwargs = route.spec.decode_args(payload)  # inside: a dataclass's __post_init__ is user code
+            kwargs = spec.decode_args(payload)  # inside: a dataclass's __post_init__ is user code
             if timeout is None or deadline_enforced:
                 result = await route.handler(**kwargs)
             else:
@@ -232,7 +233,7 @@ class Server:
         finally:
             _current.reset(context)
         try:
-            return route.spec.encode_result(result)
+            return spec.encode_result(result)
         except TypeError:
             log.exception("result of %s cannot be encoded", path)
             raise RpcError(Status.INTERNAL, "internal error") from None

@@ -47,6 +47,9 @@ __all__ = (
 PREFACE = b"KUBRPC1\n"
 HEADER = struct.Struct(">IBBI")
 _REQUEST_HEAD = struct.Struct(">IH")
+_U32 = struct.Struct(">I")
+_HEADER_AND_REQUEST_HEAD = struct.Struct(">IBBIIH")
+_EMPTY_METADATA = bytes(4)
 _GOAWAY_HEAD = struct.Struct(">I")
 FLAG_ACK = 0x01
 #: REQUEST flags: a stream call (docs/protocol.md, "Streams"); the client sends DATA, the server sends DATA.
@@ -111,6 +114,9 @@ class Request(NamedTuple):
     body: bytes
 
 
+_new_request = tuple.__new__  # Request(...) without the Python-level __new__ of a NamedTuple (the server's hot path)
+
+
 def encode_frame(type: int, stream: int, payload: bytes = b"", flags: int = 0) -> bytes:
     """One frame, header and payload."""
     return HEADER.pack(len(payload), type, flags, stream) + payload
@@ -121,10 +127,11 @@ def encode_request(
 ) -> bytes:
     """A REQUEST frame; `metadata` is a JSON object of strings (already encoded) or empty; `flags` mark a stream."""
     path_bytes = path.encode()
-    payload = b"".join(
-        (_REQUEST_HEAD.pack(timeout_ms, len(path_bytes)), path_bytes, len(metadata).to_bytes(4, "big"), metadata, body)
-    )
-    return HEADER.pack(len(payload), FrameType.REQUEST, flags, stream) + payload
+    size = _REQUEST_HEAD.size + len(path_bytes) + 4 + len(metadata) + len(body)
+    head = _HEADER_AND_REQUEST_HEAD.pack(size, FrameType.REQUEST, flags, stream, timeout_ms, len(path_bytes))
+    if metadata:
+        return b"".join((head, path_bytes, _U32.pack(len(metadata)), metadata, body))
+    return b"".join((head, path_bytes, _EMPTY_METADATA, body))
 
 
 def encode_window_update(stream: int, increment: int) -> bytes:
@@ -141,34 +148,31 @@ def parse_window_update(payload: bytes) -> int:
 
 def parse_request(payload: bytes) -> Request:
     """Split a REQUEST payload; ProtocolError if it is truncated or malformed."""
-    size = len(payload)
-    if size < _REQUEST_HEAD.size + 4:
-        raise ProtocolError("truncated REQUEST frame")
-    timeout_ms, path_len = _REQUEST_HEAD.unpack_from(payload)
-    at = _REQUEST_HEAD.size + path_len
-    if at + 4 > size:
-        raise ProtocolError("truncated REQUEST frame")
+    try:
+        timeout_ms, path_len = _REQUEST_HEAD.unpack_from(payload)
+        at = _REQUEST_HEAD.size + path_len
+        (meta_len,) = _U32.unpack_from(payload, at)
+    except struct.error:
+        raise ProtocolError("truncated REQUEST frame") from None
     try:
         path = payload[_REQUEST_HEAD.size : at].decode()
     except UnicodeDecodeError:
         raise ProtocolError("REQUEST path is not UTF-8") from None
-    meta_len = int.from_bytes(payload[at : at + 4], "big")
     at += 4
-    if at + meta_len > size:
+    if not meta_len:
+        return _new_request(Request, (timeout_ms, path, {}, payload[at:]))
+    if at + meta_len > len(payload):
         raise ProtocolError("truncated REQUEST frame")
-    metadata: dict[str, str] = {}
-    if meta_len:
-        # The frame itself is sound: bad metadata is that call's error, not the connection's.
-        if meta_len > MAX_METADATA:
-            raise BadRequest(RpcError(Status.RESOURCE_EXHAUSTED, f"metadata exceeds {MAX_METADATA} bytes"))
-        try:
-            meta = orjson.loads(payload[at : at + meta_len])
-        except orjson.JSONDecodeError:
-            raise BadRequest(RpcError(Status.INVALID_ARGUMENT, "metadata is not JSON")) from None
-        if type(meta) is not dict or not all(type(v) is str for v in meta.values()):
-            raise BadRequest(RpcError(Status.INVALID_ARGUMENT, "metadata must be a JSON object of strings"))
-        metadata = meta
-    return Request(timeout_ms, path, metadata, payload[at + meta_len :])
+    # The frame itself is sound: bad metadata is that call's error, not the connection's.
+    if meta_len > MAX_METADATA:
+        raise BadRequest(RpcError(Status.RESOURCE_EXHAUSTED, f"metadata exceeds {MAX_METADATA} bytes"))
+    try:
+        metadata = orjson.loads(payload[at : at + meta_len])
+    except orjson.JSONDecodeError:
+        raise BadRequest(RpcError(Status.INVALID_ARGUMENT, "metadata is not JSON")) from None
+    if type(metadata) is not dict or not all(type(v) is str for v in metadata.values()):
+        raise BadRequest(RpcError(Status.INVALID_ARGUMENT, "metadata must be a JSON object of strings"))
+    return _new_request(Request, (timeout_ms, path, metadata, payload[at + meta_len :]))
 
 
 class BadRequest(Exception):

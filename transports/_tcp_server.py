@@ -6,7 +6,7 @@ import asyncio
 import re
 from collections.abc import Mapping
 from functools import partial
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NoReturn, cast
 
 import anyio
 import orjson
@@ -178,6 +178,8 @@ class _ServerConnection(FrameWriter):
     def __init__(self, listener: TcpListener) -> None:
         self.listener = listener
         self.dispatch = listener.server.dispatch
+        self._admit, self._release = listener.server.admit, listener.server.release
+        self._max_message_size = listener.max_message_size
         self.max_calls = listener.server.limits.max_concurrent_calls
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.streams: dict[int, _ServerStream] = {}  # the stream calls among `calls`
@@ -395,7 +397,9 @@ class _ServerConnection(FrameWriter):
     def _handle(self, frame: Frame) -> None:
         kind, stream = frame.type, frame.stream
         if kind == _REQUEST:
-            self._new_stream(stream)
+            if stream <= self._highest_stream:
+                self._reused(stream)
+            self._highest_stream = stream
             try:
                 request = parse_request(frame.payload)
             except BadRequest as exc:
@@ -410,7 +414,7 @@ class _ServerConnection(FrameWriter):
                 error = RpcError(Status.RESOURCE_EXHAUSTED, "too many concurrent calls on this connection")
                 self.write(_error_frame(stream, error, refused))
                 return
-            if len(request.body) > self.listener.max_message_size:
+            if len(request.body) > self._max_message_size:
                 error = RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
                 self.write(_error_frame(stream, error))
                 return
@@ -420,7 +424,7 @@ class _ServerConnection(FrameWriter):
                 size += _METADATA_ENTRY * len(metadata)
             if streaming:  # a stream lives as long as its client wants: its own state counts too
                 size += _STREAM_ENTRY
-            if not self.listener.server.admit(size):
+            if not self._admit(size):
                 self.write(_error_frame(stream, _BUSY, refused))
                 return
             if stream > self._last_stream:
@@ -436,7 +440,7 @@ class _ServerConnection(FrameWriter):
                 # Its first step runs now: a handler that never waits is answered within this read.
                 task = start_eager(self._loop, self._run(stream, request.path, request.body, timeout, metadata))
                 if task.done():
-                    self.listener.server.release(size)
+                    self._release(size)
                     return
             self._held[stream] = size
             self.calls[stream] = task
@@ -471,17 +475,17 @@ class _ServerConnection(FrameWriter):
                     RpcError(Status.RESOURCE_EXHAUSTED, f"request exceeds the maximum message size ({limit} bytes)")
                 )
         elif kind == REFUSED:  # a REQUEST over max_pending_bytes, refused before its body was buffered
-            self._new_stream(stream)
+            if stream <= self._highest_stream:
+                self._reused(stream)
+            self._highest_stream = stream
             self.write(_error_frame(stream, _BUSY))
         # Unknown frame types, and frames only servers send, are ignored (forward compatibility).
 
-    def _new_stream(self, stream: int) -> None:
+    def _reused(self, stream: int) -> NoReturn:
         """A REQUEST's stream id must be above every earlier one (docs/protocol.md): a reused id is a protocol error."""
-        if stream <= self._highest_stream:
-            raise ProtocolError(
-                f"stream id {stream} is zero or already used (ids must increase; the last was {self._highest_stream})"
-            )
-        self._highest_stream = stream
+        raise ProtocolError(
+            f"stream id {stream} is zero or already used (ids must increase; the last was {self._highest_stream})"
+        )
 
     async def _run(
         self, stream: int, path: str, body: bytes, timeout: float | None, metadata: Mapping[str, str]
@@ -493,7 +497,7 @@ class _ServerConnection(FrameWriter):
                 result = await self.dispatch(
                     path, body, timeout=timeout, metadata=metadata, peer=self.peer, deadline_enforced=True
                 )
-                if len(result) > self.listener.max_message_size:
+                if len(result) > self._max_message_size:
                     raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
                 frame = encode_frame(_RESPONSE, stream, result)
             except RpcError as exc:
