@@ -179,6 +179,23 @@ def table(results: dict[tuple[str, int], list[Sample]], settings: Settings, peer
     return "\n".join(lines)
 
 
+def floor(results: dict[tuple[str, int], list[Sample]], settings: Settings) -> list[str]:
+    """kubrpc TCP as a share of the raw-tcp floor (issue 15), per concurrency, each from its median round."""
+    shares = []
+    for concurrency in settings.concurrencies:
+        ours, raw = results.get(("kubrpc-tcp", concurrency)), results.get(("raw-tcp", concurrency))
+        if ours and raw:
+            share = median_round(ours).calls_per_s / median_round(raw).calls_per_s
+            shares.append(f"{share:.2f}× at concurrency {concurrency}")
+    if not shares:
+        return []
+    return [
+        "kubrpc TCP as a share of the raw-tcp floor (asyncio protocols with bare frames, each handler run inline "
+        f"where its request is read; benchmarks/_peers.py): {', '.join(shares)}.",
+        "",
+    ]
+
+
 def _cpu(share: float, calls_per_s: float) -> str:
     """A process's CPU use: the share of its core, and CPU µs per call."""
     if math.isnan(share):
@@ -242,6 +259,7 @@ def report(results: dict[tuple[str, int], list[Sample]], settings: Settings, pee
             "",
             table(results, settings, peers),
             "",
+            *floor(results, settings),
             env,
             "",
         ]
