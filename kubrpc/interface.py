@@ -8,6 +8,7 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import orjson
@@ -132,6 +133,16 @@ class MethodSpec:
     parse_result: Callable[[bytes], Any] = orjson.loads
     param_names: frozenset[str] = frozenset()
     """The names of `params`: a call that names exactly these is bound without looking further."""
+    attach_args: bool = False
+    """The arguments hold bytes values that can travel as attachments (codec.attachable); likewise the result
+    (each message of a stream of results) and the messages of a request stream."""
+    attach_result: bool = False
+    attach_messages: bool = False
+
+    @property
+    def attachable(self) -> bool:
+        """Does this method carry bytes values that a transport may send as attachments (TCP)?"""
+        return self.attach_args or self.attach_result or self.attach_messages
 
     @property
     def path(self) -> str:
@@ -139,7 +150,19 @@ class MethodSpec:
         return f"{self.service}/{self.name}"
 
     def decode_args(self, payload: bytes) -> dict[str, Any]:
-        """Server side: parse and validate a request body into keyword arguments (RpcError on bad input)."""
+        """Server side: parse and validate a request body into keyword arguments (RpcError on bad input).
+
+        A codec.Packed body is in the attachments format (the TCP transport's raw bytes values).
+        """
+        if type(payload) is codec.Packed:
+            try:
+                kwargs: dict[str, Any] = codec.unpacked(payload, self._decode_args)
+            except codec.DecodeError as exc:
+                raise RpcError(Status.INVALID_ARGUMENT, f"invalid arguments: {exc.reason}") from None
+            return kwargs
+        return self._decode_args(payload)
+
+    def _decode_args(self, payload: bytes) -> dict[str, Any]:
         try:
             obj = self.parse_arguments(payload) if payload else {}
         except orjson.JSONDecodeError:
@@ -204,6 +227,35 @@ class MethodSpec:
 
     def encode_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
         """Client side: bind a Python call to named arguments and encode them (TypeError like Python's)."""
+        return self._encode(self.bind(args, kwargs))
+
+    def encode_call_attached(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
+        """encode_call() as a codec.Attached: bytes values as attachments, for a transport that sends them (TCP).
+
+        Its `plain()` is what encode_call() returns, for a server that does not read attachments.
+        """
+        named = self.bind(args, kwargs)
+        if self.attach_args:
+            try:
+                out = codec.pack(named, self.encode_arguments is codec.dumps_floats)
+            except TypeError:
+                self._encode(named)  # raises the error encode_call() would
+                raise
+        else:
+            out = codec.Attached(self._encode(named))
+            out.attachments = []
+        out.plain = partial(self._encode, named)
+        return out
+
+    def _encode(self, named: dict[str, Any]) -> bytes:
+        try:
+            return self.encode_arguments(named)
+        except TypeError as exc:
+            reason = exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc  # orjson wraps default()'s
+            raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {reason}") from None
+
+    def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Client side: a Python call's arguments by name (TypeError as Python's for a wrong call)."""
         if args:
             positional = self.positional
             if self.stream is not None:
@@ -224,17 +276,16 @@ class MethodSpec:
             for key in named:
                 if not any(p.name == key for p in self.params):
                     raise TypeError(f"{self.attr}() got an unexpected keyword argument {key!r}")
-        try:
-            return self.encode_arguments(named)
-        except TypeError as exc:
-            reason = exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc  # orjson wraps default()'s
-            raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {reason}") from None
+        return named
 
     def decode_message(self, data: bytes, index: int) -> Any:
         """Server side: parse and validate message `index` (from 0) of the request stream (RpcError on bad input)."""
         assert self.stream is not None
         where = f"{self.stream.name}[{index}]"
         try:
+            if type(data) is codec.Packed:
+                stream = self.stream
+                return codec.unpacked(data, lambda json: stream.decode(self.parse_message(json), where))
             return self.stream.decode(self.parse_message(data), where)
         except orjson.JSONDecodeError:
             raise RpcError(Status.INVALID_ARGUMENT, f"message {where} is not valid JSON") from None
@@ -263,12 +314,49 @@ class MethodSpec:
             raise TypeError(f"{self.attr}() argument {name!r} must be an async iterable, not {type(stream).__name__}")
         return self.encode_call(args, kwargs), stream
 
+    def split_stream_attached(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[bytes, Any]:
+        """split_stream() with the arguments encoded by encode_call_attached()."""
+        assert self.stream is not None
+        name = self.stream.name
+        if name in kwargs or (name in self.positional and self.positional.index(name) < len(args)):
+            payload, stream = self.split_stream(args, kwargs)  # the checks; then encoded again, attached
+            if name in kwargs:
+                kwargs = {k: v for k, v in kwargs.items() if k != name}
+            else:
+                at = self.positional.index(name)
+                args = args[:at] + args[at + 1 :]
+            return self.encode_call_attached(args, kwargs), stream
+        return self.split_stream(args, kwargs)  # a wrong call: fails as split_stream does
+
     def decode_result(self, data: bytes) -> Any:
         """Client side: parse a result body back into the annotated return type."""
         try:
             return self.decode_result_value(self.parse_result(data), "result")
         except (orjson.JSONDecodeError, codec.DecodeError, RecursionError) as exc:
             raise RpcError(Status.INTERNAL, f"malformed result from {self.path}: {exc}") from None
+
+    def decode_result_attached(self, data: bytes) -> Any:
+        """decode_result() of an answer that may be in the attachments format (a codec.Packed)."""
+        if type(data) is not codec.Packed:
+            return self.decode_result(data)
+        try:
+            return codec.unpacked(data, lambda json: self.decode_result_value(self.parse_result(json), "result"))
+        except (orjson.JSONDecodeError, codec.DecodeError, RecursionError) as exc:
+            raise RpcError(Status.INTERNAL, f"malformed result from {self.path}: {exc}") from None
+
+    def encode_result_attached(self, result: object) -> bytes:
+        """Server side: encode_result(), as a codec.Attached if the result's bytes values can be attachments."""
+        if self.attach_result:
+            return codec.pack(result, self.encode_result is codec.dumps_floats)
+        return self.encode_result(result)
+
+    def encode_message_attached(self, item: object) -> bytes:
+        """Client side: encode_message(), as a codec.Attached (whose `plain()` is encode_message's) if it may be."""
+        if not self.attach_messages:
+            return self.encode_message(item)
+        out = codec.pack(item, self.encode_message is codec.dumps_floats)
+        out.plain = partial(self.encode_message, item)
+        return out
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -509,6 +597,9 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
         declared_returns=hints["return"],
         encode_message=codec.dumps_floats if message_floats else codec.dumps,
         parse_message=codec.loads if exact_messages else orjson.loads,
+        attach_args=codec.attachable(*(p.annotation for p in params)),
+        attach_result=codec.attachable(returns),
+        attach_messages=stream is not None and codec.attachable(stream.annotation),
     )
 
 
