@@ -24,10 +24,10 @@ import enum
 import json
 import math
 import re
-import types
-import typing
 import struct
 import sys
+import types
+import typing
 import uuid
 from array import array
 from collections.abc import Callable, Mapping
@@ -1101,7 +1101,8 @@ class Packed(bytes):
 
 
 def pack(value: object, floats: bool = False) -> Attached:
-    """Encode a value whose annotation is attachable(): its bytes values become attachments (NaN etc. as dumps_floats)."""
+    """Encode a value whose annotation is attachable(): its bytes values become attachments (`floats`: as
+    dumps_floats does)."""
     attachments: list[bytes | bytearray | memoryview] = []
 
     def default(v: object) -> object:

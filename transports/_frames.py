@@ -166,7 +166,7 @@ def encode_settings(*settings: tuple[int, int]) -> bytes:
 
 def parse_settings(payload: bytes) -> dict[int, int]:
     """The (id: value) entries of a SETTINGS payload; a trailing partial entry is ignored, as unknown ids are."""
-    return {i: v for i, v in _SETTING.iter_unpack(payload[: len(payload) - len(payload) % _SETTING.size])}
+    return dict(_SETTING.iter_unpack(payload[: len(payload) - len(payload) % _SETTING.size]))
 
 
 def encode_window_update(stream: int, increment: int) -> bytes:

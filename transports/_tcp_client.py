@@ -6,7 +6,7 @@ import asyncio
 import math
 import struct
 from collections.abc import Mapping
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import orjson
@@ -22,15 +22,15 @@ from ._deadlines import Deadlines
 from ._frames import (
     FLAG_ACK,
     FLAG_ATTACHED,
-    HEADER,
-    SETTING_ATTACHMENTS,
     FLAG_REFUSED,
     FRAME_OVERHEAD,
+    HEADER,
     MAX_STREAM_ID,
     MAX_TIMEOUT_MS,
     MAX_WINDOW,
     OVERSIZED,
     PREFACE,
+    SETTING_ATTACHMENTS,
     STREAM_WINDOW,
     Frame,
     FrameDecoder,
@@ -223,7 +223,7 @@ class TcpConnection(FrameWriter):
             timeout = None
         attached = type(payload) is Attached
         if attached:
-            payload, attached = self._attached(payload)
+            payload, attached = self._attached(cast(Attached, payload))
         stream, request = self._request(path, payload, timeout, metadata, FLAG_ATTACHED if attached else 0)
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[stream] = fut
@@ -279,7 +279,7 @@ class TcpConnection(FrameWriter):
             timeout = None
         attached = type(payload) is Attached
         if attached:
-            payload, attached = self._attached(payload)
+            payload, attached = self._attached(cast(Attached, payload))
         flags = FLAGS_OF_KIND[kind] | (FLAG_ATTACHED if attached else 0)
         stream_id, request = self._request(path, payload, timeout, metadata, flags)
         stream = TcpStream(self, stream_id, kind, None if timeout is None else self._loop.time() + timeout)
@@ -316,7 +316,7 @@ class TcpConnection(FrameWriter):
 
     def _request(
         self, path: str, payload: bytes, timeout: float | None, metadata: Mapping[str, str], flags: int
-    ) -> tuple[int, bytes | list[bytes]]:
+    ) -> tuple[int, Any]:
         """A new call's stream id and REQUEST frame; what can fail before a call is registered fails here.
 
         A REQUEST in the attachments format (FLAG_ATTACHED, a codec.Attached payload) comes as encode_message's parts.
@@ -329,7 +329,7 @@ class TcpConnection(FrameWriter):
         timeout_ms = 0 if timeout is None else min(max(1, math.ceil(timeout * 1000)), MAX_TIMEOUT_MS)
         stream = self._next_stream
         meta = encode_metadata(metadata) if metadata else b""
-        request: bytes | list[bytes]
+        request: bytes | list[bytes]  # bytes, or encode_message's parts (write_parts)
         try:
             if attached:
                 head = encode_request(stream, path, b"", timeout_ms, meta)[HEADER.size :]

@@ -20,13 +20,13 @@ from ._deadlines import Deadlines
 from ._frames import (
     FLAG_ACK,
     FLAG_ATTACHED,
-    SETTING_ATTACHMENTS,
     FLAG_REFUSED,
     FRAME_OVERHEAD,
     MAX_WINDOW,
     OVERSIZED,
     PREFACE,
     REFUSED,
+    SETTING_ATTACHMENTS,
     STREAM_WINDOW,
     BadRequest,
     Frame,
@@ -399,7 +399,7 @@ class _ServerConnection(FrameWriter):
             if stream == 0 or stream in self.calls:
                 raise ProtocolError(f"stream id {stream} is zero or already in use")
             try:
-                request = parse_request(frame.payload, frame.flags & FLAG_ATTACHED)
+                request = parse_request(frame.payload, frame.flags & FLAG_ATTACHED != 0)
             except BadRequest as exc:
                 self.write(_error_frame(stream, exc.error))
                 return
