@@ -375,7 +375,7 @@ async def test_more_attachments_than_the_limit_go_as_base64_in_the_format() -> N
 
 async def test_protocol_doc_attachments_example_matches_the_encoder_and_a_server() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
-    section = doc[doc.index("## Attachments") : doc.index("## Example")]
+    section = doc[doc.index("## Attachments") : doc.index("## Streams")]
     lines = re.findall(r"^    ([0-9A-F ]+?)\s{2,}(←?)", section, flags=re.M)
     sent = bytes.fromhex("".join(hex.replace(" ", "") for hex, arrow in lines if not arrow))
     answered = bytes.fromhex("".join(hex.replace(" ", "") for hex, arrow in lines if arrow))
