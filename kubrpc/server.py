@@ -205,6 +205,8 @@ class Server:
 
         `deadline_enforced=True` says the transport cancels the call itself when `timeout` passes (the
         TCP transport does, with one timer for all its calls); dispatch then only reports the deadline.
+        A codec.Packed payload (the TCP attachments format) is answered in that format, a codec.Attached,
+        when the result has bytes values to attach.
         """
         route = self._routes.get(path)
         if route is None or route.spec.kind is not CallKind.UNARY:
