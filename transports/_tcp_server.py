@@ -511,7 +511,7 @@ class _ServerConnection(FrameWriter):
                 self.write(_deadline_frame(stream))
             # else: cancelled by the client (CANCEL frame) or because the connection is gone: no answer
 
-    async def _answer_attached(self, stream: int, result: Attached) -> None:
+    async def _answer_attached(self, stream: int, result: Attached, opened: _ServerStream | None = None) -> None:
         """Write a RESPONSE in the attachments format (or the error of one over max_message_size)."""
         if result.size > self.listener.max_message_size:
             error = RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
@@ -520,6 +520,8 @@ class _ServerConnection(FrameWriter):
             parts = encode_message(_RESPONSE, stream, result)
         if self._write_paused:
             await self._wait_writable()
+        if opened is not None:
+            opened.answered = True
         self.write_parts(parts)
 
     def _open_stream(
@@ -564,8 +566,7 @@ class _ServerConnection(FrameWriter):
                     deadline_enforced=True,
                 )
                 if type(result) is Attached:  # a client stream's result, with attachments
-                    opened.answered = True
-                    await self._answer_attached(stream, result)
+                    await self._answer_attached(stream, result, opened)
                     return
                 if result is not None and len(result) > self.listener.max_message_size:
                     raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
