@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import orjson
 
 from . import codec
+from .codec import Packed
 from .errors import RpcError, bad_request
 from .status import Status
 
@@ -154,15 +155,12 @@ class MethodSpec:
 
         A codec.Packed body is in the attachments format (the TCP transport's raw bytes values).
         """
-        if type(payload) is codec.Packed:
+        if type(payload) is Packed:  # its JSON comes back here, as bytes
             try:
-                kwargs: dict[str, Any] = codec.unpacked(payload, self._decode_args)
+                unpacked: dict[str, Any] = codec.unpacked(payload, self.decode_args)
             except codec.DecodeError as exc:
                 raise RpcError(Status.INVALID_ARGUMENT, f"invalid arguments: {exc.reason}") from None
-            return kwargs
-        return self._decode_args(payload)
-
-    def _decode_args(self, payload: bytes) -> dict[str, Any]:
+            return unpacked
         try:
             obj = self.parse_arguments(payload) if payload else {}
         except orjson.JSONDecodeError:
@@ -227,35 +225,6 @@ class MethodSpec:
 
     def encode_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
         """Client side: bind a Python call to named arguments and encode them (TypeError like Python's)."""
-        return self._encode(self.bind(args, kwargs))
-
-    def encode_call_attached(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
-        """encode_call() as a codec.Attached: bytes values as attachments, for a transport that sends them (TCP).
-
-        Its `plain()` is what encode_call() returns, for a server that does not read attachments.
-        """
-        named = self.bind(args, kwargs)
-        if self.attach_args:
-            try:
-                out = codec.pack(named, self.encode_arguments is codec.dumps_floats)
-            except TypeError:
-                self._encode(named)  # raises the error encode_call() would
-                raise
-        else:
-            out = codec.Attached(self._encode(named))
-            out.attachments = []
-        out.plain = partial(self._encode, named)
-        return out
-
-    def _encode(self, named: dict[str, Any]) -> bytes:
-        try:
-            return self.encode_arguments(named)
-        except TypeError as exc:
-            reason = exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc  # orjson wraps default()'s
-            raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {reason}") from None
-
-    def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """Client side: a Python call's arguments by name (TypeError as Python's for a wrong call)."""
         if args:
             positional = self.positional
             if self.stream is not None:
@@ -270,20 +239,56 @@ class MethodSpec:
         else:
             named = dict(kwargs)
         if len(named) != len(self.params) or named.keys() != self.param_names:
-            for p in self.params:
-                if p.required and p.name not in named:
-                    raise TypeError(f"{self.attr}() missing required argument {p.name!r}")
-            for key in named:
-                if not any(p.name == key for p in self.params):
-                    raise TypeError(f"{self.attr}() got an unexpected keyword argument {key!r}")
-        return named
+            self._check_names(named)
+        try:
+            return self.encode_arguments(named)
+        except TypeError as exc:
+            reason = exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc  # orjson wraps default()'s
+            raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {reason}") from None
+
+    def _check_names(self, named: Mapping[str, Any]) -> None:
+        """TypeError, as Python's, for a call whose arguments are not exactly the parameters (which differ)."""
+        for p in self.params:
+            if p.required and p.name not in named:
+                raise TypeError(f"{self.attr}() missing required argument {p.name!r}")
+        for key in named:
+            if not any(p.name == key for p in self.params):
+                raise TypeError(f"{self.attr}() got an unexpected keyword argument {key!r}")
+
+    def encode_call_attached(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
+        """encode_call() as a codec.Attached: bytes values as attachments, for a transport that sends them (TCP).
+
+        Its `plain()` is what encode_call() returns, for a server that does not read attachments. (encode_call()
+        binds the arguments itself: the calls of methods without bytes pay for no extra step.)
+        """
+        plain = partial(self.encode_call, args, kwargs)
+        if not self.attach_args:
+            out = codec.Attached(plain())
+            out.attachments = []
+        else:
+            positional = self.positional
+            if self.stream is not None:
+                positional = tuple(name for name in positional if name != self.stream.name)
+            if len(args) > len(positional) or any(key in positional[: len(args)] for key in kwargs):
+                plain()  # a wrong call: raises TypeError as Python would
+            named = dict(zip(positional, args, strict=False))
+            named.update(kwargs)
+            if len(named) != len(self.params) or named.keys() != self.param_names:
+                self._check_names(named)
+            try:
+                out = codec.pack(named, self.encode_arguments is codec.dumps_floats)
+            except TypeError:
+                plain()  # raises the RpcError encode_call() would
+                raise
+        out.plain = plain
+        return out
 
     def decode_message(self, data: bytes, index: int) -> Any:
         """Server side: parse and validate message `index` (from 0) of the request stream (RpcError on bad input)."""
         assert self.stream is not None
         where = f"{self.stream.name}[{index}]"
         try:
-            if type(data) is codec.Packed:
+            if type(data) is Packed:
                 stream = self.stream
                 return codec.unpacked(data, lambda json: stream.decode(self.parse_message(json), where))
             return self.stream.decode(self.parse_message(data), where)
@@ -296,6 +301,18 @@ class MethodSpec:
 
     def split_stream(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[bytes, Any]:
         """Client side: a client stream's call as (the encoded ordinary arguments, the stream argument)."""
+        args, kwargs, stream = self._split(args, kwargs)
+        return self.encode_call(args, kwargs), stream
+
+    def split_stream_attached(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[bytes, Any]:
+        """split_stream() with the ordinary arguments encoded by encode_call_attached()."""
+        args, kwargs, stream = self._split(args, kwargs)
+        return self.encode_call_attached(args, kwargs), stream
+
+    def _split(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> tuple[tuple[Any, ...], Mapping[str, Any], Any]:
+        """A client stream's call as (its ordinary positional and keyword arguments, the stream argument)."""
         assert self.stream is not None
         name = self.stream.name
         if name in kwargs:
@@ -312,21 +329,7 @@ class MethodSpec:
             args = args[:at] + args[at + 1 :]
         if not isinstance(stream, collections.abc.AsyncIterable):
             raise TypeError(f"{self.attr}() argument {name!r} must be an async iterable, not {type(stream).__name__}")
-        return self.encode_call(args, kwargs), stream
-
-    def split_stream_attached(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[bytes, Any]:
-        """split_stream() with the arguments encoded by encode_call_attached()."""
-        assert self.stream is not None
-        name = self.stream.name
-        if name in kwargs or (name in self.positional and self.positional.index(name) < len(args)):
-            payload, stream = self.split_stream(args, kwargs)  # the checks; then encoded again, attached
-            if name in kwargs:
-                kwargs = {k: v for k, v in kwargs.items() if k != name}
-            else:
-                at = self.positional.index(name)
-                args = args[:at] + args[at + 1 :]
-            return self.encode_call_attached(args, kwargs), stream
-        return self.split_stream(args, kwargs)  # a wrong call: fails as split_stream does
+        return args, kwargs, stream
 
     def decode_result(self, data: bytes) -> Any:
         """Client side: parse a result body back into the annotated return type."""
@@ -337,7 +340,7 @@ class MethodSpec:
 
     def decode_result_attached(self, data: bytes) -> Any:
         """decode_result() of an answer that may be in the attachments format (a codec.Packed)."""
-        if type(data) is not codec.Packed:
+        if type(data) is not Packed:
             return self.decode_result(data)
         try:
             return codec.unpacked(data, lambda json: self.decode_result_value(self.parse_result(json), "result"))

@@ -181,10 +181,11 @@ def parse_window_update(payload: bytes) -> int:
     return int.from_bytes(payload, "big")
 
 
-def parse_request(payload: bytes, packed: bool = False) -> Request:
+def parse_request(payload: bytes, packed: int = 0) -> Request:
     """Split a REQUEST payload; ProtocolError if it is truncated or malformed.
 
-    `packed` (FLAG_ATTACHED): the body is in the attachments format, and comes back as a codec.Packed.
+    `packed` (the REQUEST's FLAG_ATTACHED bit): the body is in the attachments format, and comes back as a
+    codec.Packed.
     """
     size = len(payload)
     if size < _REQUEST_HEAD.size + 4:
@@ -339,7 +340,7 @@ class FrameDecoder:
                             frames.append(Frame(REFUSED, 0, stream, b""))
                         at = end
                 break
-            if length < _VIEW_ABOVE and not flags & FLAG_ATTACHED:
+            if length < 4096 and not flags & 8:  # _VIEW_ABOVE, FLAG_ATTACHED (literals: the hot path)
                 frames.append(Frame(type_, flags, stream, bytes(buf[at + header : stop])))
             else:  # one copy, not two (a bytearray slice, then bytes of it); a message with attachments is Packed
                 with memoryview(buf) as view:

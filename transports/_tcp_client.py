@@ -221,10 +221,10 @@ class TcpConnection(FrameWriter):
             await self._writable_within(timeout)
         if timeout == math.inf:
             timeout = None
-        attached = type(payload) is Attached
-        if attached:
-            payload, attached = self._attached(cast(Attached, payload))
-        stream, request = self._request(path, payload, timeout, metadata, FLAG_ATTACHED if attached else 0)
+        attached = 0
+        if type(payload) is Attached:
+            payload, attached = self._attached(payload)
+        stream, request = self._request(path, payload, timeout, metadata, attached)
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[stream] = fut
         if timeout is not None:
@@ -277,13 +277,12 @@ class TcpConnection(FrameWriter):
             await self._writable_within(timeout)
         if timeout == math.inf:
             timeout = None
-        attached = type(payload) is Attached
-        if attached:
-            payload, attached = self._attached(cast(Attached, payload))
-        flags = FLAGS_OF_KIND[kind] | (FLAG_ATTACHED if attached else 0)
-        stream_id, request = self._request(path, payload, timeout, metadata, flags)
+        attached = 0
+        if type(payload) is Attached:
+            payload, attached = self._attached(payload)
+        stream_id, request = self._request(path, payload, timeout, metadata, FLAGS_OF_KIND[kind] | attached)
         stream = TcpStream(self, stream_id, kind, None if timeout is None else self._loop.time() + timeout)
-        stream.attached = attached
+        stream.attached = attached != 0
         self._streams[stream_id] = stream
         if timeout is not None:
             self._deadlines.add(stream_id, timeout)
@@ -301,18 +300,19 @@ class TcpConnection(FrameWriter):
             raise
         return stream
 
-    def _attached(self, payload: Attached) -> tuple[bytes, bool]:
-        """What to send of a message in the attachments format: itself once the server reads it, else its JSON.
+    def _attached(self, payload: Attached) -> tuple[bytes, int]:
+        """What to send of a message in the attachments format, and its flag: itself once the server reads it,
+        else its JSON.
 
         The first one asks the server (a SETTINGS frame; servers that predate it ignore it); until a server
         says that it reads attachments (its own SETTINGS), messages go as plain JSON.
         """
         if self.attachments:
-            return payload, True
+            return payload, FLAG_ATTACHED
         if not self._asked and self.transport is not None:
             self._asked = True
             self.write(_ASK_ATTACHMENTS)
-        return payload.plain(), False
+        return payload.plain(), 0
 
     def _request(
         self, path: str, payload: bytes, timeout: float | None, metadata: Mapping[str, str], flags: int

@@ -399,7 +399,7 @@ class _ServerConnection(FrameWriter):
             if stream == 0 or stream in self.calls:
                 raise ProtocolError(f"stream id {stream} is zero or already in use")
             try:
-                request = parse_request(frame.payload, frame.flags & FLAG_ATTACHED != 0)
+                request = parse_request(frame.payload, frame.flags & FLAG_ATTACHED)
             except BadRequest as exc:
                 self.write(_error_frame(stream, exc.error))
                 return
