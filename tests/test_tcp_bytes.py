@@ -489,3 +489,52 @@ def test_decoding_is_bounded_by_the_message_whatever_its_table_says() -> None:
     huge = codec.Packed((2**32 - 1).to_bytes(4, "big") + b"[]")
     with pytest.raises(codec.DecodeError, match="at most 65536"):
         codec.unpacked(huge, orjson.loads)
+
+
+async def test_limits_count_the_whole_message_with_its_attachments() -> None:
+    async with serving(max_message_size=4096) as (url, impl, _):
+        impl.files["big"] = b"x" * 5000
+        async with kubrpc.connect(url, transport=TcpTransport(max_message_size=4096)) as channel:
+            files = channel.stub(Files, timeout=5)
+            await files.get("a")
+            await negotiated(channel)
+            with pytest.raises(RpcError, match="request exceeds the maximum message size") as caught:
+                await files.put("b", b"x" * 5000)  # refused by the client before it is sent
+            assert caught.value.code is Status.RESOURCE_EXHAUSTED
+            with pytest.raises(RpcError, match="response exceeds the maximum message size") as caught:
+                await files.get("big")
+            assert caught.value.code is Status.RESOURCE_EXHAUSTED
+            assert await files.put("c", b"y" * 4000) == 4000
+    async with raw(max_message_size=4096) as (open_raw, impl, _):
+        client: RawClient = await open_raw(
+            PREFACE + attached_request(1, "Files/put", message({"name": "b", "data": 0}, b"z" * 5000))
+        )
+        frame = await answer(client, 1)
+        assert frame.type == FrameType.ERROR and orjson.loads(frame.payload)["code"] == "resource_exhausted"
+        assert "b" not in impl.files
+
+
+async def test_interceptors_and_metrics_see_calls_with_attachments() -> None:
+    seen: list[str] = []
+
+    async def spy(call: kubrpc.CallInfo, proceed: Callable[[], Any]) -> bytes:
+        seen.append(call.method)
+        result: bytes = await proceed()
+        return result
+
+    server = kubrpc.Server(metrics=True, interceptors=[spy])
+    server.register(Files, FilesImpl())
+    async with server.serve("tcp://127.0.0.1:0") as listener, kubrpc.connect(listener.url, metrics=True) as channel:
+        files = channel.stub(Files, timeout=5)
+        await files.get("a")
+        await negotiated(channel)
+        assert await files.get("a") == b"\x00\x01\xff"
+        assert [c async for c in files.chunks(2, 10)] == [b"\x00" * 10, b"\x01" * 10]
+        blobs = [Blob("a", b"1"), Blob("b", b"22")]
+
+        async def items() -> AsyncIterator[Blob]:
+            for blob in blobs:
+                yield blob
+
+        assert await files.total(items()) == 3
+    assert seen == ["get", "get", "chunks", "total"]
