@@ -295,7 +295,7 @@ class MethodSpec:
         except orjson.JSONDecodeError:
             raise RpcError(Status.INVALID_ARGUMENT, f"message {where} is not valid JSON") from None
         except codec.DecodeError as exc:
-            raise RpcError(Status.INVALID_ARGUMENT, f"invalid message {exc.path!r}: {exc.reason}") from None
+            raise RpcError(Status.INVALID_ARGUMENT, f"invalid message {exc.path or where!r}: {exc.reason}") from None
         except RecursionError:
             raise RpcError(Status.INVALID_ARGUMENT, f"message {where} is nested too deeply") from None
 

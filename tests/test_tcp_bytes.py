@@ -444,6 +444,13 @@ async def test_a_lying_stream_message_ends_that_stream_alone() -> None:
         frame = await answer(client, 1)
         assert frame.type == FrameType.ERROR and b"attachment index 5 is out of range" in frame.payload
         assert b"items[1]" in frame.payload
+        # A table that lies, on a new stream: the message is named.
+        client2: RawClient = await open_raw(PREFACE + attached_request(1, "Files/total", body, FLAG_CLIENT_STREAMS))
+        assert (await answer(client2, 1)).type == FrameType.WINDOW_UPDATE
+        await client2.send(encode_frame(FrameType.DATA, 1, b"\x00\x00\x00\x09{}", FLAG_ATTACHED))
+        frame = await answer(client2, 1)
+        assert frame.type == FrameType.ERROR
+        assert orjson.loads(frame.payload)["message"].startswith("invalid message 'items[0]': the table of 9")
         await client.send(attached_request(3, "Files/get", message({"name": "a"})))
         assert (await answer(client, 3)).payload == message(0, b"\x00\x01\xff")
         await client.send(encode_window_update(1, 10))  # the ended stream: ignored
