@@ -545,3 +545,34 @@ async def test_interceptors_and_metrics_see_calls_with_attachments() -> None:
 
         assert await files.total(items()) == 3
     assert seen == ["get", "get", "chunks", "total"]
+
+
+def test_pack_and_unpacked_round_trip_any_nesting() -> None:
+    """Property: whatever the nesting, the attachments format gives back what plain JSON would."""
+    from hypothesis import given, settings, strategies as st
+
+    leaf = st.builds(Blob, name=st.text(max_size=5), data=st.binary(max_size=40), maybe=st.none() | st.binary())
+    blobs = st.recursive(
+        leaf,
+        lambda inner: st.builds(
+            Blob,
+            name=st.text(max_size=5),
+            data=st.binary(max_size=40),
+            parts=st.lists(st.binary(max_size=10), max_size=4),
+            by_key=st.dictionaries(st.text(max_size=3), st.binary(max_size=10), max_size=3),
+            nested=st.lists(inner, max_size=3),
+        ),
+        max_leaves=8,
+    )
+    decode = codec.decoder(dict[str, Blob])
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.dictionaries(st.text(max_size=4), blobs, max_size=3))
+    def check(value: dict[str, Blob]) -> None:
+        packed = codec.pack(value)
+        wire = codec.Packed(packed.table() + packed + b"".join(bytes(a) for a in packed.attachments))
+        assert len(wire) == packed.size
+        assert codec.unpacked(wire, lambda json: decode(orjson.loads(json), "")) == value
+        assert decode(orjson.loads(codec.dumps(value)), "") == value
+
+    check()
