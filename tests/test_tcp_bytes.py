@@ -340,9 +340,12 @@ async def test_the_client_refuses_attachments_it_did_not_ask_for() -> None:
 async def test_http_and_inproc_keep_base64() -> None:
     server = kubrpc.Server()
     server.register(Files, FilesImpl())
-    async with server.serve("http://127.0.0.1:0") as listener, kubrpc.connect(listener.url) as channel:
-        assert await channel.call("Files/get", b'{"name":"a"}', timeout=5) == b'"AAH/"'
-        assert await channel.stub(Files, timeout=5).get("a") == b"\x00\x01\xff"
+    for url in ("http://127.0.0.1:0", "inproc://files-base64"):
+        async with server.serve(url) as listener, kubrpc.connect(listener.url) as channel:
+            assert await channel.call("Files/get", b'{"name":"a"}', timeout=5) == b'"AAH/"'
+            files = channel.stub(Files, timeout=5)
+            assert await files.get("a") == b"\x00\x01\xff" and await files.put("b", b"\x00") == 1
+            assert [c async for c in files.chunks(1, 2)] == [b"\x00\x00"]
 
 
 async def test_methods_whose_bytes_an_index_could_be_confused_with_stay_plain() -> None:
