@@ -7,7 +7,8 @@ Three workloads, each measured for every peer at each concurrency (streams runni
 - ``bidi``: round trips/s on bidirectional streams, `echo(values) -> AsyncIterator[int]`: a worker sends one
   message and waits for its echo before it sends the next;
 - ``bytes``: MB/s of a stream of 1 MiB `bytes` messages, `blobs(n, size) -> AsyncIterator[bytes]` (kubrpc
-  sends bytes as base64 in JSON; grpcio.aio as raw bytes, as protobuf's `bytes` would be).
+  TCP sends them as raw attachments after the JSON, kubrpc HTTP as base64 in JSON; grpcio.aio as raw bytes, as
+  protobuf's `bytes` would be).
 
 Run `python benchmarks/bench_streaming.py` (about 3 minutes) or `--quick` (under a minute, a smoke test). As
 in bench_unary.py, each measurement runs a fresh server process pinned to CPU 0 and a fresh client process
@@ -579,7 +580,8 @@ def report(results: Results, settings: Settings, peers: tuple[str, ...], workloa
             "",
             "server-stream = messages/s read from streams of results (small int messages); bidi = round trips/s on "
             "bidirectional streams, each worker waiting for the echo of a message before sending the next; bytes = "
-            "a stream of 1 MiB `bytes` messages (kubrpc: base64 in JSON; grpcio.aio: raw bytes). streams = how many "
+            "a stream of 1 MiB `bytes` messages (kubrpc TCP: raw attachments after the JSON, HTTP: base64 in JSON; "
+            "grpcio.aio: raw bytes). streams = how many "
             "run at once on one channel. × grpcio.aio = the rate over grpcio.aio's for the same workload and "
             "streams, in the same run; server and client CPU = the share of its one core each process used while "
             "timed, and its CPU time per message or round trip. Produced by `benchmarks/bench_streaming.py` "

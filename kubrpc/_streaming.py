@@ -108,17 +108,23 @@ def record(recorders: tuple[StreamRecorder, ...], call: StreamCall) -> None:
         )
 
 
-def stream_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[..., Any]:
-    """The stub method of a stream method: `open_stream(payload)` opens the call on the channel."""
+def stream_stub(m: MethodSpec, open_stream: Callable[[bytes], Any], attached: bool = False) -> Callable[..., Any]:
+    """The stub method of a stream method: `open_stream(payload)` opens the call on the channel.
+
+    `attached`: the channel's transport carries bytes values as attachments (codec.Attached, codec.Packed).
+    """
     if m.kind.streams_results:
         if m.kind.streams_requests:
-            return _bidi_stub(m, open_stream)
-        return _results_stub(m, open_stream)
-    return _client_stub(m, open_stream)
+            return _bidi_stub(m, open_stream, attached)
+        return _results_stub(m, open_stream, attached)
+    return _client_stub(m, open_stream, attached)
 
 
-def _results_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[..., AsyncGenerator[Any, None]]:
-    decode = m.decode_result
+def _results_stub(
+    m: MethodSpec, open_stream: Callable[[bytes], Any], attached: bool
+) -> Callable[..., AsyncGenerator[Any, None]]:
+    decode = m.decode_result_attached if attached else m.decode_result
+    encode_call = m.encode_call_attached if attached else m.encode_call
 
     async def results(payload: bytes) -> AsyncGenerator[Any, None]:
         call: StreamCall = await open_stream(payload)
@@ -131,18 +137,19 @@ def _results_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callabl
     def stub(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
         # The arguments are bound and encoded here, so that a wrong call fails where it is made, as in Python;
         # the stream opens when the `async for` starts.
-        return results(m.encode_call(args, kwargs))
+        return results(encode_call(args, kwargs))
 
     return stub
 
 
-def _client_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[..., Any]:
-    decode = m.decode_result
+def _client_stub(m: MethodSpec, open_stream: Callable[[bytes], Any], attached: bool) -> Callable[..., Any]:
+    decode = m.decode_result_attached if attached else m.decode_result
+    split = m.split_stream_attached if attached else m.split_stream
 
     async def client_stream(*args: Any, **kwargs: Any) -> Any:
-        payload, source = m.split_stream(args, kwargs)
+        payload, source = split(args, kwargs)
         call: StreamCall = await open_stream(payload)
-        pump = asyncio.ensure_future(_pump(call, source, m))
+        pump = asyncio.ensure_future(_pump(call, source, m, attached))
         try:
             data = await call.receive()
             if data is None:
@@ -158,12 +165,15 @@ def _client_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable
     return client_stream
 
 
-def _bidi_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[..., AsyncGenerator[Any, None]]:
-    decode = m.decode_result
+def _bidi_stub(
+    m: MethodSpec, open_stream: Callable[[bytes], Any], attached: bool
+) -> Callable[..., AsyncGenerator[Any, None]]:
+    decode = m.decode_result_attached if attached else m.decode_result
+    split = m.split_stream_attached if attached else m.split_stream
 
     async def bidi(payload: bytes, source: AsyncIterable[Any]) -> AsyncGenerator[Any, None]:
         call: StreamCall = await open_stream(payload)
-        pump = asyncio.ensure_future(_pump(call, source, m))
+        pump = asyncio.ensure_future(_pump(call, source, m, attached))
         try:
             while (data := await call.receive()) is not None:
                 yield decode(data)
@@ -172,14 +182,14 @@ def _bidi_stub(m: MethodSpec, open_stream: Callable[[bytes], Any]) -> Callable[.
             await _stop(pump)
 
     def stub(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
-        return bidi(*m.split_stream(args, kwargs))  # a wrong call fails here, as in Python
+        return bidi(*split(args, kwargs))  # a wrong call fails here, as in Python
 
     return stub
 
 
-async def _pump(call: StreamCall, source: AsyncIterable[Any], m: MethodSpec) -> None:
+async def _pump(call: StreamCall, source: AsyncIterable[Any], m: MethodSpec, attached: bool) -> None:
     """Send the caller's messages, then half-close; a failure of the caller's side cancels the call."""
-    encode = m.encode_message
+    encode = m.encode_message_attached if attached else m.encode_message
     name = m.stream.name if m.stream is not None else "messages"
     index = 0
     try:

@@ -120,6 +120,8 @@ class Channel:
         self.balancer = create_balancer(balancer) if isinstance(balancer, str) else balancer
         self._feedback = self.balancer if isinstance(self.balancer, CallFeedback) else None
         self._pick_for = self.balancer.pick_for if isinstance(self.balancer, KeyedBalancer) else None
+        # The transport sends bytes values as raw attachments (tcp): stubs of methods with bytes encode for it.
+        self._attachments = getattr(self._transport, "attachments", False) is True
         self._pool = ConnectionPool(self._transport)
         # The pool's own dicts, read on the hot path without a call.
         self._connections = self._pool.connections
@@ -216,14 +218,17 @@ class Channel:
     ) -> Callable[..., Any]:
         if m.options.timeout is not None and (timeout is None or m.options.timeout < timeout):
             timeout = m.options.timeout
+        attached = self._attachments and m.attachable  # decided here, once: other methods pay nothing per call
         if m.kind is not CallKind.UNARY:
             stub = stream_stub(
-                m, partial(self._open_for_stub, m.path, m.kind, timeout, m.options.idempotent, key, metadata)
+                m, partial(self._open_for_stub, m.path, m.kind, timeout, m.options.idempotent, key, metadata), attached
             )
             stub.__name__ = m.attr
             stub.__qualname__ = f"{m.service}.{m.attr}"
             return stub
         path, idempotent, encode, decode = m.path, m.options.idempotent, m.encode_call, m.decode_result
+        if attached:
+            encode, decode = m.encode_call_attached, m.decode_result_attached
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             payload = encode(args, kwargs)

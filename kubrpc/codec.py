@@ -24,9 +24,12 @@ import enum
 import json
 import math
 import re
+import struct
+import sys
 import types
 import typing
 import uuid
+from array import array
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Annotated, Any
@@ -34,12 +37,16 @@ from typing import Annotated, Any
 import orjson
 
 __all__ = (
+    "MAX_ATTACHMENTS",
     "MAX_DEPTH",
     "MAX_ERRORS",
     "RESERVED_METADATA",
+    "Attached",
     "AwareDatetime",
     "DecodeError",
     "Decoder",
+    "Packed",
+    "attachable",
     "check_depth",
     "check_metadata",
     "collect_errors",
@@ -49,6 +56,8 @@ __all__ = (
     "loads",
     "may_hold_float",
     "needs_exact_ints",
+    "pack",
+    "unpacked",
     "unwrap",
 )
 
@@ -340,6 +349,10 @@ def _none(value: Any, path: str) -> None:
 
 def _bytes(value: Any, path: str) -> bytes:
     if type(value) is not str:
+        if type(value) is int:  # an attachment's index, in a message in the attachments format (TCP)
+            attached = _attached.get()
+            if attached is not None:
+                return attached.take(value, path)
         _fail(path, "base64 string", value)
     try:
         return base64.b64decode(value, validate=True)
@@ -1049,3 +1062,166 @@ def _type_name(tp: object) -> str:
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ---- attachments: bytes values as raw bytes after the JSON (the TCP transport; docs/protocol.md) ----------------
+#
+# A message in the attachments format is `count (u32) | length (u32) * count | JSON | data[0] | data[1] | ...`
+# (big-endian): the JSON as usual, except that a `bytes` value is the integer index of its data. The decoding is
+# type-directed, as for base64: only where the annotation expects `bytes` is an integer an index.
+
+MAX_ATTACHMENTS = 65536
+"""The most attachments one message may carry; a message with more bytes values than this sends them as base64."""
+
+_U32 = struct.Struct(">I")
+
+
+class Attached(bytes):
+    """An outgoing message in the attachments format, in parts: these bytes are its JSON, and `attachments` the
+    data of its bytes values, by index. `plain()` encodes the same value as ordinary JSON (bytes as base64), for
+    a peer that does not read attachments."""
+
+    attachments: list[bytes | bytearray | memoryview]
+    plain: Callable[[], bytes]
+
+    def table(self) -> bytes:
+        """The head of the message on the wire: the count and the length of each attachment."""
+        sizes = [len(a) if type(a) is not memoryview else a.nbytes for a in self.attachments]
+        return struct.pack(f">{len(sizes) + 1}I", len(sizes), *sizes)
+
+    @property
+    def size(self) -> int:
+        """The message's size on the wire: table, JSON and data."""
+        sizes = [len(a) if type(a) is not memoryview else a.nbytes for a in self.attachments]
+        return 4 + 4 * len(sizes) + len(self) + sum(sizes)
+
+
+class Packed(bytes):
+    """A received message in the attachments format, whole (table, JSON, data): decode it with `unpacked()`."""
+
+
+def pack(value: object, floats: bool = False) -> Attached:
+    """Encode a value whose annotation is attachable(): its bytes values become attachments (`floats`: as
+    dumps_floats does)."""
+    attachments: list[bytes | bytearray | memoryview] = []
+
+    def default(v: object) -> object:
+        if isinstance(v, bytes | bytearray | memoryview):
+            attachments.append(v if type(v) is not memoryview or v.format == "B" else v.cast("B"))
+            return len(attachments) - 1
+        return _default(v)
+
+    data = orjson.dumps(value, default=default, option=_OPTIONS)
+    if floats and b"null" in data:
+        attachments.clear()
+        data = orjson.dumps(_spell_non_finite(value), default=default, option=_OPTIONS)
+    if len(attachments) > MAX_ATTACHMENTS:  # too many to index: as base64, which the receiver reads there too
+        attachments = []
+        data = dumps_floats(value) if floats else dumps(value)
+    out = Attached(data)
+    out.attachments = attachments
+    return out
+
+
+class _Attachments:
+    """The data of a received message's attachments, each made a bytes object once, when a bytes value takes it."""
+
+    __slots__ = ("data", "ends", "taken")
+
+    def __init__(self, data: bytes, start: int, sizes: array[int]) -> None:
+        self.data = data
+        ends = array("Q", [start])
+        for size in sizes:
+            start += size
+            ends.append(start)
+        self.ends = ends
+        self.taken: list[bytes | None] = [None] * len(sizes)
+
+    def take(self, index: int, path: str) -> bytes:
+        taken = self.taken
+        if not 0 <= index < len(taken):
+            raise DecodeError(
+                path, f"attachment index {index} is out of range: the message has {len(taken)} attachments"
+            )
+        data = taken[index]
+        if data is None:  # the same index twice is the same bytes object: no copy per reference
+            data = taken[index] = self.data[self.ends[index] : self.ends[index + 1]]
+        return data
+
+    def check_all_taken(self) -> None:
+        """DecodeError if an attachment was sent that no bytes value refers to (a sender's mistake, or padding)."""
+        for index, data in enumerate(self.taken):
+            if data is None:
+                raise DecodeError(
+                    "",
+                    f"attachment {index} of {len(self.taken)} is not referred to by any bytes value "
+                    "(an attachment's index must stand where the method's annotation expects bytes)",
+                )
+
+
+_attached: ContextVar[_Attachments | None] = ContextVar("kubrpc_attachments", default=None)
+
+
+def unpacked(data: bytes, decode: Callable[[bytes], Any]) -> Any:
+    """Split a message in the attachments format and run `decode` on its JSON, with its attachments in reach of
+    the bytes decoders; DecodeError if the table lies about the message, or an attachment is left unreferred."""
+    size = len(data)
+    if size < 4:
+        raise DecodeError("", f"truncated attachments table: {size} bytes, less than its 4-byte count")
+    (count,) = _U32.unpack_from(data)
+    if count > MAX_ATTACHMENTS:
+        raise DecodeError("", f"{count} attachments: a message carries at most {MAX_ATTACHMENTS}")
+    table_end = 4 + 4 * count
+    if table_end > size:
+        raise DecodeError("", f"the table of {count} attachments does not fit in the message of {size} bytes")
+    sizes = array("I", data[4:table_end])
+    if sys.byteorder == "little":
+        sizes.byteswap()
+    total = sum(sizes)
+    if total > size - table_end:
+        raise DecodeError(
+            "",
+            f"the attachments' lengths add up to {total} bytes, more than the {size - table_end} bytes after the table",
+        )
+    json_end = size - total
+    attachments = _Attachments(data, json_end, sizes)
+    token = _attached.set(attachments)
+    try:
+        value = decode(data[table_end:json_end])
+        attachments.check_all_taken()
+    finally:
+        _attached.reset(token)
+    return value
+
+
+def attachable(*annotations: object) -> bool:
+    """Can the bytes values of a value of these annotations (a method's arguments, together) travel as
+    attachments? They must hold `bytes`, each where a decoder expects bytes alone: none may hold Any or an
+    unparametrised container, a union of bytes with other types than None, or a Literal or Enum with bytes
+    values (their decoders read base64). Decided once, when a method's plans are built."""
+    return any(_anywhere(tp, _is_bytes, set()) for tp in annotations) and not any(
+        _anywhere(tp, _blocks_attachments, set()) for tp in annotations
+    )
+
+
+def _is_bytes(tp: object) -> bool | None:
+    return True if tp is bytes else None
+
+
+def _blocks_attachments(tp: object) -> bool | None:
+    if tp is typing.Any or tp is object or tp in (list, tuple, dict, set, frozenset):
+        return True  # may hold bytes where the decoder does not look for them
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return any(isinstance(_enum_value(v), bytes | bytearray) for v in typing.get_args(tp))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return any(isinstance(m.value, bytes | bytearray) for m in tp)
+    if origin is typing.Union or origin is types.UnionType:
+        members = [unwrap(m) for m in _flatten(tp) if m is not None and m is not type(None)]
+        if bytes in members and len(members) > 1:  # an index would be read as the other member's integer, or refused
+            return True
+    return None
+
+
+def _enum_value(value: object) -> object:
+    return value.value if isinstance(value, enum.Enum) else value

@@ -8,11 +8,13 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import orjson
 
 from . import codec
+from .codec import Packed
 from .errors import RpcError, bad_request
 from .status import Status
 
@@ -132,6 +134,16 @@ class MethodSpec:
     parse_result: Callable[[bytes], Any] = orjson.loads
     param_names: frozenset[str] = frozenset()
     """The names of `params`: a call that names exactly these is bound without looking further."""
+    attach_args: bool = False
+    """The arguments hold bytes values that can travel as attachments (codec.attachable); likewise the result
+    (each message of a stream of results) and the messages of a request stream."""
+    attach_result: bool = False
+    attach_messages: bool = False
+
+    @property
+    def attachable(self) -> bool:
+        """Does this method carry bytes values that a transport may send as attachments (TCP)?"""
+        return self.attach_args or self.attach_result or self.attach_messages
 
     @property
     def path(self) -> str:
@@ -139,7 +151,16 @@ class MethodSpec:
         return f"{self.service}/{self.name}"
 
     def decode_args(self, payload: bytes) -> dict[str, Any]:
-        """Server side: parse and validate a request body into keyword arguments (RpcError on bad input)."""
+        """Server side: parse and validate a request body into keyword arguments (RpcError on bad input).
+
+        A codec.Packed body is in the attachments format (the TCP transport's raw bytes values).
+        """
+        if type(payload) is Packed:  # its JSON comes back here, as bytes
+            try:
+                unpacked: dict[str, Any] = codec.unpacked(payload, self.decode_args)
+            except codec.DecodeError as exc:
+                raise RpcError(Status.INVALID_ARGUMENT, f"invalid arguments: {exc.reason}") from None
+            return unpacked
         try:
             obj = self.parse_arguments(payload) if payload else {}
         except orjson.JSONDecodeError:
@@ -230,29 +251,76 @@ class MethodSpec:
         else:
             named = dict(kwargs)
         if len(named) != len(self.params) or named.keys() != self.param_names:
-            for p in self.params:
-                if p.required and p.name not in named:
-                    raise TypeError(f"{self.attr}() missing required argument {p.name!r}")
-            for key in named:
-                if not any(p.name == key for p in self.params):
-                    raise TypeError(f"{self.attr}() got an unexpected keyword argument {key!r}")
+            self._check_names(named)
         return named
+
+    def _check_names(self, named: Mapping[str, Any]) -> None:
+        """TypeError, as Python's, for a call whose arguments are not exactly the parameters (which differ)."""
+        for p in self.params:
+            if p.required and p.name not in named:
+                raise TypeError(f"{self.attr}() missing required argument {p.name!r}")
+        for key in named:
+            if not any(p.name == key for p in self.params):
+                raise TypeError(f"{self.attr}() got an unexpected keyword argument {key!r}")
+
+    def encode_call_attached(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
+        """encode_call() as a codec.Attached: bytes values as attachments, for a transport that sends them (TCP).
+
+        Its `plain()` is what encode_call() returns, for a server that does not read attachments. (encode_call()
+        binds the arguments itself: the calls of methods without bytes pay for no extra step.)
+        """
+        plain = partial(self.encode_call, args, kwargs)
+        if not self.attach_args:
+            out = codec.Attached(plain())
+            out.attachments = []
+        else:
+            positional = self.positional
+            if self.stream is not None:
+                positional = tuple(name for name in positional if name != self.stream.name)
+            if len(args) > len(positional) or any(key in positional[: len(args)] for key in kwargs):
+                plain()  # a wrong call: raises TypeError as Python would
+            named = dict(zip(positional, args, strict=False))
+            named.update(kwargs)
+            if len(named) != len(self.params) or named.keys() != self.param_names:
+                self._check_names(named)
+            try:
+                out = codec.pack(named, self.encode_arguments is codec.dumps_floats)
+            except TypeError:
+                plain()  # raises the RpcError encode_call() would
+                raise
+        out.plain = plain
+        return out
 
     def decode_message(self, data: bytes, index: int) -> Any:
         """Server side: parse and validate message `index` (from 0) of the request stream (RpcError on bad input)."""
         assert self.stream is not None
         where = f"{self.stream.name}[{index}]"
         try:
+            if type(data) is Packed:
+                stream = self.stream
+                return codec.unpacked(data, lambda json: stream.decode(self.parse_message(json), where))
             return self.stream.decode(self.parse_message(data), where)
         except orjson.JSONDecodeError:
             raise RpcError(Status.INVALID_ARGUMENT, f"message {where} is not valid JSON") from None
         except codec.DecodeError as exc:
-            raise RpcError(Status.INVALID_ARGUMENT, f"invalid message {exc.path!r}: {exc.reason}") from None
+            raise RpcError(Status.INVALID_ARGUMENT, f"invalid message {exc.path or where!r}: {exc.reason}") from None
         except RecursionError:
             raise RpcError(Status.INVALID_ARGUMENT, f"message {where} is nested too deeply") from None
 
     def split_stream(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[bytes, Any]:
         """Client side: a client stream's call as (the encoded ordinary arguments, the stream argument)."""
+        args, kwargs, stream = self._split(args, kwargs)
+        return self.encode_call(args, kwargs), stream
+
+    def split_stream_attached(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[bytes, Any]:
+        """split_stream() with the ordinary arguments encoded by encode_call_attached()."""
+        args, kwargs, stream = self._split(args, kwargs)
+        return self.encode_call_attached(args, kwargs), stream
+
+    def _split(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> tuple[tuple[Any, ...], Mapping[str, Any], Any]:
+        """A client stream's call as (its ordinary positional and keyword arguments, the stream argument)."""
         assert self.stream is not None
         name = self.stream.name
         if name in kwargs:
@@ -269,7 +337,7 @@ class MethodSpec:
             args = args[:at] + args[at + 1 :]
         if not isinstance(stream, collections.abc.AsyncIterable):
             raise TypeError(f"{self.attr}() argument {name!r} must be an async iterable, not {type(stream).__name__}")
-        return self.encode_call(args, kwargs), stream
+        return args, kwargs, stream
 
     def decode_result(self, data: bytes) -> Any:
         """Client side: parse a result body back into the annotated return type."""
@@ -277,6 +345,29 @@ class MethodSpec:
             return self.decode_result_value(self.parse_result(data), "result")
         except (orjson.JSONDecodeError, codec.DecodeError, RecursionError) as exc:
             raise RpcError(Status.INTERNAL, f"malformed result from {self.path}: {exc}") from None
+
+    def decode_result_attached(self, data: bytes) -> Any:
+        """decode_result() of an answer that may be in the attachments format (a codec.Packed)."""
+        if type(data) is not Packed:
+            return self.decode_result(data)
+        try:
+            return codec.unpacked(data, lambda json: self.decode_result_value(self.parse_result(json), "result"))
+        except (orjson.JSONDecodeError, codec.DecodeError, RecursionError) as exc:
+            raise RpcError(Status.INTERNAL, f"malformed result from {self.path}: {exc}") from None
+
+    def encode_result_attached(self, result: object) -> bytes:
+        """Server side: encode_result(), as a codec.Attached if the result's bytes values can be attachments."""
+        if self.attach_result:
+            return codec.pack(result, self.encode_result is codec.dumps_floats)
+        return self.encode_result(result)
+
+    def encode_message_attached(self, item: object) -> bytes:
+        """Client side: encode_message(), as a codec.Attached (whose `plain()` is encode_message's) if it may be."""
+        if not self.attach_messages:
+            return self.encode_message(item)
+        out = codec.pack(item, self.encode_message is codec.dumps_floats)
+        out.plain = partial(self.encode_message, item)
+        return out
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -517,6 +608,9 @@ def _method_spec(service: str, protocol: type, attr: str, fn: Callable[..., Any]
         declared_returns=hints["return"],
         encode_message=codec.dumps_floats if message_floats else codec.dumps,
         parse_message=codec.loads if exact_messages else orjson.loads,
+        attach_args=codec.attachable(*(p.annotation for p in params)),
+        attach_result=codec.attachable(returns),
+        attach_messages=stream is not None and codec.attachable(stream.annotation),
     )
 
 

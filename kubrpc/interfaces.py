@@ -248,7 +248,10 @@ class ServerCore(Protocol):
 
     - `dispatch()` runs one call: `path` is `Service/method`, `payload` the JSON object of named arguments,
       `metadata` has lower-case keys, `peer` is the client's `host:port` (empty if unknown). It returns the
-      encoded result or raises RpcError. `deadline_enforced=True` says the transport cancels the call
+      encoded result or raises RpcError. A transport that reads the attachments format (TCP) gives such a
+      payload as a `kubrpc.codec.Packed`, and then gets the result as a `kubrpc.codec.Attached` when it has
+      bytes values to attach (bytes otherwise); both work the same for `dispatch_stream()`'s payload, messages
+      and results. `deadline_enforced=True` says the transport cancels the call
       itself when `timeout` passes; dispatch then only reports the deadline.
     - `admit(size)` asks whether a request of `size` bytes may be held now (`max_pending_bytes`, over all
       connections and transports together); each admitted size is given back with `release(size)`.

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from ._limits import DEFAULT_MAX_MESSAGE_SIZE, ServerLimits
+from .codec import Attached, Packed
 from .errors import RpcError
 from .interceptors import CallInfo, Proceed, ServerInterceptor, _current
 from .interface import CallKind, MethodSpec, ServiceSpec, check_implementation, service_spec
@@ -204,6 +205,8 @@ class Server:
 
         `deadline_enforced=True` says the transport cancels the call itself when `timeout` passes (the
         TCP transport does, with one timer for all its calls); dispatch then only reports the deadline.
+        A codec.Packed payload (the TCP attachments format) is answered in that format, a codec.Attached,
+        when the result has bytes values to attach.
         """
         route = self._routes.get(path)
         if route is None or route.spec.kind is not CallKind.UNARY:
@@ -233,6 +236,8 @@ class Server:
         finally:
             _current.reset(context)
         try:
+            if type(payload) is Packed:  # the client reads attachments too: the result's bytes go as attachments
+                return spec.encode_result_attached(result)
             return spec.encode_result(result)
         except TypeError:
             log.exception("result of %s cannot be encoded", path)
@@ -269,7 +274,7 @@ class Server:
             raise _failure(exc, deadline, path) from None
         finally:
             _current.reset(context)
-        if type(result) is not bytes:
+        if type(result) is not bytes and type(result) is not Attached:
             log.error("an interceptor of %s returned %s, not the encoded result", path, type(result).__name__)
             raise RpcError(Status.INTERNAL, "internal error")
         return result
@@ -337,7 +342,7 @@ class Server:
                     sent=counts[1],
                     client=False,
                 )
-        if type(result) is not bytes:
+        if type(result) is not bytes and type(result) is not Attached:
             log.error("an interceptor of %s returned %s, not the encoded result", path, type(result).__name__)
             raise RpcError(Status.INTERNAL, "internal error")
         return None if spec.kind.streams_results else result
@@ -455,6 +460,8 @@ class Server:
 async def _run_handler(route: _Route, payload: bytes) -> bytes:
     """The innermost step of an interceptor chain: decode the arguments, run the handler, encode its result."""
     result = await route.handler(**route.spec.decode_args(payload))
+    if type(payload) is Packed:
+        return route.spec.encode_result_attached(result)
     return route.spec.encode_result(result)
 
 
@@ -472,9 +479,10 @@ async def _run_stream(
         if messages is None:
             raise RpcError(Status.INTERNAL, "internal error: the transport gave no request stream")
         kwargs[spec.stream.name] = _Requests(spec, messages, counts)
+    # A client that sent its arguments as attachments reads them too (docs/protocol.md, "Attachments").
+    encode = spec.encode_result_attached if type(payload) is Packed else spec.encode_result
     if not spec.kind.streams_results:
-        return spec.encode_result(await route.handler(**kwargs))
-    encode = spec.encode_result
+        return encode(await route.handler(**kwargs))
     task = asyncio.current_task()
     async with aclosing(route.handler(**kwargs)) as results:
         async for item in results:

@@ -14,11 +14,14 @@ from typing import NamedTuple
 
 import orjson
 
+from kubrpc.codec import Attached, Packed
 from kubrpc.errors import ProtocolError, RpcError
 from kubrpc.status import Status
 
 __all__ = (
     "ADMIT_ABOVE",
+    "FLAG_ATTACHED",
+    "SETTING_ATTACHMENTS",
     "FLAG_CLIENT_STREAMS",
     "FLAG_REFUSED",
     "FLAG_SERVER_STREAMS",
@@ -37,10 +40,13 @@ __all__ = (
     "Request",
     "encode_frame",
     "encode_goaway",
+    "encode_message",
     "encode_request",
+    "encode_settings",
     "encode_window_update",
     "parse_goaway",
     "parse_request",
+    "parse_settings",
     "parse_window_update",
 )
 
@@ -52,6 +58,12 @@ _HEADER_AND_REQUEST_HEAD = struct.Struct(">IBBIIH")
 _EMPTY_METADATA = bytes(4)
 _GOAWAY_HEAD = struct.Struct(">I")
 FLAG_ACK = 0x01
+#: REQUEST, RESPONSE and DATA flag: the message is in the attachments format (docs/protocol.md, "Attachments");
+#: on a REQUEST it also says that the client reads answers in that format.
+FLAG_ATTACHED = 0x08
+#: SETTINGS entry (id u16, value u32): 1 = the sender reads and writes the attachments format.
+SETTING_ATTACHMENTS = 1
+_SETTING = struct.Struct(">HI")
 #: REQUEST flags: a stream call (docs/protocol.md, "Streams"); the client sends DATA, the server sends DATA.
 FLAG_CLIENT_STREAMS = 0x02
 FLAG_SERVER_STREAMS = 0x04
@@ -88,6 +100,9 @@ class FrameType(enum.IntEnum):
 #: A partly received frame longer than this is counted against the receiver's budget as its bytes arrive
 #: (shorter ones, such as a CANCEL or PING split across two reads, are admitted as whole frames).
 ADMIT_ABOVE = 1024
+
+#: A frame payload at least this long is copied out of the receive buffer through a memoryview (one copy).
+_VIEW_ABOVE = 4096
 
 #: Not a wire type (types are one byte): what FrameDecoder yields for a REQUEST frame that admit() refused.
 REFUSED = 256
@@ -134,6 +149,33 @@ def encode_request(
     return b"".join((head, path_bytes, _EMPTY_METADATA, body))
 
 
+def encode_message(type: int, stream: int, message: Attached, flags: int = 0, head: bytes = b"") -> list[bytes]:
+    """A frame (`head`, then `message` in the attachments format) as the parts to write, FLAG_ATTACHED set.
+
+    The data of large attachments are parts of their own, written as they are: not copied into the frame.
+    """
+    attachments = message.attachments
+    size = len(head) + message.size
+    first = HEADER.pack(size, type, flags | FLAG_ATTACHED, stream) + head + message.table() + message
+    if size < _JOIN_BELOW:
+        return [b"".join((first, *attachments))]
+    return [first, *attachments]  # type: ignore[list-item]  # bytearray and memoryview are written as they are
+
+
+# A frame with attachments shorter than this is written as one joined bytes object.
+_JOIN_BELOW = 64 * 1024
+
+
+def encode_settings(*settings: tuple[int, int]) -> bytes:
+    """A SETTINGS frame carrying (id, value) entries."""
+    return encode_frame(FrameType.SETTINGS, 0, b"".join(_SETTING.pack(i, v) for i, v in settings))
+
+
+def parse_settings(payload: bytes) -> dict[int, int]:
+    """The (id: value) entries of a SETTINGS payload; a trailing partial entry is ignored, as unknown ids are."""
+    return dict(_SETTING.iter_unpack(payload[: len(payload) - len(payload) % _SETTING.size]))
+
+
 def encode_window_update(stream: int, increment: int) -> bytes:
     """A WINDOW_UPDATE frame: the sender may send `increment` more bytes of DATA on `stream`."""
     return HEADER.pack(4, FrameType.WINDOW_UPDATE, 0, stream) + _GOAWAY_HEAD.pack(increment)
@@ -146,8 +188,12 @@ def parse_window_update(payload: bytes) -> int:
     return int.from_bytes(payload, "big")
 
 
-def parse_request(payload: bytes) -> Request:
-    """Split a REQUEST payload; ProtocolError if it is truncated or malformed."""
+def parse_request(payload: bytes, packed: int = 0) -> Request:
+    """Split a REQUEST payload; ProtocolError if it is truncated or malformed.
+
+    `packed` (the REQUEST's FLAG_ATTACHED bit): the body is in the attachments format, and comes back as a
+    codec.Packed.
+    """
     try:
         timeout_ms, path_len = _REQUEST_HEAD.unpack_from(payload)
         at = _REQUEST_HEAD.size + path_len
@@ -159,19 +205,24 @@ def parse_request(payload: bytes) -> Request:
     except UnicodeDecodeError:
         raise ProtocolError("REQUEST path is not UTF-8") from None
     at += 4
-    if not meta_len:
+    if not meta_len and not packed:
         return _new_request(Request, (timeout_ms, path, {}, payload[at:]))
     if at + meta_len > len(payload):
         raise ProtocolError("truncated REQUEST frame")
-    # The frame itself is sound: bad metadata is that call's error, not the connection's.
-    if meta_len > MAX_METADATA:
-        raise BadRequest(RpcError(Status.RESOURCE_EXHAUSTED, f"metadata exceeds {MAX_METADATA} bytes"))
-    try:
-        metadata = orjson.loads(payload[at : at + meta_len])
-    except orjson.JSONDecodeError:
-        raise BadRequest(RpcError(Status.INVALID_ARGUMENT, "metadata is not JSON")) from None
-    if type(metadata) is not dict or not all(type(v) is str for v in metadata.values()):
-        raise BadRequest(RpcError(Status.INVALID_ARGUMENT, "metadata must be a JSON object of strings"))
+    metadata: dict[str, str] = {}
+    if meta_len:
+        # The frame itself is sound: bad metadata is that call's error, not the connection's.
+        if meta_len > MAX_METADATA:
+            raise BadRequest(RpcError(Status.RESOURCE_EXHAUSTED, f"metadata exceeds {MAX_METADATA} bytes"))
+        try:
+            meta = orjson.loads(payload[at : at + meta_len])
+        except orjson.JSONDecodeError:
+            raise BadRequest(RpcError(Status.INVALID_ARGUMENT, "metadata is not JSON")) from None
+        if type(meta) is not dict or not all(type(v) is str for v in meta.values()):
+            raise BadRequest(RpcError(Status.INVALID_ARGUMENT, "metadata must be a JSON object of strings"))
+        metadata = meta
+    if packed:
+        return Request(timeout_ms, path, metadata, Packed(memoryview(payload)[at + meta_len :]))
     return _new_request(Request, (timeout_ms, path, metadata, payload[at + meta_len :]))
 
 
@@ -296,7 +347,12 @@ class FrameDecoder:
                             frames.append(Frame(REFUSED, 0, stream, b""))
                         at = end
                 break
-            frames.append(Frame(type_, flags, stream, bytes(buf[at + header : stop])))
+            if length < 4096 and not flags & 8:  # _VIEW_ABOVE, FLAG_ATTACHED (literals: the hot path)
+                frames.append(Frame(type_, flags, stream, bytes(buf[at + header : stop])))
+            else:  # one copy, not two (a bytearray slice, then bytes of it); a message with attachments is Packed
+                with memoryview(buf) as view:
+                    payload = (Packed if flags & FLAG_ATTACHED else bytes)(view[at + header : stop])
+                frames.append(Frame(type_, flags, stream, payload))
             if self.reserved:  # that was the frame admitted while partial: its receiver admits it again
                 self._release_reserved()
             at = stop

@@ -82,6 +82,15 @@ class FrameWriter(asyncio.Protocol):
         if len(out) >= _FLUSH_FRAMES:
             self._flush()
 
+    def write_parts(self, parts: list[bytes]) -> None:
+        """Queue a frame given in parts (encode_message): a large one goes at once, its parts uncopied."""
+        if len(parts) == 1 and len(parts[0]) < _BATCH_BELOW:
+            self.write(parts[0])
+            return
+        self._flush()
+        for part in parts:
+            self.write_now(part)
+
     def write_now(self, data: bytes) -> None:
         """Send bytes at once: for a frame with nothing queued to batch with, it saves a loop turn."""
         transport = self.transport

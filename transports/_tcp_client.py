@@ -6,12 +6,13 @@ import asyncio
 import math
 import struct
 from collections.abc import Mapping
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import orjson
 
 from kubrpc._idle import IdleSignal
+from kubrpc.codec import Attached, Packed
 from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, ProtocolError, RpcError
 from kubrpc.interface import CallKind
@@ -20,21 +21,28 @@ from kubrpc.status import Status
 from ._deadlines import Deadlines
 from ._frames import (
     FLAG_ACK,
+    FLAG_ATTACHED,
     FLAG_REFUSED,
     FRAME_OVERHEAD,
+    HEADER,
     MAX_STREAM_ID,
     MAX_TIMEOUT_MS,
     MAX_WINDOW,
     OVERSIZED,
     PREFACE,
+    SETTING_ATTACHMENTS,
     STREAM_WINDOW,
     Frame,
     FrameDecoder,
+    FrameType,
     encode_frame,
+    encode_message,
     encode_metadata,
     encode_request,
+    encode_settings,
     encode_window_update,
     parse_goaway,
+    parse_settings,
     parse_window_update,
 )
 from ._streams import MESSAGE_OVERHEAD, Inbox
@@ -47,6 +55,7 @@ from ._tcp_base import (
     _GOAWAY,
     _PING,
     _RESPONSE,
+    _SETTINGS,
     _WINDOW_UPDATE,
     FLAGS_OF_KIND,
     FrameWriter,
@@ -61,6 +70,8 @@ _CLOSE_GRACE = 1.0
 # Sent with the preface: a server of protocol version 1 before acknowledgements existed answers it, and
 # that answer acknowledges the connection as SETTINGS does (docs/protocol.md).
 _HELLO = PREFACE + encode_frame(_PING, 0, b"kubrpcok")
+# Sent before the first call that could carry attachments: a server that reads them answers with its own.
+_ASK_ATTACHMENTS = encode_settings((SETTING_ATTACHMENTS, 1))
 
 
 def _speaks_http(endpoint: Endpoint, first: bytes) -> RpcError | None:
@@ -97,6 +108,10 @@ class TcpConnection(FrameWriter):
         self._ack: asyncio.Future[RpcError | None] | None = None
         self._first = b""  # the server's first bytes until its first frame, for _speaks_http (TCP can split them)
         self._closed = False
+        #: The server reads and writes the attachments format (docs/protocol.md, "Attachments"): it said so in a
+        #: SETTINGS frame, in answer to this client's, which the first call that could use it sent (`_asked`).
+        self.attachments = False
+        self._asked = False
         self._protocol_error: str | None = None  # why this side closed the connection, if the server broke the protocol
         self._lost: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -197,17 +212,26 @@ class TcpConnection(FrameWriter):
         await self._idle.wait(lambda: bool(self._pending or self._streams))
 
     async def call(self, path: str, payload: bytes, *, timeout: float | None, metadata: Mapping[str, str]) -> bytes:
-        """Send one call and wait for its answer; cancelling the wait cancels the call on the server."""
+        """Send one call and wait for its answer; cancelling the wait cancels the call on the server.
+
+        A codec.Attached payload goes in the attachments format if the server reads it (else as its `plain()`
+        JSON), and its answer may come back in that format, as a codec.Packed.
+        """
         if self._write_paused:  # the server is not reading what we send: wait (within the deadline) until it does
             await self._writable_within(timeout)
         if timeout == math.inf:
             timeout = None
-        stream, request = self._request(path, payload, timeout, metadata, 0)
+        attached = 0
+        if type(payload) is Attached:
+            payload, attached = self._attached(payload)
+        stream, request = self._request(path, payload, timeout, metadata, attached)
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[stream] = fut
         if timeout is not None:
             self._deadlines.add(stream, timeout)
-        if len(self._pending) == 1 and not self._out:  # nothing in flight to batch with: send now
+        if type(request) is list:
+            self.write_parts(request)
+        elif len(self._pending) == 1 and not self._out:  # nothing in flight to batch with: send now
             self.write_now(request)
         elif len(request) < _BATCH_BELOW:
             self.write(request)
@@ -233,6 +257,8 @@ class TcpConnection(FrameWriter):
         if frame.type == _RESPONSE:
             if len(frame.payload) > self.max_message_size:  # the frame limit leaves room for a request's header
                 raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
+            if type(frame.payload) is Packed and not attached:
+                raise _unasked(self.endpoint)
             return frame.payload
         try:
             body = orjson.loads(frame.payload)
@@ -251,12 +277,18 @@ class TcpConnection(FrameWriter):
             await self._writable_within(timeout)
         if timeout == math.inf:
             timeout = None
-        stream_id, request = self._request(path, payload, timeout, metadata, FLAGS_OF_KIND[kind])
+        attached = 0
+        if type(payload) is Attached:
+            payload, attached = self._attached(payload)
+        stream_id, request = self._request(path, payload, timeout, metadata, FLAGS_OF_KIND[kind] | attached)
         stream = TcpStream(self, stream_id, kind, None if timeout is None else self._loop.time() + timeout)
+        stream.attached = attached != 0
         self._streams[stream_id] = stream
         if timeout is not None:
             self._deadlines.add(stream_id, timeout)
-        if len(request) < _BATCH_BELOW:
+        if type(request) is list:
+            self.write_parts(request)
+        elif len(request) < _BATCH_BELOW:
             self.write(request)
         else:
             self._flush()
@@ -268,20 +300,42 @@ class TcpConnection(FrameWriter):
             raise
         return stream
 
+    def _attached(self, payload: Attached) -> tuple[bytes, int]:
+        """What to send of a message in the attachments format, and its flag: itself once the server reads it,
+        else its JSON.
+
+        The first one asks the server (a SETTINGS frame; servers that predate it ignore it); until a server
+        says that it reads attachments (its own SETTINGS), messages go as plain JSON.
+        """
+        if self.attachments:
+            return payload, FLAG_ATTACHED
+        if not self._asked and self.transport is not None:
+            self._asked = True
+            self.write(_ASK_ATTACHMENTS)
+        return payload.plain(), 0
+
     def _request(
         self, path: str, payload: bytes, timeout: float | None, metadata: Mapping[str, str], flags: int
-    ) -> tuple[int, bytes]:
-        """A new call's stream id and REQUEST frame; what can fail before a call is registered fails here."""
+    ) -> tuple[int, Any]:
+        """A new call's stream id and REQUEST frame; what can fail before a call is registered fails here.
+
+        A REQUEST in the attachments format (FLAG_ATTACHED, a codec.Attached payload) comes as encode_message's parts.
+        """
         if not self.usable or self.transport is None:
             raise NotDeliveredError(f"connection to {self.endpoint.address} is closed or draining")
-        if len(payload) > self.max_message_size:
+        attached = flags & FLAG_ATTACHED
+        if (payload.size if attached else len(payload)) > self.max_message_size:  # type: ignore[attr-defined]
             raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
         timeout_ms = 0 if timeout is None else min(max(1, math.ceil(timeout * 1000)), MAX_TIMEOUT_MS)
         stream = self._next_stream
+        meta = encode_metadata(metadata) if metadata else b""
+        request: bytes | list[bytes]  # bytes, or encode_message's parts (write_parts)
         try:
-            request = encode_request(
-                stream, path, payload, timeout_ms, encode_metadata(metadata) if metadata else b"", flags
-            )
+            if attached:
+                head = encode_request(stream, path, b"", timeout_ms, meta)[HEADER.size :]
+                request = encode_message(FrameType.REQUEST, stream, cast(Attached, payload), flags, head)
+            else:
+                request = encode_request(stream, path, payload, timeout_ms, meta, flags)
         except struct.error:
             raise RpcError(Status.INVALID_ARGUMENT, "method path too long") from None
         self._next_stream = stream + 1
@@ -304,6 +358,8 @@ class TcpConnection(FrameWriter):
         kind = frame.type
         try:
             if kind == _DATA:
+                if type(frame.payload) is Packed and not stream.attached:
+                    raise ProtocolError(f"DATA in the attachments format on stream {frame.stream}, which did not ask")
                 stream.received(frame.payload)
             elif kind == _WINDOW_UPDATE:
                 stream.grant(parse_window_update(frame.payload))
@@ -315,6 +371,8 @@ class TcpConnection(FrameWriter):
         if kind == _RESPONSE:
             if len(frame.payload) > self.max_message_size:
                 stream.ended(RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size"))
+            elif type(frame.payload) is Packed and not stream.attached:
+                stream.ended(_unasked(self.endpoint))
             else:
                 stream.ended(None, frame.payload)
         else:  # ERROR
@@ -395,6 +453,9 @@ class TcpConnection(FrameWriter):
                     stream.ended(RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size"))
             elif kind == _GOAWAY:
                 self._on_goaway(frame.payload)
+            elif kind == _SETTINGS and frame.payload and self._asked:  # the answer to ours
+                if parse_settings(frame.payload).get(SETTING_ATTACHMENTS, 0) >= 1:
+                    self.attachments = True
             elif kind == _PING and not frame.flags & FLAG_ACK and self.transport is not None:
                 if self._write_paused:  # the server is not reading: owe it one answer, not one per PING
                     self._owed_ack = frame.payload[:64]
@@ -439,6 +500,12 @@ class TcpConnection(FrameWriter):
         return f"<TcpConnection {self.endpoint.address} [{state}, {self.in_flight} in flight]>"
 
 
+def _unasked(endpoint: Endpoint) -> RpcError:
+    return RpcError(
+        Status.INTERNAL, f"{endpoint.address} answered in the attachments format, which the call did not ask for"
+    )
+
+
 def _error_of(payload: bytes) -> RpcError:
     """The RpcError an ERROR frame carries."""
     try:
@@ -459,6 +526,7 @@ class TcpStream:
     __slots__ = (
         "_waiter",
         "accepted",
+        "attached",
         "conn",
         "credit",
         "deadline",
@@ -482,11 +550,19 @@ class TcpStream:
         self.inbox = Inbox(self._read)
         self.half_closed = False
         self._waiter: asyncio.Future[None] | None = None
+        self.attached = False  # opened in the attachments format: the server reads it, and may answer in it
 
     async def send(self, message: bytes, /) -> bool:
-        """Send one message once the server has granted credit; False once the call has ended."""
+        """Send one message once the server has granted credit; False once the call has ended.
+
+        A codec.Attached message goes in the attachments format if the stream was opened in it, else as JSON.
+        """
         conn = self.conn
-        if len(message) > conn.max_message_size:
+        attached = type(message) is Attached
+        if attached and not self.attached:
+            message, attached = cast(Attached, message).plain(), False
+        size = cast(Attached, message).size if attached else len(message)
+        if size > conn.max_message_size:
             raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
         inbox = self.inbox
         while self.credit <= 0 and not inbox.ended:
@@ -499,7 +575,10 @@ class TcpStream:
             await conn._writable_within(None if self.deadline is None else self.deadline - conn._loop.time())
         if inbox.ended or self.half_closed:
             return False
-        self.credit -= len(message) + MESSAGE_OVERHEAD
+        self.credit -= size + MESSAGE_OVERHEAD
+        if attached:
+            conn.write_parts(encode_message(_DATA, self.id, cast(Attached, message)))
+            return True
         frame = encode_frame(_DATA, self.id, message)
         if len(frame) < _BATCH_BELOW:
             conn.write(frame)
@@ -565,7 +644,10 @@ class TcpStream:
             conn = self.conn
             if conn._streams.get(self.id) is self:
                 self.peer_credit += self.unacked
-                conn.write(encode_window_update(self.id, self.unacked))
+                # At once, not with this loop turn's other frames: the reader decodes the message it took before the
+                # turn ends (for 1 MiB, hundreds of µs), and the peer, out of credit, would wait for that too.
+                conn._flush()
+                conn.write_now(encode_window_update(self.id, self.unacked))
             self.unacked = 0
 
     def ended(self, error: RpcError | None, result: bytes = b"", *, abort: bool = False) -> None:

@@ -43,6 +43,10 @@ class TcpTransport:
     `Server.run(workers=N)` share their supervisor's; the listener takes it over and closes it when done.
     """
 
+    attachments = True
+    """Carries bytes values as raw attachments after the JSON (docs/protocol.md, "Attachments"), once the
+    server says it reads them: a Channel's stubs of methods with bytes values encode them so."""
+
     def __init__(
         self,
         *,
