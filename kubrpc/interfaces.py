@@ -258,6 +258,9 @@ class ServerCore(Protocol):
     - `draining` turns True when the server starts shutting down (SIGTERM): health checks answer 503
       from then on. It is the server's state, not a listener's: each listener drains its own connections
       when its `listen()` context exits.
+    - `runs_inline(path)` is True when dispatch() of a call at `path` never waits (a unary handler whose code
+      has no await, no interceptors, no timeout of the method's own): a transport may then drive it to its end
+      at once, where its request is read, without a task of its own (transports/_eager.py).
     - `method(path)` says what a call at `path` is (its `kind`: unary or which stream), None if unknown;
       `dispatch_stream()` runs a stream call: `messages` yields the client's encoded messages (client and
       bidirectional streams; the transport grants the client credit as they are read), `send` writes each
@@ -320,6 +323,10 @@ class ServerCore(Protocol):
 
     def method(self, path: str, /) -> MethodSpec | None:
         """The method served at `path` (`Service/method`), None if there is none."""
+        ...
+
+    def runs_inline(self, path: str, /) -> bool:
+        """Can dispatch() of a call at `path` finish without ever waiting (so without a task of its own)?"""
         ...
 
     def admit(self, size: int, /) -> bool:

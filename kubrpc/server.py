@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dis
+import inspect
 import logging
 import os
 import signal
@@ -39,6 +41,21 @@ log = logging.getLogger("kubrpc.server")
 class _Route:
     spec: MethodSpec
     handler: Callable[..., Any]
+    never_waits: bool = False  # the handler's own code has no await (and the method no timeout of its own)
+
+
+# The opcodes of `await`, `async with` and `async for`: a coroutine whose code has none cannot suspend.
+_WAITS = frozenset(
+    {"YIELD_VALUE", "SEND", "GET_AWAITABLE", "BEFORE_ASYNC_WITH", "GET_AITER", "GET_ANEXT", "END_ASYNC_FOR"}
+)
+
+
+def _never_waits(handler: Callable[..., Any]) -> bool:
+    """Is `handler` an `async def` (function or bound method) whose body has no await, async with or async for?"""
+    code = getattr(getattr(handler, "__func__", handler), "__code__", None)
+    if code is None or not code.co_flags & inspect.CO_COROUTINE:
+        return False  # a wrapper, a partial, a callable object: unknown
+    return not any(instruction.opname in _WAITS for instruction in dis.get_instructions(code))
 
 
 class Server:
@@ -169,7 +186,9 @@ class Server:
     def _add_routes(self, spec: ServiceSpec, impl: object) -> None:
         handlers = check_implementation(spec, impl)
         for attr, m in spec.methods.items():
-            self._routes[m.path] = _Route(m, handlers[attr])
+            handler = handlers[attr]
+            never_waits = m.kind is CallKind.UNARY and m.options.timeout is None and _never_waits(handler)
+            self._routes[m.path] = _Route(m, handler, never_waits)
 
     def admit(self, size: int) -> bool:
         """For transports: may a request of `size` bytes start now? Counts it if so (release() when done).
@@ -185,6 +204,15 @@ class Server:
     def release(self, size: int) -> None:
         """For transports: a request admitted with admit(size) has finished."""
         self._pending_bytes -= size
+
+    def runs_inline(self, path: str) -> bool:
+        """For transports: can dispatch() of a call at `path` finish without waiting, so without a task of its own?
+
+        True for a unary method with no timeout of its own whose handler's code has no await, async with or
+        async for, on a server without interceptors: such a call can run to its end where its request is read.
+        """
+        route = self._routes.get(path)
+        return route is not None and route.never_waits and not self.interceptors
 
     def method(self, path: str) -> MethodSpec | None:
         """The registered method at `Service/method`, if any."""

@@ -30,6 +30,8 @@ _seen: contextvars.ContextVar[str] = contextvars.ContextVar("_seen", default="un
 class Probe(Protocol):
     async def task_name(self) -> str: ...
 
+    async def task_name_after_waiting(self) -> str: ...
+
     async def timed(self, seconds: float) -> str: ...
 
     async def scoped(self) -> str: ...
@@ -45,9 +47,16 @@ class Probe(Protocol):
 
 
 class ProbeImpl:
-    async def task_name(self) -> str:
+    async def task_name(self) -> str:  # no await: run inline, in the stand-in task
         task = asyncio.current_task()
-        assert task is not None, "a handler runs in a task, even while its first step runs early"
+        assert task is not None, "a handler without await still finds a current task"
+        with anyio.CancelScope():  # which is enough for anyio's cancel scopes
+            return task.get_name()
+
+    async def task_name_after_waiting(self) -> str:
+        await asyncio.sleep(0)
+        task = asyncio.current_task()
+        assert task is not None
         return task.get_name()
 
     async def timed(self, seconds: float) -> str:
@@ -91,8 +100,9 @@ async def probe_url() -> AsyncIterator[str]:
 async def test_a_handler_runs_in_its_own_task_with_timeouts_and_cancel_scopes(probe_url: str) -> None:
     async with kubrpc.connect(probe_url) as channel:
         probe = channel.stub(Probe, timeout=5)
-        names = await asyncio.gather(*(probe.task_name() for _ in range(20)))
+        names = await asyncio.gather(*(probe.task_name_after_waiting() for _ in range(20)))
         assert len(set(names)) == 20  # a task each, not one shared by the connection
+        assert set(await asyncio.gather(*(probe.task_name() for _ in range(20)))) == {"kubrpc: calls that never wait"}
         assert await probe.timed(0.05) == "timed out"
         assert await probe.scoped() == "cancelled"
         with pytest.raises(kubrpc.RpcError) as caught:

@@ -168,6 +168,10 @@ class ConnectCore:
         """The served core's method at `path`."""
         return self.core.method(path)
 
+    def runs_inline(self, path: str, /) -> bool:
+        """Whether the served core's call at `path` never waits."""
+        return self.core.runs_inline(path)
+
     async def dispatch_stream(
         self,
         path: str,

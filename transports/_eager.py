@@ -10,17 +10,28 @@ which queues its first step as the last handle of the loop's ready queue; that h
 now. This needs the stock loop's ready queue (`BaseEventLoop._ready`, unchanged from 3.4 to 3.13) and checks that
 the handle taken is this task's step; on any other loop (uvloop), or when a task is running already (a step
 cannot run inside another), the task starts on the loop's next turn as usual.
+
+A call that can never wait (`ServerCore.runs_inline()`: its handler's code has no await) needs no task at all:
+`InlineRunner` drives its coroutine to the end at once, in a copy of the current context, as a task would. Its
+task would cost more than the rest of the server's work on such a call (measured: 1.5 µs of 5.7 on 3.11). While
+it runs, `asyncio.current_task()` is a stand-in task shared by such calls, so that code asking for the current
+task (anyio's cancel scopes, logging) still finds one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
+from asyncio.tasks import _enter_task, _leave_task
 from collections import deque
 from collections.abc import Coroutine
+from contextvars import copy_context
 from typing import Any, TypeVar
 
-__all__ = ("start_eager",)
+__all__ = ("InlineRunner", "start_eager")
+
+log = logging.getLogger("kubrpc.server")
 
 T = TypeVar("T")
 
@@ -44,3 +55,51 @@ else:
                 ready.pop()
                 handle._run()
         return task
+
+
+class InlineRunner:
+    """Runs coroutines that never wait to their end at once, without a task each (one per listener)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._stand_in: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def run(self, coro: Coroutine[Any, Any, None]) -> bool:
+        """Run `coro` to its end now; False (nothing run) if it cannot be (a task is running, or closed)."""
+        loop = self._loop
+        if self._closed or asyncio.current_task(loop) is not None:
+            return False
+        stand_in = self._stand_in
+        if stand_in is None or stand_in.done():  # (done if a call cancelled "its" task)
+            stand_in = self._stand_in = loop.create_task(_stand_by(), name="kubrpc: calls that never wait")
+        context = copy_context()
+        _enter_task(loop, stand_in)
+        try:
+            context.run(coro.send, None)
+        except StopIteration:
+            return True
+        except (KeyboardInterrupt, SystemExit):  # out of the event loop, as from a task
+            raise
+        except BaseException:  # as a task would: the error is logged, not raised into the transport
+            log.exception("a call run inline failed")
+            return True
+        finally:
+            _leave_task(loop, stand_in)
+        # It waited after all (its handler changed since it was checked): it cannot go on without a task.
+        context.run(coro.close)
+        log.error("a call run inline waited for something; it was closed unanswered (%r)", coro)
+        return True
+
+    async def aclose(self) -> None:
+        """Run nothing more; end the stand-in task."""
+        self._closed = True
+        stand_in, self._stand_in = self._stand_in, None
+        if stand_in is not None:
+            stand_in.cancel()
+            await asyncio.wait([stand_in])
+
+
+async def _stand_by() -> None:
+    """The body of the stand-in task: it waits until cancelled."""
+    await asyncio.get_running_loop().create_future()

@@ -129,7 +129,8 @@ class Request(NamedTuple):
     body: bytes
 
 
-_new_request = tuple.__new__  # Request(...) without the Python-level __new__ of a NamedTuple (the server's hot path)
+# Request(...) and Frame(...) without the Python-level __new__ of a NamedTuple (the hot path).
+_new_tuple = tuple.__new__
 
 
 def encode_frame(type: int, stream: int, payload: bytes = b"", flags: int = 0) -> bytes:
@@ -206,7 +207,7 @@ def parse_request(payload: bytes, packed: int = 0) -> Request:
         raise ProtocolError("REQUEST path is not UTF-8") from None
     at += 4
     if not meta_len and not packed:
-        return _new_request(Request, (timeout_ms, path, {}, payload[at:]))
+        return _new_tuple(Request, (timeout_ms, path, {}, payload[at:]))
     if at + meta_len > len(payload):
         raise ProtocolError("truncated REQUEST frame")
     metadata: dict[str, str] = {}
@@ -223,7 +224,7 @@ def parse_request(payload: bytes, packed: int = 0) -> Request:
         metadata = meta
     if packed:
         return Request(timeout_ms, path, metadata, Packed(memoryview(payload)[at + meta_len :]))
-    return _new_request(Request, (timeout_ms, path, metadata, payload[at + meta_len :]))
+    return _new_tuple(Request, (timeout_ms, path, metadata, payload[at + meta_len :]))
 
 
 class BadRequest(Exception):
@@ -309,12 +310,13 @@ class FrameDecoder:
         buf = self._buffer
         buf += data
         frames: list[Frame] = []
+        append, unpack_from, max_payload = frames.append, HEADER.unpack_from, self.max_payload
         at = 0
         end = len(buf)
         header = HEADER.size
         while end - at >= header:
-            length, type_, flags, stream = HEADER.unpack_from(buf, at)
-            if length > self.max_payload:
+            length, type_, flags, stream = unpack_from(buf, at)
+            if length > max_payload:
                 if type_ != FrameType.DATA or not stream:
                     del buf[:]
                     raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_payload}")
@@ -348,7 +350,7 @@ class FrameDecoder:
                         at = end
                 break
             if length < 4096 and not flags & 8:  # _VIEW_ABOVE, FLAG_ATTACHED (literals: the hot path)
-                frames.append(Frame(type_, flags, stream, bytes(buf[at + header : stop])))
+                append(_new_tuple(Frame, (type_, flags, stream, bytes(buf[at + header : stop]))))
             else:  # one copy, not two (a bytearray slice, then bytes of it); a message with attachments is Packed
                 with memoryview(buf) as view:
                     payload = (Packed if flags & FLAG_ATTACHED else bytes)(view[at + header : stop])

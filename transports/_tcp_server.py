@@ -17,7 +17,7 @@ from kubrpc.interface import CallKind
 from kubrpc.status import Status
 
 from ._deadlines import Deadlines
-from ._eager import start_eager
+from ._eager import InlineRunner, start_eager
 from ._frames import (
     FLAG_ACK,
     FLAG_ATTACHED,
@@ -117,6 +117,7 @@ class TcpListener:
         self.connections: set[_ServerConnection] = set()
         self.closing = False  # this listener is draining its connections (the server's state is core.draining)
         self._orphans: set[asyncio.Task[None]] = set()
+        self.inline = InlineRunner(asyncio.get_running_loop())  # calls that never wait run without a task
         self._idle: anyio.Event | None = None
 
     @property
@@ -156,6 +157,7 @@ class TcpListener:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        await self.inline.aclose()
 
     def adopt(self, task: asyncio.Task[None]) -> None:
         """Keep track of a call whose connection is gone, until it has finished cancelling."""
@@ -187,6 +189,7 @@ class _ServerConnection(FrameWriter):
         self.listener = listener
         self.dispatch = listener.server.dispatch
         self._admit, self._release = listener.server.admit, listener.server.release
+        self._runs_inline = listener.server.runs_inline
         self._max_message_size = listener.max_message_size
         self.max_calls = listener.server.limits.max_concurrent_calls
         self.calls: dict[int, asyncio.Task[None]] = {}
@@ -446,8 +449,12 @@ class _ServerConnection(FrameWriter):
             if streaming:
                 task = self._open_stream(streaming, stream, request.path, request.body, timeout, metadata)
             else:
-                # Its first step runs now: a handler that never waits is answered within this read.
-                task = start_eager(self._loop, self._run(stream, request.path, request.body, timeout, metadata))
+                call = self._run(stream, request.path, request.body, timeout, metadata)
+                if self._runs_inline(request.path) and self.listener.inline.run(call):
+                    self._release(size)  # it never waits: answered already, without a task
+                    return
+                # Its first step runs now: a handler that does not wait after all is answered within this read.
+                task = start_eager(self._loop, call)
                 if task.done():
                     self._release(size)
                     return
