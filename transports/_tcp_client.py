@@ -98,6 +98,8 @@ class TcpConnection(FrameWriter):
         self._streams: dict[int, TcpStream] = {}
         self._idle = IdleSignal()
         self._next_stream = 1
+        self._timeout: float | None = None  # the last timeout converted to a REQUEST's milliseconds, and those
+        self._timeout_ms = 0
         self.transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(max_message_size + FRAME_OVERHEAD)
         self._goaway: int | None = None
@@ -321,12 +323,18 @@ class TcpConnection(FrameWriter):
 
         A REQUEST in the attachments format (FLAG_ATTACHED, a codec.Attached payload) comes as encode_message's parts.
         """
-        if not self.usable or self.transport is None:
+        if self._closed or self._goaway is not None or self._next_stream >= MAX_STREAM_ID or self.transport is None:
             raise NotDeliveredError(f"connection to {self.endpoint.address} is closed or draining")
         attached = flags & FLAG_ATTACHED
         if (payload.size if attached else len(payload)) > self.max_message_size:  # type: ignore[attr-defined]
             raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
-        timeout_ms = 0 if timeout is None else min(max(1, math.ceil(timeout * 1000)), MAX_TIMEOUT_MS)
+        if timeout is None:
+            timeout_ms = 0
+        elif timeout is self._timeout:  # a stub's calls share their timeout object: converted once
+            timeout_ms = self._timeout_ms
+        else:
+            timeout_ms = min(max(1, math.ceil(timeout * 1000)), MAX_TIMEOUT_MS)
+            self._timeout, self._timeout_ms = timeout, timeout_ms
         stream = self._next_stream
         meta = encode_metadata(metadata) if metadata else b""
         request: bytes | list[bytes]  # bytes, or encode_message's parts (write_parts)
