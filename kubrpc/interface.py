@@ -226,7 +226,7 @@ class MethodSpec:
     def encode_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
         """Client side: bind a Python call to named arguments and encode them (TypeError like Python's)."""
         if not kwargs and len(args) == len(self.params) == len(self.positional) and self.stream is None:
-            named = dict(zip(self.positional, args, strict=True))  # every parameter, by position: nothing to check
+            named = dict(zip(self.positional, args))  # noqa: B905  (equal lengths: every parameter, by position)
         else:
             named = self._bind(args, kwargs)
         try:
