@@ -104,6 +104,9 @@ ADMIT_ABOVE = 1024
 #: A frame payload at least this long is copied out of the receive buffer through a memoryview (one copy).
 _VIEW_ABOVE = 4096
 
+#: The frame types whose FLAG_ATTACHED says their payload is in the attachments format (FrameDecoder: a Packed).
+_CARRY_ATTACHMENTS = frozenset({FrameType.REQUEST, FrameType.RESPONSE, FrameType.DATA})
+
 #: Not a wire type (types are one byte): what FrameDecoder yields for a REQUEST frame that admit() refused.
 REFUSED = 256
 #: Pseudo-frame type: a DATA frame longer than the receiver's limit, whose payload was skipped (never buffered):
@@ -352,8 +355,10 @@ class FrameDecoder:
             if length < 4096 and not flags & 8:  # _VIEW_ABOVE, FLAG_ATTACHED (literals: the hot path)
                 append(_new_tuple(Frame, (type_, flags, stream, bytes(buf[at + header : stop]))))
             else:  # one copy, not two (a bytearray slice, then bytes of it); a message with attachments is Packed
+                # The flag means ATTACHED on REQUEST, RESPONSE and DATA alone: elsewhere it is unknown, so ignored.
+                packed = flags & FLAG_ATTACHED and type_ in _CARRY_ATTACHMENTS
                 with memoryview(buf) as view:
-                    payload = (Packed if flags & FLAG_ATTACHED else bytes)(view[at + header : stop])
+                    payload = (Packed if packed else bytes)(view[at + header : stop])
                 frames.append(Frame(type_, flags, stream, payload))
             if self.reserved:  # that was the frame admitted while partial: its receiver admits it again
                 self._release_reserved()
