@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import anyio
 import orjson
@@ -74,3 +73,158 @@ async def test_flag_attached_on_frames_that_never_carry_it_is_ignored_by_the_cli
             while len(pongs) < 2:
                 await anyio.sleep(0.01)
         assert pongs == [b"12345678", b"12345678"]
+
+
+async def test_flag_attached_on_frames_that_never_carry_it_is_ignored_by_the_server() -> None:
+    """The server ignores bit 3 on PING, WINDOW_UPDATE, CANCEL, END and SETTINGS: PINGs are echoed as sent."""
+    async with raw() as (open_raw, _, _):
+        client: RawClient = await open_raw(PREFACE + encode_frame(FrameType.PING, 0, b"p" * 8, FLAG_ATTACHED))
+        frame = await answer(client, 0)
+        while frame.type != FrameType.PING:
+            frame = await answer(client, 0)
+        assert (frame.flags, frame.payload) == (FLAG_ACK, b"p" * 8)
+        big_ping = encode_frame(FrameType.PING, 0, b"q" * 5000, FLAG_ATTACHED)  # over 4 KiB: the view path
+        await client.send(big_ping + encode_frame(FrameType.SETTINGS, 0, ASK[HEADER.size :], FLAG_ATTACHED))
+        await client.send(encode_frame(FrameType.CANCEL, 7, b"", FLAG_ATTACHED))
+        await client.send(encode_window_update(9, 10)[:5] + bytes([FLAG_ATTACHED]) + encode_window_update(9, 10)[6:])
+        frames = [await client.frame(), await client.frame()]
+        assert Frame(FrameType.PING, FLAG_ACK, 0, b"q" * 64) in frames
+        assert Frame(FrameType.SETTINGS, 0, 0, ASK[HEADER.size :]) in frames
+        await client.send(attached_request(3, "Files/get", message({"name": "a"})))
+        assert (await answer(client, 3)).payload == message(0, b"\x00\x01\xff")
+
+
+async def test_settings_garbage_and_floods_are_answered_once_and_cost_nothing_held() -> None:
+    async with raw() as (open_raw, _, url):
+        junk = [
+            encode_frame(FrameType.SETTINGS, 0, b"\x00\x01\x00"),  # a partial entry alone
+            encode_frame(FrameType.SETTINGS, 0, b"\x00\x01\x00\x00\x00\x00\x00"),  # {1: 0} and one byte
+            encode_settings((2, 1), (0xFFFF, 0xFFFFFFFF)),  # unknown ids
+            encode_frame(FrameType.SETTINGS, 0, encode_settings((1, 0))[HEADER.size :] * 100_000),  # 600 KB of no
+            encode_frame(FrameType.SETTINGS, 5, ASK[HEADER.size :]),  # on a stream id: still the connection's
+        ]
+        client: RawClient = await open_raw(PREFACE + b"".join(junk))
+        await client.send(encode_settings((1, 0xFFFFFFFF)) + ASK * 1000 + encode_frame(FrameType.PING, 0, b"mark"))
+        frames = []
+        while (frame := await client.frame()).type != FrameType.PING:
+            frames.append(frame)
+        answers = [f for f in frames if f.type == FrameType.SETTINGS and f.payload]
+        assert answers == [Frame(FrameType.SETTINGS, 0, 0, ASK[HEADER.size :])]
+        await client.send(attached_request(1, "Files/get", message({"name": "a"})))
+        assert (await answer(client, 1)).payload == message(0, b"\x00\x01\xff")
+        async with kubrpc.connect(url) as channel:
+            assert await channel.stub(Files, timeout=5).get("a") == b"\x00\x01\xff"
+
+
+async def test_an_index_in_a_message_without_the_flag_is_a_wrong_type() -> None:
+    async with raw() as (open_raw, impl, _):
+        client: RawClient = await open_raw(PREFACE + ASK + encode_request(1, "Files/put", b'{"name":"z","data":0}'))
+        frame = await answer(client, 1)
+        while frame.type == FrameType.SETTINGS:
+            frame = await answer(client, 1)
+        assert frame.type == FrameType.ERROR and b"expected base64 string, got integer" in frame.payload
+        assert "z" not in impl.files
+
+
+async def test_a_request_flagged_before_any_settings_is_read_and_answered_in_the_format() -> None:
+    """The flag on a REQUEST says the client reads the format: no SETTINGS needed (docs/protocol.md)."""
+    async with raw() as (open_raw, impl, _):
+        client: RawClient = await open_raw(PREFACE + attached_request(1, "Files/put", message({"name": "n", "data": 0}, b"")))
+        assert (await answer(client, 1)).payload == b"0"
+        assert impl.files["n"] == b""
+
+
+async def test_frames_over_4k_split_across_reads_with_small_ones_between_while_handlers_hold_their_bytes() -> None:
+    """Large attached frames leave the receive buffer as copies: it can grow and shrink under held arguments."""
+    async with raw() as (open_raw, impl, _):
+        client: RawClient = await open_raw()
+        wire = b""
+        for i in range(20):
+            size = 4090 + 997 * i
+            wire += attached_request(2 * i + 1, "Files/put", message({"name": f"f{i}", "data": 0}, bytes([i]) * size))
+            wire += encode_frame(FrameType.PING, 0, b"x")
+        for at in range(0, len(wire), 1777):
+            await client.send(wire[at : at + 1777])
+            await anyio.sleep(0)
+        results = {}
+        with anyio.fail_after(10):
+            while len(results) < 20:
+                frame = await client.frame()
+                if frame.type == FrameType.RESPONSE:
+                    results[frame.stream] = frame.payload
+        assert results == {2 * i + 1: str(4090 + 997 * i).encode() for i in range(20)}
+        assert all(impl.files[f"f{i}"] == bytes([i]) * (4090 + 997 * i) for i in range(20))
+        assert all(type(impl.files[f"f{i}"]) is bytes for i in range(20))
+
+
+class Sub(bytes):
+    pass
+
+
+async def test_every_length_and_shape_round_trips_exactly() -> None:
+    """Lengths 0..70 in every container, bytes-like arguments, a bytes subclass as a result: all exact."""
+    async with serving() as (url, impl, recorder):
+        async with kubrpc.connect(url) as channel:
+            files = channel.stub(Files, timeout=5)
+            await files.get("a")
+            await negotiated(channel)
+            for n in range(71):
+                data = bytes(range(256))[:n] * (1 + n // 40)
+                parts = [data[:k] for k in range(0, len(data) + 1, 7)]
+                blob = Blob("x", data, parts, {"k": data, "": b""}, data if n % 2 else None, [Blob("y", data)])
+                assert await files.echo(blob) == blob
+                assert await files.many(parts) == parts
+                assert await files.put(f"p{n}", bytearray(data)) == len(data)
+                assert await files.put(f"m{n}", memoryview(data)) == len(data)
+                assert impl.files[f"m{n}"] == data and type(impl.files[f"m{n}"]) is bytes
+            impl.files["sub"] = Sub(b"\x00sub")
+            got = await files.get("sub")
+            assert got == b"\x00sub" and type(got) is bytes
+            same = b"twice"
+            assert await files.many([same, same, b""]) == [same, same, b""]
+            assert await files.same(same, same) is False  # two values sent: two objects received
+        flags = recorder.flags(FrameType.REQUEST, recorder.to_server)
+        assert flags[0] == 0 and all(f & FLAG_ATTACHED for f in flags[1:])
+
+
+async def test_streams_carry_one_mib_messages_through_the_256k_window_both_ways() -> None:
+    async with serving() as (url, _, recorder), kubrpc.connect(url) as channel:
+        files = channel.stub(Files, timeout=30)
+        await files.get("a")
+        await negotiated(channel)
+        big = 1 << 20
+        got = [c async for c in files.chunks(3, big)]
+        assert [len(c) for c in got] == [big] * 3 and got[2][0] == 2
+
+        async def items() -> AsyncIterator[Blob]:
+            for i in range(3):
+                yield Blob("b", bytes([i]) * big, [b"a" * 70_000, b""])
+
+        assert await files.total(items()) == 3 * (big + 70_000)
+    data = [f for f in recorder.to_server + recorder.to_client if f.type == FrameType.DATA]
+    assert len(data) == 6 and all(f.flags & FLAG_ATTACHED for f in data)
+
+
+async def test_negotiation_starts_over_on_a_new_connection_after_the_server_restarts() -> None:
+    server = kubrpc.Server()
+    server.register(Files, FilesImpl())
+    async with server.serve("tcp://127.0.0.1:0") as listener:
+        url = listener.url
+    seen: list[object] = []
+    async with kubrpc.connect(url) as channel:
+        files = channel.stub(Files, timeout=5)
+        for _ in range(2):
+            async with server.serve(url):
+                with anyio.fail_after(10):
+                    while True:
+                        try:
+                            assert await files.get("a") == b"\x00\x01\xff"
+                            break
+                        except RpcError as exc:
+                            assert exc.code is Status.UNAVAILABLE
+                            await anyio.sleep(0.05)
+                conn = list(channel.connections.values())[0]
+                assert conn not in seen
+                seen.append(conn)
+                await negotiated(channel)
+                assert await files.put("b", b"raw") == 3
