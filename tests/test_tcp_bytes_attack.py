@@ -5,6 +5,7 @@ streams against flow control, reconnection and mixed fleets; over real sockets a
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 
 import anyio
@@ -228,3 +229,44 @@ async def test_negotiation_starts_over_on_a_new_connection_after_the_server_rest
                 seen.append(conn)
                 await negotiated(channel)
                 assert await files.put("b", b"raw") == 3
+
+
+async def test_a_mixed_fleet_and_a_goaway_on_the_first_call_keep_every_value_exact() -> None:
+    """Old servers (no SETTINGS answer, base64 only), one of which sends GOAWAY before running its first call,
+    and a new one: every call lands somewhere, in the format that server reads, with the right value."""
+    seen: list[Frame] = []
+
+    async def old_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(len(PREFACE))
+        writer.write(encode_frame(FrameType.SETTINGS, 0))
+        decoder = FrameDecoder(1 << 24)
+        while data := await reader.read(1 << 16):
+            for frame in decoder.feed(data):
+                seen.append(frame)
+                if frame.type == FrameType.REQUEST:
+                    if goaway_first and len([f for f in seen if f.type == FrameType.REQUEST]) == 1:
+                        writer.write(encode_frame(FrameType.GOAWAY, 0, bytes(4) + b"bye"))
+                        continue
+                    body = orjson.loads(frame.payload[frame.payload.index(b"{") :])
+                    size = len(base64.b64decode(body["data"]))
+                    writer.write(encode_frame(FrameType.RESPONSE, frame.stream, orjson.dumps(size)))
+
+    for goaway_first in (False, True):
+        seen.clear()
+        async with serving() as (url, impl, recorder), fake_server(old_server) as old:
+            host, port = url.removeprefix("tcp://").rsplit(":", 1)
+            async with kubrpc.connect([old, kubrpc.Endpoint(host, int(port))], balancer="round_robin") as channel:
+                files = channel.stub(Files, timeout=5)
+                for n in range(40):
+                    assert await files.put(f"k{n}", bytes([n]) * n) == n
+                    if n == 10:
+                        await negotiated_some(channel)
+            assert all(f.flags & FLAG_ATTACHED == 0 for f in seen if f.type == FrameType.REQUEST)
+            assert any(f.flags & FLAG_ATTACHED for f in recorder.to_server if f.type == FrameType.REQUEST)
+            assert all(impl.files[f"k{n}"] == bytes([n]) * n for n in range(40) if f"k{n}" in impl.files)
+
+
+async def negotiated_some(channel: kubrpc.Channel) -> None:
+    with anyio.fail_after(10):
+        while not any(getattr(c, "attachments", False) for c in channel.connections.values()):
+            await anyio.sleep(0.01)
