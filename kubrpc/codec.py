@@ -1208,10 +1208,15 @@ def _is_bytes(tp: object) -> bool | None:
     return True if tp is bytes else None
 
 
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
 def _blocks_attachments(tp: object) -> bool | None:
-    if tp is typing.Any or tp is object or tp in (list, tuple, dict, set, frozenset):
+    if tp is typing.Any or tp is object or tp in _CONTAINERS:
         return True  # may hold bytes where the decoder does not look for them
     origin = typing.get_origin(tp)
+    if origin in _CONTAINERS and not typing.get_args(tp):
+        return True  # typing.List, typing.Dict, ... without arguments: as list and dict
     if origin is typing.Literal:
         return any(isinstance(_enum_value(v), bytes | bytearray) for v in typing.get_args(tp))
     if isinstance(tp, type) and issubclass(tp, enum.Enum):

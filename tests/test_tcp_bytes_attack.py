@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import typing
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import anyio
 import orjson
@@ -270,3 +272,58 @@ async def negotiated_some(channel: kubrpc.Channel) -> None:
     with anyio.fail_after(10):
         while not any(getattr(c, "attachments", False) for c in channel.connections.values()):
             await anyio.sleep(0.01)
+
+
+async def test_settings_the_client_never_asked_for_do_not_switch_it_to_the_format() -> None:
+    """A server that says {1: 1} first (as its preface acknowledgement, and again before the client asks), then
+    never answers the client's SETTINGS: the client keeps plain JSON."""
+    seen: list[Frame] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(len(PREFACE) + 18)
+        writer.write(ASK + ASK)
+        decoder = FrameDecoder(1 << 24)
+        while data := await reader.read(1 << 16):
+            for frame in decoder.feed(data):
+                seen.append(frame)
+                if frame.type == FrameType.REQUEST:
+                    body = orjson.loads(frame.payload[frame.payload.index(b"{") :])
+                    writer.write(encode_frame(FrameType.RESPONSE, frame.stream, orjson.dumps(len(body["data"]))))
+
+    async with fake_server(script) as endpoint, kubrpc.connect([endpoint]) as channel:
+        files = channel.stub(Files, timeout=5)
+        await anyio.sleep(0.1)  # the unasked SETTINGS have arrived
+        for _ in range(3):
+            assert await files.put("a", b"ABC") == 4  # base64
+            await anyio.sleep(0.05)
+    assert [f.flags for f in seen if f.type == FrameType.REQUEST] == [0, 0, 0]
+
+
+class Loose(Protocol):
+    async def bare_list(self, data: bytes, extra: typing.List) -> typing.Dict:  # type: ignore[type-arg]  # noqa: UP006
+        ...
+
+    async def bare_tuple(self, data: bytes, extra: typing.Tuple) -> typing.Set:  # type: ignore[type-arg]  # noqa: UP006
+        ...
+
+
+class LooseImpl:
+    async def bare_list(self, data: bytes, extra: typing.List) -> typing.Dict:  # type: ignore[type-arg]  # noqa: UP006
+        return {"n": len(data), "extra": extra, "raw": b"r"}
+
+    async def bare_tuple(self, data: bytes, extra: typing.Tuple) -> typing.Set:  # type: ignore[type-arg]  # noqa: UP006
+        return {len(data), *extra}
+
+
+async def test_bytes_in_unparametrised_typing_aliases_stay_base64() -> None:
+    """typing.List, typing.Dict, typing.Tuple and typing.Set without arguments hold Any, as list and dict do: an
+    index there would be read as an int (INVALID_ARGUMENT, or INTERNAL for a result), so such methods stay plain."""
+    server = kubrpc.Server()
+    server.register(Loose, LooseImpl())
+    server.register(Files, FilesImpl())
+    async with server.serve("tcp://127.0.0.1:0") as listener, kubrpc.connect(listener.url) as channel:
+        await channel.stub(Files, timeout=5).get("a")
+        await negotiated(channel)
+        loose = channel.stub(Loose, timeout=5)
+        assert await loose.bare_list(b"abc", [b"x", 1]) == {"n": 3, "extra": ["eA==", 1], "raw": "cg=="}
+        assert await loose.bare_tuple(b"abcd", (b"x",)) == {4, "eA=="}
