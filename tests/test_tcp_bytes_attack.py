@@ -29,7 +29,7 @@ from test_tcp_bytes import (
 )
 
 import kubrpc
-from kubrpc import RpcError, Status
+from kubrpc import RpcError, Status, codec
 from kubrpc.transports._frames import (
     FLAG_ACK,
     FLAG_ATTACHED,
@@ -40,6 +40,7 @@ from kubrpc.transports._frames import (
     FrameDecoder,
     FrameType,
     encode_frame,
+    encode_message,
     encode_request,
     encode_settings,
     encode_window_update,
@@ -327,3 +328,27 @@ async def test_bytes_in_unparametrised_typing_aliases_stay_base64() -> None:
         loose = channel.stub(Loose, timeout=5)
         assert await loose.bare_list(b"abc", [b"x", 1]) == {"n": 3, "extra": ["eA==", 1], "raw": "cg=="}
         assert await loose.bare_tuple(b"abcd", (b"x",)) == {4, "eA=="}
+
+
+def test_many_small_attachments_are_written_in_few_parts_and_large_ones_uncopied() -> None:
+    """65,536 one-byte attachments were 65,537 parts: a transport write (a send()) each, on both sides."""
+    tiny = codec.pack([b"x"] * codec.MAX_ATTACHMENTS)
+    parts = encode_message(FrameType.RESPONSE, 1, tiny)
+    assert len(parts) == 1
+    big, small = bytearray(b"B" * 70_000), b"s" * 10
+    view = memoryview(b"V" * 80_000)
+    mixed = codec.pack([small, big, small, small, view, small])
+    parts = encode_message(FrameType.DATA, 3, mixed)
+    assert len(parts) == 5 and parts[1] is big and parts[3] is view
+    frame = b"".join(parts)
+    [decoded] = FrameDecoder(1 << 20).feed(frame)
+    assert type(decoded.payload) is codec.Packed and decoded.flags == FLAG_ATTACHED
+    dec = codec.decoder(list[bytes])
+    assert codec.unpacked(decoded.payload, lambda json: dec(orjson.loads(json), "")) == [
+        small,
+        bytes(big),
+        small,
+        small,
+        bytes(view),
+        small,
+    ]

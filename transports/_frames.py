@@ -163,7 +163,20 @@ def encode_message(type: int, stream: int, message: Attached, flags: int = 0, he
     first = HEADER.pack(size, type, flags | FLAG_ATTACHED, stream) + head + message.table() + message
     if size < _JOIN_BELOW:
         return [b"".join((first, *attachments))]
-    return [first, *attachments]  # type: ignore[list-item]  # bytearray and memoryview are written as they are
+    # Runs of small attachments are joined: one write each would cost a send() each (65,536 for as many bytes).
+    parts: list[bytes] = []
+    run: list[bytes | bytearray | memoryview] = [first]
+    for data in attachments:
+        if (data.nbytes if isinstance(data, memoryview) else len(data)) < _JOIN_BELOW:  # (`type` is shadowed)
+            run.append(data)
+            continue
+        if run:
+            parts.append(b"".join(run) if len(run) > 1 else run[0])  # type: ignore[arg-type]
+            run = []
+        parts.append(data)  # type: ignore[arg-type]  # bytearray and memoryview are written as they are
+    if run:
+        parts.append(b"".join(run) if len(run) > 1 else run[0])  # type: ignore[arg-type]
+    return parts
 
 
 # A frame with attachments shorter than this is written as one joined bytes object.
