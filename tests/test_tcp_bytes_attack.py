@@ -8,12 +8,13 @@ import asyncio
 import base64
 import typing
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Protocol
 
 import anyio
 import orjson
 import pytest
-from rawtcp import RawClient
+from rawtcp import RawClient, raw_opener
 from test_tcp_attack import fake_server
 from test_tcp_bytes import (
     ASK,
@@ -339,7 +340,7 @@ def test_many_small_attachments_are_written_in_few_parts_and_large_ones_uncopied
     view = memoryview(b"V" * 80_000)
     mixed = codec.pack([small, big, small, small, view, small])
     parts = encode_message(FrameType.DATA, 3, mixed)
-    assert len(parts) == 5 and parts[1] is big and parts[3] is view
+    assert len(parts) == 5 and parts[1] == big and parts[3] is view  # a view of bytes goes uncopied
     frame = b"".join(parts)
     [decoded] = FrameDecoder(1 << 20).feed(frame)
     assert type(decoded.payload) is codec.Packed and decoded.flags == FLAG_ATTACHED
@@ -352,3 +353,112 @@ def test_many_small_attachments_are_written_in_few_parts_and_large_ones_uncopied
         bytes(view),
         small,
     ]
+
+
+async def test_stream_answers_in_the_format_the_stream_did_not_ask_for_fail_cleanly() -> None:
+    """A server sends DATA, or a client stream's RESPONSE, flagged on streams opened plain: the DATA is a protocol
+    error (the connection ends, its calls fail UNAVAILABLE), the RESPONSE fails its call INTERNAL; nothing hangs."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(len(PREFACE) + 18)
+        writer.write(encode_frame(FrameType.SETTINGS, 0))
+        decoder = FrameDecoder(1 << 24)
+        while data := await reader.read(1 << 16):
+            for frame in decoder.feed(data):
+                if frame.type != FrameType.REQUEST:
+                    continue
+                writer.write(encode_window_update(frame.stream, 1 << 16))
+                if b"Files/total" in frame.payload:
+                    writer.write(encode_frame(FrameType.RESPONSE, frame.stream, message(0, b"x"), FLAG_ATTACHED))
+                else:
+                    writer.write(encode_frame(FrameType.DATA, frame.stream, message(0, b"x"), FLAG_ATTACHED))
+
+    async with fake_server(script) as endpoint, kubrpc.connect([endpoint]) as channel:
+        files = channel.stub(Files, timeout=5)
+
+        async def none() -> AsyncIterator[Blob]:
+            return
+            yield
+
+        with anyio.fail_after(10):
+            with pytest.raises(RpcError, match="did not ask for") as caught:
+                await files.total(none())
+            assert caught.value.code is Status.INTERNAL
+            with pytest.raises(RpcError) as caught:
+                [c async for c in files.chunks(1, 1)]
+            assert caught.value.code is Status.UNAVAILABLE
+
+
+class Shared(Protocol):
+    async def log(self) -> bytes: ...
+
+    async def big(self) -> bytes: ...
+
+
+class SharedImpl:
+    """`log` returns the server's live buffer (a bytearray, which bytes results may be) once released."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(b"L" * 100_000)  # a frame part of its own (not joined)
+        self.release = asyncio.Event()
+        self.returned = False
+
+    async def log(self) -> bytes:
+        await self.release.wait()
+        self.returned = True
+        return self.buffer  # type: ignore[return-value]
+
+    async def big(self) -> bytes:
+        return b"B" * (3 << 20)
+
+
+async def test_an_answer_held_for_a_client_that_does_not_read_is_framed_when_it_is_written() -> None:
+    """An attached RESPONSE is framed (lengths in its header and table) before it waits for the client to read;
+    its large attachments were written as the handler's own objects: a bytearray result changed meanwhile made a
+    frame whose bytes did not match its header, and every later frame of the connection garbage."""
+    server = kubrpc.Server()
+    impl = SharedImpl()
+    server.register(Shared, impl)
+    async with server.serve("tcp://127.0.0.1:0") as listener, AsyncExitStack() as stack:
+        host, port = listener.url.removeprefix("tcp://").rsplit(":", 1)
+        client: RawClient = await raw_opener(stack, host, int(port))(rcvbuf=64 * 1024)
+        assert (await client.frame()).type == FrameType.SETTINGS
+        client.stop_reading()
+        bigs = [attached_request(3 + 2 * i, "Shared/big", message({})) for i in range(8)]
+        await client.send(attached_request(1, "Shared/log", message({})) + b"".join(bigs))
+        (conn,) = listener.connections
+        with anyio.fail_after(10):
+            while not conn._write_paused:
+                await anyio.sleep(0.01)
+            impl.release.set()
+            while not impl.returned:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.05)  # its answer waits for the client to read
+        impl.buffer += b"M" * 50  # the server changes its buffer meanwhile
+        frames = {}
+        with anyio.fail_after(30):
+            while len(frames) < 9:
+                frame = await client.frame()
+                frames[frame.stream] = frame
+        assert all(frames[3 + 2 * i].payload == message(0, b"B" * (3 << 20)) for i in range(8))
+        assert frames[1].payload == message(0, b"L" * 100_000)  # as returned, as base64 would have been
+        await client.send(encode_frame(FrameType.PING, 0, b"still ok"))
+        assert (await client.frame()).payload == b"still ok"
+
+
+def test_mutable_attachments_are_copied_before_the_transport_may_keep_them() -> None:
+    """uvloop and asyncio 3.12+ keep a bytearray given to transport.write() until it is sent (measured: a later
+    change was sent, a resize sent more bytes than the frame's header says, or failed in the caller with
+    "BufferError: Existing exports of data: object cannot be re-sized"): only immutable parts reach it."""
+    buffer = bytearray(b"A" * 100_000)
+    view_of_mutable = memoryview(bytearray(b"C" * 90_000))
+    after_big = bytearray(b"s" * 10)
+    message = codec.pack([buffer, view_of_mutable, b"B" * 70_000, after_big])
+    parts = encode_message(FrameType.RESPONSE, 1, message)
+    assert all(isinstance(p, bytes) or (isinstance(p, memoryview) and isinstance(p.obj, bytes)) for p in parts)
+    frame = b"".join(parts)
+    buffer += b"B" * 10  # the caller changes its buffer: what was framed stays whole
+    after_big[0:1] = b"Z"
+    assert b"".join(parts) == frame
+    [decoded] = FrameDecoder(1 << 20).feed(frame)
+    assert decoded.payload.endswith(b"s" * 10)

@@ -156,7 +156,8 @@ def encode_request(
 def encode_message(type: int, stream: int, message: Attached, flags: int = 0, head: bytes = b"") -> list[bytes]:
     """A frame (`head`, then `message` in the attachments format) as the parts to write, FLAG_ATTACHED set.
 
-    The data of large attachments are parts of their own, written as they are: not copied into the frame.
+    The data of large attachments are parts of their own, written as they are (not copied into the frame) if they
+    are immutable; a bytearray (or a view of one) is copied once, so that the caller may change it afterwards.
     """
     attachments = message.attachments
     size = len(head) + message.size
@@ -171,16 +172,27 @@ def encode_message(type: int, stream: int, message: Attached, flags: int = 0, he
             run.append(data)
             continue
         if run:
-            parts.append(b"".join(run) if len(run) > 1 else run[0])  # type: ignore[arg-type]
+            parts.append(_joined(run))
             run = []
-        parts.append(data)  # type: ignore[arg-type]  # bytearray and memoryview are written as they are
+        parts.append(data if _immutable(data) else bytes(data))  # type: ignore[arg-type]  # a view of bytes
     if run:
-        parts.append(b"".join(run) if len(run) > 1 else run[0])  # type: ignore[arg-type]
+        parts.append(_joined(run))
     return parts
 
 
 # A frame with attachments shorter than this is written as one joined bytes object.
 _JOIN_BELOW = 64 * 1024
+
+
+def _immutable(data: bytes | bytearray | memoryview) -> bool:
+    """Can `data` go to the transport as it is? Transports may keep what they are given until it is sent (uvloop,
+    and asyncio from Python 3.12): a bytearray, or a view of one, could change (or fail to resize) meanwhile."""
+    return isinstance(data, bytes) or (isinstance(data, memoryview) and isinstance(data.obj, bytes))
+
+
+def _joined(run: list[bytes | bytearray | memoryview]) -> bytes:
+    """One immutable part of a run of small attachments (the frame's head first, if it is in the run)."""
+    return run[0] if len(run) == 1 and isinstance(run[0], bytes) else b"".join(run)
 
 
 def encode_settings(*settings: tuple[int, int]) -> bytes:
