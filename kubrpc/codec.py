@@ -1104,16 +1104,25 @@ def pack(value: object, floats: bool = False) -> Attached:
     """Encode a value whose annotation is attachable(): its bytes values become attachments (`floats`: as
     dumps_floats does)."""
     attachments: list[bytes | bytearray | memoryview] = []
+    # Each object is one attachment however often it appears (a peer's many references to one attachment would
+    # otherwise be multiplied when a handler sends them back); `kept` keeps alive what its id names meanwhile.
+    indexes: dict[int, int] = {}
+    kept: list[object] = []
 
     def default(v: object) -> object:
         if isinstance(v, bytes | bytearray | memoryview):
-            attachments.append(v if type(v) is not memoryview or v.format == "B" else v.cast("B"))
-            return len(attachments) - 1
+            index = indexes.get(id(v))
+            if index is None:
+                index = indexes[id(v)] = len(attachments)
+                kept.append(v)
+                attachments.append(v if type(v) is not memoryview or v.format == "B" else v.cast("B"))
+            return index
         return _default(v)
 
     data = orjson.dumps(value, default=default, option=_OPTIONS)
     if floats and b"null" in data:
         attachments.clear()
+        indexes.clear()
         data = orjson.dumps(_spell_non_finite(value), default=default, option=_OPTIONS)
     if len(attachments) > MAX_ATTACHMENTS:  # too many to index: as base64, which the receiver reads there too
         attachments = []

@@ -363,14 +363,14 @@ async def test_methods_whose_bytes_an_index_could_be_confused_with_stay_plain() 
 
 
 async def test_more_attachments_than_the_limit_go_as_base64_in_the_format() -> None:
-    items = [bytes([i % 256]) for i in range(codec.MAX_ATTACHMENTS + 1)]
+    items = [i.to_bytes(3, "big") for i in range(codec.MAX_ATTACHMENTS + 1)]  # distinct objects: each is one
     async with serving() as (url, _, recorder), kubrpc.connect(url) as channel:
         files = channel.stub(Files, timeout=30)
         await files.get("a")
         await negotiated(channel)
         assert await files.many(items) == items
     request = [f for f in recorder.to_server if f.type == FrameType.REQUEST][1]
-    assert request.flags == FLAG_ATTACHED and b'"AA=="' in request.payload  # count 0, base64 in the JSON
+    assert request.flags == FLAG_ATTACHED and b'"AAAA"' in request.payload  # count 0, base64 in the JSON
 
 
 # -- the documented bytes -------------------------------------------------------------------------------------
