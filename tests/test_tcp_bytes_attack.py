@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 from typing import Protocol
 
 import anyio
+import anyio.lowlevel
 import orjson
 import pytest
 from rawtcp import RawClient, raw_opener
@@ -37,7 +38,6 @@ from kubrpc.transports._frames import (
     FLAG_ATTACHED,
     HEADER,
     PREFACE,
-    SETTING_ATTACHMENTS,
     Frame,
     FrameDecoder,
     FrameType,
@@ -135,7 +135,9 @@ async def test_an_index_in_a_message_without_the_flag_is_a_wrong_type() -> None:
 async def test_a_request_flagged_before_any_settings_is_read_and_answered_in_the_format() -> None:
     """The flag on a REQUEST says the client reads the format: no SETTINGS needed (docs/protocol.md)."""
     async with raw() as (open_raw, impl, _):
-        client: RawClient = await open_raw(PREFACE + attached_request(1, "Files/put", message({"name": "n", "data": 0}, b"")))
+        client: RawClient = await open_raw(
+            PREFACE + attached_request(1, "Files/put", message({"name": "n", "data": 0}, b""))
+        )
         assert (await answer(client, 1)).payload == b"0"
         assert impl.files["n"] == b""
 
@@ -151,7 +153,7 @@ async def test_frames_over_4k_split_across_reads_with_small_ones_between_while_h
             wire += encode_frame(FrameType.PING, 0, b"x")
         for at in range(0, len(wire), 1777):
             await client.send(wire[at : at + 1777])
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
         results = {}
         with anyio.fail_after(10):
             while len(results) < 20:
@@ -249,14 +251,16 @@ async def test_a_mixed_fleet_and_a_goaway_on_the_first_call_keep_every_value_exa
             for frame in decoder.feed(data):
                 seen.append(frame)
                 if frame.type == FrameType.REQUEST:
-                    if goaway_first and len([f for f in seen if f.type == FrameType.REQUEST]) == 1:
+                    if state["goaway_first"] and len([f for f in seen if f.type == FrameType.REQUEST]) == 1:
                         writer.write(encode_frame(FrameType.GOAWAY, 0, bytes(4) + b"bye"))
                         continue
                     body = orjson.loads(frame.payload[frame.payload.index(b"{") :])
                     size = len(base64.b64decode(body["data"]))
                     writer.write(encode_frame(FrameType.RESPONSE, frame.stream, orjson.dumps(size)))
 
+    state = {"goaway_first": False}
     for goaway_first in (False, True):
+        state["goaway_first"] = goaway_first
         seen.clear()
         async with serving() as (url, impl, recorder), fake_server(old_server) as old:
             host, port = url.removeprefix("tcp://").rsplit(":", 1)
