@@ -196,6 +196,7 @@ class _ServerConnection(FrameWriter):
         # Frames read but not handled when writes paused wait in the decoder, as bytes (FrameDecoder.unread):
         # as objects, one read of tiny frames would cost ten times its size.
         self._backlogged = False
+        self._refused: Frame | None = None  # a REFUSED pseudo-frame held behind the backlog (it has no bytes)
         self._write_paused = False
         self._reading = False  # frames of one read are being handled (their answers are flushed after the last)
         self._last_stream = 0  # the highest stream id accepted (for GOAWAY)
@@ -306,6 +307,9 @@ class _ServerConnection(FrameWriter):
         except ProtocolError as exc:  # not expected: these frames were decoded once already
             self._fail(str(exc))
             return
+        if self._refused is not None:  # it came after the frames held as bytes
+            frames.append(self._refused)
+            self._refused = None
         self._handle_frames(frames)
         if self._decoder.reserved:  # put back behind the backlog, counted again: timed from now
             self._frame_started()
@@ -382,9 +386,10 @@ class _ServerConnection(FrameWriter):
                 self._flush()
 
     def _hold(self, frames: list[Frame]) -> None:
-        """Keep frames for when writing resumes, as bytes in the decoder (a refused one is answered now)."""
-        if frames[-1].type == REFUSED:  # always the last: its bytes are gone, only its answer is left
-            self._handle(frames.pop())
+        """Keep frames for when writing resumes, as bytes in the decoder (a refused one as it is, behind them)."""
+        if frames[-1].type == REFUSED:  # always the last: its bytes are gone; answered in its turn, as ids increase
+            self._refused = frames.pop()
+            self._backlogged = True
         if any(frame.type == OVERSIZED for frame in frames):  # pseudo-frames cannot be put back: handle them now
             for frame in frames:
                 if frame.type == OVERSIZED:
