@@ -7,16 +7,35 @@ the memory budget and the connection's bookkeeping must be back to zero.
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Protocol
 
 import anyio
+import anyio.abc
 import orjson
 import pytest
-from rawtcp import RawClient
+from prometheus_client import CollectorRegistry
+from rawtcp import RawClient, raw_opener
 from services import wait_until
-from test_tcp_hardening import request, serving
+from stream_services import Feed, FeedImpl
+from test_tcp_hardening import SLACK, request, serving
 
-from kubrpc.transports._frames import FrameType, encode_request
+import kubrpc
+from kubrpc.metrics import ServerMetrics
+from kubrpc.tracing import ServerTracing
+from kubrpc.transports._frames import (
+    FLAG_CLIENT_STREAMS,
+    Frame,
+    FrameType,
+    encode_frame,
+    encode_metadata,
+    encode_request,
+)
+from kubrpc.transports._tcp_base import MAX_WRITE_BUFFER
+from kubrpc.transports._tcp_server import TcpListener
 
 pytestmark = pytest.mark.anyio
 
@@ -54,3 +73,169 @@ async def test_a_refused_request_after_frames_held_by_a_pause_does_not_break_str
         # The connection goes on, and ids still have to increase past the refused one.
         await raw.send(big[150_000:] + request(21, "Arith/add", {"a": 2, "b": 2}))
         assert (await raw.frame()).payload == b"4"
+
+
+def settled(listener: TcpListener, server: kubrpc.Server) -> bool:
+    """Every call has ended and given its bytes back: nothing left in any connection's bookkeeping."""
+    return (
+        server._pending_bytes == 0
+        and not listener.active_calls
+        and all(not c._held and not c._expired and not c._out for c in listener.connections)
+    )
+
+
+async def read_answers(raw: RawClient, count: int) -> dict[int, Frame]:
+    """The next `count` answers by stream id (SETTINGS, PING and GOAWAY frames are passed over)."""
+    answers: dict[int, Frame] = {}
+    with anyio.fail_after(30):
+        while len(answers) < count:
+            frame = await raw.frame()
+            if frame.type in (FrameType.RESPONSE, FrameType.ERROR):
+                assert frame.stream not in answers, f"two answers for stream {frame.stream}"
+                answers[frame.stream] = frame
+    return answers
+
+
+async def test_a_flood_of_instant_calls_from_a_peer_that_does_not_read_stays_bounded() -> None:
+    """40,000 calls that finish in their first step (20 MB of answers), sent at once by a peer that reads nothing: the answers wait
+    within MAX_WRITE_BUFFER and one read's batch, the rest of the requests wait unread; all are answered later."""
+    count = 40_000
+    async with serving(idle_timeout=60) as (listener, server, open_raw):
+        raw: RawClient = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
+        assert (await raw.frame()).type == FrameType.SETTINGS
+        raw.stop_reading()
+        (conn,) = listener.connections
+        flood = b"".join(request(s, "test.Store/blob", {"size": s % 1000}) for s in range(1, 2 * count, 2))
+        peak = 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(raw.send, flood)  # blocks once the server stops reading
+            await wait_until(lambda: conn._write_paused)
+            for _ in range(20):
+                assert conn.transport is not None
+                peak = max(peak, conn.transport.get_write_buffer_size() + sum(map(len, conn._out)))
+                await anyio.sleep(0.01)
+            assert peak <= MAX_WRITE_BUFFER + SLACK
+            answers = await read_answers(raw, count)
+        blob = {n: orjson.dumps(base64.b64encode(b"x" * n).decode()) for n in range(1000)}
+        assert all(answers[s].payload == blob[s % 1000] for s in range(1, 2 * count, 2))
+        await wait_until(lambda: settled(listener, server))
+
+
+class Edge(Protocol):
+    async def self_cancel_return(self) -> str: ...
+
+    async def self_cancel_wait(self) -> str: ...
+
+    async def current(self) -> str: ...
+
+    async def raise_cancelled(self) -> str: ...
+
+    async def crash(self) -> str: ...
+
+    async def wait(self, seconds: float) -> str: ...
+
+
+class EdgeImpl:
+    async def self_cancel_return(self) -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # and returns at once: the answer was already made
+        return "returned"
+
+    async def self_cancel_wait(self) -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(0)
+        return "not reached"
+
+    async def current(self) -> str:
+        call = kubrpc.current_call()
+        return f"{call.path} {call.metadata.get('k', '-')} {call.deadline is not None}"
+
+    async def raise_cancelled(self) -> str:
+        raise asyncio.CancelledError
+
+    async def crash(self) -> str:
+        raise KeyError("secret")
+
+    async def wait(self, seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "waited"
+
+
+@asynccontextmanager
+async def edge_server(**options: object) -> AsyncIterator[tuple[TcpListener, kubrpc.Server, RawClient]]:
+    server = kubrpc.Server(**options)  # type: ignore[arg-type]
+    impl: Edge = EdgeImpl()
+    server.register(Edge, impl)
+    server.register(Feed, FeedImpl())
+    async with AsyncExitStack() as stack:
+        listener = await stack.enter_async_context(server.serve("tcp://127.0.0.1:0"))
+        assert isinstance(listener, TcpListener)
+        port = int(listener.url.rsplit(":", 1)[1])
+        raw: RawClient = await raw_opener(stack, "127.0.0.1", port, skip_settings=True)()  # type: ignore[assignment]
+        yield listener, server, raw
+
+
+def edge(stream: int, method: str, args: dict[str, object] | None = None, timeout_ms: int = 0) -> bytes:
+    return encode_request(stream, f"Edge/{method}", orjson.dumps(args or {}), timeout_ms, encode_metadata({"K": "v"}))
+
+
+@pytest.mark.parametrize("metrics", [False, True], ids=["plain", "metrics-and-tracing"])
+async def test_every_way_a_first_step_ends_is_answered_and_returns_its_bookkeeping(metrics: bool) -> None:
+    registry = CollectorRegistry()
+    options: dict[str, object] = {}
+    if metrics:
+        options = {"metrics": ServerMetrics(registry), "interceptors": [ServerTracing(otel=False)]}
+    async with edge_server(**options) as (listener, server, raw):
+        batch = [
+            edge(1, "self_cancel_return"),
+            edge(3, "raise_cancelled"),
+            edge(5, "crash"),
+            edge(7, "current", timeout_ms=1),
+            edge(9, "wait", {"seconds": 5}, timeout_ms=1),
+            edge(11, "nope"),
+            edge(13, "wait", {"seconds": "x"}),
+            edge(15, "current"),
+        ]
+        await raw.send(b"".join(batch) + encode_frame(FrameType.CANCEL, 7) + encode_frame(FrameType.CANCEL, 15))
+        answers = await read_answers(raw, 8)
+        assert answers[1].payload == b'"returned"'  # it cancelled its own task after its answer was made
+        codes = {s: orjson.loads(f.payload)["code"] for s, f in answers.items() if f.type == FrameType.ERROR}
+        assert codes == {
+            3: "internal",
+            5: "internal",
+            9: "deadline_exceeded",
+            11: "unimplemented",
+            13: "invalid_argument",
+        }
+        assert answers[7].payload == b'"Edge/current v True"'  # its deadline reached the handler
+        assert answers[15].payload == b'"Edge/current v False"'  # CANCEL after the answer: ignored
+        assert b"secret" not in answers[5].payload
+        await wait_until(lambda: settled(listener, server))
+        # A handler that cancels itself and waits gets no answer (as before eager calls), and holds nothing.
+        await raw.send(edge(17, "self_cancel_wait") + edge(19, "current"))
+        assert (await raw.frame()).stream == 19
+        await wait_until(lambda: settled(listener, server))
+        (conn,) = listener.connections
+        assert not conn._going_away
+    if metrics:
+        in_flight = registry.get_sample_value("kubrpc_server_in_flight", {"service": "Edge", "method": "current"})
+        assert in_flight == 0
+
+
+async def test_stream_frames_mixed_with_eager_calls_in_one_read() -> None:
+    async with edge_server() as (listener, server, raw):
+        batch = [
+            encode_request(1, "test.Feed/total", b"{}", 0, b"", FLAG_CLIENT_STREAMS),
+            encode_frame(FrameType.DATA, 1, b"1"),
+            encode_request(3, "test.Feed/add", b'{"a": 1, "b": 2}'),
+            encode_frame(FrameType.DATA, 1, b"2"),
+            encode_request(5, "test.Feed/add", b'{"a": 2, "b": 2}'),
+            encode_frame(FrameType.END, 1),
+        ]
+        await raw.send(b"".join(batch))
+        answers = await read_answers(raw, 3)
+        assert (answers[1].payload, answers[3].payload, answers[5].payload) == (b"3", b"3", b"4")
+        await wait_until(lambda: settled(listener, server))
