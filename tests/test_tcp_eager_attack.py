@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Protocol
@@ -28,6 +29,7 @@ from kubrpc.metrics import ServerMetrics
 from kubrpc.tracing import ServerTracing
 from kubrpc.transports._frames import (
     FLAG_CLIENT_STREAMS,
+    PREFACE,
     Frame,
     FrameType,
     encode_frame,
@@ -106,8 +108,8 @@ async def read_answers(raw: RawClient, count: int) -> dict[int, Frame]:
 
 
 async def test_a_flood_of_instant_calls_from_a_peer_that_does_not_read_stays_bounded() -> None:
-    """40,000 calls that finish in their first step (20 MB of answers), sent at once by a peer that reads nothing: the answers wait
-    within MAX_WRITE_BUFFER and one read's batch, the rest of the requests wait unread; all are answered later."""
+    """40,000 calls that finish in their first step (27 MB of answers), sent at once by a peer that reads nothing:
+    the answers wait within MAX_WRITE_BUFFER and one read's batch, the rest unread; all are answered later."""
     count = 40_000
     # (On uvloop the calls of a read all start before one runs: they may exceed the default max_concurrent_calls.)
     async with serving(idle_timeout=60, max_concurrent_calls=count) as (listener, server, open_raw):
@@ -251,3 +253,38 @@ async def test_stream_frames_mixed_with_eager_calls_in_one_read() -> None:
         answers = await read_answers(raw, 3)
         assert (answers[1].payload, answers[3].payload, answers[5].payload) == (b"3", b"3", b"4")
         await wait_until(lambda: settled(listener, server))
+
+
+class Stop(Protocol):
+    async def stop(self) -> str: ...
+
+    async def echo(self, a: int) -> int: ...
+
+
+class StopImpl:
+    async def stop(self) -> str:
+        raise SystemExit("stopped by a handler")
+
+    async def echo(self, a: int) -> int:
+        return a
+
+
+def test_a_handler_that_stops_the_process_in_its_first_step_leaves_no_bytes_counted() -> None:
+    """SystemExit (or KeyboardInterrupt) from a handler's first step stops the loop, as it always did, from inside
+    the read now: the bytes its request was admitted with still leave the server's budget."""
+    server = kubrpc.Server()
+    impl: Stop = StopImpl()
+    server.register(Stop, impl)
+
+    async def main() -> None:
+        async with server.serve("tcp://127.0.0.1:0") as listener:
+            port = int(listener.url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(
+                    PREFACE + encode_request(1, "Stop/echo", b'{"a": 1}') + encode_request(3, "Stop/stop", b"{}")
+                )
+                await asyncio.sleep(10)  # a hang guard: the handler stops the loop first
+
+    with pytest.raises(SystemExit):
+        asyncio.run(main())
+    assert server._pending_bytes == 0

@@ -443,7 +443,11 @@ class _ServerConnection(FrameWriter):
                 task = self._open_stream(streaming, stream, request.path, request.body, timeout, metadata)
             else:
                 # Its first step runs now: a handler that never waits is answered within this read.
-                task = start_eager(self._loop, self._run(stream, request.path, request.body, timeout, metadata))
+                try:
+                    task = start_eager(self._loop, self._run(stream, request.path, request.body, timeout, metadata))
+                except BaseException:  # KeyboardInterrupt or SystemExit from its first step: the loop stops
+                    self._release(size)
+                    raise
                 if task.done():
                     self._release(size)
                     return
