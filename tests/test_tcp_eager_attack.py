@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Protocol
@@ -146,6 +147,8 @@ class Edge(Protocol):
 
     async def wait(self, seconds: float) -> str: ...
 
+    async def spin(self, seconds: float) -> str: ...
+
 
 class EdgeImpl:
     async def self_cancel_return(self) -> str:
@@ -174,6 +177,12 @@ class EdgeImpl:
     async def wait(self, seconds: float) -> str:
         await asyncio.sleep(seconds)
         return "waited"
+
+    async def spin(self, seconds: float) -> str:
+        time.sleep(seconds)  # noqa: ASYNC251  # a first step longer than the call's deadline (CPU, a blocking call)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return "ran on"
 
 
 @asynccontextmanager
@@ -237,6 +246,17 @@ async def test_every_way_a_first_step_ends_is_answered_and_returns_its_bookkeepi
     if metrics:
         in_flight = registry.get_sample_value("kubrpc_server_in_flight", {"service": "Edge", "method": "current"})
         assert in_flight == 0
+
+
+async def test_a_deadline_counts_from_the_request_not_from_the_end_of_its_first_step() -> None:
+    """A first step that outlasts the call's deadline: the deadline has passed when it yields, so the call is
+    cancelled at its next step (the timer was armed before the step ran, before eager calls), not given the
+    whole timeout again."""
+    async with edge_server() as (listener, server, raw):
+        await raw.send(edge(1, "spin", {"seconds": 0.2}, timeout_ms=50))
+        answer = await raw.frame()
+        assert answer.type == FrameType.ERROR and orjson.loads(answer.payload)["code"] == "deadline_exceeded"
+        await wait_until(lambda: settled(listener, server))
 
 
 async def test_stream_frames_mixed_with_eager_calls_in_one_read() -> None:

@@ -199,6 +199,7 @@ class _ServerConnection(FrameWriter):
         self._refused: Frame | None = None  # a REFUSED pseudo-frame held behind the backlog (it has no bytes)
         self._write_paused = False
         self._reading = False  # frames of one read are being handled (their answers are flushed after the last)
+        self._read_at = 0.0  # when they began to be handled: the calls' deadlines count from then
         self._last_stream = 0  # the highest stream id accepted (for GOAWAY)
         self._highest_stream = 0  # the highest stream id of any REQUEST
         self._going_away = False
@@ -372,6 +373,7 @@ class _ServerConnection(FrameWriter):
     def _handle_frames(self, frames: list[Frame]) -> None:
         handle = self._handle
         self._reading = True
+        self._read_at = self._loop.time()
         try:
             for i, frame in enumerate(frames):
                 if self._write_paused:  # the peer is not reading its answers: start nothing more for it
@@ -455,8 +457,8 @@ class _ServerConnection(FrameWriter):
             self.calls[stream] = task
             # Bookkeeping in a done callback: a task cancelled before its first step never runs _run at all.
             task.add_done_callback(partial(self._call_done, stream))
-            if timeout is not None:
-                self._deadlines.add(stream, timeout)
+            if timeout is not None:  # from the read, not from the end of the first step (it may have taken long)
+                self._deadlines.add_at(stream, self._read_at + timeout)
         elif kind == _CANCEL:
             running = self.calls.get(stream)
             if running is not None:
