@@ -36,6 +36,7 @@ from kubrpc.transports._frames import (
     encode_frame,
     encode_metadata,
     encode_request,
+    parse_goaway,
 )
 from kubrpc.transports._tcp_base import MAX_WRITE_BUFFER
 from kubrpc.transports._tcp_server import TcpListener
@@ -257,6 +258,21 @@ async def test_a_deadline_counts_from_the_request_not_from_the_end_of_its_first_
         answer = await raw.frame()
         assert answer.type == FrameType.ERROR and orjson.loads(answer.payload)["code"] == "deadline_exceeded"
         await wait_until(lambda: settled(listener, server))
+
+
+async def test_answers_made_within_a_read_go_out_before_the_goaway_of_a_protocol_error_later_in_it(
+    anyio_backend: tuple[str, dict[str, object]],
+) -> None:
+    async with edge_server() as (listener, server, raw):
+        await raw.send(edge(1, "current") + edge(3, "current") + edge(3, "current") + edge(5, "current"))
+        assert await raw.closed()
+        frames = [(f.type, f.stream) for f in raw.frames if f.type != FrameType.SETTINGS]
+        if not anyio_backend[1]:  # the stock loop: both calls finished within the read (uvloop cancels them unrun)
+            assert frames[:2] == [(FrameType.RESPONSE, 1), (FrameType.RESPONSE, 3)]
+        assert frames[-1][0] == FrameType.GOAWAY
+        last, reason = parse_goaway(raw.frames[-1].payload)
+        assert last == 3 and "stream id 3" in reason and "increase" in reason
+        await wait_until(lambda: not listener.connections and settled(listener, server))
 
 
 async def test_stream_frames_mixed_with_eager_calls_in_one_read() -> None:
