@@ -39,7 +39,7 @@ from kubrpc.transports._frames import (
     encode_request,
     parse_goaway,
 )
-from kubrpc.transports._tcp_base import MAX_WRITE_BUFFER
+from kubrpc.transports._tcp_base import _BATCH_BELOW, MAX_WRITE_BUFFER
 from kubrpc.transports._tcp_server import TcpListener
 
 pytestmark = pytest.mark.anyio
@@ -136,6 +136,29 @@ async def test_a_flood_of_instant_calls_from_a_peer_that_does_not_read_stays_bou
             answers = await read_answers(raw, count)
         blob = {n: orjson.dumps(base64.b64encode(b"x" * n).decode()) for n in range(1000)}
         assert all(answers[s].payload == blob[s % 1000] for s in range(1, 2 * count, 2))
+        await wait_until(lambda: settled(listener, server))
+
+
+async def test_answers_just_under_the_batch_size_cost_a_peer_that_does_not_read_one_frame_over_the_bound() -> None:
+    """Answers are batched 16 at a time: 16 of 60 KiB went out in one write past the 1 MiB bound (1.85 MiB held, in
+    the code before eager calls too); README and docs/protocol.md promise ~1 MiB plus one frame."""
+    async with serving() as (listener, server, open_raw):
+        raw: RawClient = await open_raw(rcvbuf=64 * 1024)  # type: ignore[operator]
+        assert (await raw.frame()).type == FrameType.SETTINGS
+        raw.stop_reading()
+        (conn,) = listener.connections
+        flood = b"".join(request(s, "test.Store/blob", {"size": 47_000}) for s in range(1, 4000, 2))  # 62.7 KB each
+        peak = 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(raw.send, flood)
+            await wait_until(lambda: conn._write_paused)
+            for _ in range(20):
+                assert conn.transport is not None
+                peak = max(peak, conn.transport.get_write_buffer_size() + sum(map(len, conn._out)))
+                await anyio.sleep(0.01)
+            assert peak <= MAX_WRITE_BUFFER + 2 * _BATCH_BELOW  # the batch that crossed it, and one frame
+            answers = await read_answers(raw, 2000)
+        assert all(f.type == FrameType.RESPONSE for f in answers.values())
         await wait_until(lambda: settled(listener, server))
 
 

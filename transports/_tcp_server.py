@@ -279,6 +279,7 @@ class _ServerConnection(FrameWriter):
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connections.discard(self)
         self._out.clear()
+        self._out_size = 0
         self._decoder.close()
         self._unpause()
         self._deadlines.close()
