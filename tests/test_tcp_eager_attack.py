@@ -147,7 +147,7 @@ async def test_answers_just_under_the_batch_size_cost_a_peer_that_does_not_read_
         assert (await raw.frame()).type == FrameType.SETTINGS
         raw.stop_reading()
         (conn,) = listener.connections
-        flood = b"".join(request(s, "test.Store/blob", {"size": 47_000}) for s in range(1, 4000, 2))  # 62.7 KB each
+        flood = b"".join(request(s, "test.Store/blob", {"size": 47_000}) for s in range(1, 600, 2))  # 62.7 KB each
         peak = 0
         async with anyio.create_task_group() as tg:
             tg.start_soon(raw.send, flood)
@@ -157,7 +157,7 @@ async def test_answers_just_under_the_batch_size_cost_a_peer_that_does_not_read_
                 peak = max(peak, conn.transport.get_write_buffer_size() + sum(map(len, conn._out)))
                 await anyio.sleep(0.01)
             assert peak <= MAX_WRITE_BUFFER + 2 * _BATCH_BELOW  # the batch that crossed it, and one frame
-            answers = await read_answers(raw, 2000)
+            answers = await read_answers(raw, 300)
         assert all(f.type == FrameType.RESPONSE for f in answers.values())
         await wait_until(lambda: settled(listener, server))
 
