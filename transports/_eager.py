@@ -71,7 +71,7 @@ class InlineRunner:
         if self._closed or asyncio.current_task(loop) is not None:
             return False
         stand_in = self._stand_in
-        if stand_in is None or stand_in.done():  # (done if a call cancelled "its" task)
+        if stand_in is None or stand_in.cancelling():  # a call cancelled "its" task: the next ones get a fresh one
             stand_in = self._stand_in = loop.create_task(_stand_by(), name="kubrpc: calls that never wait")
         context = copy_context()
         _enter_task(loop, stand_in)
