@@ -369,3 +369,61 @@ async def test_no_task_is_left_behind_by_inline_calls(caplog: pytest.LogCaptureF
     async with serving(Inline()):  # a listener that never ran a call inline
         pass
     assert asyncio.all_tasks() == before
+
+
+def test_stand_in_tasks_end_with_each_event_loop() -> None:
+    """Two event loops in turn (the stock one, then uvloop): each listener's stand-in task ends with its serve()."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> set[asyncio.Task[Any]]:
+        async with serving(Inline()) as (listener, _), serving(Inline()) as (other, _):
+            for url in (listener.url, other.url):
+                async with kubrpc.connect(url) as channel:
+                    stub = channel.stub(Attack, timeout=5)
+                    assert await stub.cancel_own_task() == "cancelled"
+                    assert await stub.cancelling() == "0"
+                    assert await stub.on_task_done("t") == "t"
+                    assert await stub.method_name() == "method_name"
+            assert listener.inline is not other.inline
+        current = asyncio.current_task()
+        return {task for task in asyncio.all_tasks() if task is not current}
+
+    assert asyncio.run(main()) == set()
+    assert uvloop.run(main()) == set()
+    assert asyncio.run(main()) == set()
+
+
+async def test_a_flood_of_inline_calls_is_answered_and_holds_nothing_after() -> None:
+    """10,000 calls in one write: each answered, none counted as running, no request bytes held after."""
+    async with serving(Inline()) as (listener, server):
+        answers = await one_read(listener, [("cancelling", {})] * 10_000)
+        assert len(answers) == 10_000 and set(answers.values()) == {(FrameType.RESPONSE, b'"0"')}
+        assert server._pending_bytes == 0 and listener.active_calls == 0
+        async with kubrpc.connect(listener.url) as channel:  # and everyone else is still served
+            assert await channel.stub(Attack, timeout=5).method_name() == "method_name"
+
+
+def test_what_runs_inline() -> None:
+    """Only a unary handler without await, on a server without interceptors (metrics are one), with no method
+    timeout of its own."""
+
+    class Timed(Protocol):
+        @kubrpc.method(timeout=5)
+        async def timed(self) -> str: ...
+
+        async def untimed(self) -> str: ...
+
+    class TimedImpl:
+        async def timed(self) -> str:
+            return ""
+
+        async def untimed(self) -> str:
+            return ""
+
+    server = kubrpc.Server()
+    server.register(Timed, TimedImpl())
+    assert not server.runs_inline("Timed/timed") and server.runs_inline("Timed/untimed")
+    assert not server.runs_inline("Timed/unknown")
+    metered = kubrpc.Server(metrics=True)
+    metered.register(Timed, TimedImpl())
+    assert not metered.runs_inline("Timed/untimed")
