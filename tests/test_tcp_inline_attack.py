@@ -352,7 +352,7 @@ async def test_done_callbacks_on_a_calls_task_run_when_it_ends_and_do_not_pile_u
             await wait_until(lambda: len(_calls_ended) == 101)
             if isinstance(impl, Inline):
                 stand_in = listener.inline._stand_in
-                assert stand_in is None or stand_in._callbacks is None
+                assert stand_in is None or not stand_in._callbacks
 
 
 async def test_no_task_is_left_behind_by_inline_calls(caplog: pytest.LogCaptureFixture) -> None:

@@ -60,9 +60,9 @@ else:
 class InlineRunner:
     """Runs coroutines that never wait to their end at once, without a task each (one per listener).
 
-    The stand-in task stays current from call to call while nothing marks it; what a call does to "its task" must
-    not reach the next call, so a stand-in that was cancelled is replaced before the next call, and one that was
-    given done callbacks ends right after the call (they run then, as they would once a call's own task ended).
+    One stand-in task serves call after call. What a call does to "its task" must not reach the next call: a
+    stand-in that was cancelled is replaced before the next call, and one given done callbacks ends right after
+    the call (they run then, as they would once the call's own task had ended).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -93,7 +93,7 @@ class InlineRunner:
             return True
         finally:
             _leave_task(loop, stand_in)
-            if stand_in._callbacks is not None:  # a call waits for "its task" to end: end this one now
+            if stand_in._callbacks:  # a call waits for "its task" to end: end this one now
                 self._retire()
         # It waited after all (its handler changed since it was checked): it cannot go on without a task.
         context.run(coro.close)
