@@ -267,6 +267,7 @@ def test_the_bytecode_check_sees_through_no_await_it_cannot_read() -> None:
         assert _never_waits(fn), name
         assert _never_waits(types.MethodType(fn, object())), name
         assert _never_waits(staticmethod(fn).__get__(None, object)), name
+        assert _never_waits(classmethod(fn).__get__(None, object)), name
     for name, fn in waits.items():
         assert not _never_waits(fn), name
     for other in (
