@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, NoReturn, cast
 
@@ -93,6 +93,10 @@ _HTTP_REQUEST = re.compile(b"|".join(_HTTP_METHODS))
 def _may_be_http(first: bytes) -> bool:
     """Could `first`, a few bytes that are not the preface, still grow into an HTTP request line? (TCP can split it.)"""
     return len(first) < len(b"OPTIONS ") and any(m.startswith(first) for m in _HTTP_METHODS)
+
+
+def _never(path: str) -> bool:
+    return False
 
 
 def _error_frame(stream: int, error: RpcError, flags: int = 0) -> bytes:
@@ -189,7 +193,8 @@ class _ServerConnection(FrameWriter):
         self.listener = listener
         self.dispatch = listener.server.dispatch
         self._admit, self._release = listener.server.admit, listener.server.release
-        self._runs_inline = listener.server.runs_inline
+        # (a ServerCore written before runs_inline() existed runs every call in a task)
+        self._runs_inline: Callable[[str], bool] = getattr(listener.server, "runs_inline", _never)
         self._max_message_size = listener.max_message_size
         self.max_calls = listener.server.limits.max_concurrent_calls
         self.calls: dict[int, asyncio.Task[None]] = {}
