@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from types import FunctionType, MethodType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -52,10 +53,11 @@ _WAITS = frozenset(
 
 def _never_waits(handler: Callable[..., Any]) -> bool:
     """Is `handler` an `async def` (function or bound method) whose body has no await, async with or async for?"""
-    code = getattr(getattr(handler, "__func__", handler), "__code__", None)
-    if code is None or not code.co_flags & inspect.CO_COROUTINE:
-        return False  # a wrapper, a partial, a callable object: unknown
-    return not any(instruction.opname in _WAITS for instruction in dis.get_instructions(code))
+    function = handler.__func__ if type(handler) is MethodType else handler
+    # A Python function only: what else has a __code__ (a Cython or Nuitka function, a mock) need not run it.
+    if type(function) is not FunctionType or not function.__code__.co_flags & inspect.CO_COROUTINE:
+        return False  # a wrapper, a partial, a callable object, compiled code: unknown
+    return not any(instruction.opname in _WAITS for instruction in dis.get_instructions(function.__code__))
 
 
 class Server:

@@ -30,6 +30,12 @@ class Deadlines:
         if at < self._timer_at:
             self._arm(at)
 
+    def add_at(self, key: int, at: float) -> None:
+        """Expire `key` at event-loop time `at` (at once if it has passed)."""
+        self._at[key] = at
+        if at < self._timer_at:
+            self._arm(at)
+
     def discard(self, key: int) -> None:
         """Forget `key` (its call finished in time)."""
         self._at.pop(key, None)

@@ -58,11 +58,18 @@ else:
 
 
 class InlineRunner:
-    """Runs coroutines that never wait to their end at once, without a task each (one per listener)."""
+    """Runs coroutines that never wait to their end at once, without a task each (one per listener).
+
+    One stand-in task serves call after call. What a call does to "its task" must not reach the next call: a
+    stand-in that was cancelled is replaced before the next call, and one given done callbacks ends right after
+    the call (they run then, as they would once the call's own task had ended).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._stand_in: asyncio.Task[None] | None = None
+        self._release: asyncio.Future[None] | None = None  # the stand-in waits for it, to end
+        self._retired: set[asyncio.Task[None]] = set()  # stand-ins ending, for aclose() to wait for
         self._closed = False
 
     def run(self, coro: Coroutine[Any, Any, None]) -> bool:
@@ -71,8 +78,8 @@ class InlineRunner:
         if self._closed or asyncio.current_task(loop) is not None:
             return False
         stand_in = self._stand_in
-        if stand_in is None or stand_in.done():  # (done if a call cancelled "its" task)
-            stand_in = self._stand_in = loop.create_task(_stand_by(), name="kubrpc: calls that never wait")
+        if stand_in is None or stand_in.cancelling() or stand_in.done():  # new, or a call cancelled "its" task
+            stand_in = self._stand_by()
         context = copy_context()
         _enter_task(loop, stand_in)
         try:
@@ -86,20 +93,39 @@ class InlineRunner:
             return True
         finally:
             _leave_task(loop, stand_in)
+            if stand_in._callbacks:  # a call waits for "its task" to end: end this one now
+                self._retire()
         # It waited after all (its handler changed since it was checked): it cannot go on without a task.
         context.run(coro.close)
-        log.error("a call run inline waited for something; it was closed unanswered (%r)", coro)
+        log.error("a call run inline waited for something (its handler changed since register()?): stopped (%r)", coro)
         return True
 
+    def _stand_by(self) -> asyncio.Task[None]:
+        """A new stand-in task (the one before it, if any, ends)."""
+        if self._stand_in is not None:
+            self._retire()
+        self._release = release = self._loop.create_future()
+        self._stand_in = stand_in = self._loop.create_task(_wait(release), name="kubrpc: calls that never wait")
+        return stand_in
+
+    def _retire(self) -> None:
+        """End the stand-in task (as a call's task ends: with None), on the loop's next turn."""
+        stand_in, release = self._stand_in, self._release
+        self._stand_in = self._release = None
+        if release is not None and not release.done():
+            release.set_result(None)
+        if stand_in is not None and not stand_in.done():
+            self._retired.add(stand_in)
+            stand_in.add_done_callback(self._retired.discard)
+
     async def aclose(self) -> None:
-        """Run nothing more; end the stand-in task."""
+        """Run nothing more; end the stand-in tasks."""
         self._closed = True
-        stand_in, self._stand_in = self._stand_in, None
-        if stand_in is not None:
-            stand_in.cancel()
-            await asyncio.wait([stand_in])
+        self._retire()
+        if self._retired:
+            await asyncio.wait(self._retired)
 
 
-async def _stand_by() -> None:
-    """The body of the stand-in task: it waits until cancelled."""
-    await asyncio.get_running_loop().create_future()
+async def _wait(release: asyncio.Future[None]) -> None:
+    """The body of a stand-in task: it waits until released (or cancelled)."""
+    await release

@@ -46,8 +46,9 @@ MAX_WRITE_BUFFER = 1024 * 1024
 # holds the next one back instead of up to _FLUSH_FRAMES large frames piling up in one batch.
 _BATCH_BELOW = 64 * 1024
 
-# Frames queued in one event-loop iteration go out in one write, but at most this many at a time,
-# so that the peer starts on the first frames while this side is still producing the rest.
+# Frames queued in one event-loop iteration go out in one write, but at most this many (or _BATCH_BELOW bytes)
+# at a time, so that the peer starts on the first frames while this side is still producing the rest, and so
+# that a batch crosses MAX_WRITE_BUFFER by no more than a large frame would.
 _FLUSH_FRAMES = 16  # measured: 4 and 64 were slower at concurrency 64 (benchmarks/bench_unary.py)
 
 
@@ -63,6 +64,7 @@ class FrameWriter(asyncio.Protocol):
     transport: asyncio.Transport | None
     _loop: asyncio.AbstractEventLoop
     _out: list[bytes]
+    _out_size = 0  # bytes in `_out`: a batch goes out once it reaches _BATCH_BELOW, as a large frame would
     _write_paused = False
     _writable: asyncio.Event | None = None
 
@@ -72,14 +74,16 @@ class FrameWriter(asyncio.Protocol):
         if not out:
             self._loop.call_soon(self._flush)
         out.append(data)
-        if len(out) >= _FLUSH_FRAMES:
+        self._out_size += len(data)
+        if len(out) >= _FLUSH_FRAMES or self._out_size >= _BATCH_BELOW:
             self._flush()
 
     def queue(self, data: bytes) -> None:
-        """Queue bytes for a flush the caller makes itself (at most _FLUSH_FRAMES wait)."""
+        """Queue bytes for a flush the caller makes itself (at most _FLUSH_FRAMES, or _BATCH_BELOW bytes, wait)."""
         out = self._out
         out.append(data)
-        if len(out) >= _FLUSH_FRAMES:
+        self._out_size += len(data)
+        if len(out) >= _FLUSH_FRAMES or self._out_size >= _BATCH_BELOW:
             self._flush()
 
     def write_parts(self, parts: list[bytes]) -> None:
@@ -101,6 +105,7 @@ class FrameWriter(asyncio.Protocol):
         out = self._out
         if out:
             self._out = []
+            self._out_size = 0
             self.write_now(out[0] if len(out) == 1 else b"".join(out))
 
     def _limit_writes(self, transport: asyncio.Transport) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, NoReturn, cast
 
@@ -93,6 +93,10 @@ _HTTP_REQUEST = re.compile(b"|".join(_HTTP_METHODS))
 def _may_be_http(first: bytes) -> bool:
     """Could `first`, a few bytes that are not the preface, still grow into an HTTP request line? (TCP can split it.)"""
     return len(first) < len(b"OPTIONS ") and any(m.startswith(first) for m in _HTTP_METHODS)
+
+
+def _never(path: str) -> bool:
+    return False
 
 
 def _error_frame(stream: int, error: RpcError, flags: int = 0) -> bytes:
@@ -189,7 +193,8 @@ class _ServerConnection(FrameWriter):
         self.listener = listener
         self.dispatch = listener.server.dispatch
         self._admit, self._release = listener.server.admit, listener.server.release
-        self._runs_inline = listener.server.runs_inline
+        # (a ServerCore written before runs_inline() existed runs every call in a task)
+        self._runs_inline: Callable[[str], bool] = getattr(listener.server, "runs_inline", _never)
         self._max_message_size = listener.max_message_size
         self.max_calls = listener.server.limits.max_concurrent_calls
         self.calls: dict[int, asyncio.Task[None]] = {}
@@ -207,8 +212,10 @@ class _ServerConnection(FrameWriter):
         # Frames read but not handled when writes paused wait in the decoder, as bytes (FrameDecoder.unread):
         # as objects, one read of tiny frames would cost ten times its size.
         self._backlogged = False
+        self._refused: Frame | None = None  # a REFUSED pseudo-frame held behind the backlog (it has no bytes)
         self._write_paused = False
         self._reading = False  # frames of one read are being handled (their answers are flushed after the last)
+        self._read_at = 0.0  # when they began to be handled: the calls' deadlines count from then
         self._last_stream = 0  # the highest stream id accepted (for GOAWAY)
         self._highest_stream = 0  # the highest stream id of any REQUEST
         self._going_away = False
@@ -289,6 +296,7 @@ class _ServerConnection(FrameWriter):
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connections.discard(self)
         self._out.clear()
+        self._out_size = 0
         self._decoder.close()
         self._unpause()
         self._deadlines.close()
@@ -318,6 +326,9 @@ class _ServerConnection(FrameWriter):
         except ProtocolError as exc:  # not expected: these frames were decoded once already
             self._fail(str(exc))
             return
+        if self._refused is not None:  # it came after the frames held as bytes
+            frames.append(self._refused)
+            self._refused = None
         self._handle_frames(frames)
         if self._decoder.reserved:  # put back behind the backlog, counted again: timed from now
             self._frame_started()
@@ -380,6 +391,7 @@ class _ServerConnection(FrameWriter):
     def _handle_frames(self, frames: list[Frame]) -> None:
         handle = self._handle
         self._reading = True
+        self._read_at = self._loop.time()
         try:
             for i, frame in enumerate(frames):
                 if self._write_paused:  # the peer is not reading its answers: start nothing more for it
@@ -394,9 +406,10 @@ class _ServerConnection(FrameWriter):
                 self._flush()
 
     def _hold(self, frames: list[Frame]) -> None:
-        """Keep frames for when writing resumes, as bytes in the decoder (a refused one is answered now)."""
-        if frames[-1].type == REFUSED:  # always the last: its bytes are gone, only its answer is left
-            self._handle(frames.pop())
+        """Keep frames for when writing resumes, as bytes in the decoder (a refused one as it is, behind them)."""
+        if frames[-1].type == REFUSED:  # always the last: its bytes are gone; answered in its turn, as ids increase
+            self._refused = frames.pop()
+            self._backlogged = True
         if any(frame.type == OVERSIZED for frame in frames):  # pseudo-frames cannot be put back: handle them now
             for frame in frames:
                 if frame.type == OVERSIZED:
@@ -450,11 +463,15 @@ class _ServerConnection(FrameWriter):
                 task = self._open_stream(streaming, stream, request.path, request.body, timeout, metadata)
             else:
                 call = self._run(stream, request.path, request.body, timeout, metadata)
-                if self._runs_inline(request.path) and self.listener.inline.run(call):
-                    self._release(size)  # it never waits: answered already, without a task
-                    return
-                # Its first step runs now: a handler that does not wait after all is answered within this read.
-                task = start_eager(self._loop, call)
+                try:
+                    if self._runs_inline(request.path) and self.listener.inline.run(call):
+                        self._release(size)  # it never waits: answered already, without a task
+                        return
+                    # Its first step runs now: a handler that does not wait after all is answered within this read.
+                    task = start_eager(self._loop, call)
+                except BaseException:  # KeyboardInterrupt or SystemExit from its first step: the loop stops
+                    self._release(size)
+                    raise
                 if task.done():
                     self._release(size)
                     return
@@ -462,8 +479,8 @@ class _ServerConnection(FrameWriter):
             self.calls[stream] = task
             # Bookkeeping in a done callback: a task cancelled before its first step never runs _run at all.
             task.add_done_callback(partial(self._call_done, stream))
-            if timeout is not None:
-                self._deadlines.add(stream, timeout)
+            if timeout is not None:  # from the read, not from the end of the first step (it may have taken long)
+                self._deadlines.add_at(stream, self._read_at + timeout)
         elif kind == _CANCEL:
             running = self.calls.get(stream)
             if running is not None:
