@@ -417,7 +417,7 @@ class SharedImpl:
         return b"B" * (3 << 20)
 
 
-async def test_an_answer_held_for_a_client_that_does_not_read_is_framed_when_it_is_written() -> None:
+async def test_a_bytearray_result_changed_while_its_answer_waits_keeps_the_connection_in_step() -> None:
     """An attached RESPONSE is framed (lengths in its header and table) before it waits for the client to read;
     its large attachments were written as the handler's own objects: a bytearray result changed meanwhile made a
     frame whose bytes did not match its header, and every later frame of the connection garbage."""
