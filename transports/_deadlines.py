@@ -25,10 +25,7 @@ class Deadlines:
 
     def add(self, key: int, timeout: float) -> None:
         """Expire `key` in `timeout` seconds."""
-        at = self._loop.time() + timeout
-        self._at[key] = at
-        if at < self._timer_at:
-            self._arm(at)
+        self.add_at(key, self._loop.time() + timeout)
 
     def add_at(self, key: int, at: float) -> None:
         """Expire `key` at event-loop time `at` (at once if it has passed)."""

@@ -70,13 +70,9 @@ class FrameWriter(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         """Queue bytes; everything queued in one event-loop iteration goes out in one write."""
-        out = self._out
-        if not out:
+        if not self._out:
             self._loop.call_soon(self._flush)
-        out.append(data)
-        self._out_size += len(data)
-        if len(out) >= _FLUSH_FRAMES or self._out_size >= _BATCH_BELOW:
-            self._flush()
+        self.queue(data)
 
     def queue(self, data: bytes) -> None:
         """Queue bytes for a flush the caller makes itself (at most _FLUSH_FRAMES, or _BATCH_BELOW bytes, wait)."""
@@ -86,10 +82,18 @@ class FrameWriter(asyncio.Protocol):
         if len(out) >= _FLUSH_FRAMES or self._out_size >= _BATCH_BELOW:
             self._flush()
 
+    def write_frame(self, frame: bytes) -> None:
+        """Queue a frame with this loop turn's others; a large one goes at once, after them."""
+        if len(frame) < _BATCH_BELOW:
+            self.write(frame)
+        else:
+            self._flush()
+            self.write_now(frame)
+
     def write_parts(self, parts: list[bytes]) -> None:
         """Queue a frame given in parts (encode_message): a large one goes at once, its parts uncopied."""
-        if len(parts) == 1 and len(parts[0]) < _BATCH_BELOW:
-            self.write(parts[0])
+        if len(parts) == 1:
+            self.write_frame(parts[0])
             return
         self._flush()
         for part in parts:

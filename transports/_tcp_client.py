@@ -47,7 +47,6 @@ from ._frames import (
 )
 from ._streams import MESSAGE_OVERHEAD, Inbox
 from ._tcp_base import (
-    _BATCH_BELOW,
     _CANCEL,
     _DATA,
     _END,
@@ -235,11 +234,8 @@ class TcpConnection(FrameWriter):
             self.write_parts(request)
         elif len(self._pending) == 1 and not self._out:  # nothing in flight to batch with: send now
             self.write_now(request)
-        elif len(request) < _BATCH_BELOW:
-            self.write(request)
         else:
-            self._flush()
-            self.write_now(request)
+            self.write_frame(request)
         try:
             frame = await fut
         except RpcError as exc:
@@ -290,11 +286,8 @@ class TcpConnection(FrameWriter):
             self._deadlines.add(stream_id, timeout)
         if type(request) is list:
             self.write_parts(request)
-        elif len(request) < _BATCH_BELOW:
-            self.write(request)
         else:
-            self._flush()
-            self.write_now(request)
+            self.write_frame(request)
         try:
             await stream.accepted
         except BaseException:
@@ -587,12 +580,7 @@ class TcpStream:
         if attached:
             conn.write_parts(encode_message(_DATA, self.id, cast(Attached, message)))
             return True
-        frame = encode_frame(_DATA, self.id, message)
-        if len(frame) < _BATCH_BELOW:
-            conn.write(frame)
-        else:
-            conn._flush()
-            conn.write_now(frame)
+        conn.write_frame(encode_frame(_DATA, self.id, message))
         return True
 
     async def close_send(self) -> None:

@@ -548,11 +548,8 @@ class _ServerConnection(FrameWriter):
                 self.queue(frame)
             elif len(self.calls) == 1 and not self._out:  # the only call here: nothing to batch with
                 self.write_now(frame)
-            elif len(frame) < _BATCH_BELOW:
-                self.write(frame)
             else:
-                self._flush()
-                self.write_now(frame)
+                self.write_frame(frame)
         except asyncio.CancelledError:
             if stream in self._expired:  # our deadline timer cancelled it
                 self._expired.discard(stream)
@@ -561,7 +558,7 @@ class _ServerConnection(FrameWriter):
 
     async def _answer_attached(self, stream: int, result: Attached, opened: _ServerStream | None = None) -> None:
         """Write a RESPONSE in the attachments format (or the error of one over max_message_size)."""
-        if result.size > self.listener.max_message_size:
+        if result.size > self._max_message_size:
             error = RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
             parts = [_error_frame(stream, error)]
         else:
@@ -791,12 +788,7 @@ class _ServerStream:
         if attached:
             conn.write_parts(encode_message(_DATA, self.id, data))  # type: ignore[arg-type]
             return
-        frame = encode_frame(_DATA, self.id, data)
-        if len(frame) < _BATCH_BELOW:
-            conn.write(frame)
-        else:
-            conn._flush()
-            conn.write_now(frame)
+        conn.write_frame(encode_frame(_DATA, self.id, data))
 
     def received(self, data: bytes) -> None:
         """A DATA frame from the client; ProtocolError if it was not allowed to send it."""
