@@ -251,17 +251,13 @@ class MethodSpec:
         else:
             named = dict(kwargs)
         if len(named) != len(self.params) or named.keys() != self.param_names:
-            self._check_names(named)
+            for p in self.params:
+                if p.required and p.name not in named:
+                    raise TypeError(f"{self.attr}() missing required argument {p.name!r}")
+            for key in named:
+                if not any(p.name == key for p in self.params):
+                    raise TypeError(f"{self.attr}() got an unexpected keyword argument {key!r}")
         return named
-
-    def _check_names(self, named: Mapping[str, Any]) -> None:
-        """TypeError, as Python's, for a call whose arguments are not exactly the parameters (which differ)."""
-        for p in self.params:
-            if p.required and p.name not in named:
-                raise TypeError(f"{self.attr}() missing required argument {p.name!r}")
-        for key in named:
-            if not any(p.name == key for p in self.params):
-                raise TypeError(f"{self.attr}() got an unexpected keyword argument {key!r}")
 
     def encode_call_attached(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
         """encode_call() as a codec.Attached: bytes values as attachments, for a transport that sends them (TCP).
@@ -274,15 +270,7 @@ class MethodSpec:
             out = codec.Attached(plain())
             out.attachments = []
         else:
-            positional = self.positional
-            if self.stream is not None:
-                positional = tuple(name for name in positional if name != self.stream.name)
-            if len(args) > len(positional) or any(key in positional[: len(args)] for key in kwargs):
-                plain()  # a wrong call: raises TypeError as Python would
-            named = dict(zip(positional, args, strict=False))
-            named.update(kwargs)
-            if len(named) != len(self.params) or named.keys() != self.param_names:
-                self._check_names(named)
+            named = self._bind(args, kwargs)  # a wrong call: TypeError as Python's (and as encode_call()'s)
             try:
                 out = codec.pack(named, self.encode_arguments is codec.dumps_floats)
             except TypeError:
