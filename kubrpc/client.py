@@ -260,19 +260,52 @@ class Channel:
         if metadata:  # the same rule on every transport, before anything is sent
             _check_metadata(metadata)
         deadline = None if timeout is None else time.monotonic() + timeout
-        budget = self.retry_budget
-        budget.deposit()
-        attempt = 0
-        tried: set[Endpoint] | None = None
-        remaining = timeout
+        self.retry_budget.deposit()
+        endpoint = None
+        if (
+            self._feedback is None
+            and not self._down
+            and key is None
+            and self.endpoints
+            and (timeout is None or timeout > 0)
+        ):
+            # The hot path: the first attempt, on an open connection, without the retry loop's bookkeeping.
+            endpoint = self.balancer.pick()
+            conn = self._connections.get((endpoint.host, endpoint.port))
+            if conn is not None and conn.usable:
+                try:
+                    result = await conn.call(path, payload, timeout=timeout, metadata=metadata)
+                except RpcError as exc:
+                    if not self._may_retry(exc, endpoint, 1, idempotent):
+                        raise
+                    return await self._attempts(path, payload, deadline, idempotent, key, metadata, 2, {endpoint})
+                if self._down:  # it answered: its connect backoff starts over
+                    self._pool.answered(endpoint)
+                return result
+        return await self._attempts(path, payload, deadline, idempotent, key, metadata, 1, None, endpoint)
+
+    async def _attempts(
+        self,
+        path: str,
+        payload: bytes,
+        deadline: float | None,
+        idempotent: bool,
+        key: str | None,
+        metadata: Mapping[str, str],
+        attempt: int,
+        tried: set[Endpoint] | None,
+        picked: Endpoint | None = None,
+    ) -> bytes:
+        """call() from attempt number `attempt` on (`picked`: the endpoint the balancer chose for it already)."""
         while True:
-            attempt += 1
+            remaining = None
             if deadline is not None:
-                if attempt > 1:
-                    remaining = deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
-            if self.endpoints:
+            if picked is not None:
+                endpoint, picked = picked, None
+            elif self.endpoints:
                 endpoint = self._pick(key, tried)
             else:
                 endpoint = await self._first_pick(key, remaining)
@@ -281,7 +314,7 @@ class Channel:
                 if self._down and (endpoint.host, endpoint.port) in self._down:
                     # In its connect backoff: fail fast rather than connect; after it, one call tries it again.
                     probe = await self._pool.admit(endpoint, remaining)
-                if self._feedback is None:  # the hot path, without a coroutine per layer
+                if self._feedback is None:
                     conn = self._connections.get((endpoint.host, endpoint.port))
                     if conn is None or not conn.usable:
                         conn = await self._pool.get(endpoint, remaining)
@@ -291,19 +324,8 @@ class Channel:
                 if self._down:  # it answered: its connect backoff starts over
                     self._pool.answered(endpoint)
                 return result
-            except NotDeliveredError as exc:
-                # Never reached a server, so a retry adds no load there: not charged to the budget.
-                if exc.unreachable:
-                    self._pool.mark_down((endpoint.host, endpoint.port), exc.message)
-                if attempt >= self.max_attempts:
-                    raise
             except RpcError as exc:
-                if type(exc) is UnreachableError:  # maybe delivered: back off, but retry only if idempotent
-                    self._pool.mark_down((endpoint.host, endpoint.port), exc.message)
-                elif self._down and exc.code not in _NO_ANSWER:  # the endpoint answered: reachable again
-                    self._pool.answered(endpoint)
-                retryable = idempotent and exc.code is Status.UNAVAILABLE
-                if not retryable or attempt >= self.max_attempts or not budget.withdraw():
+                if not self._may_retry(exc, endpoint, attempt, idempotent):
                     raise
             finally:
                 if probe is not None:
@@ -311,6 +333,21 @@ class Channel:
             if tried is None:
                 tried = set()
             tried.add(endpoint)
+            attempt += 1
+
+    def _may_retry(self, exc: RpcError, endpoint: Endpoint, attempt: int, idempotent: bool) -> bool:
+        """After attempt number `attempt` failed with `exc` on `endpoint`: may the call be made again?"""
+        if isinstance(exc, NotDeliveredError):
+            # Never reached a server, so a retry adds no load there: not charged to the budget.
+            if exc.unreachable:
+                self._pool.mark_down((endpoint.host, endpoint.port), exc.message)
+            return attempt < self.max_attempts
+        if type(exc) is UnreachableError:  # maybe delivered: back off, but retry only if idempotent
+            self._pool.mark_down((endpoint.host, endpoint.port), exc.message)
+        elif self._down and exc.code not in _NO_ANSWER:  # the endpoint answered: reachable again
+            self._pool.answered(endpoint)
+        retryable = idempotent and exc.code is Status.UNAVAILABLE
+        return retryable and attempt < self.max_attempts and self.retry_budget.withdraw()
 
     async def _open_for_stub(
         self,
@@ -617,7 +654,8 @@ class RetryBudget:
 
     def deposit(self) -> None:
         """A call was made."""
-        self.tokens = min(self.max_tokens, self.tokens + self.ratio)
+        tokens = self.tokens + self.ratio  # (no min(): this runs on every call)
+        self.tokens = tokens if tokens < self.max_tokens else self.max_tokens
 
     def withdraw(self) -> bool:
         """May this call be retried? Spends a token if so."""

@@ -240,6 +240,11 @@ class MetricsExposition(Protocol):
         ...
 
 
+InlineDispatch = Callable[[bytes, float | None, Mapping[str, str], str], bytes]
+"""ServerCore.dispatch_inline(): `run(payload, timeout, metadata, peer)` runs a call that never waits to its end and
+returns its encoded result or raises RpcError (called in a copy of the context, with a task entered as current)."""
+
+
 class ServerCore(Protocol):
     """What a server transport sees of a Server: its calls, admission, limits and drain state.
 
@@ -261,6 +266,8 @@ class ServerCore(Protocol):
     - `runs_inline(path)` is True when dispatch() of a call at `path` never waits (a unary handler whose code
       has no await, no interceptors, no timeout of the method's own): a transport may then drive it to its end
       at once, where its request is read, without a task of its own (transports/_eager.py).
+      `dispatch_inline(path)` gives such a call's dispatch() as a plain function (InlineDispatch): cheaper
+      than driving the coroutine, for the transport to call where it reads the request.
     - `method(path)` says what a call at `path` is (its `kind`: unary or which stream), None if unknown;
       `dispatch_stream()` runs a stream call: `messages` yields the client's encoded messages (client and
       bidirectional streams; the transport grants the client credit as they are read), `send` writes each
@@ -327,6 +334,10 @@ class ServerCore(Protocol):
 
     def runs_inline(self, path: str, /) -> bool:
         """Can dispatch() of a call at `path` finish without ever waiting (so without a task of its own)?"""
+        ...
+
+    def dispatch_inline(self, path: str, /) -> InlineDispatch | None:
+        """dispatch() of a call at `path` as a plain function, if it never waits; None otherwise."""
         ...
 
     def admit(self, size: int, /) -> bool:

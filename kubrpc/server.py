@@ -9,12 +9,13 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from types import FunctionType, MethodType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -24,7 +25,7 @@ from .codec import Attached, Packed
 from .errors import RpcError
 from .interceptors import CallInfo, Proceed, ServerInterceptor, _current
 from .interface import CallKind, MethodSpec, ServiceSpec, check_implementation, service_spec
-from .interfaces import AsgiTransport, Listener, MetricsExposition, StreamRecorder
+from .interfaces import AsgiTransport, InlineDispatch, Listener, MetricsExposition, StreamRecorder
 from .status import Status
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class _Route:
     spec: MethodSpec
     handler: Callable[..., Any]
     never_waits: bool = False  # the handler's own code has no await (and the method no timeout of its own)
+    run_now: InlineDispatch | None = None  # for such a handler: runs a call to its end at once (_run_now)
 
 
 # The opcodes of `await`, `async with` and `async for`: a coroutine whose code has none cannot suspend.
@@ -190,7 +192,7 @@ class Server:
         for attr, m in spec.methods.items():
             handler = handlers[attr]
             never_waits = m.kind is CallKind.UNARY and m.options.timeout is None and _never_waits(handler)
-            self._routes[m.path] = _Route(m, handler, never_waits)
+            self._routes[m.path] = _Route(m, handler, never_waits, _run_now(m, handler) if never_waits else None)
 
     def admit(self, size: int) -> bool:
         """For transports: may a request of `size` bytes start now? Counts it if so (release() when done).
@@ -215,6 +217,17 @@ class Server:
         """
         route = self._routes.get(path)
         return route is not None and route.never_waits and not self.interceptors
+
+    def dispatch_inline(self, path: str) -> InlineDispatch | None:
+        """For transports: dispatch() of a call at `path` as a plain function, if it never waits (runs_inline()).
+
+        `run(payload, timeout, metadata, peer)` runs the call to its end at once and returns the encoded
+        result (a codec.Attached for a codec.Packed payload whose result has bytes values) or raises RpcError,
+        as dispatch() would; the transport calls it in a copy of the context with a task entered as current
+        (transports/_eager.py's InlineRunner). None when the call may wait: dispatch() it in a task.
+        """
+        route = self._routes.get(path)
+        return route.run_now if route is not None and not self.interceptors else None
 
     def method(self, path: str) -> MethodSpec | None:
         """The registered method at `Service/method`, if any."""
@@ -565,6 +578,76 @@ def event_loop_options() -> dict[str, Any]:
     except ImportError:
         return {}
     return {"use_uvloop": True}
+
+
+_FINISHED = object()
+
+
+@types.coroutine
+def _driver() -> Generator[Any, Any, None]:
+    """send(coro) runs a coroutine: (_FINISHED, its result) if it finished without waiting, else what it yielded.
+
+    Cheaper than coro.send(None) for a coroutine that finishes at once: no StopIteration to make and catch.
+    A coroutine that raises ends the driver too (then make another).
+    """
+    step: Any = None
+    while True:
+        coro = yield step
+        step = (_FINISHED, (yield from coro))
+
+
+def _primed_driver() -> types.GeneratorType[Any, Any, None]:
+    driver = cast("types.GeneratorType[Any, Any, None]", _driver())
+    driver.send(None)
+    return driver
+
+
+def _run_now(spec: MethodSpec, handler: Callable[..., Any]) -> InlineDispatch:
+    """dispatch() of a handler that never waits, as one plain function (Server.dispatch_inline)."""
+    path, decode_args, encode_result, encode_attached = (
+        spec.path,
+        spec.decode_args,
+        spec.encode_result,
+        spec.encode_result_attached,
+    )
+    driver = _primed_driver()
+
+    def run_now(payload: bytes, timeout: float | None, metadata: Mapping[str, str], peer: str) -> bytes:
+        nonlocal driver
+        # In a fresh copy of the context (the transport's): _current needs no reset.
+        _current.set((spec, path, metadata, peer, None if timeout is None else time.monotonic() + timeout))
+        try:
+            coro = handler(**decode_args(payload))  # inside: a dataclass's __post_init__ is user code
+            if driver.gi_running:  # run from inside another call (not by a transport): the plain way
+                driver = _primed_driver()
+            step = driver.send(coro)
+        except RpcError:
+            if driver.gi_frame is None:
+                driver = _primed_driver()
+            raise
+        except BaseException as exc:
+            if driver.gi_frame is None:
+                driver = _primed_driver()
+            raise _failure(exc, None, path) from None
+        if type(step) is not tuple or step[0] is not _FINISHED:
+            # It waited after all: the handler changed since it was registered (a patched method?)
+            stuck, driver = driver, _primed_driver()
+            try:
+                stuck.close()  # the handler's coroutine too
+            except Exception:  # it ignored GeneratorExit: it is abandoned all the same
+                log.exception("closing %s's handler failed", path)
+            log.error("%s waited for something, but its code has no await: it cannot run inline; stopped", path)
+            raise RpcError(Status.INTERNAL, "internal error")
+        result = step[1]
+        try:
+            if type(payload) is Packed:  # the client reads attachments too: the result's bytes go as attachments
+                return encode_attached(result)
+            return encode_result(result)
+        except TypeError:
+            log.exception("result of %s cannot be encoded", path)
+            raise RpcError(Status.INTERNAL, "internal error") from None
+
+    return run_now
 
 
 def _failure(exc: BaseException, deadline: asyncio.Timeout | None, path: str) -> BaseException:

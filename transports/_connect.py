@@ -42,7 +42,7 @@ from ._streams import Inbox
 if TYPE_CHECKING:
     from kubrpc._limits import ServerLimits
     from kubrpc.interface import MethodSpec, ServiceSpec
-    from kubrpc.interfaces import MetricsExposition, ServerCore
+    from kubrpc.interfaces import InlineDispatch, MetricsExposition, ServerCore
     from kubrpc.openapi import Info
 
 __all__ = ("VERSION_HEADER", "ConnectCore", "is_connect", "route", "serve", "serve_stream", "serve_websocket")
@@ -171,6 +171,10 @@ class ConnectCore:
     def runs_inline(self, path: str, /) -> bool:
         """Whether the served core's call at `path` never waits."""
         return self.core.runs_inline(path)
+
+    def dispatch_inline(self, path: str, /) -> InlineDispatch | None:
+        """The served core's dispatch of a call at `path` that never waits, as a plain function."""
+        return self.core.dispatch_inline(path)
 
     async def dispatch_stream(
         self,

@@ -11,29 +11,36 @@ now. This needs the stock loop's ready queue (`BaseEventLoop._ready`, unchanged 
 the handle taken is this task's step; on any other loop (uvloop), or when a task is running already (a step
 cannot run inside another), the task starts on the loop's next turn as usual.
 
-A call that can never wait (`ServerCore.runs_inline()`: its handler's code has no await) needs no task at all:
-`InlineRunner` drives its coroutine to the end at once, in a copy of the current context, as a task would. Its
-task would cost more than the rest of the server's work on such a call (measured: 1.5 µs of 5.7 on 3.11). While
-it runs, `asyncio.current_task()` is a stand-in task shared by such calls, so that code asking for the current
-task (anyio's cancel scopes, logging) still finds one.
+A call that can never wait (`ServerCore.dispatch_inline()`: its handler's code has no await) needs no task at
+all: `InlineRunner` runs it to its end at once, as one plain function, in a copy of the current context, as a
+task would. Its task would cost more than the rest of the server's work on such a call (measured: 1.5 µs of 5.7
+on 3.11). While it runs, `asyncio.current_task()` is a stand-in task shared by such calls, so that code asking
+for the current task (anyio's cancel scopes, logging) still finds one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from asyncio.tasks import _enter_task, _leave_task
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextvars import copy_context
-from typing import Any, TypeVar
+from enum import Enum
+from typing import Any, Final, Literal, TypeVar
 
-__all__ = ("InlineRunner", "start_eager")
-
-log = logging.getLogger("kubrpc.server")
+__all__ = ("NOT_RUN", "InlineRunner", "NotRun", "start_eager")
 
 T = TypeVar("T")
+
+
+class _NotRun(Enum):
+    NOT_RUN = "NOT_RUN"
+
+
+NotRun = Literal[_NotRun.NOT_RUN]
+NOT_RUN: Final = _NotRun.NOT_RUN
+"""What InlineRunner.call() returns when it could not run the call: start a task for it instead."""
 
 if sys.version_info >= (3, 12):
 
@@ -58,11 +65,12 @@ else:
 
 
 class InlineRunner:
-    """Runs coroutines that never wait to their end at once, without a task each (one per listener).
+    """Runs calls that never wait (ServerCore.dispatch_inline()) to their end at once, without a task each.
 
-    One stand-in task serves call after call. What a call does to "its task" must not reach the next call: a
-    stand-in that was cancelled is replaced before the next call, and one given done callbacks ends right after
-    the call (they run then, as they would once the call's own task had ended).
+    Each runs in its own copy of the context, with one stand-in task, shared by call after call, entered as
+    current. What a call does to "its task" must not reach the next call: a stand-in that was cancelled is
+    replaced before the next call, and one given done callbacks ends right after the call (they run then, as
+    they would once the call's own task had ended). One per listener.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -72,33 +80,25 @@ class InlineRunner:
         self._retired: set[asyncio.Task[None]] = set()  # stand-ins ending, for aclose() to wait for
         self._closed = False
 
-    def run(self, coro: Coroutine[Any, Any, None]) -> bool:
-        """Run `coro` to its end now; False (nothing run) if it cannot be (a task is running, or closed)."""
+    def call(self, function: Callable[..., T], *args: Any) -> T | NotRun:
+        """`function(*args)` now, in a copy of the context, under the stand-in task; NOT_RUN if it cannot be (a
+        task is running already, or closed): run the call in a task of its own then."""
+        if self._closed:
+            return NOT_RUN
         loop = self._loop
-        if self._closed or asyncio.current_task(loop) is not None:
-            return False
         stand_in = self._stand_in
         if stand_in is None or stand_in.cancelling() or stand_in.done():  # new, or a call cancelled "its" task
             stand_in = self._stand_by()
-        context = copy_context()
-        _enter_task(loop, stand_in)
         try:
-            context.run(coro.send, None)
-        except StopIteration:
-            return True
-        except (KeyboardInterrupt, SystemExit):  # out of the event loop, as from a task
-            raise
-        except BaseException:  # as a task would: the error is logged, not raised into the transport
-            log.exception("a call run inline failed")
-            return True
+            _enter_task(loop, stand_in)
+        except RuntimeError:  # a task is running: a step cannot run inside another (cheaper than asking first)
+            return NOT_RUN
+        try:
+            return copy_context().run(function, *args)
         finally:
             _leave_task(loop, stand_in)
             if stand_in._callbacks:  # a call waits for "its task" to end: end this one now
                 self._retire()
-        # It waited after all (its handler changed since it was checked): it cannot go on without a task.
-        context.run(coro.close)
-        log.error("a call run inline waited for something (its handler changed since register()?): stopped (%r)", coro)
-        return True
 
     def _stand_by(self) -> asyncio.Task[None]:
         """A new stand-in task (the one before it, if any, ends)."""

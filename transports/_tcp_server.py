@@ -17,7 +17,7 @@ from kubrpc.interface import CallKind
 from kubrpc.status import Status
 
 from ._deadlines import Deadlines
-from ._eager import InlineRunner, start_eager
+from ._eager import NOT_RUN, InlineRunner, start_eager
 from ._frames import (
     FLAG_ACK,
     FLAG_ATTACHED,
@@ -61,7 +61,7 @@ from ._tcp_base import (
 )
 
 if TYPE_CHECKING:
-    from kubrpc.interfaces import ServerCore
+    from kubrpc.interfaces import InlineDispatch, ServerCore
 
 
 __all__ = ("TcpListener",)
@@ -95,8 +95,9 @@ def _may_be_http(first: bytes) -> bool:
     return len(first) < len(b"OPTIONS ") and any(m.startswith(first) for m in _HTTP_METHODS)
 
 
-def _never(path: str) -> bool:
-    return False
+def _never(path: str) -> InlineDispatch | None:
+    """dispatch_inline() of a ServerCore without one: every call runs in a task."""
+    return None
 
 
 def _error_frame(stream: int, error: RpcError, flags: int = 0) -> bytes:
@@ -193,9 +194,12 @@ class _ServerConnection(FrameWriter):
         self.listener = listener
         self.dispatch = listener.server.dispatch
         self._admit, self._release = listener.server.admit, listener.server.release
-        # (a ServerCore written before runs_inline() existed runs every call in a task)
-        self._runs_inline: Callable[[str], bool] = getattr(listener.server, "runs_inline", _never)
+        # (a ServerCore written before dispatch_inline() existed runs every call in a task)
+        self._dispatch_inline: Callable[[str], InlineDispatch | None] = getattr(
+            listener.server, "dispatch_inline", _never
+        )
         self._max_message_size = listener.max_message_size
+        self._inline = listener.inline
         self.max_calls = listener.server.limits.max_concurrent_calls
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.streams: dict[int, _ServerStream] = {}  # the stream calls among `calls`
@@ -455,20 +459,20 @@ class _ServerConnection(FrameWriter):
             if stream > self._last_stream:
                 self._last_stream = stream
             if self._idle_timer is not None:
-                self._last_active = self._loop.time()
+                self._last_active = self._read_at
             timeout = request.timeout_ms / 1000 if request.timeout_ms else None
             if metadata:  # keys are case-insensitive, as HTTP header names: handlers see them in lower case
                 metadata = {k.lower(): v for k, v in metadata.items()}
             if streaming:
                 task = self._open_stream(streaming, stream, request.path, request.body, timeout, metadata)
             else:
-                call = self._run(stream, request.path, request.body, timeout, metadata)
                 try:
-                    if self._runs_inline(request.path) and self.listener.inline.run(call):
+                    run_now = self._dispatch_inline(request.path)
+                    if run_now is not None and self._run_now(run_now, stream, request.body, timeout, metadata):
                         self._release(size)  # it never waits: answered already, without a task
                         return
                     # Its first step runs now: a handler that does not wait after all is answered within this read.
-                    task = start_eager(self._loop, call)
+                    task = start_eager(self._loop, self._run(stream, request.path, request.body, timeout, metadata))
                 except BaseException:  # KeyboardInterrupt or SystemExit from its first step: the loop stops
                     self._release(size)
                     raise
@@ -524,6 +528,30 @@ class _ServerConnection(FrameWriter):
             f"stream id {stream} is zero or already used (ids must increase; the last was {self._highest_stream})"
         )
 
+    def _run_now(
+        self, run_now: InlineDispatch, stream: int, body: bytes, timeout: float | None, metadata: Mapping[str, str]
+    ) -> bool:
+        """Run a call that never waits to its end and answer it, without a task; False if it cannot run so now."""
+        try:
+            result = self._inline.call(run_now, body, timeout, metadata, self.peer)
+            if result is NOT_RUN:
+                return False
+            if type(result) is Attached:  # the client asked for attachments, and the result has bytes
+                self.write_parts(self._attached_parts(stream, result))
+                return True
+            if len(result) > self._max_message_size:
+                raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
+            frame = encode_frame(_RESPONSE, stream, result)
+        except RpcError as exc:
+            frame = _error_frame(stream, exc)
+        except asyncio.CancelledError:  # it cancelled "its task" (the stand-in): as a cancelled task, no answer
+            return True
+        if len(frame) < _BATCH_BELOW:  # flushed at the read's end with the others
+            self.queue(frame)
+        else:
+            self.write_frame(frame)
+        return True
+
     async def _run(
         self, stream: int, path: str, body: bytes, timeout: float | None, metadata: Mapping[str, str]
     ) -> None:
@@ -558,16 +586,19 @@ class _ServerConnection(FrameWriter):
 
     async def _answer_attached(self, stream: int, result: Attached, opened: _ServerStream | None = None) -> None:
         """Write a RESPONSE in the attachments format (or the error of one over max_message_size)."""
-        if result.size > self._max_message_size:
-            error = RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
-            parts = [_error_frame(stream, error)]
-        else:
-            parts = encode_message(_RESPONSE, stream, result)
+        parts = self._attached_parts(stream, result)
         if self._write_paused:
             await self._wait_writable()
         if opened is not None:
             opened.answered = True
         self.write_parts(parts)
+
+    def _attached_parts(self, stream: int, result: Attached) -> list[bytes]:
+        """A RESPONSE in the attachments format, as encode_message's parts (or the error of one too large)."""
+        if result.size > self._max_message_size:
+            error = RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
+            return [_error_frame(stream, error)]
+        return encode_message(_RESPONSE, stream, result)
 
     def _open_stream(
         self, flags: int, stream: int, path: str, body: bytes, timeout: float | None, metadata: Mapping[str, str]
