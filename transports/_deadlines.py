@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable
 
 
@@ -14,10 +15,12 @@ class Deadlines:
     for the earliest deadline and re-armed only when it fires, or when an earlier deadline arrives.
     """
 
-    __slots__ = ("_at", "_loop", "_on_expire", "_timer", "_timer_at")
+    __slots__ = ("_at", "_loop", "_now", "_on_expire", "_timer", "_timer_at")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_expire: Callable[[int], None]) -> None:
         self._loop = loop
+        # The loop's clock; the stock loop's is time.monotonic, called through a Python method: skip that.
+        self._now = time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
         self._on_expire = on_expire
         self._at: dict[int, float] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -25,7 +28,10 @@ class Deadlines:
 
     def add(self, key: int, timeout: float) -> None:
         """Expire `key` in `timeout` seconds."""
-        self.add_at(key, self._loop.time() + timeout)
+        at = self._now() + timeout
+        self._at[key] = at
+        if at < self._timer_at:
+            self._arm(at)
 
     def add_at(self, key: int, at: float) -> None:
         """Expire `key` at event-loop time `at` (at once if it has passed)."""

@@ -132,6 +132,9 @@ class Request(NamedTuple):
     body: bytes
 
 
+_REQUEST = int(FrameType.REQUEST)  # plain ints for the hot paths (packed and compared faster than members)
+_DATA = int(FrameType.DATA)
+
 # Request(...) and Frame(...) without the Python-level __new__ of a NamedTuple (the hot path).
 _new_tuple = tuple.__new__
 
@@ -147,7 +150,7 @@ def encode_request(
     """A REQUEST frame; `metadata` is a JSON object of strings (already encoded) or empty; `flags` mark a stream."""
     path_bytes = path.encode()
     size = _REQUEST_HEAD.size + len(path_bytes) + 4 + len(metadata) + len(body)
-    head = _HEADER_AND_REQUEST_HEAD.pack(size, FrameType.REQUEST, flags, stream, timeout_ms, len(path_bytes))
+    head = _HEADER_AND_REQUEST_HEAD.pack(size, _REQUEST, flags, stream, timeout_ms, len(path_bytes))
     if metadata:
         return b"".join((head, path_bytes, _U32.pack(len(metadata)), metadata, body))
     return b"".join((head, path_bytes, _EMPTY_METADATA, body))
@@ -335,8 +338,11 @@ class FrameDecoder:
             else:
                 data = data[self._skip :]
                 self._skip = 0
-        buf = self._buffer
-        buf += data
+        buf: bytes | bytearray = self._buffer
+        if buf:
+            buf += data  # (the bytearray, extended in place)
+        else:  # nothing buffered (the usual case): read frames from `data` itself, slices of it are bytes already
+            buf = data
         frames: list[Frame] = []
         append, unpack_from, max_payload = frames.append, HEADER.unpack_from, self.max_payload
         at = 0
@@ -345,8 +351,8 @@ class FrameDecoder:
         while end - at >= header:
             length, type_, flags, stream = unpack_from(buf, at)
             if length > max_payload:
-                if type_ != FrameType.DATA or not stream:
-                    del buf[:]
+                if type_ != _DATA or not stream:
+                    self._buffer.clear()
                     raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_payload}")
                 # One stream's message is too large: skip its payload, end that stream alone.
                 frames.append(Frame(OVERSIZED, 0, stream, b""))
@@ -373,12 +379,13 @@ class FrameDecoder:
                             self.begun += 1
                     else:
                         self._skip = stop - end
-                        if type_ == FrameType.REQUEST:
+                        if type_ == _REQUEST:
                             frames.append(Frame(REFUSED, 0, stream, b""))
                         at = end
                 break
             if length < 4096 and not flags & 8:  # _VIEW_ABOVE, FLAG_ATTACHED (literals: the hot path)
-                append(_new_tuple(Frame, (type_, flags, stream, bytes(buf[at + header : stop]))))
+                payload = buf[at + header : stop]
+                append(_new_tuple(Frame, (type_, flags, stream, payload if type(payload) is bytes else bytes(payload))))
             else:  # one copy, not two (a bytearray slice, then bytes of it); a message with attachments is Packed
                 # The flag means ATTACHED on REQUEST, RESPONSE and DATA alone: elsewhere it is unknown, so ignored.
                 packed = flags & FLAG_ATTACHED and type_ in _CARRY_ATTACHMENTS
@@ -388,8 +395,11 @@ class FrameDecoder:
             if self.reserved:  # that was the frame admitted while partial: its receiver admits it again
                 self._release_reserved()
             at = stop
-        if at:
-            del buf[:at]
+        if buf is self._buffer:
+            if at:
+                del self._buffer[:at]
+        elif at < end:  # a partial frame at the end of `data`: keep it
+            self._buffer += memoryview(buf)[at:]
         return frames
 
     def unread(self, frames: list[Frame]) -> None:

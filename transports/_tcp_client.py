@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, cast
 
 import anyio
@@ -47,6 +48,7 @@ from ._frames import (
 )
 from ._streams import MESSAGE_OVERHEAD, Inbox
 from ._tcp_base import (
+    _BATCH_BELOW,
     _CANCEL,
     _DATA,
     _END,
@@ -115,9 +117,15 @@ class TcpConnection(FrameWriter):
         self._asked = False
         self._protocol_error: str | None = None  # why this side closed the connection, if the server broke the protocol
         self._lost: asyncio.Future[None] | None = None
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        # The stock loop's create_future(), without its Python frame (another loop's may make its own kind).
+        self._new_future: Callable[[], asyncio.Future[Any]] = (
+            partial(asyncio.Future, loop=loop)
+            if type(loop).create_future is asyncio.BaseEventLoop.create_future
+            else loop.create_future
+        )
         self._out: list[bytes] = []
-        self._deadlines = Deadlines(self._loop, self._deadline_passed)
+        self._deadlines = Deadlines(loop, self._deadline_passed)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -226,7 +234,7 @@ class TcpConnection(FrameWriter):
         if type(payload) is Attached:
             payload, attached = self._attached(payload)
         stream, request = self._request(path, payload, timeout, metadata, attached)
-        fut: asyncio.Future[Frame] = self._loop.create_future()
+        fut: asyncio.Future[Frame] = self._new_future()
         self._pending[stream] = fut
         if timeout is not None:
             self._deadlines.add(stream, timeout)
@@ -234,6 +242,8 @@ class TcpConnection(FrameWriter):
             self.write_parts(request)
         elif len(self._pending) == 1 and not self._out:  # nothing in flight to batch with: send now
             self.write_now(request)
+        elif len(request) < _BATCH_BELOW:  # with this loop turn's others
+            self.write(request)
         else:
             self.write_frame(request)
         try:

@@ -23,6 +23,7 @@ from ._frames import (
     FLAG_ATTACHED,
     FLAG_REFUSED,
     FRAME_OVERHEAD,
+    HEADER,
     MAX_WINDOW,
     OVERSIZED,
     PREFACE,
@@ -541,7 +542,7 @@ class _ServerConnection(FrameWriter):
                 return True
             if len(result) > self._max_message_size:
                 raise RpcError(Status.RESOURCE_EXHAUSTED, "response exceeds the maximum message size")
-            frame = encode_frame(_RESPONSE, stream, result)
+            frame = HEADER.pack(len(result), _RESPONSE, 0, stream) + result  # encode_frame(), without its frame
         except RpcError as exc:
             frame = _error_frame(stream, exc)
         except asyncio.CancelledError:  # it cancelled "its task" (the stand-in): as a cancelled task, no answer
