@@ -225,15 +225,29 @@ class MethodSpec:
 
     def encode_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
         """Client side: bind a Python call to named arguments and encode them (TypeError like Python's)."""
-        if not kwargs and len(args) == len(self.params) == len(self.positional) and self.stream is None:
-            named = dict(zip(self.positional, args))  # noqa: B905  (equal lengths: every parameter, by position)
-        else:
-            named = self._bind(args, kwargs)
+        named = self._bind(args, kwargs)
         try:
             return self.encode_arguments(named)
         except TypeError as exc:
             reason = exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc  # orjson wraps default()'s
             raise RpcError(Status.INVALID_ARGUMENT, f"cannot encode arguments of {self.path}: {reason}") from None
+
+    def call_encoder(self) -> Callable[[tuple[Any, ...], Mapping[str, Any]], bytes]:
+        """encode_call() for a stub to keep: a call that gives every argument by position skips its checks."""
+        positional, count, encode = self.positional, len(self.params), self.encode_arguments
+        if self.stream is not None or count != len(positional):
+            return self.encode_call
+        encode_call = self.encode_call
+
+        def encode_positional(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
+            if kwargs or len(args) != count:
+                return encode_call(args, kwargs)
+            try:
+                return encode(dict(zip(positional, args)))  # noqa: B905  (equal lengths, checked)
+            except TypeError:
+                return encode_call(args, kwargs)  # raises encode_call()'s error
+
+        return encode_positional
 
     def _bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The arguments of a call by name, checked as Python checks them."""
