@@ -294,7 +294,7 @@ class Server:
             if type(payload) is Packed:  # the client reads attachments too: the result's bytes go as attachments
                 return spec.encode_result_attached(result)
             return spec.encode_result(result)
-        except TypeError:
+        except Exception:  # TypeError, or whatever a value's own code raised (never out into the transport)
             log.exception("result of %s cannot be encoded", path)
             raise RpcError(Status.INTERNAL, "internal error") from None
 
@@ -655,7 +655,7 @@ def _run_now(spec: MethodSpec, handler: Callable[..., Any]) -> InlineDispatch:
             if type(payload) is Packed:  # the client reads attachments too: the result's bytes go as attachments
                 return encode_attached(result)
             return encode_result(result)
-        except TypeError:
+        except Exception:  # TypeError, or whatever a value's own code raised (never out into the transport)
             log.exception("result of %s cannot be encoded", path)
             raise RpcError(Status.INTERNAL, "internal error") from None
 

@@ -11,6 +11,7 @@ import logging
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pytest
@@ -68,3 +69,57 @@ async def test_a_handler_reloaded_with_an_await_is_run_in_a_task_once_not_answer
         assert not server.runs_inline("Reload/greet")
     assert ran == ["ann", "bob", "cy"]  # each call's handler ran once
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- a result that fails to encode with something other than TypeError ------------------------------------------
+
+
+@dataclass
+class Stats:
+    mean: float
+    note: str | None = None
+    cache: dict[str, float] = field(init=False, repr=False)  # set later, by whoever needs it
+
+
+class Results(Protocol):
+    async def stats(self) -> Stats: ...
+
+    async def ping(self) -> str: ...
+
+
+class InlineResults:
+    async def stats(self) -> Stats:
+        return Stats(1.5)  # `cache` never set: orjson skips it, the float encoder's second pass does not
+
+    async def ping(self) -> str:
+        return "pong"
+
+
+class WaitingResults:
+    async def stats(self) -> Stats:
+        await asyncio.sleep(0)
+        return Stats(1.5)
+
+    async def ping(self) -> str:
+        await asyncio.sleep(0)
+        return "pong"
+
+
+@pytest.mark.parametrize("impl", [InlineResults(), WaitingResults()], ids=["inline", "task"])
+async def test_a_result_whose_encoding_raises_is_internal_and_the_connection_lives_on(
+    impl: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A non-TypeError from encoding the result (here AttributeError) escaped the server: run inline, it went up
+    through data_received and the transport closed the connection with every call on it; in a task, the call
+    was never answered (the client waited out its deadline)."""
+    async with serving(Results, impl) as (listener, server), kubrpc.connect(listener.url) as channel:
+        assert server.runs_inline("Results/stats") is isinstance(impl, InlineResults)
+        stub = channel.stub(Results, timeout=5)
+        with pytest.raises(kubrpc.RpcError) as caught:
+            await stub.stats()
+        assert (caught.value.code, caught.value.message) == (kubrpc.Status.INTERNAL, "internal error")
+        assert await stub.ping() == "pong"
+        assert len(listener.connections) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "result of Results/stats cannot be encoded"
+    ]
