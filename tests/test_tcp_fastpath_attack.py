@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import kubrpc
+from kubrpc.interface import service_spec
+from kubrpc.transports._frames import Frame, FrameDecoder
 from kubrpc.transports._tcp_server import TcpListener
 
 pytestmark = pytest.mark.anyio
@@ -123,3 +126,117 @@ async def test_a_result_whose_encoding_raises_is_internal_and_the_connection_liv
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
         "result of Results/stats cannot be encoded"
     ]
+
+
+# -- FrameDecoder.feed: frames read from the received buffer itself ----------------------------------------------
+
+_frames = st.lists(
+    st.tuples(
+        st.sampled_from([0, 1, 2, 3, 7, 8, 9, 200]),  # types, DATA (7) and unknown ones among them
+        st.sampled_from([0, 1, 8, 9]),  # 8: FLAG_ATTACHED (a Packed payload on REQUEST, RESPONSE, DATA)
+        st.integers(0, 3),
+        st.one_of(st.binary(max_size=30), st.integers(4000, 6000).map(lambda n: bytes(range(256)) * (n // 256))),
+    ),
+    max_size=6,
+)
+
+
+@given(_frames, st.binary(max_size=8), st.data(), st.sampled_from(["bytearray", "memoryview"]))
+@settings(max_examples=300, deadline=None)
+def test_frames_fed_from_a_buffer_the_receiver_reuses_are_those_of_one_feed(
+    sent: list[tuple[int, int, int, bytes]], tail: bytes, data: st.DataObject, kind: str
+) -> None:
+    """feed() reads frames straight from `data` when nothing is buffered and keeps a partial tail through a
+    memoryview: chunks given as a bytearray (or a view of one) that the receiver overwrites once feed() returns,
+    split anywhere (byte by byte, several frames and a partial one in one chunk, large frames read through a
+    view), must give the frames, payload types and budget of one feed of the whole as bytes."""
+    wire = b"".join(struct.pack(">IBBI", len(p), t, f, s) + p for t, f, s, p in sent) + tail
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=8)))
+    if data.draw(st.booleans()):
+        cuts = list(range(len(wire) + 1))  # byte by byte
+    held = [0]
+
+    def admit(n: int) -> bool:
+        held[0] += n
+        return True
+
+    def release(n: int) -> None:
+        held[0] -= n
+
+    def decoded(frames: list[Frame]) -> list[tuple[int, int, int, str, bytes]]:
+        return [(f.type, f.flags, f.stream, type(f.payload).__name__, bytes(f.payload)) for f in frames]
+
+    whole = FrameDecoder(1 << 20)
+    expected = decoded(whole.feed(wire))
+    decoder = FrameDecoder(1 << 20, admit, release)
+    got: list[tuple[int, int, int, str, bytes]] = []
+    reused = bytearray()
+    for start, stop in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+        reused[:] = wire[start:stop]
+        got += decoded(decoder.feed(reused if kind == "bytearray" else memoryview(reused)))  # type: ignore[arg-type]
+        reused[:] = b"\xee" * (stop - start)  # the receiver's next read overwrites its buffer
+    assert got == expected
+    assert decoder.buffered == whole.buffered
+    decoder.close()
+    assert held == [0]
+
+
+# -- MethodSpec.call_encoder(): the stubs' positional fast path -----------------------------------------------------
+
+
+class Shapes(Protocol):
+    async def none(self) -> int: ...
+
+    async def one(self, a: int) -> int: ...
+
+    async def two(self, a: int, b: str) -> int: ...
+
+    async def three(self, a: Any, b: float, c: bytes) -> int: ...
+
+    async def four(self, a: int, b: int, c: int, d: list[float]) -> int: ...
+
+    async def five(self, a: int, b: int, c: int, d: int, e: set[int]) -> int: ...
+
+    async def six(self, a: int, b: int, c: int, d: int, e: int, f: int | None) -> int: ...
+
+    async def defaults(self, a: int, b: int | None = None, c: str = "c") -> int: ...
+
+    async def keyword_only(self, a: int, *, b: int) -> int: ...
+
+    async def stream(self, a: int, items: AsyncIterable[int]) -> int: ...
+
+
+_values = st.one_of(
+    st.integers(-(2**65), 2**65),  # beyond 64 bits: orjson refuses them
+    st.floats(),  # NaN and infinities: the float encoder's second pass
+    st.text(max_size=3),
+    st.none(),
+    st.binary(max_size=3),
+    st.sets(st.integers(0, 3), max_size=2),
+    st.just(object()),  # no encoding at all
+    st.just({1: "non-string key"}),
+)
+
+
+@given(
+    st.sampled_from(sorted(service_spec(Shapes).methods)),
+    st.lists(_values, max_size=7),
+    st.dictionaries(st.sampled_from(["a", "b", "c", "f", "items", "zz"]), _values, max_size=2),
+)
+@settings(max_examples=500, deadline=None)
+def test_the_positional_encoder_gives_the_bytes_and_errors_of_encode_call(
+    name: str, args: list[object], kwargs: dict[str, object]
+) -> None:
+    """call_encoder() skips encode_call()'s binding when every argument comes by position (a dict display for up
+    to four): for any call, right or wrong, it must give the same bytes, or the same exception and message."""
+    spec = service_spec(Shapes).methods[name]
+
+    def outcome(encode: Callable[[tuple[Any, ...], Mapping[str, Any]], bytes], kw: dict[str, object]) -> object:
+        try:
+            return encode(tuple(args), kw)
+        except Exception as exc:  # TypeError like Python's, RpcError INVALID_ARGUMENT for what cannot be encoded
+            return type(exc), str(exc)
+
+    fast = spec.call_encoder()
+    assert outcome(fast, kwargs) == outcome(spec.encode_call, kwargs)
+    assert outcome(fast, {}) == outcome(spec.encode_call, {})
