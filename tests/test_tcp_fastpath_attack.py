@@ -240,3 +240,59 @@ def test_the_positional_encoder_gives_the_bytes_and_errors_of_encode_call(
     fast = spec.call_encoder()
     assert outcome(fast, kwargs) == outcome(spec.encode_call, kwargs)
     assert outcome(fast, {}) == outcome(spec.encode_call, {})
+
+
+# -- inline and task paths: the same limits, and nothing of one call's task reaching the next -------------------
+
+
+class Sized(Protocol):
+    async def text(self, size: int) -> str: ...
+
+    async def tag(self, name: str) -> str: ...
+
+
+class InlineSized:
+    async def text(self, size: int) -> str:
+        return "x" * size
+
+    async def tag(self, name: str) -> str:  # names its task, as code tagging a request for its logs does
+        task = asyncio.current_task()
+        assert task is not None
+        before = task.get_name()
+        task.set_name(name)
+        return before
+
+
+class WaitingSized(InlineSized):
+    async def text(self, size: int) -> str:
+        await asyncio.sleep(0)
+        return await super().text(size)
+
+    async def tag(self, name: str) -> str:
+        await asyncio.sleep(0)
+        return await super().tag(name)
+
+
+@pytest.mark.parametrize("impl", [InlineSized(), WaitingSized()], ids=["inline", "task"])
+async def test_a_result_of_max_message_size_goes_and_one_byte_more_is_resource_exhausted(impl: object) -> None:
+    async with serving(Sized, impl, max_message_size=1000) as (listener, server), kubrpc.connect(listener.url) as ch:
+        assert server.runs_inline("Sized/text") is not isinstance(impl, WaitingSized)
+        stub = ch.stub(Sized, timeout=5)
+        assert await stub.text(998) == "x" * 998  # 1000 bytes of JSON, with its quotes
+        with pytest.raises(kubrpc.RpcError) as caught:
+            await stub.text(999)
+        assert (caught.value.code, caught.value.message) == (
+            kubrpc.Status.RESOURCE_EXHAUSTED,
+            "response exceeds the maximum message size",
+        )
+        assert await stub.text(1) == "x"
+
+
+@pytest.mark.parametrize("impl", [InlineSized(), WaitingSized()], ids=["inline", "task"])
+async def test_a_name_one_call_gives_its_task_is_not_the_next_calls(impl: object) -> None:
+    """Inline calls share a stand-in task: one renamed it (and with it the taskName of every later inline call's
+    log records, on 3.12+), as a call that cancels it or hangs callbacks on it must not reach the next."""
+    async with serving(Sized, impl) as (listener, _), kubrpc.connect(listener.url) as channel:
+        stub = channel.stub(Sized, timeout=5)
+        seen = [await stub.tag(f"request {i}") for i in range(3)]
+        assert not any(name.startswith("request") for name in seen), seen
