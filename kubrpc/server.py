@@ -50,9 +50,10 @@ class _Route:
 
 
 def _route(spec: MethodSpec, handler: Callable[..., Any]) -> _Route:
+    """The route of `handler`: run inline (run_now) if it never waits, with the code that was checked for that."""
     if spec.kind is not CallKind.UNARY or spec.options.timeout is not None or not _never_waits(handler):
         return _Route(spec, handler)
-    function = handler.__func__ if type(handler) is MethodType else handler
+    function = cast(FunctionType, handler.__func__ if type(handler) is MethodType else handler)  # (_never_waits)
     return _Route(spec, handler, True, _run_now(spec, handler), function, function.__code__)
 
 
