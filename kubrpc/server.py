@@ -45,6 +45,16 @@ class _Route:
     handler: Callable[..., Any]
     never_waits: bool = False  # the handler's own code has no await (and the method no timeout of its own)
     run_now: InlineDispatch | None = None  # for such a handler: runs a call to its end at once (_run_now)
+    function: FunctionType | None = None  # for such a handler: its function, and the code that was checked
+    code: types.CodeType | None = None
+
+
+def _route(spec: MethodSpec, handler: Callable[..., Any]) -> _Route:
+    """The route of `handler`: run inline (run_now) if it never waits, with the code that was checked for that."""
+    if spec.kind is not CallKind.UNARY or spec.options.timeout is not None or not _never_waits(handler):
+        return _Route(spec, handler)
+    function = cast(FunctionType, handler.__func__ if type(handler) is MethodType else handler)  # (_never_waits)
+    return _Route(spec, handler, True, _run_now(spec, handler), function, function.__code__)
 
 
 # The opcodes of `await`, `async with` and `async for`: a coroutine whose code has none cannot suspend.
@@ -190,9 +200,7 @@ class Server:
     def _add_routes(self, spec: ServiceSpec, impl: object) -> None:
         handlers = check_implementation(spec, impl)
         for attr, m in spec.methods.items():
-            handler = handlers[attr]
-            never_waits = m.kind is CallKind.UNARY and m.options.timeout is None and _never_waits(handler)
-            self._routes[m.path] = _Route(m, handler, never_waits, _run_now(m, handler) if never_waits else None)
+            self._routes[m.path] = _route(m, handlers[attr])
 
     def admit(self, size: int) -> bool:
         """For transports: may a request of `size` bytes start now? Counts it if so (release() when done).
@@ -215,8 +223,7 @@ class Server:
         True for a unary method with no timeout of its own whose handler's code has no await, async with or
         async for, on a server without interceptors: such a call can run to its end where its request is read.
         """
-        route = self._routes.get(path)
-        return route is not None and route.never_waits and not self.interceptors
+        return self.dispatch_inline(path) is not None
 
     def dispatch_inline(self, path: str) -> InlineDispatch | None:
         """For transports: dispatch() of a call at `path` as a plain function, if it never waits (runs_inline()).
@@ -227,7 +234,13 @@ class Server:
         (transports/_eager.py's InlineRunner). None when the call may wait: dispatch() it in a task.
         """
         route = self._routes.get(path)
-        return route.run_now if route is not None and not self.interceptors else None
+        if route is None or route.run_now is None or self.interceptors:
+            return None
+        if route.function.__code__ is not route.code:  # type: ignore[union-attr]
+            # Its code was replaced in place since it was checked (a hot reloader does that): check it again,
+            # or a handler that waits now would be run inline, stopped at its first wait and answered INTERNAL.
+            route = self._routes[path] = _route(route.spec, route.handler)
+        return route.run_now
 
     def method(self, path: str) -> MethodSpec | None:
         """The registered method at `Service/method`, if any."""
@@ -282,7 +295,7 @@ class Server:
             if type(payload) is Packed:  # the client reads attachments too: the result's bytes go as attachments
                 return spec.encode_result_attached(result)
             return spec.encode_result(result)
-        except TypeError:
+        except Exception:  # TypeError, or whatever a value's own code raised (never out into the transport)
             log.exception("result of %s cannot be encoded", path)
             raise RpcError(Status.INTERNAL, "internal error") from None
 
@@ -643,7 +656,7 @@ def _run_now(spec: MethodSpec, handler: Callable[..., Any]) -> InlineDispatch:
             if type(payload) is Packed:  # the client reads attachments too: the result's bytes go as attachments
                 return encode_attached(result)
             return encode_result(result)
-        except TypeError:
+        except Exception:  # TypeError, or whatever a value's own code raised (never out into the transport)
             log.exception("result of %s cannot be encoded", path)
             raise RpcError(Status.INTERNAL, "internal error") from None
 

@@ -64,6 +64,9 @@ else:
         return task
 
 
+_STAND_IN_NAME = "kubrpc: calls that never wait"  # (compared by identity: Task.set_name() makes another str)
+
+
 class InlineRunner:
     """Runs calls that never wait (ServerCore.dispatch_inline()) to their end at once, without a task each.
 
@@ -97,7 +100,8 @@ class InlineRunner:
             return copy_context().run(function, *args)
         finally:
             _leave_task(loop, stand_in)
-            if stand_in._callbacks:  # a call waits for "its task" to end: end this one now
+            # A call waits for "its task" to end, or renamed it (the next call's logs would carry that name): end it
+            if stand_in._callbacks or stand_in.get_name() is not _STAND_IN_NAME:
                 self._retire()
 
     def _stand_by(self) -> asyncio.Task[None]:
@@ -105,7 +109,7 @@ class InlineRunner:
         if self._stand_in is not None:
             self._retire()
         self._release = release = self._loop.create_future()
-        self._stand_in = stand_in = self._loop.create_task(_wait(release), name="kubrpc: calls that never wait")
+        self._stand_in = stand_in = self._loop.create_task(_wait(release), name=_STAND_IN_NAME)
         return stand_in
 
     def _retire(self) -> None:
