@@ -39,6 +39,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -452,6 +453,15 @@ async def measure(
 
 
 # --- process entry points ----------------------------------------------------------------------------------------
+
+
+def save(document: str, output: Path | None, quick: bool, default: Path) -> None:
+    """Write a results document to `output`, or else to `default` unless this was a --quick run (printed only)."""
+    target = output if output is not None else (None if quick else default)
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(document)
+        print(f"written to {target}", file=sys.stderr)
 
 
 def pin(cpu: int | None) -> None:

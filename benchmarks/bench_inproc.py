@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-from _peers import Arith, ArithImpl, Call, Settings
+from _peers import Arith, ArithImpl, Call, Settings, save
 
 import kubrpc
 
@@ -177,9 +177,7 @@ def main() -> None:
         samples += anyio.run(measure, settings, loop, backend_options={"use_uvloop": loop == "uvloop"})
     text = table(samples, settings, loops)
     print(text)
-    output = args.output or (None if args.quick else RESULT)
-    if output is not None:
-        output.write_text(text)
+    save(text, args.output, args.quick, RESULT)
 
 
 if __name__ == "__main__":

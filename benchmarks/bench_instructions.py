@@ -32,7 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from _peers import client, serve
+from _peers import client, save, serve
 
 RESULT = Path(__file__).resolve().parent / "results" / "instructions.md"
 FLOORS = {"kubrpc-tcp": "raw-tcp", "raw-tcp": "raw-tcp", "kubrpc-http": "starlette", "starlette": "starlette"}
@@ -146,9 +146,7 @@ def main() -> None:
     figures = {(p, c): per_call(p, c, settings) for c in settings.concurrencies for p in settings.peers}
     text = table(figures, settings)
     print(text)
-    output = args.output or (None if args.quick else RESULT)
-    if output is not None:
-        output.write_text(text)
+    save(text, args.output, args.quick, RESULT)
 
 
 if __name__ == "__main__":

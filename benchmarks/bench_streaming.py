@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import orjson
-from _peers import PeerFailed, cpu_usage, pin, run_server as run_peer_server, stop_process
+from _peers import PeerFailed, cpu_usage, pin, run_server as run_peer_server, save, stop_process
 
 SCRIPT = Path(__file__).resolve()
 HERE = SCRIPT.parent
@@ -630,11 +630,7 @@ def main(argv: list[str] | None = None) -> None:
     document = report(results, settings, peers, workloads, environment(settings, load, command))
     print(document)
     print(f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
-    output = args.output if args.output is not None else (None if args.quick else RESULT)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(document)
-        print(f"written to {output}", file=sys.stderr)
+    save(document, args.output, args.quick, RESULT)
     if any(not results.get((p, w, c)) for p in peers for w in workloads for c in settings.concurrencies[w]):
         sys.exit(1)
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _peers import BASELINE, EXTRA_PEERS, PEERS, PeerFailed, Settings, stop_process
+from _peers import BASELINE, EXTRA_PEERS, PEERS, PeerFailed, Settings, save, stop_process
 
 HERE = Path(__file__).resolve().parent
 PEERS_SCRIPT = HERE / "_peers.py"
@@ -321,11 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     document = report(results, settings, peers, environment(settings, load, command))
     print(document)
     print(f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
-    output = args.output if args.output is not None else (None if args.quick else RESULT)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(document)
-        print(f"written to {output}", file=sys.stderr)
+    save(document, args.output, args.quick, RESULT)
     if any(not results.get((p, c)) for p in peers for c in settings.concurrencies):
         sys.exit(1)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from _peers import cpu_seconds, machine_busy_seconds
+from _peers import cpu_seconds, machine_busy_seconds, save
 
 import kubrpc
 
@@ -309,11 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     document = report(rounds, settings, command)
     print(document)
     print(f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
-    output = args.output if args.output is not None else (None if args.quick else RESULT)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(document)
-        print(f"written to {output}", file=sys.stderr)
+    save(document, args.output, args.quick, RESULT)
     if math.isnan(sum(s.calls_per_s for r in rounds for s in r)):
         sys.exit(1)
 
