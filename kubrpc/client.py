@@ -230,11 +230,42 @@ class Channel:
         if attached:
             encode, decode = m.encode_call_attached, m.decode_result_attached
 
+        # The hot path, for a stub whose calls need none of call()'s per-call checks: its first attempt is made from
+        # here, on an open connection, one coroutine less per call; anything else goes through call().
+        direct = key is None and (timeout is None or 0 < timeout < _FOREVER) and _valid(metadata)
+
         async def call(*args: Any, **kwargs: Any) -> Any:
             payload = encode(args, kwargs)
-            return decode(
-                await self.call(path, payload, timeout=timeout, idempotent=idempotent, key=key, metadata=metadata)
-            )
+            if not (
+                direct
+                and self._task_group is not None
+                and not self._closed
+                and not self._interceptors
+                and self._feedback is None
+                and not self._down
+                and self.endpoints
+            ):
+                return decode(
+                    await self.call(path, payload, timeout=timeout, idempotent=idempotent, key=key, metadata=metadata)
+                )
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self.retry_budget.deposit()
+            endpoint = self.balancer.pick()
+            conn = self._connections.get((endpoint.host, endpoint.port))
+            if conn is None or not conn.usable:
+                return decode(
+                    await self._attempts(path, payload, deadline, idempotent, None, metadata, 1, None, endpoint)
+                )
+            try:
+                result = await conn.call(path, payload, timeout=timeout, metadata=metadata)
+            except RpcError as exc:
+                if not self._may_retry(exc, endpoint, 1, idempotent):
+                    raise
+                result = await self._attempts(path, payload, deadline, idempotent, None, metadata, 2, {endpoint})
+            else:
+                if self._down:  # it answered: its connect backoff starts over
+                    self._pool.answered(endpoint)
+            return decode(result)
 
         call.__name__ = m.attr
         call.__qualname__ = f"{m.service}.{m.attr}"
@@ -261,28 +292,7 @@ class Channel:
             _check_metadata(metadata)
         deadline = None if timeout is None else time.monotonic() + timeout
         self.retry_budget.deposit()
-        endpoint = None
-        if (
-            self._feedback is None
-            and not self._down
-            and key is None
-            and self.endpoints
-            and (timeout is None or timeout > 0)
-        ):
-            # The hot path: the first attempt, on an open connection, without the retry loop's bookkeeping.
-            endpoint = self.balancer.pick()
-            conn = self._connections.get((endpoint.host, endpoint.port))
-            if conn is not None and conn.usable:
-                try:
-                    result = await conn.call(path, payload, timeout=timeout, metadata=metadata)
-                except RpcError as exc:
-                    if not self._may_retry(exc, endpoint, 1, idempotent):
-                        raise
-                    return await self._attempts(path, payload, deadline, idempotent, key, metadata, 2, {endpoint})
-                if self._down:  # it answered: its connect backoff starts over
-                    self._pool.answered(endpoint)
-                return result
-        return await self._attempts(path, payload, deadline, idempotent, key, metadata, 1, None, endpoint)
+        return await self._attempts(path, payload, deadline, idempotent, key, metadata, 1, None)
 
     async def _attempts(
         self,
@@ -682,6 +692,15 @@ def _check_metadata(metadata: Mapping[str, str]) -> None:
         check_metadata(metadata)
     except ValueError as exc:
         raise RpcError(Status.INVALID_ARGUMENT, str(exc)) from None
+
+
+def _valid(metadata: Mapping[str, str]) -> bool:
+    """Would call() let this metadata travel?"""
+    try:
+        check_metadata(metadata)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_timeout(timeout: float) -> float | None:
