@@ -281,7 +281,7 @@ class Channel:
         key: str | None = None,
         metadata: Mapping[str, str] = _EMPTY,
     ) -> bytes:
-        """Send an encoded call to one endpoint and return the encoded result (the untyped API under stubs)."""
+        """Send an encoded call to one endpoint and return the encoded result (the untyped API; stubs behave alike)."""
         if self._task_group is None or self._closed:
             raise self._not_open()
         if timeout is not None and not timeout < _FOREVER:  # NaN, or so far off that it is no deadline
