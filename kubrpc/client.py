@@ -292,7 +292,29 @@ class Channel:
             _check_metadata(metadata)
         deadline = None if timeout is None else time.monotonic() + timeout
         self.retry_budget.deposit()
-        return await self._attempts(path, payload, deadline, idempotent, key, metadata, 1, None)
+        endpoint = None
+        if (
+            self._feedback is None
+            and not self._down
+            and key is None
+            and self.endpoints
+            and (timeout is None or timeout > 0)
+        ):
+            # The first attempt picks before the deadline is looked at again (a timeout too small to move the
+            # clock is still one attempt), and uses `timeout` as given, on an open connection, as a stub's does.
+            endpoint = self.balancer.pick()
+            conn = self._connections.get((endpoint.host, endpoint.port))
+            if conn is not None and conn.usable:
+                try:
+                    result = await conn.call(path, payload, timeout=timeout, metadata=metadata)
+                except RpcError as exc:
+                    if not self._may_retry(exc, endpoint, 1, idempotent):
+                        raise
+                    return await self._attempts(path, payload, deadline, idempotent, key, metadata, 2, {endpoint})
+                if self._down:  # it answered: its connect backoff starts over
+                    self._pool.answered(endpoint)
+                return result
+        return await self._attempts(path, payload, deadline, idempotent, key, metadata, 1, None, endpoint)
 
     async def _attempts(
         self,
