@@ -292,29 +292,9 @@ class Channel:
             _check_metadata(metadata)
         deadline = None if timeout is None else time.monotonic() + timeout
         self.retry_budget.deposit()
-        endpoint = None
-        if (
-            self._feedback is None
-            and not self._down
-            and key is None
-            and self.endpoints
-            and (timeout is None or timeout > 0)
-        ):
-            # The first attempt picks before the deadline is looked at again (a timeout too small to move the
-            # clock is still one attempt), and uses `timeout` as given, on an open connection, as a stub's does.
-            endpoint = self.balancer.pick()
-            conn = self._connections.get((endpoint.host, endpoint.port))
-            if conn is not None and conn.usable:
-                try:
-                    result = await conn.call(path, payload, timeout=timeout, metadata=metadata)
-                except RpcError as exc:
-                    if not self._may_retry(exc, endpoint, 1, idempotent):
-                        raise
-                    return await self._attempts(path, payload, deadline, idempotent, key, metadata, 2, {endpoint})
-                if self._down:  # it answered: its connect backoff starts over
-                    self._pool.answered(endpoint)
-                return result
-        return await self._attempts(path, payload, deadline, idempotent, key, metadata, 1, None, endpoint)
+        # A positive timeout is one attempt at least, however small (a stub's first attempt is made the same way).
+        first = timeout if timeout is not None and timeout > 0 else None
+        return await self._attempts(path, payload, deadline, idempotent, key, metadata, 1, None, first=first)
 
     async def _attempts(
         self,
@@ -327,11 +307,19 @@ class Channel:
         attempt: int,
         tried: set[Endpoint] | None,
         picked: Endpoint | None = None,
+        *,
+        first: float | None = None,
     ) -> bytes:
-        """call() from attempt number `attempt` on (`picked`: the endpoint the balancer chose for it already)."""
+        """call() from attempt number `attempt` on (`picked`: the endpoint the balancer chose for it already).
+
+        `first` is the first attempt's time as given (the call's timeout): it is made even if the clock has moved
+        past the deadline since, as when the call's timeout is too small to measure.
+        """
         while True:
             remaining = None
-            if deadline is not None:
+            if first is not None:
+                remaining, first = first, None
+            elif deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
