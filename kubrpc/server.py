@@ -43,18 +43,17 @@ log = logging.getLogger("kubrpc.server")
 class _Route:
     spec: MethodSpec
     handler: Callable[..., Any]
-    never_waits: bool = False  # the handler's own code has no await (and the method no timeout of its own)
-    run_now: InlineDispatch | None = None  # for such a handler: runs a call to its end at once (_run_now)
+    run_now: InlineDispatch | None = None  # for a handler that never waits: runs a call to its end at once (_run_now)
     function: FunctionType | None = None  # for such a handler: its function, and the code that was checked
     code: types.CodeType | None = None
 
 
 def _route(spec: MethodSpec, handler: Callable[..., Any]) -> _Route:
     """The route of `handler`: run inline (run_now) if it never waits, with the code that was checked for that."""
-    if spec.kind is not CallKind.UNARY or spec.options.timeout is not None or not _never_waits(handler):
+    function = None if spec.kind is not CallKind.UNARY or spec.options.timeout is not None else _never_waits(handler)
+    if function is None:
         return _Route(spec, handler)
-    function = cast(FunctionType, handler.__func__ if type(handler) is MethodType else handler)  # (_never_waits)
-    return _Route(spec, handler, True, _run_now(spec, handler), function, function.__code__)
+    return _Route(spec, handler, _run_now(spec, handler), function, function.__code__)
 
 
 # The opcodes of `await`, `async with` and `async for`: a coroutine whose code has none cannot suspend.
@@ -63,13 +62,16 @@ _WAITS = frozenset(
 )
 
 
-def _never_waits(handler: Callable[..., Any]) -> bool:
-    """Is `handler` an `async def` (function or bound method) whose body has no await, async with or async for?"""
+def _never_waits(handler: Callable[..., Any]) -> FunctionType | None:
+    """The function of `handler` if it is an `async def` (function or bound method) whose body has no await,
+    async with or async for; else None."""
     function = handler.__func__ if type(handler) is MethodType else handler
     # A Python function only: what else has a __code__ (a Cython or Nuitka function, a mock) need not run it.
     if type(function) is not FunctionType or not function.__code__.co_flags & inspect.CO_COROUTINE:
-        return False  # a wrapper, a partial, a callable object, compiled code: unknown
-    return not any(instruction.opname in _WAITS for instruction in dis.get_instructions(function.__code__))
+        return None  # a wrapper, a partial, a callable object, compiled code: unknown
+    if any(instruction.opname in _WAITS for instruction in dis.get_instructions(function.__code__)):
+        return None
+    return function
 
 
 class Server:
