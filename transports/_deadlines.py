@@ -15,7 +15,7 @@ class Deadlines:
     for the earliest deadline and re-armed only when it fires, or when an earlier deadline arrives.
     """
 
-    __slots__ = ("_at", "_loop", "_now", "_on_expire", "_timer", "_timer_at")
+    __slots__ = ("_at", "_loop", "_now", "_on_expire", "_timer", "_timer_at", "forget")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_expire: Callable[[int], None]) -> None:
         self._loop = loop
@@ -23,6 +23,8 @@ class Deadlines:
         self._now = time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
         self._on_expire = on_expire
         self._at: dict[int, float] = {}
+        #: forget(key, None): discard() without a Python frame, for hot paths (the deadline, or None).
+        self.forget: Callable[[int, None], float | None] = self._at.pop
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
 
