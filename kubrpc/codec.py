@@ -225,6 +225,11 @@ def _fail(path: str, expected: str, value: object) -> typing.NoReturn:
     raise DecodeError(path, f"expected {expected}, got {_describe(value)}")
 
 
+def passes_as_is(decoder: Decoder) -> type | None:
+    """The type whose values `decoder` returns as they are (and no other value), if it is one of the simple ones."""
+    return _AS_IS.get(decoder)
+
+
 def _any(value: Any, path: str) -> Any:
     return value
 
@@ -340,6 +345,10 @@ def _bool(value: Any, path: str) -> bool:
     if type(value) is bool:
         return value
     _fail(path, "boolean", value)
+
+
+# Decoders that return every value of exactly this type as it is, and refuse any other value (passes_as_is).
+_AS_IS: dict[Decoder, type] = {_int: int, _str: str, _bool: bool}
 
 
 def _none(value: Any, path: str) -> None:

@@ -621,7 +621,7 @@ def _run_now(spec: MethodSpec, handler: Callable[..., Any]) -> InlineDispatch:
     """dispatch() of a handler that never waits, as one plain function (Server.dispatch_inline)."""
     path, decode_args, encode_result, encode_attached = (
         spec.path,
-        spec.decode_args,
+        spec.args_decoder(),
         spec.encode_result,
         spec.encode_result_attached,
     )
