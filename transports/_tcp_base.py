@@ -71,9 +71,13 @@ class FrameWriter(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         """Queue bytes; everything queued in one event-loop iteration goes out in one write."""
-        if not self._out:
+        out = self._out
+        if not out:
             self._loop.call_soon(self._flush)
-        self.queue(data)
+        out.append(data)  # queue(), without its frame: a client's every call comes here
+        self._out_size += len(data)
+        if len(out) >= _FLUSH_FRAMES or self._out_size >= _BATCH_BELOW:
+            self._flush()
 
     def queue(self, data: bytes) -> None:
         """Queue bytes for a flush the caller makes itself (at most _FLUSH_FRAMES, or _BATCH_BELOW bytes, wait)."""

@@ -234,14 +234,30 @@ class TcpConnection(FrameWriter):
         A codec.Attached payload goes in the attachments format if the server reads it (else as its `plain()`
         JSON), and its answer may come back in that format, as a codec.Packed.
         """
-        if self._write_paused:  # the server is not reading what we send: wait (within the deadline) until it does
-            await self._writable_within(timeout)
-        if timeout == math.inf:
-            timeout = None
         attached = 0
-        if type(payload) is Attached:
-            payload, attached = self._attached(payload)
-        stream, request = self._request(path, payload, timeout, metadata, attached)
+        if (
+            path is self._path
+            and timeout is self._timeout
+            and not metadata
+            and type(payload) is bytes
+            and not self._write_paused
+        ):
+            # A stub's calls: the same path and timeout objects each time, so the same REQUEST but for two fields
+            stream = self._next_stream
+            if self._shut or stream >= MAX_STREAM_ID or len(payload) > self.max_message_size:
+                stream, request = self._request(path, payload, timeout, metadata, 0)  # it raises, saying why
+            else:
+                tail = self._tail
+                request = b"".join((HEADER.pack(len(tail) + len(payload), _REQUEST, 0, stream), tail, payload))
+                self._next_stream = stream + 1
+        else:
+            if self._write_paused:  # the server is not reading what we send: wait (within the deadline) until it does
+                await self._writable_within(timeout)
+            if timeout == math.inf:
+                timeout = None
+            if type(payload) is Attached:
+                payload, attached = self._attached(payload)
+            stream, request = self._request(path, payload, timeout, metadata, attached)
         fut: asyncio.Future[bytes] = self._new_future()
         self._pending[stream] = fut
         if attached:
@@ -357,13 +373,6 @@ class TcpConnection(FrameWriter):
         stream = self._next_stream
         if self._shut or stream >= MAX_STREAM_ID:
             raise NotDeliveredError(f"connection to {self.endpoint.address} is closed or draining")
-        if path is self._path and timeout is self._timeout and not metadata and not flags:
-            # A stub's calls: the same path and timeout objects each time, so the same frame but for two fields
-            if len(payload) > self.max_message_size:
-                raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
-            tail = self._tail
-            self._next_stream = stream + 1
-            return stream, b"".join((HEADER.pack(len(tail) + len(payload), _REQUEST, 0, stream), tail, payload))
         attached = flags & FLAG_ATTACHED
         if (payload.size if attached else len(payload)) > self.max_message_size:  # type: ignore[attr-defined]
             raise RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
