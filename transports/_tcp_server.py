@@ -19,6 +19,8 @@ from kubrpc.status import Status
 from ._deadlines import Deadlines
 from ._eager import NOT_RUN, InlineRunner, start_eager
 from ._frames import (
+    _EMPTY_METADATA,
+    _HEADER_AND_REQUEST_HEAD,
     FLAG_ACK,
     FLAG_ATTACHED,
     FLAG_REFUSED,
@@ -49,6 +51,7 @@ from ._tcp_base import (
     _DATA,
     _END,
     _ERROR,
+    _FLUSH_FRAMES,
     _PING,
     _REQUEST,
     _RESPONSE,
@@ -385,19 +388,31 @@ class _ServerConnection(FrameWriter):
 
         The hot path of a server, as FrameDecoder.feed() and _handle_frames() would do it, without a Frame each.
         """
-        unpack_from, limit, on_request = HEADER.unpack_from, self._decoder.max_payload, self._on_request
+        unpack_from, limit, start = _HEADER_AND_REQUEST_HEAD.unpack_from, self._decoder.max_payload, self._start
         at, end = 0, len(data)
-        if end < 10:  # HEADER.size
+        if end < 20:  # the shortest REQUEST: a header, its head (timeout, path length) and metadata length
             return 0
         self._reading = True
         self._read_at = self._loop.time()
         try:
-            while end - at >= 10:
-                length, kind, flags, stream = unpack_from(data, at)
+            while end - at >= 20:
+                # The frame's header, and a REQUEST's head (other frames are not read further)
+                length, kind, flags, stream, timeout_ms, path_len = unpack_from(data, at)
                 stop = at + 10 + length
                 if kind != _REQUEST or flags or stop > end or length > limit or self._write_paused:
                     break
-                on_request(stream, 0, data[at + 10 : stop])
+                path_at = at + 16
+                body_at = path_at + path_len + 4
+                if body_at > stop or stream <= self._highest_stream or data[body_at - 4 : body_at] != _EMPTY_METADATA:
+                    self._on_request(stream, 0, data[at + 10 : stop])  # metadata (or an error): the general way
+                else:  # parse_request()'s common case
+                    try:
+                        path = data[path_at : body_at - 4].decode()
+                    except UnicodeDecodeError:
+                        self._on_request(stream, 0, data[at + 10 : stop])  # which answers why
+                    else:
+                        self._highest_stream = stream
+                        start(stream, 0, timeout_ms, path, {}, data[body_at:stop], length)
                 at = stop
         except ProtocolError as exc:
             self._fail(str(exc))
@@ -509,45 +524,41 @@ class _ServerConnection(FrameWriter):
         except BadRequest as exc:
             self.write(_error_frame(stream, exc.error))
             return
+        self._start(stream, flags, request.timeout_ms, request.path, request.metadata, request.body, len(payload))
+
+    def _start(
+        self, stream: int, flags: int, timeout_ms: int, path: str, metadata: dict[str, str], body: bytes, size: int
+    ) -> None:
+        """Start the call of a parsed REQUEST (`size`: its payload's), or refuse it."""
         streaming = flags & STREAM_FLAGS
-        refused = FLAG_REFUSED if streaming else 0  # a stream learns that it may go elsewhere
-        if self._going_away:
-            self.write(_error_frame(stream, NotDeliveredError("server shutting down"), refused))
+        if self._going_away or len(self.calls) >= self.max_calls or len(body) > self._max_message_size:
+            self._refuse(stream, streaming)
             return
-        if len(self.calls) >= self.max_calls:
-            error = RpcError(Status.RESOURCE_EXHAUSTED, "too many concurrent calls on this connection")
-            self.write(_error_frame(stream, error, refused))
-            return
-        if len(request.body) > self._max_message_size:
-            error = RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
-            self.write(_error_frame(stream, error))
-            return
-        size = len(payload)  # the body, and the path and metadata held with it
-        metadata = request.metadata
+        # `size` counts the body, and the path and metadata held with it
         if metadata:  # as Python objects, an entry costs far more than its JSON: count that too
             size += _METADATA_ENTRY * len(metadata)
+            # Keys are case-insensitive, as HTTP header names: handlers see them in lower case.
+            metadata = {k.lower(): v for k, v in metadata.items()}
         if streaming:  # a stream lives as long as its client wants: its own state counts too
             size += _STREAM_ENTRY
         if not self._admit(size):
-            self.write(_error_frame(stream, _BUSY, refused))
+            self.write(_error_frame(stream, _BUSY, FLAG_REFUSED if streaming else 0))
             return
         if stream > self._last_stream:
             self._last_stream = stream
         if self._idle_timer is not None:
             self._last_active = self._read_at
-        timeout = request.timeout_ms / 1000 if request.timeout_ms else None
-        if metadata:  # keys are case-insensitive, as HTTP header names: handlers see them in lower case
-            metadata = {k.lower(): v for k, v in metadata.items()}
+        timeout = timeout_ms / 1000 if timeout_ms else None
         if streaming:
-            task = self._open_stream(streaming, stream, request.path, request.body, timeout, metadata)
+            task = self._open_stream(streaming, stream, path, body, timeout, metadata)
         else:
             try:
-                run_now = self._dispatch_inline(request.path)
-                if run_now is not None and self._run_now(run_now, stream, request.body, timeout, metadata):
+                run_now = self._dispatch_inline(path)
+                if run_now is not None and self._run_now(run_now, stream, body, timeout, metadata):
                     self._release(size)  # it never waits: answered already, without a task
                     return
                 # Its first step runs now: a handler that does not wait after all is answered within this read.
-                task = start_eager(self._loop, self._run(stream, request.path, request.body, timeout, metadata))
+                task = start_eager(self._loop, self._run(stream, path, body, timeout, metadata))
             except BaseException:  # KeyboardInterrupt or SystemExit from its first step: the loop stops
                 self._release(size)
                 raise
@@ -560,6 +571,19 @@ class _ServerConnection(FrameWriter):
         task.add_done_callback(partial(self._call_done, stream))
         if timeout is not None:  # from the read, not from the end of the first step (it may have taken long)
             self._deadlines.add_at(stream, self._read_at + timeout)
+
+    def _refuse(self, stream: int, streaming: int) -> None:
+        """Answer a REQUEST that _start() cannot start: the server is going away, or the connection has too many
+        calls, or the request is too large (in this order)."""
+        refused = FLAG_REFUSED if streaming else 0  # a stream learns that it may go elsewhere
+        if self._going_away:
+            self.write(_error_frame(stream, NotDeliveredError("server shutting down"), refused))
+        elif len(self.calls) >= self.max_calls:
+            error = RpcError(Status.RESOURCE_EXHAUSTED, "too many concurrent calls on this connection")
+            self.write(_error_frame(stream, error, refused))
+        else:
+            error = RpcError(Status.RESOURCE_EXHAUSTED, "request exceeds the maximum message size")
+            self.write(_error_frame(stream, error))
 
     def _reused(self, stream: int) -> NoReturn:
         """A REQUEST's stream id must be above every earlier one (docs/protocol.md): a reused id is a protocol error."""
@@ -585,8 +609,12 @@ class _ServerConnection(FrameWriter):
             frame = _error_frame(stream, exc)
         except asyncio.CancelledError:  # it cancelled "its task" (the stand-in): as a cancelled task, no answer
             return True
-        if len(frame) < _BATCH_BELOW:  # flushed at the read's end with the others
-            self.queue(frame)
+        if len(frame) < _BATCH_BELOW:  # flushed at the read's end with the others (queue(), without its frame)
+            out = self._out
+            out.append(frame)
+            self._out_size += len(frame)
+            if len(out) >= _FLUSH_FRAMES or self._out_size >= _BATCH_BELOW:
+                self._flush()
         else:
             self.write_frame(frame)
         return True
