@@ -232,19 +232,18 @@ class Channel:
 
         # The hot path, for a stub whose calls need none of call()'s per-call checks: its first attempt is made from
         # here, on an open connection, one coroutine less per call; anything else goes through call().
-        direct = key is None and (timeout is None or 0 < timeout < _FOREVER) and _valid(metadata)
+        # (interceptors and the balancer's feedback are the channel's for good: decided here too)
+        direct = (
+            key is None
+            and (timeout is None or 0 < timeout < _FOREVER)
+            and _valid(metadata)
+            and not self._interceptors
+            and self._feedback is None
+        )
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             payload = encode(args, kwargs)
-            if not (
-                direct
-                and self._task_group is not None
-                and not self._closed
-                and not self._interceptors
-                and self._feedback is None
-                and not self._down
-                and self.endpoints
-            ):
+            if not (direct and self._task_group is not None and not self._closed and not self._down and self.endpoints):
                 return decode(
                     await self.call(path, payload, timeout=timeout, idempotent=idempotent, key=key, metadata=metadata)
                 )
