@@ -663,3 +663,46 @@ async def test_a_connection_lost_with_calls_in_flight_fails_them_and_wakes_wait_
             assert conn.in_flight == 0 and not conn.usable
         finally:
             await conn.aclose()
+
+
+async def test_a_call_cancelled_after_its_answer_was_read_leaves_nothing_in_flight() -> None:
+    """Two answers in one read: the first call's task, woken first, cancels the second, whose answer is read
+    already (its future resolved, its task not yet resumed). Nothing stays in flight; the connection goes on."""
+    cancels: list[int] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await acknowledge(reader, writer)
+        a, b = (await read_request(reader))[0], (await read_request(reader))[0]
+        # b is the call of first() (the second sent): its answer first, so that its task wakes first
+        writer.write(encode_frame(FrameType.RESPONSE, b, b"1") + encode_frame(FrameType.RESPONSE, a, b"2"))
+        while True:
+            length, kind, _, stream = HEADER.unpack(await reader.readexactly(HEADER.size))
+            await reader.readexactly(length)
+            if kind == FrameType.CANCEL:
+                cancels.append(stream)
+            elif kind == FrameType.REQUEST:
+                writer.write(encode_frame(FrameType.RESPONSE, stream, b"3"))
+
+    async with fake_server(script) as endpoint:
+        conn = await TcpTransport(keepalive_interval=None).connect(endpoint)
+        try:
+            second = asyncio.ensure_future(conn.call("Arith/add", b"{}", timeout=30, metadata={}))
+
+            async def first() -> bytes:
+                result = await conn.call("Arith/add", b"{}", timeout=30, metadata={})
+                second.cancel()
+                return result
+
+            with anyio.fail_after(10):  # a hang guard
+                one = asyncio.ensure_future(first())
+                await asyncio.sleep(0)
+                assert await one == b"1"
+                with pytest.raises(asyncio.CancelledError):
+                    await second
+                assert conn.in_flight == 0
+                await conn.wait_idle()
+                assert await conn.call("Arith/add", b"{}", timeout=30, metadata={}) == b"3"
+            assert cancels in ([], [1])  # (a CANCEL for an answered call is ignored by servers)
+            assert conn.usable and conn.in_flight == 0
+        finally:
+            await conn.aclose()
