@@ -223,6 +223,9 @@ class MethodSpec:
             "_parse": self.parse_arguments,
             "_DecodeError": codec.DecodeError,
             "_DEEP": _DEEP_SIZE,
+            "_invalid": self._invalid,
+            "_RpcError": RpcError,
+            "_INVALID_ARGUMENT": Status.INVALID_ARGUMENT,
         }
         fetch, checks, values = [], [], []
         for i, p in enumerate(params):
@@ -252,8 +255,11 @@ class MethodSpec:
                 f"            if {' and '.join(checks) or 'True'}:",
                 "                try:",
                 f"                    return {{{', '.join(values)}}}",
-                "                except (_DecodeError, RecursionError):",
-                "                    pass",
+                # What decode_args() would raise, without decoding it all again (user code: __post_init__)
+                "                except _DecodeError:",
+                "                    raise _invalid(obj) from None",
+                "                except RecursionError:",
+                "                    raise _RpcError(_INVALID_ARGUMENT, 'arguments are nested too deeply') from None",
                 "    return _slow(payload)",
             )
         )

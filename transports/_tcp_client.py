@@ -500,12 +500,13 @@ class TcpConnection(FrameWriter):
         # The usual case: acknowledged, nothing held over from the last read, no call that asked for attachments
         if self._ack is None and not decoder._buffer and not decoder._skip and not self._attached_calls:
             at = self._read_answers(data)
-            if at == len(data):
+            if at:
+                # Its last call answered: say so now, whatever follows (a PING, the start of a frame, ...)
                 if not self._pending and not self._streams:
                     self._quiet()
-                return
-            if at:  # the rest (another kind of frame, or a frame not all here yet) goes the general way
-                data = data[at:]
+                if at == len(data):
+                    return
+                data = data[at:]  # the rest (another kind of frame, or a frame not all here yet) goes the general way
         elif self._ack is not None and len(self._first) < 5:  # before the first frame: keep what _speaks_http reads
             self._first += data[: 5 - len(self._first)]
         try:
