@@ -226,7 +226,7 @@ class Channel:
             stub.__name__ = m.attr
             stub.__qualname__ = f"{m.service}.{m.attr}"
             return stub
-        path, idempotent, encode, decode = m.path, m.options.idempotent, m.call_encoder(), m.decode_result
+        path, idempotent, encode, decode = m.path, m.options.idempotent, m.call_encoder(), m.result_decoder()
         if attached:
             encode, decode = m.encode_call_attached, m.decode_result_attached
 

@@ -55,24 +55,13 @@ class CallKind(enum.Enum):
         return self is CallKind.SERVER_STREAM or self is CallKind.BIDI_STREAM
 
 
-def _by_name(names: tuple[str, ...]) -> Callable[[tuple[Any, ...]], dict[str, Any]]:
-    """A function from a tuple of len(names) values to a dict of them by name (a dict display, for up to four:
-    a third of the cost of dict(zip()))."""
-    if len(names) == 0:
-        return lambda values: {}
-    if len(names) == 1:
-        (k0,) = names
-        return lambda values: {k0: values[0]}
-    if len(names) == 2:
-        k0, k1 = names
-        return lambda values: {k0: values[0], k1: values[1]}
-    if len(names) == 3:
-        k0, k1, k2 = names
-        return lambda values: {k0: values[0], k1: values[1], k2: values[2]}
-    if len(names) == 4:
-        k0, k1, k2, k3 = names
-        return lambda values: {k0: values[0], k1: values[1], k2: values[2], k3: values[3]}
-    return lambda values: dict(zip(names, values, strict=True))
+def _made(name: str, qualname: str, lines: list[str], scope: dict[str, Any]) -> Any:
+    """The function `name` that the source `lines` define, its globals `scope` (code made for one method, once, as
+    dataclasses makes __init__: the checks of its own parameters inline, no loop over them)."""
+    exec("\n".join(lines), scope)
+    function = scope[name]
+    function.__qualname__ = qualname
+    return function
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,33 +228,29 @@ class MethodSpec:
             else:
                 scope[f"_d{i}"] = p.decode
                 values.append(f"{name}: _d{i}(v{i}, {name})")
-        source = "\n".join(
-            (
-                "def decode_args(payload):",
-                "    if type(payload) is bytes and len(payload) <= _DEEP:",
-                "        try:",
-                "            obj = _parse(payload)",
-                "        except Exception:",  # not JSON, or an integer out of range: decode_args() says which
-                "            return _slow(payload)",
-                f"        if type(obj) is dict and len(obj) == {len(params)}:",
-                "            try:",
-                f"                {'; '.join(fetch)}",
-                "            except KeyError:",
-                "                return _slow(payload)",
-                f"            if {' and '.join(checks) or 'True'}:",
-                "                try:",
-                f"                    return {{{', '.join(values)}}}",
-                # What decode_args() would raise, without decoding it all again (user code: __post_init__)
-                "                except _DecodeError:",
-                "                    raise _invalid(obj) from None",
-                "                except RecursionError:",
-                "                    raise _RpcError(_INVALID_ARGUMENT, 'arguments are nested too deeply') from None",
-                "    return _slow(payload)",
-            )
-        )
-        exec(source, scope)  # (as dataclasses makes __init__: the code of one method's arguments, made once)
-        decode: Callable[[bytes], dict[str, Any]] = scope["decode_args"]
-        decode.__qualname__ = f"{self.service}.{self.attr}.decode_args"
+        lines = [
+            "def decode_args(payload):",
+            "    if type(payload) is bytes and len(payload) <= _DEEP:",
+            "        try:",
+            "            obj = _parse(payload)",
+            "        except Exception:",  # not JSON, or an integer out of range: decode_args() says which
+            "            return _slow(payload)",
+            f"        if type(obj) is dict and len(obj) == {len(params)}:",
+            "            try:",
+            f"                {'; '.join(fetch)}",
+            "            except KeyError:",
+            "                return _slow(payload)",
+            f"            if {' and '.join(checks) or 'True'}:",
+            "                try:",
+            f"                    return {{{', '.join(values)}}}",
+            # What decode_args() would raise, without decoding it all again (user code: __post_init__)
+            "                except _DecodeError:",
+            "                    raise _invalid(obj) from None",
+            "                except RecursionError:",
+            "                    raise _RpcError(_INVALID_ARGUMENT, 'arguments are nested too deeply') from None",
+            "    return _slow(payload)",
+        ]
+        decode: Callable[[bytes], dict[str, Any]] = _made("decode_args", f"{self.path}.decode_args", lines, scope)
         return decode
 
     def _invalid(self, obj: dict[str, Any]) -> RpcError:
@@ -314,17 +299,20 @@ class MethodSpec:
         positional, count, encode = self.positional, len(self.params), self.encode_arguments
         if self.stream is not None or count != len(positional):
             return self.encode_call
-        encode_call, named = self.encode_call, _by_name(positional)
-
-        def encode_positional(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
-            if kwargs or len(args) != count:
-                return encode_call(args, kwargs)
-            try:
-                return encode(named(args))
-            except TypeError:
-                return encode_call(args, kwargs)  # raises encode_call()'s error
-
-        return encode_positional
+        named = ", ".join(f"{name!r}: args[{i}]" for i, name in enumerate(positional))
+        lines = [
+            "def encode_positional(args, kwargs):",
+            f"    if kwargs or len(args) != {count}:",
+            "        return _encode_call(args, kwargs)",
+            "    try:",
+            f"        return _encode({{{named}}})",
+            "    except TypeError:",
+            "        return _encode_call(args, kwargs)",  # which raises encode_call()'s error
+        ]
+        scope = {"_encode_call": self.encode_call, "_encode": encode}
+        encoder: Callable[[tuple[Any, ...], Mapping[str, Any]], bytes]
+        encoder = _made("encode_positional", f"{self.path}.encode_positional", lines, scope)
+        return encoder
 
     def _bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The arguments of a call by name, checked as Python checks them."""
@@ -424,6 +412,24 @@ class MethodSpec:
             return self.decode_result_value(self.parse_result(data), "result")
         except (orjson.JSONDecodeError, codec.DecodeError, RecursionError) as exc:
             raise RpcError(Status.INTERNAL, f"malformed result from {self.path}: {exc}") from None
+
+    def result_decoder(self) -> Callable[[bytes], Any]:
+        """decode_result() for a client to keep: a result of a type that codec.passes_as_is() names (int, str,
+        bool) is checked inline; any other goes to decode_result()."""
+        plain = codec.passes_as_is(self.decode_result_value)
+        if plain is None:
+            return self.decode_result
+        lines = [
+            "def decode_result(data):",
+            "    try:",
+            "        value = _parse(data)",
+            "    except Exception:",  # decode_result() says why
+            "        return _slow(data)",
+            "    return value if type(value) is _type else _slow(data)",
+        ]
+        scope = {"_parse": self.parse_result, "_slow": self.decode_result, "_type": plain}
+        decode: Callable[[bytes], Any] = _made("decode_result", f"{self.path}.decode_result", lines, scope)
+        return decode
 
     def decode_result_attached(self, data: bytes) -> Any:
         """decode_result() of an answer that may be in the attachments format (a codec.Packed)."""

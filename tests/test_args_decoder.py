@@ -173,3 +173,30 @@ async def test_inline_calls_decode_as_any_other(scheme: str) -> None:
         with pytest.raises(RpcError, match="x must not be negative"):
             await channel.call("Shapes/move", b'{"p":{"x":-1,"y":0},"by":1}')
         assert await channel.call("Shapes/add", b'{"b":2,"a":40}') == b"42"
+
+
+class Results(Protocol):
+    async def count(self) -> int: ...
+
+    async def name(self) -> str: ...
+
+    async def flag(self) -> bool: ...
+
+    async def maybe(self) -> int | None: ...
+
+
+RESULTS = service_spec(Results)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(list(RESULTS.methods)),
+    st.one_of(
+        json_values.map(orjson.dumps),
+        st.sampled_from([b"", b"1.0", b"true", b"18446744073709551616", b"-9223372036854775809", b'"x', b"[1]"]),
+    ),
+)
+def test_result_decoder_agrees_with_decode_result(method: str, body: bytes) -> None:
+    """A stub's result_decoder() (int, str and bool checked inline) gives what decode_result() gives, or its error."""
+    spec = RESULTS.methods[method]
+    assert outcome(spec.result_decoder(), body) == outcome(spec.decode_result, body)
