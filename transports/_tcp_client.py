@@ -234,44 +234,33 @@ class TcpConnection(FrameWriter):
         A codec.Attached payload goes in the attachments format if the server reads it (else as its `plain()`
         JSON), and its answer may come back in that format, as a codec.Packed.
         """
-        attached = 0
         if (
             path is self._path
             and timeout is self._timeout
             and not metadata
             and type(payload) is bytes
             and not self._write_paused
+            and not self._shut
         ):
             # A stub's calls: the same path and timeout objects each time, so the same REQUEST but for two fields
             stream = self._next_stream
-            if self._shut or stream >= MAX_STREAM_ID or len(payload) > self.max_message_size:
-                stream, request = self._request(path, payload, timeout, metadata, 0)  # it raises, saying why
+            if stream >= MAX_STREAM_ID or len(payload) > self.max_message_size:
+                self._request(path, payload, timeout, metadata, 0)  # which raises, saying why
+            tail = self._tail
+            request = b"".join((HEADER.pack(len(tail) + len(payload), _REQUEST, 0, stream), tail, payload))
+            self._next_stream = stream + 1
+            fut: asyncio.Future[bytes] = self._new_future()
+            self._pending[stream] = fut
+            if timeout is not None:
+                self._deadlines.add(stream, timeout)
+            if len(self._pending) == 1 and not self._out:  # nothing in flight to batch with: send now
+                self.write_now(request)
+            elif len(request) < _BATCH_BELOW:  # with this loop turn's others
+                self.write(request)
             else:
-                tail = self._tail
-                request = b"".join((HEADER.pack(len(tail) + len(payload), _REQUEST, 0, stream), tail, payload))
-                self._next_stream = stream + 1
+                self.write_frame(request)
         else:
-            if self._write_paused:  # the server is not reading what we send: wait (within the deadline) until it does
-                await self._writable_within(timeout)
-            if timeout == math.inf:
-                timeout = None
-            if type(payload) is Attached:
-                payload, attached = self._attached(payload)
-            stream, request = self._request(path, payload, timeout, metadata, attached)
-        fut: asyncio.Future[bytes] = self._new_future()
-        self._pending[stream] = fut
-        if attached:
-            self._attached_calls.add(stream)
-        if timeout is not None:
-            self._deadlines.add(stream, timeout)
-        if type(request) is list:
-            self.write_parts(request)
-        elif len(self._pending) == 1 and not self._out:  # nothing in flight to batch with: send now
-            self.write_now(request)
-        elif len(request) < _BATCH_BELOW:  # with this loop turn's others
-            self.write(request)
-        else:
-            self.write_frame(request)
+            stream, fut = await self._send(path, payload, timeout, metadata)
         try:
             # The answer's reader resolves the future and forgets the call (_answered): its result, or its error.
             return await fut
@@ -284,6 +273,32 @@ class TcpConnection(FrameWriter):
             self._forget(stream)
             self._cancel(stream)
             raise
+
+    async def _send(
+        self, path: str, payload: bytes, timeout: float | None, metadata: Mapping[str, str]
+    ) -> tuple[int, asyncio.Future[bytes]]:
+        """call()'s general way to send: any payload, metadata, timeout; it waits while the server is not reading."""
+        if self._write_paused:  # the server is not reading what we send: wait (within the deadline) until it does
+            await self._writable_within(timeout)
+        if timeout == math.inf:
+            timeout = None
+        attached = 0
+        if type(payload) is Attached:
+            payload, attached = self._attached(payload)
+        stream, request = self._request(path, payload, timeout, metadata, attached)
+        fut: asyncio.Future[bytes] = self._new_future()
+        self._pending[stream] = fut
+        if attached:
+            self._attached_calls.add(stream)
+        if timeout is not None:
+            self._deadlines.add(stream, timeout)
+        if type(request) is list:
+            self.write_parts(request)
+        elif len(self._pending) == 1 and not self._out:  # nothing in flight to batch with: send now
+            self.write_now(request)
+        else:
+            self.write_frame(request)
+        return stream, fut
 
     def _forget(self, stream: int) -> None:
         """A call that ended without its answer (deadline, cancelled, connection lost) is in flight no more."""
@@ -487,8 +502,10 @@ class TcpConnection(FrameWriter):
             if fut is None:  # a stream's answer, or one to a call that has ended
                 break
             forget(stream, None)
-            if not fut.done():
+            try:
                 fut.set_result(data[at + 10 : stop])
+            except asyncio.InvalidStateError:  # its deadline passed, it was cancelled, or the connection lost, before
+                pass
             at = stop
         return at
 
