@@ -25,6 +25,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from rawtcp import RawClient
+from services import Arith, ArithImpl
 from test_tcp_hardening import request, serving
 
 import kubrpc
@@ -706,3 +707,24 @@ async def test_a_call_cancelled_after_its_answer_was_read_leaves_nothing_in_flig
             assert conn.usable and conn.in_flight == 0
         finally:
             await conn.aclose()
+
+
+async def test_a_connection_out_of_stream_ids_is_unusable_after_its_last_call_and_the_next_call_opens_another() -> None:
+    """`usable` is an attribute the stub reads on every call: it turns False with the last stream id, so the next
+    call goes on a new connection instead of failing."""
+    from kubrpc.transports._frames import MAX_STREAM_ID
+
+    server = kubrpc.Server()
+    server.register(Arith, ArithImpl())
+    async with server.serve("tcp://127.0.0.1:0") as listener, kubrpc.connect(listener.url) as channel:
+        arith = channel.stub(Arith, timeout=10.0)
+        assert await arith.add(1, 2) == 3
+        (first,) = channel._connections.values()
+        first._next_stream = MAX_STREAM_ID - 2
+        assert await arith.add(2, 3) == 5  # stream id MAX - 2
+        assert first.usable
+        assert await arith.add(3, 4) == 7  # MAX - 1: the last
+        assert not first.usable
+        assert await arith.add(4, 5) == 9  # on another connection
+        (second,) = channel._connections.values()
+        assert second is not first and second.usable

@@ -118,6 +118,9 @@ class TcpConnection(FrameWriter):
         self._first = b""  # the server's first bytes until its first frame, for _speaks_http (TCP can split them)
         self._closed = False
         self._shut = True  # no new call may start: not connected yet, closed, or told to go away
+        #: False once closed, told to go away, or out of stream ids: new calls must use another connection.
+        #: (An attribute, not a property: a stub reads it on every call.)
+        self.usable = True
         #: The server reads and writes the attachments format (docs/protocol.md, "Attachments"): it said so in a
         #: SETTINGS frame, in answer to this client's, which the first call that could use it sent (`_asked`).
         self.attachments = False
@@ -187,6 +190,7 @@ class TcpConnection(FrameWriter):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = self._shut = True
+        self.usable = False
         self._unpause()
         if self._ack is not None and not self._ack.done():
             reason = f": {exc}" if exc is not None else ""
@@ -213,11 +217,6 @@ class TcpConnection(FrameWriter):
             self._idle.notify()
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
-
-    @property
-    def usable(self) -> bool:
-        """False once closed or told to go away: new calls must use another connection."""
-        return not self._closed and self._goaway is None and self._next_stream < MAX_STREAM_ID
 
     @property
     def in_flight(self) -> int:
@@ -249,6 +248,8 @@ class TcpConnection(FrameWriter):
             tail = self._tail
             request = b"".join((HEADER.pack(len(tail) + len(payload), _REQUEST, 0, stream), tail, payload))
             self._next_stream = stream + 1
+            if stream + 1 >= MAX_STREAM_ID:  # that was the last id
+                self.usable = False
             fut: asyncio.Future[bytes] = self._new_future()
             self._pending[stream] = fut
             if timeout is not None:
@@ -409,6 +410,8 @@ class TcpConnection(FrameWriter):
         except struct.error:
             raise RpcError(Status.INVALID_ARGUMENT, "method path too long") from None
         self._next_stream = stream + 1
+        if stream + 1 >= MAX_STREAM_ID:  # that was the last id
+            self.usable = False
         return stream, request
 
     def _stream_closed(self, stream: int) -> None:
@@ -578,6 +581,7 @@ class TcpConnection(FrameWriter):
             last, reason = self._next_stream - 1, "malformed GOAWAY"
         self._goaway = last
         self._shut = True
+        self.usable = False
         self._goaway_reason = reason
         for stream, fut in self._pending.items():
             if stream > last and not fut.done():
@@ -591,6 +595,7 @@ class TcpConnection(FrameWriter):
     async def aclose(self) -> None:
         """Close the connection and wait until the socket is released."""
         self._closed = self._shut = True
+        self.usable = False
         self._close_transport()
         if self._lost is not None:
             with anyio.CancelScope(shield=True):
