@@ -641,3 +641,46 @@ async def test_frames_cut_into_reads_anywhere_are_answered_as_in_one_read(seed: 
             await asyncio.sleep(0.002)  # (most likely a read each; any coalescing is a case too)
         cut = await answers(raw, chunks[-1])
     assert cut == whole
+
+
+async def test_a_call_that_waited_for_the_server_to_read_carries_only_the_time_it_has_left() -> None:
+    """A call made while writes are paused waits (within its deadline) until the server reads; then its REQUEST
+    carried, and its client-side deadline started from, the whole timeout again: a call could take up to twice its
+    timeout, and the server ran it with more time than its caller had left."""
+    release = asyncio.Event()
+    carried: dict[int, int] = {}
+    loop = asyncio.get_running_loop()
+    resumed_at: list[float] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await acknowledge(reader, writer)
+        stream, _, _ = await read_request(reader)
+        writer.write(encode_frame(FrameType.RESPONSE, stream, b"1"))
+        writer.transport.pause_reading()  # not reading meanwhile
+        await release.wait()
+        resumed_at.append(loop.time())
+        writer.transport.resume_reading()
+        while True:
+            length, kind, _, stream = HEADER.unpack(await reader.readexactly(HEADER.size))
+            payload = await reader.readexactly(length)
+            if kind == FrameType.REQUEST:
+                carried[stream] = struct.unpack_from(">I", payload)[0]
+                writer.write(encode_frame(FrameType.RESPONSE, stream, b"1"))
+
+    async with connected(script) as conn:
+        await _primed(conn, None)
+        big = b'"' + b"x" * (3 << 20) + b'"'
+        fill = [asyncio.ensure_future(conn.call(_PATH, big, timeout=None, metadata={"k": "v"})) for _ in range(6)]
+        with anyio.fail_after(10):
+            while not conn._write_paused:
+                await asyncio.sleep(0.01)
+        started = loop.time()
+        call = asyncio.ensure_future(conn.call("Arith/div", b"{}", timeout=5.0, metadata={}))
+        await asyncio.sleep(0.5)
+        release.set()
+        with anyio.fail_after(30):
+            assert await call == b"1"
+            await asyncio.gather(*fill)
+        waited = resumed_at[0] - started  # at least this long before its REQUEST could be written
+        (timeout_ms,) = (ms for ms in carried.values() if ms)
+        assert timeout_ms <= math.ceil((5.0 - waited) * 1000)
