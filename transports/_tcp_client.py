@@ -280,7 +280,7 @@ class TcpConnection(FrameWriter):
     ) -> tuple[int, asyncio.Future[bytes]]:
         """call()'s general way to send: any payload, metadata, timeout; it waits while the server is not reading."""
         if self._write_paused:  # the server is not reading what we send: wait (within the deadline) until it does
-            await self._writable_within(timeout)
+            timeout = await self._writable_within(timeout)
         if timeout == math.inf:
             timeout = None
         attached = 0
@@ -342,7 +342,7 @@ class TcpConnection(FrameWriter):
     ) -> TcpStream:
         """Start a stream call (kubrpc.interfaces.StreamingConnection); return once the server accepted it."""
         if self._write_paused:
-            await self._writable_within(timeout)
+            timeout = await self._writable_within(timeout)
         if timeout == math.inf:
             timeout = None
         attached = 0
@@ -463,14 +463,24 @@ class TcpConnection(FrameWriter):
         if self.transport is not None:
             self.transport.abort()
 
-    async def _writable_within(self, timeout: float | None) -> None:
+    async def _writable_within(self, timeout: float | None) -> float | None:
+        """Wait until the server reads what is sent, within `timeout`; the time left of it (None, inf: no limit)."""
+        if timeout is None or timeout == math.inf:
+            await self._wait_writable()
+            return timeout
+        started = self._loop.time()
         try:
-            async with asyncio.timeout(None if timeout is None or timeout == math.inf else timeout):
+            async with asyncio.timeout(timeout):
                 await self._wait_writable()
         except TimeoutError:
+            left = 0.0
+        else:  # the call's deadline counts from its start, not from here: what is left of it goes on
+            left = timeout - (self._loop.time() - started)
+        if left <= 0:
             raise RpcError(
                 Status.DEADLINE_EXCEEDED, f"deadline exceeded: {self.endpoint.address} is not reading what is sent"
-            ) from None
+            )
+        return left
 
     def _close_transport(self) -> None:
         self._flush()
