@@ -134,10 +134,12 @@ class Channel:
         self._resolved: anyio.Event | None = None
         self._task_group: TaskGroup | None = None
         self._closed = False
+        self._serving = False  # entered and not closed: `self._task_group is not None and not self._closed`, in one
 
     async def __aenter__(self) -> Self:
         self._resolved = anyio.Event()
         self._task_group = anyio.create_task_group()
+        self._serving = not self._closed
         await self._task_group.__aenter__()
         self._pool.start(self._task_group)
         self._task_group.start_soon(self._follow_resolver)
@@ -153,6 +155,7 @@ class Channel:
         if self._closed:
             return
         self._closed = True
+        self._serving = False
         try:
             if self._task_group is not None:
                 self._task_group.cancel_scope.cancel()
@@ -243,7 +246,7 @@ class Channel:
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             payload = encode(args, kwargs)
-            if not (direct and self._task_group is not None and not self._closed and not self._down and self.endpoints):
+            if not (direct and self._serving and not self._down and self.endpoints):
                 return decode(
                     await self.call(path, payload, timeout=timeout, idempotent=idempotent, key=key, metadata=metadata)
                 )
@@ -665,21 +668,50 @@ class RetryBudget:
     def __init__(self, ratio: float = 0.2, *, min_tokens: float = 10.0, max_tokens: float = 100.0) -> None:
         if not 0 <= ratio <= 1 or min_tokens < 0 or max_tokens < min_tokens:
             raise ValueError("need 0 <= ratio <= 1 and 0 <= min_tokens <= max_tokens")
-        self.ratio = ratio
+        self._ratio = ratio
         self.max_tokens = max_tokens
-        self.tokens = float(min_tokens)
+        self._tokens = float(min_tokens)
+        self._owed = 0  # calls whose deposit is not in _tokens yet (deposit() runs on every call: it only counts)
         self.retries = 0
         self.refused = 0
 
+    @property
+    def tokens(self) -> float:
+        """The tokens in the budget now."""
+        self._settle()
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, value: float) -> None:
+        self._owed = 0
+        self._tokens = value
+
+    @property
+    def ratio(self) -> float:
+        """The tokens each call deposits."""
+        return self._ratio
+
+    @ratio.setter
+    def ratio(self, value: float) -> None:
+        self._settle()  # the calls made so far deposited at the old ratio
+        self._ratio = value
+
     def deposit(self) -> None:
         """A call was made."""
-        tokens = self.tokens + self.ratio  # (no min(): this runs on every call)
-        self.tokens = tokens if tokens < self.max_tokens else self.max_tokens
+        self._owed += 1
+
+    def _settle(self) -> None:
+        """Add the deposits owed, capped at max_tokens as one at a time would be (up to float rounding)."""
+        if self._owed:
+            tokens = self._tokens + self._ratio * self._owed
+            self._owed = 0
+            self._tokens = tokens if tokens < self.max_tokens else self.max_tokens
 
     def withdraw(self) -> bool:
         """May this call be retried? Spends a token if so."""
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        self._settle()
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
             self.retries += 1
             return True
         self.refused += 1

@@ -88,6 +88,26 @@ async def test_retry_budget_caps_retries_during_an_outage() -> None:
     assert budget.retries == impl.calls - 500 and budget.refused > 0
 
 
+def test_retry_budget_counts_deposits_as_one_at_a_time_would() -> None:
+    """deposit() only counts (it runs on every call); tokens, withdraw() and a new ratio see every deposit made."""
+    budget = RetryBudget(0.25, min_tokens=0, max_tokens=2)
+    for _ in range(3):
+        budget.deposit()
+    assert budget.tokens == 0.75 and not budget.withdraw()  # a retry needs a whole token
+    budget.deposit()
+    assert budget.withdraw() and budget.tokens == 0.0
+    for _ in range(5):
+        budget.deposit()
+    budget.ratio = 1.0  # the five were made at 0.25
+    assert budget.tokens == 1.25
+    for _ in range(10):
+        budget.deposit()
+    assert budget.tokens == 2.0  # capped, as one deposit at a time is
+    budget.tokens = 0.5
+    budget.deposit()
+    assert budget.tokens == 1.5 and repr(budget) == "<RetryBudget 100% [1.5 tokens, 1 retries, 1 refused]>"
+
+
 async def test_idempotent_calls_are_retried_when_the_budget_allows() -> None:
     server = kubrpc.Server()
     impl = AlwaysUnavailable()

@@ -66,6 +66,8 @@ from ._tcp_base import (
 
 __all__ = ("TcpConnection", "TcpStream")
 
+# The last stream id a connection uses (_request() makes it unusable after that one).
+_LAST_STREAM_ID = MAX_STREAM_ID - 1
 # How long aclose() lets unsent bytes drain before it drops them.
 _CLOSE_GRACE = 1.0
 
@@ -240,16 +242,14 @@ class TcpConnection(FrameWriter):
             and type(payload) is bytes
             and not self._write_paused
             and not self._shut
+            and self._next_stream < _LAST_STREAM_ID  # (the last id, and running out, go the general way)
+            and len(payload) <= self.max_message_size
         ):
             # A stub's calls: the same path and timeout objects each time, so the same REQUEST but for two fields
             stream = self._next_stream
-            if stream >= MAX_STREAM_ID or len(payload) > self.max_message_size:
-                self._request(path, payload, timeout, metadata, 0)  # which raises, saying why
             tail = self._tail
             request = b"".join((HEADER.pack(len(tail) + len(payload), _REQUEST, 0, stream), tail, payload))
             self._next_stream = stream + 1
-            if stream + 1 >= MAX_STREAM_ID:  # that was the last id
-                self.usable = False
             fut: asyncio.Future[bytes] = self._new_future()
             self._pending[stream] = fut
             if timeout is not None:
