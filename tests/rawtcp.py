@@ -2,17 +2,50 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 import anyio.abc
 from anyio.abc import SocketStream
 
+from kubrpc.endpoint import Endpoint
 from kubrpc.transports._frames import PREFACE, Frame, FrameDecoder, FrameType
 
-__all__ = ("RawClient", "raw_opener")
+__all__ = ("HELLO_SIZE", "RawClient", "Script", "fake_server", "raw_opener")
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+HELLO_SIZE = len(PREFACE) + 18  # what a kubrpc client sends first: the preface and its PING
+
+
+@asynccontextmanager
+async def fake_server(script: Script) -> AsyncIterator[Endpoint]:
+    """A TCP server on 127.0.0.1 that runs `script` on each connection (and closes it afterwards): a broken or
+    hostile server for kubrpc's client, speaking the wire (docs/protocol.md) by hand."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await script(reader, writer)
+        except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
+            pass  # (ended by the test, or by the client: not a failure of the script, nor logged by asyncio)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield Endpoint("127.0.0.1", server.sockets[0].getsockname()[1])
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        server.close()
+        await server.wait_closed()
 
 
 class RawClient:

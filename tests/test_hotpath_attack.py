@@ -15,8 +15,7 @@ import json
 import math
 import random
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Optional, Protocol, Union
 
@@ -24,19 +23,17 @@ import anyio
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
-from rawtcp import RawClient
+from rawtcp import HELLO_SIZE, RawClient, fake_server
 from services import Arith, ArithImpl
 from test_tcp_hardening import request, serving
 
 import kubrpc
-from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, RpcError
 from kubrpc.interface import MethodSpec, service_spec
 from kubrpc.status import Status
 from kubrpc.transports._frames import (
     FLAG_ATTACHED,
     HEADER,
-    PREFACE,
     Frame,
     FrameType,
     encode_frame,
@@ -57,39 +54,9 @@ class Color(enum.Enum):
 
 # -- a fake server speaking the wire (docs/protocol.md) --------------------------------------------------------
 
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-_HELLO_SIZE = len(PREFACE) + 18  # the preface and the client's PING
-
-
-@asynccontextmanager
-async def fake_server(script: Script) -> AsyncIterator[Endpoint]:
-    """A TCP server on 127.0.0.1 that runs `script` on each connection (and closes it afterwards)."""
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        try:
-            await script(reader, writer)
-        except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
-            pass  # (ended by the test, or by the client: not a failure of the script, nor logged by asyncio)
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield Endpoint("127.0.0.1", server.sockets[0].getsockname()[1])
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        server.close()
-        await server.wait_closed()
-
 
 async def acknowledge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await reader.readexactly(_HELLO_SIZE)
+    await reader.readexactly(HELLO_SIZE)
     writer.write(encode_frame(FrameType.SETTINGS, 0))
     await writer.drain()
 

@@ -22,9 +22,9 @@ import anyio
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
-from rawtcp import RawClient, raw_opener
+from rawtcp import RawClient, Script, fake_server, raw_opener
 from services import Arith, ArithImpl, Control, ControlImpl
-from test_hotpath_attack import acknowledge, fake_server, read_request
+from test_hotpath_attack import acknowledge, read_request
 
 import kubrpc
 from kubrpc.errors import NotDeliveredError, RpcError
@@ -335,11 +335,13 @@ async def test_a_connection_gone_away_or_lost_between_calls_sends_nothing_on_the
         assert conn.in_flight == 0 and requests == [1]
 
 
-async def test_calls_to_a_server_that_does_not_read_wait_and_are_sent_once() -> None:
-    """Writes paused: the stub's next calls take the general way (they wait within their deadline); none is
-    registered or written twice, and each ends DEADLINE_EXCEEDED saying why."""
-    release = asyncio.Event()
-    streams: list[int] = []
+def stalling(
+    release: asyncio.Event,
+    requested: Callable[[int, bytes, asyncio.StreamWriter], None],
+    resumed_at: list[float] | None = None,
+) -> Script:
+    """A server that answers the first REQUEST, then stops reading until `release` (noting when it resumes in
+    `resumed_at`), then hands every REQUEST to `requested(stream, payload, writer)`."""
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await acknowledge(reader, writer)
@@ -347,14 +349,28 @@ async def test_calls_to_a_server_that_does_not_read_wait_and_are_sent_once() -> 
         writer.write(encode_frame(FrameType.RESPONSE, stream, b"1"))
         writer.transport.pause_reading()  # not reading meanwhile
         await release.wait()
+        if resumed_at is not None:
+            resumed_at.append(asyncio.get_running_loop().time())
         writer.transport.resume_reading()
         while True:
             length, kind, _, stream = HEADER.unpack(await reader.readexactly(HEADER.size))
-            await reader.readexactly(length)
+            payload = await reader.readexactly(length)
             if kind == FrameType.REQUEST:
-                streams.append(stream)
+                requested(stream, payload, writer)
 
-    async with connected(script) as conn:
+    return script
+
+
+async def test_calls_to_a_server_that_does_not_read_wait_and_are_sent_once() -> None:
+    """Writes paused: the stub's next calls take the general way (they wait within their deadline); none is
+    registered or written twice, and each ends DEADLINE_EXCEEDED saying why."""
+    release = asyncio.Event()
+    streams: list[int] = []
+
+    def requested(stream: int, payload: bytes, writer: asyncio.StreamWriter) -> None:
+        streams.append(stream)
+
+    async with connected(stalling(release, requested)) as conn:
         timeout = 0.3
         await _primed(conn, timeout)
         big = b'"' + b"x" * (3 << 20) + b'"'
@@ -652,22 +668,11 @@ async def test_a_call_that_waited_for_the_server_to_read_carries_only_the_time_i
     loop = asyncio.get_running_loop()
     resumed_at: list[float] = []
 
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await acknowledge(reader, writer)
-        stream, _, _ = await read_request(reader)
+    def requested(stream: int, payload: bytes, writer: asyncio.StreamWriter) -> None:
+        carried[stream] = struct.unpack_from(">I", payload)[0]
         writer.write(encode_frame(FrameType.RESPONSE, stream, b"1"))
-        writer.transport.pause_reading()  # not reading meanwhile
-        await release.wait()
-        resumed_at.append(loop.time())
-        writer.transport.resume_reading()
-        while True:
-            length, kind, _, stream = HEADER.unpack(await reader.readexactly(HEADER.size))
-            payload = await reader.readexactly(length)
-            if kind == FrameType.REQUEST:
-                carried[stream] = struct.unpack_from(">I", payload)[0]
-                writer.write(encode_frame(FrameType.RESPONSE, stream, b"1"))
 
-    async with connected(script) as conn:
+    async with connected(stalling(release, requested, resumed_at)) as conn:
         await _primed(conn, None)
         big = b'"' + b"x" * (3 << 20) + b'"'
         fill = [asyncio.ensure_future(conn.call(_PATH, big, timeout=None, metadata={"k": "v"})) for _ in range(6)]

@@ -8,19 +8,16 @@ import socket
 import struct
 import sys
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 
 import anyio
 import orjson
 import pytest
-from rawtcp import RawClient
+from rawtcp import HELLO_SIZE, RawClient, fake_server
 from services import Arith, wait_until
 from test_tcp_hardening import request, serving
 
 import kubrpc
 from kubrpc import Status
-from kubrpc.endpoint import Endpoint
 from kubrpc.errors import NotDeliveredError, RpcError
 from kubrpc.transports._frames import (
     FRAME_OVERHEAD,
@@ -311,37 +308,9 @@ async def test_frames_read_before_a_pause_wait_as_bytes_not_objects() -> None:
 
 # -- the client against broken and hostile servers ------------------------------------------------------------
 
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-_HELLO_SIZE = len(PREFACE) + 18  # the preface and the client's PING
-
-
-@asynccontextmanager
-async def fake_server(script: Script) -> AsyncIterator[Endpoint]:
-    """A TCP server that runs `script` on each connection (and closes it afterwards)."""
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        try:
-            await script(reader, writer)
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield Endpoint("127.0.0.1", server.sockets[0].getsockname()[1])
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        server.close()
-        await server.wait_closed()
-
 
 async def acknowledge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await reader.readexactly(_HELLO_SIZE)
+    await reader.readexactly(HELLO_SIZE)
     writer.write(encode_frame(FrameType.SETTINGS, 0))
 
 
