@@ -229,3 +229,16 @@ async def test_a_balancer_that_learns_from_calls_hears_of_every_stub_call(scheme
                     pass
             assert len(balancer.started) == 4
             assert sorted(status.name for _, status in balancer.finished) == ["OK", "OK", "UNAVAILABLE", "UNAVAILABLE"]
+
+
+async def test_a_stub_never_sends_on_a_connection_that_is_not_usable() -> None:
+    """The stub's own first attempt checks `usable`: a connection that says it takes no new calls (here told so
+    directly; in life closed, sent away or out of stream ids) gets none, and the call goes on a new one."""
+    async with served_channel("tcp") as (channel, balancer, control):
+        (old,) = channel._connections.values()
+        old.usable = False  # (TcpConnection.usable is a plain attribute)
+        before, calls, sent = balancer.picks, control.calls, old._next_stream
+        assert await channel.stub(Control, timeout=10).whoami() == "server"
+        assert (balancer.picks, control.calls, old._next_stream) == (before + 1, calls + 1, sent)  # nothing sent on it
+        (new,) = channel._connections.values()
+        assert new is not old and new.usable
