@@ -51,7 +51,6 @@ from ._tcp_base import (
     _DATA,
     _END,
     _ERROR,
-    _FLUSH_FRAMES,
     _PING,
     _REQUEST,
     _RESPONSE,
@@ -609,12 +608,8 @@ class _ServerConnection(FrameWriter):
             frame = _error_frame(stream, exc)
         except asyncio.CancelledError:  # it cancelled "its task" (the stand-in): as a cancelled task, no answer
             return True
-        if len(frame) < _BATCH_BELOW:  # flushed at the read's end with the others (queue(), without its frame)
-            out = self._out
-            out.append(frame)
-            self._out_size += len(frame)
-            if len(out) >= _FLUSH_FRAMES or self._out_size >= _BATCH_BELOW:
-                self._flush()
+        if len(frame) < _BATCH_BELOW:  # flushed at the read's end with the others
+            self.queue(frame)
         else:
             self.write_frame(frame)
         return True
