@@ -110,7 +110,6 @@ class TcpConnection(FrameWriter):
         self._tail = b""
         self.transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(max_message_size + FRAME_OVERHEAD)
-        self._limit = max_message_size  # (the frame limit leaves room for a request's header)
         self._goaway: int | None = None
         self._goaway_reason = ""
         self._write_paused = False
@@ -119,10 +118,10 @@ class TcpConnection(FrameWriter):
         self._ack: asyncio.Future[RpcError | None] | None = None
         self._first = b""  # the server's first bytes until its first frame, for _speaks_http (TCP can split them)
         self._closed = False
-        self._shut = True  # no new call may start: not connected yet, closed, or told to go away
-        #: False once closed, told to go away, or out of stream ids: new calls must use another connection.
-        #: (An attribute, not a property: a stub reads it on every call.)
-        self.usable = True
+        #: May a new call start here? Not before the connection is made, nor once closed, told to go away, or out
+        #: of stream ids: new calls must use another connection. (An attribute, not a property: a stub reads it on
+        #: every call.)
+        self.usable = False
         #: The server reads and writes the attachments format (docs/protocol.md, "Attachments"): it said so in a
         #: SETTINGS frame, in answer to this client's, which the first call that could use it sent (`_asked`).
         self.attachments = False
@@ -141,7 +140,7 @@ class TcpConnection(FrameWriter):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self._shut = self._closed or self._goaway is not None
+        self.usable = not self._closed and self._goaway is None and self._next_stream < MAX_STREAM_ID
         self._lost = self._loop.create_future()
         self._ack = self._loop.create_future()
         self._limit_writes(self.transport)
@@ -191,7 +190,7 @@ class TcpConnection(FrameWriter):
             raise NotDeliveredError(f"{self.endpoint.address} sent the connection away: {self._goaway_reason}")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = self._shut = True
+        self._closed = True
         self.usable = False
         self._unpause()
         if self._ack is not None and not self._ack.done():
@@ -241,7 +240,7 @@ class TcpConnection(FrameWriter):
             and not metadata
             and type(payload) is bytes
             and not self._write_paused
-            and not self._shut
+            and self.usable
             and self._next_stream < _LAST_STREAM_ID  # (the last id, and running out, go the general way)
             and len(payload) <= self.max_message_size
         ):
@@ -319,9 +318,8 @@ class TcpConnection(FrameWriter):
         """Resolve a call's future with the RESPONSE or ERROR `frame` (the call was forgotten already)."""
         stream = frame.stream
         self._deadlines.discard(stream)
-        attached = bool(self._attached_calls) and stream in self._attached_calls
-        if attached:
-            self._attached_calls.discard(stream)
+        attached = stream in self._attached_calls
+        self._attached_calls.discard(stream)
         if fut.done():  # its deadline passed, or the connection was lost, before this answer was read
             return
         if frame.type == _RESPONSE:
@@ -387,7 +385,7 @@ class TcpConnection(FrameWriter):
         A REQUEST in the attachments format (FLAG_ATTACHED, a codec.Attached payload) comes as encode_message's parts.
         """
         stream = self._next_stream
-        if self._shut or stream >= MAX_STREAM_ID:
+        if not self.usable or stream >= MAX_STREAM_ID:
             raise NotDeliveredError(f"connection to {self.endpoint.address} is closed or draining")
         attached = flags & FLAG_ATTACHED
         if (payload.size if attached else len(payload)) > self.max_message_size:  # type: ignore[attr-defined]
@@ -504,7 +502,12 @@ class TcpConnection(FrameWriter):
 
         The hot path of a client, as FrameDecoder.feed() and _answered() would do it, without a Frame each.
         """
-        pending, forget, unpack_from, limit = self._pending, self._deadlines.forget, HEADER.unpack_from, self._limit
+        pending, forget, unpack_from, limit = (
+            self._pending,
+            self._deadlines.forget,
+            HEADER.unpack_from,
+            self.max_message_size,
+        )
         at, end = 0, len(data)
         while end - at >= 10:  # HEADER.size
             length, kind, flags, stream = unpack_from(data, at)
@@ -590,7 +593,6 @@ class TcpConnection(FrameWriter):
         except ProtocolError:  # it does not say which calls the server saw: assume it saw every one sent
             last, reason = self._next_stream - 1, "malformed GOAWAY"
         self._goaway = last
-        self._shut = True
         self.usable = False
         self._goaway_reason = reason
         for stream, fut in self._pending.items():
@@ -604,7 +606,7 @@ class TcpConnection(FrameWriter):
 
     async def aclose(self) -> None:
         """Close the connection and wait until the socket is released."""
-        self._closed = self._shut = True
+        self._closed = True
         self.usable = False
         self._close_transport()
         if self._lost is not None:
